@@ -1,0 +1,42 @@
+# ironwod: PGXS build.
+#
+#   make               build the shared library and assemble the install script
+#   make install       install into the PostgreSQL found by PG_CONFIG
+#   make test          the whole suite: simulator + throwaway cluster + pg_regress + pgTAP
+#   make demo          throwaway cluster, simulator, one demo gym connected and backfilled
+#
+# The install script sql/ironwod--1.0.sql is assembled from the readable modules in
+# sql/modules/ in file-name order. Once 1.0 is tagged the assembled script is committed
+# and frozen; later changes ship as sql/ironwod--1.0--1.1.sql and so on.
+
+EXTENSION = ironwod
+MODULE_big = ironwod
+OBJS = src/ironwod.o src/shmem.o src/supervisor.o src/run.o src/http.o \
+       src/land.o src/crypto.o src/masterkey.o src/loghook.o src/sqlfuncs.o
+
+DATA_built = sql/ironwod--1.0.sql
+SQL_MODULES = $(sort $(wildcard sql/modules/*.sql))
+
+PG_CONFIG ?= pg_config
+PG_CPPFLAGS = $(shell curl-config --cflags)
+SHLIB_LINK = $(shell curl-config --libs) -lcrypto
+EXTRA_CLEAN = results regression.diffs regression.out tmp_check log
+
+# pg_regress inputs live in test/sql, expected output in the top-level expected/
+# (pg_regress looks in the output directory's expected/ first).  The suite runs
+# against the throwaway cluster that test/run-tests.sh starts.
+REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets
+REGRESS_OPTS = --inputdir=test --dbname=postgres --use-existing
+
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+sql/ironwod--1.0.sql: $(SQL_MODULES)
+	cat $(SQL_MODULES) > $@
+
+.PHONY: test demo
+test:
+	bash test/run-tests.sh
+
+demo:
+	bash test/demo.sh

@@ -1,0 +1,32 @@
+-- 05_native: SQL declarations of the C functions in src/sqlfuncs.c.
+
+CREATE FUNCTION ironwod.preloaded() RETURNS boolean
+LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'ironwod_preloaded';
+COMMENT ON FUNCTION ironwod.preloaded() IS 'True when the library was preloaded and its shared memory exists; raises 55000 otherwise';
+
+CREATE FUNCTION ironwod.wake() RETURNS void
+LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'ironwod_wake';
+COMMENT ON FUNCTION ironwod.wake() IS 'Wake the supervisor when the current transaction commits';
+
+CREATE FUNCTION ironwod.wait_for_change(p_timeout_ms integer) RETURNS void
+LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'ironwod_wait_for_change';
+COMMENT ON FUNCTION ironwod.wait_for_change(integer) IS 'Sleep until some run changes state or the timeout passes (at most the given milliseconds)';
+
+CREATE FUNCTION ironwod.sealed_key_id(p_sealed bytea) RETURNS text
+LANGUAGE c STRICT IMMUTABLE AS 'MODULE_PATHNAME', 'ironwod_sealed_key_id';
+COMMENT ON FUNCTION ironwod.sealed_key_id(bytea) IS 'Master key id a sealed API key was sealed to; raises 22023 when the blob is malformed';
+
+CREATE FUNCTION ironwod.seal_key(p_tenant_id uuid, p_gym_id uuid, p_api_key text) RETURNS bytea
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_seal_key';
+COMMENT ON FUNCTION ironwod.seal_key(uuid, uuid, text) IS 'Seal an API key to the active master public key, bound to (tenant, gym)';
+
+CREATE FUNCTION ironwod.validate_sealed_key(p_tenant_id uuid, p_gym_id uuid, p_sealed bytea, p_timeout_ms integer,
+                                            OUT verdict text, OUT http_status integer,
+                                            OUT fingerprint text, OUT message text)
+RETURNS record
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_validate_sealed_key';
+COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea, integer) IS 'Have a validate worker open the key and call GET /customers/locations; verdict valid, rejected or unavailable';
+
+CREATE FUNCTION ironwod.worker_status(OUT run_id bigint, OUT pid integer) RETURNS SETOF record
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_worker_status';
+COMMENT ON FUNCTION ironwod.worker_status() IS 'Run workers alive now, from shared memory';

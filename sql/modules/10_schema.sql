@@ -1,0 +1,146 @@
+-- 10_schema: connection, run bookkeeping, cursors and key tables.
+-- tenant_id and gym_id lead every key (design.md §3): no global unique index on a
+-- vendor id, and the layout stays ready to distribute by tenant_id.
+
+-- Public halves of the master keys API keys are sealed to.  Global configuration,
+-- not tenant data: the only tables without tenant_id are this one and the entity
+-- registry.
+CREATE TABLE ironwod.master_keys (
+    key_id      text PRIMARY KEY CHECK (key_id ~ '^[A-Za-z0-9._-]{1,64}$'),
+    public_key  bytea NOT NULL CHECK (length(public_key) = 32),
+    is_active   boolean NOT NULL DEFAULT true,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE ironwod.master_keys IS 'X25519 public keys API keys are sealed to; private halves come only from ironwod.master_key_command in run workers';
+
+CREATE TABLE ironwod.integrations_wodify_connection (
+    tenant_id            uuid NOT NULL,
+    gym_id               uuid NOT NULL,
+    status               text NOT NULL DEFAULT 'pending'
+                         CHECK (status IN ('pending', 'connected', 'error', 'paused', 'disconnected')),
+    api_key_ciphertext   bytea,
+    master_key_id        text,
+    api_key_fingerprint  text,
+    connected_at         timestamptz,
+    last_success_at      timestamptz,
+    last_error_at        timestamptz,
+    last_error           text,
+    last_error_code      text,
+    last_cursor_at       timestamptz,
+    sync_window_days     integer NOT NULL DEFAULT 60 CHECK (sync_window_days BETWEEN 1 AND 730),
+    -- circuit breaker
+    consecutive_failures integer NOT NULL DEFAULT 0,
+    breaker_opened_at    timestamptz,
+    next_retry_at        timestamptz,
+    -- schedule
+    nightly_local_time   time NOT NULL DEFAULT '02:00',
+    reconcile_weekday    integer NOT NULL DEFAULT 0 CHECK (reconcile_weekday BETWEEN 0 AND 6),
+    time_zone            text,
+    backfill_completed_at timestamptz,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, gym_id),
+    CHECK (status = 'disconnected' OR api_key_ciphertext IS NOT NULL OR status = 'error')
+);
+COMMENT ON TABLE ironwod.integrations_wodify_connection IS 'One Wodify connection per (tenant, gym): sealed key, status, circuit breaker, schedule';
+
+CREATE SEQUENCE ironwod.sync_run_id_seq;
+
+CREATE TABLE ironwod.sync_runs (
+    tenant_id        uuid NOT NULL,
+    gym_id           uuid NOT NULL,
+    run_id           bigint NOT NULL DEFAULT nextval('ironwod.sync_run_id_seq'),
+    mode             text NOT NULL CHECK (mode IN ('validate', 'backfill')),
+    status           text NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    requested_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    requested_by     text NOT NULL DEFAULT session_user,
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    heartbeat_at     timestamptz,
+    worker_pid       integer,
+    launch_attempts  integer NOT NULL DEFAULT 0,
+    phase            text,
+    requests         integer NOT NULL DEFAULT 0,
+    retries          integer NOT NULL DEFAULT 0,
+    cursor_start     jsonb,
+    cursor_end       jsonb,
+    error_code       text,
+    last_error       text,
+    failed_phase     text,
+    PRIMARY KEY (tenant_id, gym_id, run_id),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.sync_runs IS 'One row per sync run (ingest_run_id = run_id); the queue the supervisor serves';
+-- At most one queued or running run per connection: ticks and concurrent calls
+-- cannot pile up work (pg_cron's one-pending-run rule).
+CREATE UNIQUE INDEX sync_runs_one_active ON ironwod.sync_runs (tenant_id, gym_id)
+    WHERE status IN ('queued', 'running');
+CREATE INDEX sync_runs_by_id ON ironwod.sync_runs (run_id);
+CREATE INDEX sync_runs_active ON ironwod.sync_runs (requested_at) WHERE status IN ('queued', 'running');
+CREATE INDEX sync_runs_finished ON ironwod.sync_runs (finished_at);
+
+CREATE TABLE ironwod.sync_run_entities (
+    tenant_id     uuid NOT NULL,
+    gym_id        uuid NOT NULL,
+    run_id        bigint NOT NULL,
+    entity        text NOT NULL,
+    status        text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'completed')),
+    tasks_done    integer NOT NULL DEFAULT 0,
+    pages         integer NOT NULL DEFAULT 0,
+    requests      integer NOT NULL DEFAULT 0,
+    pulled        integer NOT NULL DEFAULT 0,
+    new_versions  integer NOT NULL DEFAULT 0,
+    unchanged     integer NOT NULL DEFAULT 0,
+    cursor_start  timestamptz,
+    cursor_end    timestamptz,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    completed_at  timestamptz,
+    PRIMARY KEY (tenant_id, gym_id, run_id, entity),
+    FOREIGN KEY (tenant_id, gym_id, run_id) REFERENCES ironwod.sync_runs ON DELETE CASCADE
+);
+COMMENT ON TABLE ironwod.sync_run_entities IS 'Per-run, per-entity counts: pulled, new payload versions, unchanged';
+
+-- Completed backfill work units ([window_start, window_end) months, one client's
+-- sign-ins, or a full list).  A restarted backfill skips them; a backfill that
+-- finishes clears them so the next one pulls everything again.
+CREATE TABLE ironwod.backfill_checkpoints (
+    tenant_id      uuid NOT NULL,
+    gym_id         uuid NOT NULL,
+    entity         text NOT NULL,
+    window_key     text NOT NULL,
+    window_start   timestamptz,
+    window_end     timestamptz,
+    pages          integer NOT NULL,
+    records        integer NOT NULL,
+    completed_by   bigint NOT NULL,
+    completed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, gym_id, entity, window_key),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.backfill_checkpoints IS 'Backfill work units already landed; makes a killed backfill resumable';
+
+CREATE TABLE ironwod.entity_cursors (
+    tenant_id    uuid NOT NULL,
+    gym_id       uuid NOT NULL,
+    entity       text NOT NULL,
+    watermark    timestamptz,
+    updated_by   bigint NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, gym_id, entity),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.entity_cursors IS 'Per-entity watermark: the newest vendor timestamp landed by a clean pull';
+
+CREATE TABLE ironwod.sync_events (
+    tenant_id   uuid NOT NULL,
+    gym_id      uuid NOT NULL,
+    event_id    bigint GENERATED ALWAYS AS IDENTITY,
+    run_id      bigint,
+    event       text NOT NULL,
+    entity      text,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    detail      jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (tenant_id, gym_id, event_id)
+);
+COMMENT ON TABLE ironwod.sync_events IS 'Structured events wodify.sync.*; also sent as NOTIFY ironwod_events';

@@ -1,0 +1,77 @@
+-- 30_registry: the data-driven entity registry and the raw landing tables it names.
+-- Paths, records keys, id fields and cursor fields live in rows, so a difference in
+-- the live Wodify API is an UPDATE, not a rebuild (wodify-api.md §11).
+
+CREATE TABLE ironwod.entities (
+    entity             text PRIMARY KEY,
+    ordinal            integer NOT NULL UNIQUE,
+    path               text NOT NULL,
+    records_key        text NOT NULL,
+    id_field           text NOT NULL DEFAULT 'id',
+    raw_table          name NOT NULL UNIQUE,
+    sort               text,
+    backfill_strategy  text NOT NULL CHECK (backfill_strategy IN ('full', 'monthly_windows', 'per_client')),
+    window_field       text,
+    updated_at_path    text[] NOT NULL,
+    created_at_path    text[] NOT NULL,
+    page_size          integer NOT NULL DEFAULT 100 CHECK (page_size BETWEEN 1 AND 100),
+    enabled            boolean NOT NULL DEFAULT true,
+    CHECK ((backfill_strategy = 'full') = (window_field IS NULL)),
+    CHECK (path ~ '^/[A-Za-z0-9/_{}.-]*$')
+);
+COMMENT ON TABLE ironwod.entities IS 'Entity registry: endpoint, records key, id field, backfill strategy and cursor fields, in sync order';
+
+INSERT INTO ironwod.entities
+    (entity, ordinal, path, records_key, raw_table, sort, backfill_strategy, window_field,
+     updated_at_path, created_at_path)
+VALUES
+    ('locations', 10, '/customers/locations', 'locations', 'wodify_raw_locations', 'id', 'full', NULL,
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+    ('programs', 20, '/programs', 'programs', 'wodify_raw_programs', 'id', 'full', NULL,
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+    ('clients', 30, '/clients', 'clients', 'wodify_raw_clients', 'id', 'full', NULL,
+     '{updated,updated_on_datetime}', '{created_on,created_on_datetime}'),
+    ('memberships', 40, '/memberships', 'memberships', 'wodify_raw_memberships', 'id', 'full', NULL,
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+    ('membership_holds', 50, '/memberships/holds', 'membership_holds', 'wodify_raw_membership_holds', 'id', 'full', NULL,
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+    ('class_signins', 60, '/clients/{client_id}/classes/sign-ins/search', 'class_sign_ins', 'wodify_raw_class_signins', 'id',
+     'per_client', 'utc_class_start_datetime',
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+    ('invoices', 70, '/financials/invoices/search', 'invoices', 'wodify_raw_invoices', 'desc_created_on_datetime',
+     'monthly_windows', 'created_on_datetime',
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+    ('transactions', 80, '/financials/transactions/search', 'transactions', 'wodify_raw_transactions', 'transaction_date_time',
+     'monthly_windows', 'transaction_date_time',
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}');
+
+-- One raw table per entity, all of one shape: one row per distinct payload version
+-- of a record (unique on its hash), so re-landing a page only bumps last_seen_run_id.
+DO $raw$
+DECLARE
+    t name;
+BEGIN
+    FOR t IN SELECT raw_table FROM ironwod.entities ORDER BY ordinal LOOP
+        EXECUTE format($ddl$
+            CREATE TABLE ironwod.%1$I (
+                tenant_id          uuid NOT NULL,
+                gym_id             uuid NOT NULL,
+                raw_id             bigint GENERATED ALWAYS AS IDENTITY,
+                wodify_id          bigint NOT NULL,
+                payload_json       jsonb NOT NULL,
+                payload_hash       bytea NOT NULL,
+                source_updated_at  timestamptz,
+                ingested_at        timestamptz NOT NULL DEFAULT now(),
+                ingest_run_id      bigint NOT NULL,
+                last_seen_run_id   bigint NOT NULL,
+                last_seen_at       timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (tenant_id, gym_id, raw_id),
+                UNIQUE (tenant_id, gym_id, wodify_id, payload_hash),
+                FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+            )$ddl$, t);
+        EXECUTE format('CREATE INDEX ON ironwod.%I (tenant_id, gym_id, wodify_id, source_updated_at DESC, raw_id DESC)', t);
+        EXECUTE format('COMMENT ON TABLE ironwod.%I IS %L', t,
+                       'Raw Wodify payloads, one row per distinct version of a record');
+    END LOOP;
+END
+$raw$;

@@ -1,0 +1,93 @@
+-- 30_tenancy: the scope a session acts in, and row-level security on every table.
+-- The host app calls ironwod_set_scope(tenant, gym) in each transaction; RLS then
+-- admits only rows of that scope, for the app and for the run workers alike.
+
+-- SET LOCAL rather than set_config(): Citus propagates SET LOCAL to its workers.
+-- This function must not carry a SET clause of its own: PostgreSQL would undo the
+-- SET LOCAL when the function returns.
+CREATE FUNCTION @extschema@.ironwod_set_scope(p_tenant_id uuid, p_gym_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_tenant_id IS NULL OR p_gym_id IS NULL THEN
+        RAISE EXCEPTION 'tenant and gym must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    EXECUTE format('SET LOCAL ironwod.tenant_id = %L', p_tenant_id);
+    EXECUTE format('SET LOCAL ironwod.gym_id = %L', p_gym_id);
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid) IS 'Scope the current transaction to one (tenant, gym); every ironwod read and write is limited to it';
+
+-- After a scoped transaction ends the GUC reads as '' rather than NULL; both mean
+-- "no scope", which sees nothing.
+CREATE FUNCTION ironwod.scope_tenant() RETURNS uuid
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT NULLIF(current_setting('ironwod.tenant_id', true), '')::uuid $$;
+COMMENT ON FUNCTION ironwod.scope_tenant() IS 'Tenant of the current scope, NULL when none is set';
+
+CREATE FUNCTION ironwod.scope_gym() RETURNS uuid
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT NULLIF(current_setting('ironwod.gym_id', true), '')::uuid $$;
+COMMENT ON FUNCTION ironwod.scope_gym() IS 'Gym of the current scope, NULL when none is set';
+
+-- Every function that takes (tenant, gym) calls this first: SECURITY DEFINER API
+-- functions bypass RLS, so the scope check is theirs to make.
+CREATE FUNCTION ironwod.assert_scope(p_tenant_id uuid, p_gym_id uuid)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    PERFORM ironwod.preloaded();
+    IF p_tenant_id IS NULL OR p_gym_id IS NULL THEN
+        RAISE EXCEPTION 'tenant and gym must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    IF (p_tenant_id, p_gym_id) IS DISTINCT FROM (ironwod.scope_tenant(), ironwod.scope_gym()) THEN
+        RAISE EXCEPTION 'tenant % gym % is outside the current ironwod scope', p_tenant_id, p_gym_id
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A session can only act on the (tenant, gym) set by ironwod_set_scope().';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.assert_scope(uuid, uuid) IS 'Raise 42501 unless (tenant, gym) is the scope of the current transaction';
+
+-- RLS on every table, FORCED so the table owner is bound too.  The app and the
+-- workers see their scope; admins read every tenant.  Superusers bypass RLS, which
+-- is why the supervisor (superuser, never touches tenant data) can serve the queue.
+DO $rls$
+DECLARE
+    t regclass;
+BEGIN
+    FOR t IN
+        SELECT c.oid::regclass
+        FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id'
+        WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind = 'r'
+    LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format($p$CREATE POLICY tenant_scope ON %s TO ironwod_app, ironwod_worker
+                          USING (tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym())
+                          WITH CHECK (tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym())$p$, t);
+        EXECUTE format('CREATE POLICY admin_read ON %s FOR SELECT TO ironwod_admin USING (true)', t);
+    END LOOP;
+END
+$rls$;
+
+-- The two global configuration tables: readable by the ironwod roles, written only
+-- by the extension owner and admins.
+ALTER TABLE ironwod.master_keys ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ironwod.master_keys FORCE ROW LEVEL SECURITY;
+CREATE POLICY read_keys ON ironwod.master_keys FOR SELECT TO ironwod_app, ironwod_worker, ironwod_admin USING (true);
+CREATE POLICY admin_keys ON ironwod.master_keys TO ironwod_admin USING (true) WITH CHECK (true);
+ALTER TABLE ironwod.entities ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ironwod.entities FORCE ROW LEVEL SECURITY;
+CREATE POLICY read_entities ON ironwod.entities FOR SELECT TO ironwod_app, ironwod_worker, ironwod_admin USING (true);
+CREATE POLICY admin_entities ON ironwod.entities FOR UPDATE TO ironwod_admin USING (true) WITH CHECK (true);

@@ -1,0 +1,287 @@
+-- 50_api: the ironwod_* functions the host app calls.  Write paths are SECURITY
+-- DEFINER (they touch columns the app may not read, such as the ciphertext) and
+-- therefore check the scope themselves; search_path is pinned on every one.
+
+CREATE FUNCTION ironwod.register_master_key(p_key_id text, p_public_key bytea)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_public_key IS NULL OR length(p_public_key) <> 32 THEN
+        RAISE EXCEPTION 'a master public key is 32 bytes of X25519'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the raw public key, for example decode(''<64 hex>'', ''hex'').';
+    END IF;
+    INSERT INTO ironwod.master_keys (key_id, public_key) VALUES (p_key_id, p_public_key);
+    -- New keys seal from now on; older ones stay to open what they sealed.
+    UPDATE ironwod.master_keys SET is_active = (key_id = p_key_id);
+END
+$$;
+COMMENT ON FUNCTION ironwod.register_master_key(text, bytea) IS 'Admin: add a master public key and make it the one new API keys are sealed to';
+
+CREATE FUNCTION @extschema@.ironwod_public_key()
+RETURNS TABLE (key_id text, public_key bytea)
+LANGUAGE sql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.key_id, k.public_key FROM ironwod.master_keys k
+    WHERE k.is_active ORDER BY k.created_at DESC LIMIT 1
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_public_key() IS 'The master public key (and its id) a host app seals API keys to before ironwod_connect(tenant, gym, bytea)';
+
+-- Connect with a key sealed by the host app, so the plaintext never enters
+-- PostgreSQL.  A worker validates it with one GET /customers/locations while we
+-- wait (ironwod.validate_timeout_ms); a rejected key raises and leaves nothing
+-- behind; an undecided verdict stores the connection pending with a queued validate
+-- run.  Connecting a gym that is already connected replaces its key only once the
+-- new key validated, so a rotation never interrupts syncing.
+CREATE FUNCTION @extschema@.ironwod_connect(p_tenant_id uuid, p_gym_id uuid, p_sealed_key bytea)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_key_id text;
+    v record;
+    v_status text;
+    v_old text;
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF p_sealed_key IS NULL THEN
+        RAISE EXCEPTION 'sealed API key must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    v_key_id := ironwod.sealed_key_id(p_sealed_key);
+    IF NOT EXISTS (SELECT 1 FROM ironwod.master_keys k WHERE k.key_id = v_key_id) THEN
+        RAISE EXCEPTION 'API key is sealed to unknown master key "%"', v_key_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Seal the key to the key returned by ironwod_public_key().';
+    END IF;
+
+    SELECT c.status INTO v_old FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id FOR UPDATE;
+
+    SELECT * INTO v FROM ironwod.validate_sealed_key(p_tenant_id, p_gym_id, p_sealed_key,
+                                                     current_setting('ironwod.validate_timeout_ms')::int);
+    IF v.verdict = 'rejected' THEN
+        RAISE EXCEPTION 'Wodify rejected the API key'
+            USING ERRCODE = 'invalid_authorization_specification',
+                  DETAIL = format('GET /customers/locations answered HTTP %s: %s', v.http_status, v.message),
+                  HINT = 'Copy the key named "Wodify API" from Wodify Core > Digital Presence > Web Integrations > API Keys.';
+    END IF;
+    v_status := CASE WHEN v.verdict = 'valid' THEN 'connected' ELSE 'pending' END;
+    IF v_status = 'pending' AND v_old IN ('connected', 'paused') THEN
+        RAISE EXCEPTION 'could not validate the new API key: %', v.message
+            USING ERRCODE = 'connection_failure',
+                  HINT = 'The gym stays connected with its current key; try again later.';
+    END IF;
+
+    INSERT INTO ironwod.integrations_wodify_connection AS c
+        (tenant_id, gym_id, status, api_key_ciphertext, master_key_id, api_key_fingerprint, connected_at)
+    VALUES (p_tenant_id, p_gym_id, v_status, p_sealed_key, v_key_id, v.fingerprint,
+            CASE WHEN v_status = 'connected' THEN now() END)
+    ON CONFLICT (tenant_id, gym_id) DO UPDATE
+       SET status = CASE WHEN c.status = 'paused' THEN 'paused' ELSE excluded.status END,
+           api_key_ciphertext = excluded.api_key_ciphertext, master_key_id = excluded.master_key_id,
+           api_key_fingerprint = excluded.api_key_fingerprint,
+           connected_at = coalesce(excluded.connected_at, c.connected_at),
+           consecutive_failures = 0, breaker_opened_at = NULL, next_retry_at = NULL,
+           updated_at = now();
+
+    IF NOT EXISTS (SELECT 1 FROM ironwod.sync_runs r
+                   WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id
+                     AND r.status IN ('queued', 'running')) THEN
+        IF v_status = 'connected' THEN
+            -- The synchronous verdict is recorded as a finished validate run.
+            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, requests)
+            VALUES (p_tenant_id, p_gym_id, 'validate', 'succeeded', now(), clock_timestamp(), 1);
+            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
+            SELECT p_tenant_id, p_gym_id, 'backfill'
+            FROM ironwod.integrations_wodify_connection c
+            WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.backfill_completed_at IS NULL;
+        ELSE
+            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, 'validate');
+            RAISE WARNING 'could not validate the API key now: %', v.message
+                USING HINT = 'The connection is pending; a worker will validate it. Watch ironwod_status().';
+        END IF;
+        PERFORM ironwod.wake();
+    END IF;
+    RETURN v_status;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, bytea) IS 'Connect a gym with an API key sealed to ironwod_public_key(); validates it and queues the initial backfill';
+
+-- Convenience path: the plaintext key enters the backend, is sealed at once and
+-- never stored.  Weaker than the bytea form (the key is visible in
+-- pg_stat_activity while the call runs); the log hook scrubs it from the log.
+CREATE FUNCTION @extschema@.ironwod_connect(p_tenant_id uuid, p_gym_id uuid, p_api_key text)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF p_api_key IS NULL OR length(btrim(p_api_key)) = 0 THEN
+        RAISE EXCEPTION 'API key must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN @extschema@.ironwod_connect(p_tenant_id, p_gym_id, ironwod.seal_key(p_tenant_id, p_gym_id, p_api_key));
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, text) IS 'Connect a gym with a plaintext API key, sealed in the backend (weaker than the bytea form)';
+
+CREATE FUNCTION @extschema@.ironwod_sync(p_tenant_id uuid, p_gym_id uuid, p_mode text DEFAULT 'backfill')
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status text;
+    v_run bigint;
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF p_mode IS NULL OR p_mode NOT IN ('backfill', 'validate') THEN
+        RAISE EXCEPTION 'unsupported sync mode "%"', p_mode
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'This version supports the modes backfill and validate.';
+    END IF;
+    SELECT c.status INTO v_status FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
+            USING ERRCODE = 'no_data_found', HINT = 'Connect it first with ironwod_connect.';
+    END IF;
+    IF v_status = 'disconnected' OR (v_status = 'error' AND NOT EXISTS (
+            SELECT 1 FROM ironwod.integrations_wodify_connection c
+            WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.api_key_ciphertext IS NOT NULL)) THEN
+        RAISE EXCEPTION 'gym % has no usable API key (status %)', p_gym_id, v_status
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Connect it again with ironwod_connect.';
+    END IF;
+    IF v_status = 'pending' AND p_mode <> 'validate' THEN
+        RAISE EXCEPTION 'gym % is waiting for its API key to be validated', p_gym_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Sync with mode ''validate'' or wait for ironwod_status() to say connected.';
+    END IF;
+
+    BEGIN
+        INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, p_mode)
+        RETURNING run_id INTO v_run;
+        PERFORM ironwod.wake();
+    EXCEPTION WHEN unique_violation THEN
+        -- One queued or running run per connection: hand back the one there is.
+        SELECT r.run_id INTO v_run FROM ironwod.sync_runs r
+        WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');
+        RAISE NOTICE 'run % is already queued or running for this gym', v_run;
+    END;
+    RETURN v_run;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_sync(uuid, uuid, text) IS 'Queue a run (backfill or validate) for a gym, or return the one already queued or running';
+
+-- Waits on a condition variable the workers broadcast whenever a run changes
+-- state, re-reading the row with a fresh snapshot each time: no busy polling, and
+-- no sleep longer than a second.
+CREATE FUNCTION @extschema@.ironwod_wait(p_run_id bigint, p_timeout interval DEFAULT '5 minutes')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + p_timeout;
+    v_status text;
+    v_tenant uuid;
+    v_gym uuid;
+BEGIN
+    PERFORM ironwod.preloaded();
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'ironwod_wait needs READ COMMITTED isolation'
+            USING ERRCODE = 'active_sql_transaction', HINT = 'A snapshot that never moves would never see the run finish.';
+    END IF;
+    SELECT r.tenant_id, r.gym_id INTO v_tenant, v_gym FROM ironwod.sync_runs r WHERE r.run_id = p_run_id;
+    IF NOT FOUND OR (v_tenant, v_gym) IS DISTINCT FROM (ironwod.scope_tenant(), ironwod.scope_gym()) THEN
+        RAISE EXCEPTION 'run % does not exist in the current ironwod scope', p_run_id
+            USING ERRCODE = 'no_data_found', HINT = 'Call ironwod_set_scope(tenant, gym) for the run''s gym first.';
+    END IF;
+    LOOP
+        SELECT r.status INTO v_status FROM ironwod.sync_runs r
+        WHERE r.tenant_id = v_tenant AND r.gym_id = v_gym AND r.run_id = p_run_id;
+        IF v_status NOT IN ('queued', 'running') THEN
+            RETURN v_status;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RAISE EXCEPTION 'run % still % after %', p_run_id, v_status, p_timeout
+                USING ERRCODE = 'query_canceled';
+        END IF;
+        PERFORM ironwod.wait_for_change(least(1000, greatest(1,
+            (extract(epoch FROM v_deadline - clock_timestamp()) * 1000)::int)));
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_wait(bigint, interval) IS 'Block until a run of the current scope finishes and return its status; error on timeout';
+
+CREATE FUNCTION @extschema@.ironwod_status(p_tenant_id uuid, p_gym_id uuid)
+RETURNS TABLE (status text, api_key_fingerprint text, connected_at timestamptz,
+               last_success_at timestamptz, last_error_at timestamptz, last_error text,
+               last_error_code text, last_cursor_at timestamptz, consecutive_failures integer,
+               next_retry_at timestamptz, backfill_completed_at timestamptz,
+               active_run_id bigint, active_run_mode text, active_run_status text,
+               last_run_id bigint, last_run_status text, entities jsonb)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF NOT EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
+                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id) THEN
+        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
+            USING ERRCODE = 'no_data_found', HINT = 'Connect it first with ironwod_connect.';
+    END IF;
+    RETURN QUERY
+    SELECT c.status, c.api_key_fingerprint, c.connected_at, c.last_success_at, c.last_error_at,
+           c.last_error, c.last_error_code, c.last_cursor_at, c.consecutive_failures, c.next_retry_at,
+           c.backfill_completed_at, a.run_id, a.mode, a.status, l.run_id, l.status,
+           (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object(
+                    'pulled', s.pulled, 'new', s.new_versions, 'unchanged', s.unchanged,
+                    'pages', s.pages, 'requests', s.requests, 'watermark', cur.watermark)
+                    ORDER BY s.entity), '{}')
+            FROM ironwod.sync_run_entities s
+            LEFT JOIN ironwod.entity_cursors cur
+                   ON cur.tenant_id = s.tenant_id AND cur.gym_id = s.gym_id AND cur.entity = s.entity
+            WHERE s.tenant_id = c.tenant_id AND s.gym_id = c.gym_id
+              AND s.run_id = coalesce(a.run_id, l.run_id))
+    FROM ironwod.integrations_wodify_connection c
+    LEFT JOIN LATERAL (SELECT r.run_id, r.mode, r.status FROM ironwod.sync_runs r
+                       WHERE r.tenant_id = c.tenant_id AND r.gym_id = c.gym_id
+                         AND r.status IN ('queued', 'running')) a ON true
+    LEFT JOIN LATERAL (SELECT r.run_id, r.status FROM ironwod.sync_runs r
+                       WHERE r.tenant_id = c.tenant_id AND r.gym_id = c.gym_id
+                         AND r.status NOT IN ('queued', 'running')
+                       ORDER BY r.run_id DESC LIMIT 1) l ON true
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_status(uuid, uuid) IS 'Connection status, breaker state, sanitized last error, current and last run with per-entity counts';
+
+-- Cancels queued work, stops a running run at its next page (the worker checks the
+-- run's status in every landing transaction), and destroys the ciphertext.
+-- Landed raw data stays: it is the gym's history.
+CREATE FUNCTION @extschema@.ironwod_disconnect(p_tenant_id uuid, p_gym_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    UPDATE ironwod.integrations_wodify_connection c
+       SET status = 'disconnected', api_key_ciphertext = NULL, master_key_id = NULL, updated_at = now()
+     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    UPDATE ironwod.sync_runs r
+       SET status = 'cancelled', finished_at = clock_timestamp(), last_error = 'disconnected', phase = NULL
+     WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');
+    INSERT INTO ironwod.sync_events (tenant_id, gym_id, event) VALUES (p_tenant_id, p_gym_id, 'wodify.disconnected');
+    PERFORM ironwod.wake();
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a gym: cancel queued and running runs and destroy the sealed key';

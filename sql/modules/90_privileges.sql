@@ -1,0 +1,62 @@
+-- 90_privileges: every grant in one place.  Nothing is granted to PUBLIC; the app
+-- never gets the ciphertext column; only the worker role may read it.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA ironwod FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA ironwod FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ironwod FROM PUBLIC;
+REVOKE ALL ON SCHEMA ironwod FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_public_key() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_sync(uuid, uuid, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_wait(bigint, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_status(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA ironwod TO ironwod_app, ironwod_admin, ironwod_worker;
+
+-- The host app: the API, and reads of its own scope.
+GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@.ironwod_public_key(),
+    @extschema@.ironwod_connect(uuid, uuid, bytea), @extschema@.ironwod_connect(uuid, uuid, text),
+    @extschema@.ironwod_sync(uuid, uuid, text), @extschema@.ironwod_wait(bigint, interval),
+    @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid)
+    TO ironwod_app, ironwod_admin;
+GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded()
+    TO ironwod_app, ironwod_admin, ironwod_worker;
+GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, connected_at,
+              last_success_at, last_error_at, last_error, last_error_code, last_cursor_at,
+              sync_window_days, consecutive_failures, breaker_opened_at, next_retry_at,
+              nightly_local_time, reconcile_weekday, time_zone, backfill_completed_at,
+              created_at, updated_at)
+    ON ironwod.integrations_wodify_connection TO ironwod_app, ironwod_admin;
+GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.backfill_checkpoints,
+    ironwod.entity_cursors, ironwod.sync_events, ironwod.entities, ironwod.master_keys,
+    ironwod.wodify_raw_locations, ironwod.wodify_raw_programs, ironwod.wodify_raw_clients,
+    ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
+    ironwod.wodify_raw_class_signins, ironwod.wodify_raw_invoices, ironwod.wodify_raw_transactions,
+    ironwod.connection_health, ironwod.runs
+    TO ironwod_app, ironwod_admin;
+
+-- Operators: the registry and the master keys.
+GRANT UPDATE ON ironwod.entities TO ironwod_admin;
+GRANT EXECUTE ON FUNCTION ironwod.register_master_key(text, bytea), ironwod.worker_status() TO ironwod_admin;
+
+-- The run workers: their scope's rows, the ciphertext, and the landing functions.
+GRANT SELECT, UPDATE ON ironwod.integrations_wodify_connection TO ironwod_worker;
+GRANT SELECT, INSERT, UPDATE ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.entity_cursors
+    TO ironwod_worker;
+GRANT SELECT, INSERT, DELETE ON ironwod.backfill_checkpoints TO ironwod_worker;
+GRANT SELECT, INSERT ON ironwod.sync_events TO ironwod_worker;
+GRANT SELECT ON ironwod.entities, ironwod.master_keys TO ironwod_worker;
+GRANT SELECT, INSERT, UPDATE ON ironwod.wodify_raw_locations, ironwod.wodify_raw_programs,
+    ironwod.wodify_raw_clients, ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
+    ironwod.wodify_raw_class_signins, ironwod.wodify_raw_invoices, ironwod.wodify_raw_transactions
+    TO ironwod_worker;
+GRANT USAGE ON SEQUENCE ironwod.sync_run_id_seq TO ironwod_worker;
+GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironwod.backfill_since(),
+    ironwod.iso_utc(timestamptz), ironwod.emit_event(bigint, text, text, jsonb),
+    ironwod.claim_run(bigint, integer), ironwod.next_task(bigint),
+    ironwod.land_page(bigint, text, text, integer, jsonb, integer), ironwod.finish_run(bigint),
+    ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text)
+    TO ironwod_worker;

@@ -1,0 +1,189 @@
+/*-------------------------------------------------------------------------
+ *
+ * ironwod.c
+ *	  Module entry point: refuses to load unless preloaded, defines every
+ *	  ironwod.* GUC, installs the shared memory and log hooks, and registers
+ *	  the supervisor background worker.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "ironwod.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+char	   *ironwod_database_name = NULL;
+char	   *ironwod_worker_role = NULL;
+int			ironwod_max_workers = 4;
+char	   *ironwod_base_url = NULL;
+char	   *ironwod_master_key_command = NULL;
+int			ironwod_connect_timeout_ms = 5000;
+int			ironwod_request_timeout_ms = 60000;
+int			ironwod_low_speed_time_s = 30;
+int			ironwod_max_response_bytes = 64 * 1024 * 1024;
+int			ironwod_max_retries = 5;
+double		ironwod_requests_per_second = 4.5;
+int			ironwod_burst = 15;
+bool		ironwod_allow_http = false;
+int			ironwod_naptime_ms = 30000;
+int			ironwod_validate_timeout_ms = 15000;
+bool		ironwod_enabled = true;
+int			ironwod_backfill_months = 24;
+int			ironwod_run_retention_days = 30;
+
+static char *ironwod_scope_tenant = NULL;
+static char *ironwod_scope_gym = NULL;
+
+/*
+ * The scope GUCs must hold a uuid or nothing: RLS policies cast them, and a
+ * malformed value would otherwise surface as a cast error deep inside a query.
+ */
+static bool
+check_scope_uuid(char **newval, void **extra, GucSource source)
+{
+	const char *s = *newval;
+	int			i;
+	int			digits = 0;
+
+	if (s == NULL || s[0] == '\0')
+		return true;
+	for (i = 0; s[i] != '\0'; i++)
+	{
+		if (isxdigit((unsigned char) s[i]))
+			digits++;
+		else if (s[i] != '-' && s[i] != '{' && s[i] != '}')
+			break;
+	}
+	if (s[i] == '\0' && digits == 32)
+		return true;
+	GUC_check_errcode(ERRCODE_INVALID_TEXT_REPRESENTATION);
+	GUC_check_errmsg("invalid ironwod scope value \"%s\"", s);
+	GUC_check_errhint("Use ironwod_set_scope(tenant uuid, gym uuid).");
+	return false;
+}
+
+static void
+define_gucs(void)
+{
+	DefineCustomStringVariable("ironwod.database_name",
+							   "Database the ironwod supervisor serves.",
+							   "The extension can only be created in this database.",
+							   &ironwod_database_name, "postgres",
+							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("ironwod.worker_role",
+							   "Non-superuser role the run workers connect as.",
+							   "Row-level security binds the workers like any other role.",
+							   &ironwod_worker_role, "ironwod_worker",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.max_workers",
+							"Maximum number of concurrent run workers.",
+							"Each takes a max_worker_processes slot.",
+							&ironwod_max_workers, 4, 1, IW_MAX_RUN_SLOTS,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("ironwod.base_url",
+							   "Base URL of the Wodify API.",
+							   "Only superusers can change it, so no SQL caller can pick a URL.",
+							   &ironwod_base_url, "https://api.wodify.com/v1",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("ironwod.master_key_command",
+							   "Command that prints the private master keys (\"key_id hex\" lines).",
+							   "Run only by run workers, which alone can open sealed API keys.",
+							   &ironwod_master_key_command, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.connect_timeout_ms",
+							"Timeout for establishing a connection to Wodify.",
+							NULL, &ironwod_connect_timeout_ms, 5000, 100, 600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.request_timeout_ms",
+							"Total timeout of one HTTP request.",
+							NULL, &ironwod_request_timeout_ms, 60000, 100, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.low_speed_time",
+							"Abort a transfer slower than 1 byte/s for this many seconds.",
+							NULL, &ironwod_low_speed_time_s, 30, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.max_response_bytes",
+							"Largest response body accepted.",
+							NULL, &ironwod_max_response_bytes, 64 * 1024 * 1024,
+							1024, 512 * 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.max_retries",
+							"Retries of one request on 429, 5xx and transport errors.",
+							NULL, &ironwod_max_retries, 5, 0, 100,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomRealVariable("ironwod.requests_per_second",
+							 "Request rate of one run worker.",
+							 "Below Wodify's documented 5 requests per second.",
+							 &ironwod_requests_per_second, 4.5, 0.01, 10000.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.burst",
+							"Request burst of one run worker.",
+							NULL, &ironwod_burst, 15, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("ironwod.allow_http",
+							 "Allow plain http:// base URLs (tests only).",
+							 NULL, &ironwod_allow_http, false,
+							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.naptime",
+							"Fallback wake-up interval of the supervisor.",
+							"The supervisor is also woken at commit by every call that queues work.",
+							&ironwod_naptime_ms, 30000, 100, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.validate_timeout_ms",
+							"How long ironwod_connect waits for the key's verdict.",
+							NULL, &ironwod_validate_timeout_ms, 15000, 100, 600000,
+							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomBoolVariable("ironwod.enabled",
+							 "Start queued runs; off pauses ironwod without stopping the server.",
+							 NULL, &ironwod_enabled, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.backfill_months",
+							"Months of financials and attendance a backfill pulls.",
+							NULL, &ironwod_backfill_months, 24, 1, 240,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.run_retention_days",
+							"Days finished runs are kept before the supervisor prunes them.",
+							NULL, &ironwod_run_retention_days, 30, 1, 3650,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("ironwod.tenant_id",
+							   "Tenant of the current scope; set it with ironwod_set_scope().",
+							   NULL, &ironwod_scope_tenant, "",
+							   PGC_USERSET, 0, check_scope_uuid, NULL, NULL);
+	DefineCustomStringVariable("ironwod.gym_id",
+							   "Gym of the current scope; set it with ironwod_set_scope().",
+							   NULL, &ironwod_scope_gym, "",
+							   PGC_USERSET, 0, check_scope_uuid, NULL, NULL);
+	MarkGUCPrefixReserved("ironwod");
+}
+
+/*
+ * Everything ironwod does depends on shared memory and the supervisor, which
+ * exist only when the library is preloaded; a late load would half-work, so it
+ * is refused outright (pg_cron and pg_net do the same).
+ */
+void
+_PG_init(void)
+{
+	if (IsBinaryUpgrade)
+		return;
+	if (!process_shared_preload_libraries_in_progress)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("ironwod must be loaded via shared_preload_libraries"),
+				 errhint("Add ironwod to shared_preload_libraries in postgresql.conf and restart the server.")));
+
+	define_gucs();
+	iw_shmem_init_hooks();
+	iw_install_log_hook();
+	iw_register_supervisor();
+}

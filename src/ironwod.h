@@ -1,0 +1,229 @@
+/*-------------------------------------------------------------------------
+ *
+ * ironwod.h
+ *	  Declarations shared by the ironwod source files.
+ *
+ * Who owns what:
+ *	  ironwod.c    _PG_init, GUC definitions, worker registration
+ *	  shmem.c      shared memory: supervisor pid, wake flag, run slots,
+ *	               validation slots, condition variables
+ *	  supervisor.c the static "ironwod supervisor" background worker
+ *	  run.c        the dynamic "ironwod run" and "ironwod validate" workers
+ *	  http.c       libcurl wrapper: one easy handle per run, pacing, backoff
+ *	  land.c       SPI calls that land pages and move run state
+ *	  crypto.c     sealed-box encryption of API keys, fingerprints
+ *	  masterkey.c  loading private master keys from ironwod.master_key_command
+ *	  loghook.c    emit_log_hook that scrubs API keys from the server log
+ *	  sqlfuncs.c   SQL-callable C functions
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef IRONWOD_H
+#define IRONWOD_H
+
+#include "postgres.h"
+
+#include "port/atomics.h"
+#include "storage/condition_variable.h"
+#include "storage/lwlock.h"
+#include "utils/uuid.h"
+
+#define IRONWOD_VERSION "1.0"
+
+/* ---- GUCs (ironwod.c) ---- */
+extern char *ironwod_database_name;
+extern char *ironwod_worker_role;
+extern int	ironwod_max_workers;
+extern char *ironwod_base_url;
+extern char *ironwod_master_key_command;
+extern int	ironwod_connect_timeout_ms;
+extern int	ironwod_request_timeout_ms;
+extern int	ironwod_low_speed_time_s;
+extern int	ironwod_max_response_bytes;
+extern int	ironwod_max_retries;
+extern double ironwod_requests_per_second;
+extern int	ironwod_burst;
+extern bool ironwod_allow_http;
+extern int	ironwod_naptime_ms;
+extern int	ironwod_validate_timeout_ms;
+extern bool ironwod_enabled;
+extern int	ironwod_backfill_months;
+extern int	ironwod_run_retention_days;
+
+/* ---- shared memory (shmem.c) ---- */
+
+#define IW_MAX_RUN_SLOTS 64
+#define IW_MAX_VALIDATION_SLOTS 8
+#define IW_MAX_SEALED_BYTES 1024
+#define IW_FINGERPRINT_LEN 20	/* 12 hex + "..." + last 4 + NUL, rounded */
+
+typedef enum IwValidationState
+{
+	IW_VSLOT_FREE = 0,
+	IW_VSLOT_PENDING,			/* claimed by a backend, worker not done */
+	IW_VSLOT_DONE				/* worker wrote its verdict */
+} IwValidationState;
+
+typedef enum IwVerdict
+{
+	IW_VERDICT_NONE = 0,
+	IW_VERDICT_VALID,			/* Wodify accepted the key */
+	IW_VERDICT_REJECTED,		/* Wodify refused the key (auth error) */
+	IW_VERDICT_UNAVAILABLE,		/* could not decide: network, 5xx, timeout */
+	IW_VERDICT_UNOPENABLE,		/* the sealed key does not open for this gym */
+	IW_VERDICT_KEYSTORE			/* no usable master key (configuration) */
+} IwVerdict;
+
+typedef struct IwValidationSlot
+{
+	IwValidationState state;
+	uint32		generation;		/* bumped on every claim; a late worker of an
+								 * earlier claim must not write into the slot */
+	int			backend_pid;	/* owner; slot is reclaimed if it is gone */
+	pg_uuid_t	tenant_id;
+	pg_uuid_t	gym_id;
+	int			sealed_len;
+	uint8		sealed[IW_MAX_SEALED_BYTES];
+	/* result, written by the worker before state becomes DONE */
+	IwVerdict	verdict;
+	int			http_status;
+	char		fingerprint[IW_FINGERPRINT_LEN];
+	char		message[256];	/* sanitized; never holds the key */
+} IwValidationSlot;
+
+typedef struct IwRunSlot
+{
+	int64		run_id;			/* 0 = free */
+	int			pid;
+} IwRunSlot;
+
+typedef struct IwSharedState
+{
+	LWLock	   *lock;
+	int			supervisor_pid;
+	pg_atomic_uint32 wake_pending;
+	ConditionVariable run_cv;	/* broadcast whenever a run changes state */
+	ConditionVariable validation_cv;	/* broadcast when a verdict is written */
+	IwRunSlot	runs[IW_MAX_RUN_SLOTS];
+	IwValidationSlot validations[IW_MAX_VALIDATION_SLOTS];
+} IwSharedState;
+
+extern IwSharedState *iw_shared;
+
+extern void iw_shmem_init_hooks(void);
+extern void iw_wake_supervisor_at_commit(void);
+extern void iw_wake_supervisor_now(void);
+extern void iw_run_slot_set(int64 run_id);
+extern bool iw_run_slot_alive(int64 run_id);
+extern void iw_broadcast_run_change(void);
+
+/* ---- background workers ---- */
+typedef struct IwRunArgs
+{
+	int64		run_id;			/* 0 for validation workers */
+	int			validation_slot;	/* -1 for run workers */
+	uint32		validation_generation;
+	Oid			database_oid;
+	Oid			role_oid;
+	pg_uuid_t	tenant_id;
+	pg_uuid_t	gym_id;
+} IwRunArgs;
+
+extern PGDLLEXPORT void ironwod_supervisor_main(Datum main_arg);
+extern PGDLLEXPORT void ironwod_run_main(Datum main_arg);
+extern PGDLLEXPORT void ironwod_validate_main(Datum main_arg);
+extern void iw_register_supervisor(void);
+
+/* ---- HTTP (http.c) ---- */
+
+typedef enum IwHttpClass
+{
+	IW_HTTP_OK,					/* 2xx, body complete */
+	IW_HTTP_RETRYABLE,			/* 429, 5xx, timeout, reset, truncated */
+	IW_HTTP_AUTH,				/* 401, or 403 "Forbidden" */
+	IW_HTTP_UNKNOWN_ROUTE,		/* 403 "Missing Authentication Token" */
+	IW_HTTP_CLIENT_ERROR,		/* other 4xx */
+	IW_HTTP_TOO_LARGE,			/* body exceeded ironwod.max_response_bytes */
+	IW_HTTP_INTERRUPTED			/* cancel or SIGTERM during the transfer */
+} IwHttpClass;
+
+typedef struct IwHttpResponse
+{
+	IwHttpClass klass;
+	long		status;			/* HTTP status, 0 when no response */
+	char	   *body;			/* NUL-terminated, palloc'd in the caller's
+								 * context; NULL when no body */
+	size_t		body_len;
+	double		retry_after_s;	/* from Retry-After, -1 when absent */
+	double		elapsed_ms;
+	char		error[256];		/* transport error text, never headers */
+} IwHttpResponse;
+
+extern void iw_http_begin(const char *api_key);
+extern void iw_http_get(const char *url, IwHttpResponse *resp);
+extern void iw_http_end(void);
+extern void iw_http_backoff(int attempt, double retry_after_s);
+extern void iw_http_pace(void);
+
+/* ---- crypto (crypto.c, masterkey.c) ---- */
+
+#define IW_X25519_KEYLEN 32
+
+extern bytea *iw_seal(const uint8 *public_key, const char *key_id,
+					  const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
+					  const char *plaintext, size_t plaintext_len);
+extern char *iw_open(const bytea *sealed, const uint8 *private_key,
+					 const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
+					 MemoryContext secret_ctx);
+extern char *iw_sealed_key_id(const bytea *sealed);
+extern void iw_fingerprint(const char *plaintext, const pg_uuid_t *tenant_id,
+						   const pg_uuid_t *gym_id, char *out);
+extern void iw_x25519_public_from_private(const uint8 *private_key,
+										  uint8 *public_key);
+extern void iw_load_master_key(const char *key_id, uint8 *private_key_out);
+
+/* ---- landing and run state over SPI (land.c) ---- */
+
+typedef struct IwClaim
+{
+	char	   *mode;
+	bytea	   *sealed;			/* NULL when the connection lost its key */
+	char	   *master_key_id;
+} IwClaim;
+
+typedef struct IwTask
+{
+	char	   *entity;
+	char	   *window_key;
+	char	   *url;			/* relative to ironwod.base_url, no page args */
+	int			page_size;
+} IwTask;
+
+typedef struct IwLandResult
+{
+	char	   *outcome;		/* landed, envelope or bad_body */
+	int			http_code;		/* HTTPCode of an error envelope */
+	char	   *message;
+	bool		has_more;
+	int			n_records;
+	int			n_new;
+} IwLandResult;
+
+extern void iw_txn_begin(const char *activity);
+extern void iw_txn_commit(void);
+extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
+extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
+extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
+extern void iw_land_page(int64 run_id, const IwTask *task, int page,
+						 const char *body, int attempts, IwLandResult *res,
+						 MemoryContext keep);
+extern void iw_finish_run(int64 run_id);
+extern void iw_finish_validate(int64 run_id, bool valid, const char *fingerprint,
+							   const char *message);
+extern void iw_fail_run(int64 run_id, const char *code, const char *message,
+						const char *phase);
+
+/* ---- log hook (loghook.c) ---- */
+extern void iw_install_log_hook(void);
+
+#endif							/* IRONWOD_H */

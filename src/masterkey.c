@@ -1,0 +1,341 @@
+/*-------------------------------------------------------------------------
+ *
+ * masterkey.c
+ *	  Loading private master keys from ironwod.master_key_command.
+ *
+ * This file owns the only path by which a private master key enters a
+ * PostgreSQL process.  Run workers call iw_load_master_key() with the key
+ * id found in a sealed API key; it runs the superuser-only command named by
+ * ironwod.master_key_command (a call to a KMS in production, "cat" of a key
+ * file in development), reads its standard output and picks out that key.
+ *
+ * The output format is one key per line:
+ *
+ *	  <key id> <64 hex digits of the raw X25519 private key>
+ *
+ * Blank lines and lines starting with '#' are ignored.  Key ids are 1 to 64
+ * printable ASCII characters without spaces, as in sealed values.
+ *
+ * The output is secret: it is read into one buffer that is wiped on every
+ * path, stdio buffering is switched off so no copy stays in libc, and no
+ * error message ever shows the output, a line of it, or the command itself
+ * (which may carry a credential).
+ *
+ * IDENTIFICATION
+ *	  src/masterkey.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "storage/fd.h"
+#include "storage/lwlock.h"		/* ironwod.h uses LWLock, pg_atomic_uint32 */
+
+#include "ironwod.h"
+
+/* the most output we accept from the command */
+#define IW_MASTER_KEY_OUTPUT_MAX	(64 * 1024)
+
+/* must agree with the key id rule in crypto.c */
+#define IW_MASTER_KEY_ID_MAX		64
+
+#define IW_MASTER_KEY_HEX_LEN		(2 * IW_X25519_KEYLEN)
+
+typedef enum IwKeyLineKind
+{
+	IW_KEYLINE_SKIP,			/* blank line or comment */
+	IW_KEYLINE_KEY,				/* a well-formed key line */
+	IW_KEYLINE_MALFORMED
+} IwKeyLineKind;
+
+static int	iw_hex_value(char c);
+static IwKeyLineKind iw_parse_key_line(const char *line, size_t len,
+									   const char **id, size_t *id_len,
+									   uint8 *key);
+static size_t iw_read_command_output(char *buf, size_t bufsize);
+static void iw_find_key(const char *buf, size_t len, const char *key_id,
+						uint8 *private_key_out);
+
+
+/*
+ * iw_hex_value
+ *		Value of one hexadecimal digit, or -1.
+ *
+ * Written out rather than using PostgreSQL's hex_decode, which raises an
+ * error that quotes the offending character; here that character could be
+ * part of a private key.
+ */
+static int
+iw_hex_value(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/*
+ * iw_parse_key_line
+ *		Classify one line of the command's output and split a key line.
+ *
+ * Does not raise errors, so the caller decides what to report (only ever a
+ * line number).  On IW_KEYLINE_KEY, *id points into the line and key holds
+ * the decoded private key, which the caller must wipe.  Leading and
+ * trailing blanks and a trailing CR are tolerated so that key files edited
+ * on any platform work.
+ */
+static IwKeyLineKind
+iw_parse_key_line(const char *line, size_t len, const char **id,
+				  size_t *id_len, uint8 *key)
+{
+	size_t		i = 0;
+	size_t		id_start;
+	size_t		hex_start;
+
+	if (len > 0 && line[len - 1] == '\r')
+		len--;
+	while (i < len && (line[i] == ' ' || line[i] == '\t'))
+		i++;
+	if (i == len || line[i] == '#')
+		return IW_KEYLINE_SKIP;
+
+	/* key id: printable ASCII, no spaces */
+	id_start = i;
+	while (i < len && (unsigned char) line[i] > 0x20 &&
+		   (unsigned char) line[i] < 0x7f)
+		i++;
+	if (i == id_start || i - id_start > IW_MASTER_KEY_ID_MAX)
+		return IW_KEYLINE_MALFORMED;
+	*id = line + id_start;
+	*id_len = i - id_start;
+
+	/* at least one blank between the id and the key */
+	if (i == len || (line[i] != ' ' && line[i] != '\t'))
+		return IW_KEYLINE_MALFORMED;
+	while (i < len && (line[i] == ' ' || line[i] == '\t'))
+		i++;
+
+	/* exactly 64 hex digits */
+	hex_start = i;
+	if (len - hex_start < IW_MASTER_KEY_HEX_LEN)
+		return IW_KEYLINE_MALFORMED;
+	for (int k = 0; k < IW_X25519_KEYLEN; k++)
+	{
+		int			hi = iw_hex_value(line[hex_start + 2 * k]);
+		int			lo = iw_hex_value(line[hex_start + 2 * k + 1]);
+
+		if (hi < 0 || lo < 0)
+		{
+			explicit_bzero(key, IW_X25519_KEYLEN);
+			return IW_KEYLINE_MALFORMED;
+		}
+		key[k] = (uint8) ((hi << 4) | lo);
+	}
+	i = hex_start + IW_MASTER_KEY_HEX_LEN;
+
+	/* nothing but blanks after the key */
+	while (i < len && (line[i] == ' ' || line[i] == '\t'))
+		i++;
+	if (i != len)
+	{
+		explicit_bzero(key, IW_X25519_KEYLEN);
+		return IW_KEYLINE_MALFORMED;
+	}
+	return IW_KEYLINE_KEY;
+}
+
+/*
+ * iw_read_command_output
+ *		Run ironwod.master_key_command and read its standard output.
+ *
+ * Reads at most IW_MASTER_KEY_OUTPUT_MAX bytes into buf (which must hold
+ * one more byte, to detect overflow) and returns the length.  The pipe is
+ * always closed before an error is raised, so no descriptor or child is
+ * left behind.  OpenPipeStream restores SIGPIPE to its default in the
+ * child, so a command cut off by an oversized output terminates.
+ */
+static size_t
+iw_read_command_output(char *buf, size_t bufsize)
+{
+	FILE	   *pipe;
+	size_t		used = 0;
+	bool		read_failed = false;
+	int			read_errno = 0;
+	int			rc;
+
+	errno = 0;
+	pipe = OpenPipeStream(ironwod_master_key_command, PG_BINARY_R);
+	if (pipe == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not run ironwod.master_key_command: %m")));
+
+	/* unbuffered: the key material goes straight into buf, nowhere else */
+	setvbuf(pipe, NULL, _IONBF, 0);
+
+	while (used < bufsize)
+	{
+		size_t		n = fread(buf + used, 1, bufsize - used, pipe);
+
+		used += n;
+		if (n == 0)
+		{
+			if (ferror(pipe))
+			{
+				read_failed = true;
+				read_errno = errno;
+			}
+			break;
+		}
+	}
+
+	rc = ClosePipeStream(pipe);
+
+	if (read_failed)
+	{
+		errno = read_errno;
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not read the output of ironwod.master_key_command: %m")));
+	}
+	if (used > IW_MASTER_KEY_OUTPUT_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("ironwod.master_key_command printed more than %d bytes",
+						IW_MASTER_KEY_OUTPUT_MAX),
+				 errhint("The command should print only lines of the form \"<key id> <64 hex digits>\".")));
+	if (rc == -1)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not close the pipe to ironwod.master_key_command: %m")));
+	if (rc != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("ironwod.master_key_command failed: %s",
+						wait_result_to_str(rc)),
+				 errhint("Look for the command's own messages on its standard error, which goes to the server log.")));
+
+	return used;
+}
+
+/*
+ * iw_find_key
+ *		Validate the whole output and copy out the key named key_id.
+ *
+ * Every line is checked, not just the one we need, so a damaged key file
+ * is noticed at once instead of the day its broken line is needed.  The
+ * same id listed twice with different keys is refused as ambiguous.
+ */
+static void
+iw_find_key(const char *buf, size_t len, const char *key_id,
+			uint8 *private_key_out)
+{
+	size_t		want_len = strlen(key_id);
+	size_t		pos = 0;
+	int			lineno = 0;
+	bool		found = false;
+	uint8		key[IW_X25519_KEYLEN];
+	uint8		match[IW_X25519_KEYLEN];
+
+	while (pos < len)
+	{
+		const char *line = buf + pos;
+		const char *nl = memchr(line, '\n', len - pos);
+		size_t		line_len = nl ? (size_t) (nl - line) : len - pos;
+		const char *id = NULL;
+		size_t		id_len = 0;
+		IwKeyLineKind kind;
+
+		lineno++;
+		pos += line_len + (nl ? 1 : 0);
+
+		kind = iw_parse_key_line(line, line_len, &id, &id_len, key);
+		if (kind == IW_KEYLINE_SKIP)
+			continue;
+		if (kind == IW_KEYLINE_MALFORMED)
+		{
+			explicit_bzero(key, sizeof(key));
+			explicit_bzero(match, sizeof(match));
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("line %d of the output of ironwod.master_key_command is malformed",
+							lineno),
+					 errhint("Each line must be \"<key id> <64 hex digits>\", blank, or a comment starting with \"#\".")));
+		}
+
+		if (id_len == want_len && memcmp(id, key_id, id_len) == 0)
+		{
+			if (found && memcmp(match, key, sizeof(key)) != 0)
+			{
+				explicit_bzero(key, sizeof(key));
+				explicit_bzero(match, sizeof(match));
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("master key \"%s\" is listed more than once with different values by ironwod.master_key_command",
+								key_id),
+						 errdetail("The second listing is on line %d.", lineno)));
+			}
+			memcpy(match, key, sizeof(key));
+			found = true;
+		}
+		explicit_bzero(key, sizeof(key));
+	}
+
+	if (!found)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("master key \"%s\" is not available from ironwod.master_key_command",
+						key_id),
+				 errhint("The sealed API key was sealed to this master key id; make the command print that key, or rotate the API key to a current master key.")));
+
+	memcpy(private_key_out, match, sizeof(match));
+	explicit_bzero(match, sizeof(match));
+}
+
+/*
+ * iw_load_master_key
+ *		Fetch one private master key by id from the master key command.
+ *
+ * Called by run workers once per run, before they open the connection's
+ * sealed API key.  The key is written to private_key_out (32 bytes); the
+ * caller wipes it when done.  The command's output is wiped before this
+ * function returns or raises any error.
+ */
+void
+iw_load_master_key(const char *key_id, uint8 *private_key_out)
+{
+	char	   *buf;
+
+	if (ironwod_master_key_command == NULL ||
+		ironwod_master_key_command[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("ironwod.master_key_command is not set"),
+				 errhint("Set it in postgresql.conf to a command that prints the master keys; see the README.")));
+	if (key_id == NULL || key_id[0] == '\0')
+		elog(ERROR, "no master key id given");
+
+	/* one spare byte tells us the command printed too much */
+	buf = palloc(IW_MASTER_KEY_OUTPUT_MAX + 1);
+
+	PG_TRY();
+	{
+		size_t		len;
+
+		len = iw_read_command_output(buf, IW_MASTER_KEY_OUTPUT_MAX + 1);
+		iw_find_key(buf, len, key_id, private_key_out);
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(buf, IW_MASTER_KEY_OUTPUT_MAX + 1);
+		pfree(buf);
+	}
+	PG_END_TRY();
+}

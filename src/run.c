@@ -1,0 +1,537 @@
+/*-------------------------------------------------------------------------
+ *
+ * run.c
+ *	  The dynamic background workers that talk to Wodify.
+ *
+ *	  "ironwod run" executes one queued sync run of one connection: it claims
+ *	  the run, opens the sealed API key, then for each unit of work that
+ *	  ironwod.next_task() hands out fetches pages over HTTP (no transaction
+ *	  open) and lands each page in its own transaction, and finally finishes
+ *	  or fails the run.
+ *
+ *	  "ironwod validate" answers ironwod_connect(): it opens a sealed key
+ *	  handed over in a shared memory slot and asks Wodify once whether the key
+ *	  works, without reading or writing any table, so the backend that waits
+ *	  for it keeps its own transaction (and its uncommitted connection row).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "ironwod.h"
+
+#include "access/xact.h"
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+
+/* Where a failure happened, and our own error code for it (else the SQLSTATE). */
+static const char *run_phase = "start";
+static const char *fail_code = NULL;
+
+/* Plaintext API keys live only here, briefly, and are wiped after use. */
+static MemoryContext secret_ctx = NULL;
+
+static void
+init_worker(const IwRunArgs *args, const char *appname)
+{
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(args->database_oid, args->role_oid, 0);
+	pgstat_report_appname(appname);
+	/* parallel workers would outlive our short transactions' assumptions */
+	SetConfigOption("max_parallel_workers_per_gather", "0", PGC_USERSET, PGC_S_SESSION);
+	secret_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod secret",
+									   ALLOCSET_SMALL_SIZES);
+}
+
+/*
+ * Fetch the private master key, open the sealed API key with it, and wipe the
+ * private key whatever happens.  The plaintext is returned in secret_ctx.
+ */
+static char *
+open_api_key(const bytea *sealed, const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id)
+{
+	uint8		private_key[IW_X25519_KEYLEN];
+	char	   *key_id = iw_sealed_key_id(sealed);
+	char	   *plaintext = NULL;
+
+	PG_TRY();
+	{
+		iw_load_master_key(key_id, private_key);
+		plaintext = iw_open(sealed, private_key, tenant_id, gym_id, secret_ctx);
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(private_key, sizeof(private_key));
+	}
+	PG_END_TRY();
+	return plaintext;
+}
+
+/* Hand the key to libcurl's header list and wipe our copy at once. */
+static void
+start_http_with_key(char *plaintext)
+{
+	iw_http_begin(plaintext);
+	explicit_bzero(plaintext, strlen(plaintext));
+	MemoryContextReset(secret_ctx);
+}
+
+/*
+ * Well-formed JSON in the database encoding, checked without throwing, so a
+ * truncated or garbled body becomes a retry instead of an aborted transaction.
+ */
+static bool
+body_is_json(const IwHttpResponse *resp)
+{
+	JsonLexContext *lex;
+	JsonParseErrorType rc;
+
+	if (resp->body == NULL || resp->body_len == 0 || strlen(resp->body) != resp->body_len)
+		return false;
+	if (!pg_verify_mbstr(GetDatabaseEncoding(), resp->body, (int) resp->body_len, true))
+		return false;
+#if PG_VERSION_NUM >= 170000
+	lex = makeJsonLexContextCstringLen(NULL, resp->body, resp->body_len,
+									   GetDatabaseEncoding(), false);
+#else
+	lex = makeJsonLexContextCstringLen(resp->body, (int) resp->body_len,
+									   GetDatabaseEncoding(), false);
+#endif
+	rc = pg_parse_json(lex, &nullSemAction);
+	return rc == JSON_SUCCESS;
+}
+
+static char *
+describe_response(const IwHttpResponse *resp)
+{
+	if (resp->status > 0)
+		return psprintf("HTTP %ld%s%s", resp->status, resp->error[0] ? ": " : "", resp->error);
+	return pstrdup(resp->error[0] ? resp->error : "no response");
+}
+
+/*
+ * One GET /customers/locations: the cheapest call that proves a key works
+ * (wodify-api.md §1).  A 401, or a 403 on this endpoint, is a rejected key;
+ * anything else that is not a clean answer leaves the question open.
+ */
+static IwVerdict
+validate_key(int *http_status, char *message, size_t message_len)
+{
+	char	   *url = psprintf("%s/customers/locations?page=1&page_size=100", ironwod_base_url);
+	int			max_attempts = Min(ironwod_max_retries, 2);
+	int			attempt;
+
+	for (attempt = 0;; attempt++)
+	{
+		IwHttpResponse resp;
+		bool		retry = false;
+
+		iw_http_get(url, &resp);
+		*http_status = (int) resp.status;
+		switch (resp.klass)
+		{
+			case IW_HTTP_OK:
+				if (body_is_json(&resp))
+				{
+					Jsonb	   *jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+																	   CStringGetDatum(resp.body)));
+					JsonbValue *code = getKeyJsonValueFromContainer(&jb->root, "HTTPCode", 8, NULL);
+					JsonbValue *locs = getKeyJsonValueFromContainer(&jb->root, "locations", 9, NULL);
+
+					if (code != NULL && code->type == jbvNumeric)
+					{
+						int			c = DatumGetInt32(DirectFunctionCall1(numeric_int4,
+																		  NumericGetDatum(code->val.numeric)));
+
+						*http_status = c;
+						if (c == 401 || c == 403)
+						{
+							snprintf(message, message_len, "error envelope with HTTPCode %d", c);
+							return IW_VERDICT_REJECTED;
+						}
+						retry = (c == 429 || c >= 500);
+						snprintf(message, message_len, "error envelope with HTTPCode %d", c);
+					}
+					else if (locs != NULL && locs->type == jbvBinary &&
+							 JsonContainerIsArray(locs->val.binary.data))
+					{
+						snprintf(message, message_len, "ok");
+						return IW_VERDICT_VALID;
+					}
+					else
+					{
+						snprintf(message, message_len, "response has no \"locations\" array");
+						return IW_VERDICT_UNAVAILABLE;
+					}
+				}
+				else
+				{
+					retry = true;
+					snprintf(message, message_len, "response body is not valid JSON");
+				}
+				break;
+			case IW_HTTP_AUTH:
+				snprintf(message, message_len, "%s", describe_response(&resp));
+				return IW_VERDICT_REJECTED;
+			case IW_HTTP_RETRYABLE:
+				retry = true;
+				snprintf(message, message_len, "%s", describe_response(&resp));
+				break;
+			case IW_HTTP_UNKNOWN_ROUTE:
+				snprintf(message, message_len,
+						 "Wodify has no route /customers/locations (check ironwod.base_url)");
+				return IW_VERDICT_UNAVAILABLE;
+			default:
+				snprintf(message, message_len, "%s", describe_response(&resp));
+				return IW_VERDICT_UNAVAILABLE;
+		}
+		if (!retry || attempt >= max_attempts)
+			return IW_VERDICT_UNAVAILABLE;
+		iw_http_backoff(attempt, resp.retry_after_s);
+	}
+}
+
+/*
+ * Fetch every page of one unit of work.  Each page is retried on 429, 5xx,
+ * transport errors, error envelopes of those codes and unparsable bodies, with
+ * full-jitter backoff; anything else fails the run.  A page lands in its own
+ * transaction, and the unit's checkpoint is written with its last page.
+ */
+static void
+fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
+{
+	int			page;
+
+	for (page = 1;; page++)
+	{
+		IwLandResult res;
+		int			attempt;
+
+		for (attempt = 0;; attempt++)
+		{
+			IwHttpResponse resp;
+			MemoryContext old;
+			char	   *url;
+			char	   *problem = NULL;
+			bool		retry = false;
+
+			CHECK_FOR_INTERRUPTS();
+			MemoryContextReset(page_ctx);
+			old = MemoryContextSwitchTo(page_ctx);
+			url = psprintf("%s%s%spage=%d&page_size=%d", ironwod_base_url, task->url,
+						   strchr(task->url, '?') ? "&" : "?", page, task->page_size);
+			run_phase = "fetch";
+			pgstat_report_activity(STATE_RUNNING, psprintf("ironwod fetch %s %s page %d",
+														   task->entity, task->window_key, page));
+			iw_http_get(url, &resp);
+
+			switch (resp.klass)
+			{
+				case IW_HTTP_OK:
+					if (!body_is_json(&resp))
+					{
+						retry = true;
+						problem = psprintf("response to %s is not valid JSON", task->entity);
+						break;
+					}
+					run_phase = "land";
+					iw_land_page(run_id, task, page, resp.body, attempt + 1, &res, page_ctx);
+					MemoryContextSwitchTo(page_ctx);
+					if (strcmp(res.outcome, "landed") == 0)
+						break;
+					if (strcmp(res.outcome, "envelope") == 0)
+					{
+						problem = psprintf("Wodify error envelope HTTPCode %d on %s: %s",
+										   res.http_code, task->entity,
+										   res.message ? res.message : "");
+						if (res.http_code == 401 || res.http_code == 403)
+							fail_code = "auth";
+						retry = (res.http_code == 429 || res.http_code >= 500);
+					}
+					else
+					{
+						retry = true;
+						problem = psprintf("unexpected response for %s: %s", task->entity,
+										   res.message ? res.message : "");
+					}
+					break;
+				case IW_HTTP_RETRYABLE:
+					retry = true;
+					problem = psprintf("%s on %s", describe_response(&resp), task->entity);
+					break;
+				case IW_HTTP_AUTH:
+					fail_code = "auth";
+					problem = psprintf("Wodify refused the API key (%s) on %s",
+									   describe_response(&resp), task->entity);
+					break;
+				case IW_HTTP_UNKNOWN_ROUTE:
+					fail_code = "unknown_route";
+					problem = psprintf("Wodify has no route for %s (HTTP 403 Missing Authentication Token)",
+									   task->entity);
+					break;
+				case IW_HTTP_TOO_LARGE:
+					fail_code = "too_large";
+					problem = psprintf("response for %s exceeds ironwod.max_response_bytes",
+									   task->entity);
+					break;
+				case IW_HTTP_INTERRUPTED:
+					CHECK_FOR_INTERRUPTS();
+					problem = pstrdup("transfer interrupted");
+					break;
+				case IW_HTTP_CLIENT_ERROR:
+					fail_code = "http";
+					problem = psprintf("%s on %s", describe_response(&resp), task->entity);
+					break;
+			}
+			MemoryContextSwitchTo(old);
+			if (problem == NULL)
+				break;			/* landed */
+			if (retry && attempt < ironwod_max_retries)
+			{
+				ereport(LOG,
+						(errmsg("ironwod run " INT64_FORMAT ": %s; retrying", run_id, problem)));
+				iw_http_backoff(attempt, resp.retry_after_s);
+				continue;
+			}
+			if (fail_code == NULL)
+				fail_code = retry ? "retries_exhausted" : "http";
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("%s", problem),
+					 retry ? errdetail("Gave up after %d attempts.", attempt + 1) : 0));
+		}
+
+		if (!res.has_more)
+			break;
+		if (res.n_records == 0)
+		{
+			fail_code = "pagination";
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("Wodify returned an empty page %d of %s with has_more set",
+							page, task->entity)));
+		}
+	}
+}
+
+static void
+execute_run(const IwRunArgs *args, MemoryContext run_ctx)
+{
+	IwClaim		claim;
+	IwTask		task;
+	MemoryContext task_ctx;
+	MemoryContext page_ctx;
+	char		fingerprint[IW_FINGERPRINT_LEN];
+	char	   *plaintext;
+
+	run_phase = "claim";
+	if (!iw_claim_run(args->run_id, &claim, run_ctx))
+	{
+		ereport(LOG,
+				(errmsg("ironwod run " INT64_FORMAT " is no longer queued", args->run_id)));
+		return;
+	}
+	if (claim.sealed == NULL)
+	{
+		fail_code = "no_key";
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the connection has no API key"),
+				 errhint("Connect the gym again with ironwod_connect.")));
+	}
+
+	run_phase = "open_key";
+	plaintext = open_api_key(claim.sealed, &args->tenant_id, &args->gym_id);
+	iw_fingerprint(plaintext, &args->tenant_id, &args->gym_id, fingerprint);
+	start_http_with_key(plaintext);
+
+	if (strcmp(claim.mode, "validate") == 0)
+	{
+		char		message[256];
+		int			status = 0;
+		IwVerdict	verdict;
+
+		run_phase = "validate";
+		verdict = validate_key(&status, message, sizeof(message));
+		if (verdict == IW_VERDICT_UNAVAILABLE)
+		{
+			fail_code = "unavailable";
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not validate the API key: %s", message)));
+		}
+		iw_finish_validate(args->run_id, verdict == IW_VERDICT_VALID, fingerprint,
+						   verdict == IW_VERDICT_VALID ? NULL :
+						   psprintf("Wodify rejected the API key (HTTP %d)", status));
+		return;
+	}
+
+	task_ctx = AllocSetContextCreate(run_ctx, "ironwod task", ALLOCSET_DEFAULT_SIZES);
+	page_ctx = AllocSetContextCreate(run_ctx, "ironwod page", ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		MemoryContextReset(task_ctx);
+		run_phase = "plan";
+		if (!iw_next_task(args->run_id, &task, task_ctx))
+			break;
+		fetch_unit(args->run_id, &task, page_ctx);
+	}
+	run_phase = "finish";
+	iw_finish_run(args->run_id);
+}
+
+/*
+ * Record why the run failed, in a fresh transaction, then exit.  Interrupts are
+ * held so a second SIGTERM cannot cut the bookkeeping short; if even that
+ * fails, the supervisor's reaper marks the run failed.
+ */
+static void
+record_failure(int64 run_id, MemoryContext ctx)
+{
+	ErrorData  *edata;
+	char		code[16];
+
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(ctx);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+
+	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+	{
+		/* cancelled by ironwod_disconnect: the row already says so */
+		ereport(LOG, (errmsg("ironwod run " INT64_FORMAT " stopped: %s", run_id, edata->message)));
+		RESUME_INTERRUPTS();
+		return;
+	}
+	ereport(LOG,
+			(errmsg("ironwod run " INT64_FORMAT " failed in phase %s: %s", run_id, run_phase,
+					edata->message)));
+	strlcpy(code, fail_code ? fail_code : unpack_sql_state(edata->sqlerrcode), sizeof(code));
+	PG_TRY();
+	{
+		iw_fail_run(run_id, code, edata->message, run_phase);
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+		AbortCurrentTransaction();
+	}
+	PG_END_TRY();
+	RESUME_INTERRUPTS();
+}
+
+void
+ironwod_run_main(Datum main_arg)
+{
+	IwRunArgs	args;
+	MemoryContext run_ctx;
+
+	memcpy(&args, MyBgworkerEntry->bgw_extra, sizeof(args));
+	init_worker(&args, "ironwod run");
+	iw_set_scope(&args.tenant_id, &args.gym_id);
+	iw_run_slot_set(args.run_id);
+	run_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod run", ALLOCSET_DEFAULT_SIZES);
+
+	PG_TRY();
+	{
+		execute_run(&args, run_ctx);
+	}
+	PG_CATCH();
+	{
+		record_failure(args.run_id, run_ctx);
+	}
+	PG_END_TRY();
+
+	iw_http_end();
+	proc_exit(0);
+}
+
+/* Publish a verdict, unless the slot was reclaimed for another request. */
+static void
+publish_verdict(const IwRunArgs *args, IwVerdict verdict, int http_status,
+				const char *fingerprint, const char *message)
+{
+	IwValidationSlot *slot = &iw_shared->validations[args->validation_slot];
+
+	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+	if (slot->generation == args->validation_generation && slot->state == IW_VSLOT_PENDING)
+	{
+		slot->verdict = verdict;
+		slot->http_status = http_status;
+		strlcpy(slot->fingerprint, fingerprint ? fingerprint : "", sizeof(slot->fingerprint));
+		strlcpy(slot->message, message ? message : "", sizeof(slot->message));
+		slot->state = IW_VSLOT_DONE;
+	}
+	LWLockRelease(iw_shared->lock);
+	ConditionVariableBroadcast(&iw_shared->validation_cv);
+}
+
+void
+ironwod_validate_main(Datum main_arg)
+{
+	IwRunArgs	args;
+	IwValidationSlot *slot;
+	bytea	   *sealed;
+	char		fingerprint[IW_FINGERPRINT_LEN] = "";
+	char		message[256] = "";
+	int			http_status = 0;
+	IwVerdict	verdict = IW_VERDICT_UNAVAILABLE;
+	MemoryContext ctx;
+
+	memcpy(&args, MyBgworkerEntry->bgw_extra, sizeof(args));
+	init_worker(&args, "ironwod validate");
+	ctx = AllocSetContextCreate(TopMemoryContext, "ironwod validate", ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(ctx);
+
+	slot = &iw_shared->validations[args.validation_slot];
+	LWLockAcquire(iw_shared->lock, LW_SHARED);
+	if (slot->generation != args.validation_generation || slot->state != IW_VSLOT_PENDING)
+	{
+		LWLockRelease(iw_shared->lock);
+		proc_exit(0);
+	}
+	sealed = (bytea *) palloc(VARHDRSZ + slot->sealed_len);
+	SET_VARSIZE(sealed, VARHDRSZ + slot->sealed_len);
+	memcpy(VARDATA(sealed), slot->sealed, slot->sealed_len);
+	LWLockRelease(iw_shared->lock);
+
+	PG_TRY();
+	{
+		char	   *plaintext = open_api_key(sealed, &args.tenant_id, &args.gym_id);
+
+		iw_fingerprint(plaintext, &args.tenant_id, &args.gym_id, fingerprint);
+		start_http_with_key(plaintext);
+		verdict = validate_key(&http_status, message, sizeof(message));
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(ctx);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextReset(secret_ctx);
+		if (edata->sqlerrcode == ERRCODE_DATA_CORRUPTED ||
+			edata->sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE)
+			verdict = IW_VERDICT_UNOPENABLE;
+		else
+			verdict = IW_VERDICT_KEYSTORE;
+		strlcpy(message, edata->message, sizeof(message));
+	}
+	PG_END_TRY();
+
+	publish_verdict(&args, verdict, http_status, fingerprint, message);
+	iw_http_end();
+	proc_exit(0);
+}

@@ -1,0 +1,376 @@
+/*-------------------------------------------------------------------------
+ *
+ * sqlfuncs.c
+ *	  SQL-callable C functions (declared in sql/modules/05_native.sql).
+ *	  None of them does HTTP or holds a private key: backends only seal to
+ *	  public keys and hand sealed bytes to a validate worker.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "ironwod.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(ironwod_preloaded);
+PG_FUNCTION_INFO_V1(ironwod_wake);
+PG_FUNCTION_INFO_V1(ironwod_wait_for_change);
+PG_FUNCTION_INFO_V1(ironwod_sealed_key_id);
+PG_FUNCTION_INFO_V1(ironwod_seal_key);
+PG_FUNCTION_INFO_V1(ironwod_validate_sealed_key);
+PG_FUNCTION_INFO_V1(ironwod_worker_status);
+
+static void
+require_shmem(void)
+{
+	if (iw_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("ironwod must be loaded via shared_preload_libraries"),
+				 errhint("Add ironwod to shared_preload_libraries in postgresql.conf and restart the server.")));
+}
+
+Datum
+ironwod_preloaded(PG_FUNCTION_ARGS)
+{
+	require_shmem();
+	PG_RETURN_BOOL(true);
+}
+
+Datum
+ironwod_wake(PG_FUNCTION_ARGS)
+{
+	require_shmem();
+	iw_wake_supervisor_at_commit();
+	PG_RETURN_VOID();
+}
+
+/*
+ * Sleep until a worker broadcasts a run state change, or the timeout passes.
+ * ironwod_wait() re-reads the run row after each return, so a missed broadcast
+ * costs at most one timeout, never correctness.
+ */
+Datum
+ironwod_wait_for_change(PG_FUNCTION_ARGS)
+{
+	int32		timeout_ms = PG_GETARG_INT32(0);
+
+	require_shmem();
+	if (timeout_ms <= 0)
+		PG_RETURN_VOID();
+	ConditionVariablePrepareToSleep(&iw_shared->run_cv);
+	(void) ConditionVariableTimedSleep(&iw_shared->run_cv, timeout_ms, PG_WAIT_EXTENSION);
+	ConditionVariableCancelSleep();
+	PG_RETURN_VOID();
+}
+
+Datum
+ironwod_sealed_key_id(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(iw_sealed_key_id(PG_GETARG_BYTEA_PP(0))));
+}
+
+/*
+ * Seal a plaintext key to the active master public key.  Used by the text
+ * overload of ironwod_connect; the plaintext is wiped from our copy, though the
+ * caller's argument datum is beyond our reach (hence the bytea path).
+ */
+Datum
+ironwod_seal_key(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t  *tenant_id = PG_GETARG_UUID_P(0);
+	pg_uuid_t  *gym_id = PG_GETARG_UUID_P(1);
+	text	   *key = PG_GETARG_TEXT_PP(2);
+	char	   *plaintext;
+	char	   *key_id;
+	uint8		public_key[IW_X25519_KEYLEN];
+	bytea	   *sealed;
+	MemoryContext caller_ctx = CurrentMemoryContext;
+
+	require_shmem();
+	SPI_connect();
+	if (SPI_execute("SELECT key_id, public_key FROM ironwod.master_keys "
+					"WHERE is_active ORDER BY created_at DESC LIMIT 1", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read ironwod.master_keys");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("no active ironwod master key"),
+				 errhint("An administrator registers one with ironwod.register_master_key(key_id, public_key).")));
+	{
+		bool		isnull;
+		bytea	   *pk = DatumGetByteaPP(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 2, &isnull));
+
+		key_id = MemoryContextStrdup(caller_ctx, SPI_getvalue(SPI_tuptable->vals[0],
+															  SPI_tuptable->tupdesc, 1));
+		if (VARSIZE_ANY_EXHDR(pk) != IW_X25519_KEYLEN)
+			elog(ERROR, "master key \"%s\" has a malformed public key", key_id);
+		memcpy(public_key, VARDATA_ANY(pk), IW_X25519_KEYLEN);
+	}
+	SPI_finish();
+
+	plaintext = text_to_cstring(key);
+	PG_TRY();
+	{
+		sealed = iw_seal(public_key, key_id, tenant_id, gym_id, plaintext, strlen(plaintext));
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(plaintext, strlen(plaintext));
+	}
+	PG_END_TRY();
+	PG_RETURN_BYTEA_P(sealed);
+}
+
+static const char *
+verdict_name(IwVerdict v)
+{
+	switch (v)
+	{
+		case IW_VERDICT_VALID:
+			return "valid";
+		case IW_VERDICT_REJECTED:
+			return "rejected";
+		case IW_VERDICT_UNOPENABLE:
+			return "unopenable";
+		case IW_VERDICT_KEYSTORE:
+			return "keystore";
+		default:
+			return "unavailable";
+	}
+}
+
+/*
+ * Claim a validation slot, reclaiming one whose backend is gone.  Kept out of
+ * line: inlined into the caller's PG_TRY frame its loop counter would be at
+ * the mercy of longjmp.
+ */
+static pg_noinline int
+claim_validation_slot(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
+					  const bytea *sealed, uint32 *generation)
+{
+	int			i;
+	int			found = -1;
+
+	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < IW_MAX_VALIDATION_SLOTS; i++)
+	{
+		IwValidationSlot *s = &iw_shared->validations[i];
+
+		if (s->state == IW_VSLOT_FREE ||
+			(s->backend_pid != MyProcPid && BackendPidGetProc(s->backend_pid) == NULL))
+		{
+			s->state = IW_VSLOT_PENDING;
+			s->generation++;
+			s->backend_pid = MyProcPid;
+			s->tenant_id = *tenant_id;
+			s->gym_id = *gym_id;
+			s->sealed_len = VARSIZE_ANY_EXHDR(sealed);
+			memcpy(s->sealed, VARDATA_ANY(sealed), s->sealed_len);
+			s->verdict = IW_VERDICT_NONE;
+			s->message[0] = '\0';
+			s->fingerprint[0] = '\0';
+			*generation = s->generation;
+			found = i;
+			break;
+		}
+	}
+	LWLockRelease(iw_shared->lock);
+	return found;
+}
+
+static void
+release_validation_slot(int i, uint32 generation)
+{
+	IwValidationSlot *s = &iw_shared->validations[i];
+
+	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+	if (s->generation == generation)
+	{
+		s->state = IW_VSLOT_FREE;
+		s->backend_pid = 0;
+		memset(s->sealed, 0, sizeof(s->sealed));
+	}
+	LWLockRelease(iw_shared->lock);
+}
+
+/*
+ * Start a validate worker on the claimed slot and wait for its verdict until
+ * the deadline; the caller frees the slot whatever happens here.
+ */
+static void
+await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
+			  const pg_uuid_t *gym_id, int32 timeout_ms, IwVerdict *verdict,
+			  int *http_status, char *fingerprint, char *message)
+{
+	BackgroundWorker worker;
+	BackgroundWorkerHandle *handle;
+	IwRunArgs	args;
+	IwValidationSlot *s = &iw_shared->validations[slot];
+	Oid			role_oid = get_role_oid(ironwod_worker_role, true);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+
+	if (!OidIsValid(role_oid))
+	{
+		snprintf(message, 256, "ironwod.worker_role \"%s\" does not exist", ironwod_worker_role);
+		return;
+	}
+
+	memset(&args, 0, sizeof(args));
+	args.validation_slot = slot;
+	args.validation_generation = generation;
+	args.database_oid = MyDatabaseId;
+	args.role_oid = role_oid;
+	args.tenant_id = *tenant_id;
+	args.gym_id = *gym_id;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	strlcpy(worker.bgw_library_name, "ironwod", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "ironwod_validate_main", BGW_MAXLEN);
+	strlcpy(worker.bgw_name, "ironwod validate", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, "ironwod validate", BGW_MAXLEN);
+	worker.bgw_notify_pid = MyProcPid;
+	memcpy(worker.bgw_extra, &args, sizeof(args));
+
+	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+	{
+		snprintf(message, 256, "no background worker slot free for validation");
+		return;
+	}
+
+	ConditionVariablePrepareToSleep(&iw_shared->validation_cv);
+	for (;;)
+	{
+		long		remaining;
+		bool		done;
+		bool		stopped;
+		pid_t		pid;
+
+		/* read "stopped" first: a verdict published before exit is then seen */
+		stopped = (GetBackgroundWorkerPid(handle, &pid) == BGWH_STOPPED);
+		LWLockAcquire(iw_shared->lock, LW_SHARED);
+		done = (s->generation == generation && s->state == IW_VSLOT_DONE);
+		if (done)
+		{
+			*verdict = s->verdict;
+			*http_status = s->http_status;
+			strlcpy(fingerprint, s->fingerprint, IW_FINGERPRINT_LEN);
+			strlcpy(message, s->message, 256);
+		}
+		LWLockRelease(iw_shared->lock);
+		if (done)
+			break;
+		if (stopped)
+		{
+			snprintf(message, 256, "validation worker exited without a verdict");
+			break;
+		}
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (remaining <= 0)
+		{
+			snprintf(message, 256, "no verdict within %d ms", timeout_ms);
+			TerminateBackgroundWorker(handle);
+			break;
+		}
+		(void) ConditionVariableTimedSleep(&iw_shared->validation_cv,
+										   Min(remaining, 1000), PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+}
+
+/*
+ * Ask a validate worker whether Wodify accepts the key, and wait for the
+ * verdict at most timeout_ms.  The worker gets the sealed bytes through shared
+ * memory because the connection row that holds them is not committed yet.
+ */
+Datum
+ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t  *tenant_id = PG_GETARG_UUID_P(0);
+	pg_uuid_t  *gym_id = PG_GETARG_UUID_P(1);
+	bytea	   *sealed = PG_GETARG_BYTEA_PP(2);
+	int32		timeout_ms = PG_GETARG_INT32(3);
+	TupleDesc	tupdesc;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+	IwVerdict	verdict = IW_VERDICT_UNAVAILABLE;
+	int			http_status = 0;
+	char		fingerprint[IW_FINGERPRINT_LEN] = "";
+	char		message[256] = "";
+	int			slot;
+	uint32		generation;
+
+	require_shmem();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	if (VARSIZE_ANY_EXHDR(sealed) > IW_MAX_SEALED_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("sealed API key is larger than %d bytes", IW_MAX_SEALED_BYTES)));
+
+	slot = claim_validation_slot(tenant_id, gym_id, sealed, &generation);
+	if (slot < 0)
+		snprintf(message, sizeof(message), "all %d validation slots are busy", IW_MAX_VALIDATION_SLOTS);
+	else
+	{
+		PG_TRY();
+		{
+			await_verdict(slot, generation, tenant_id, gym_id, timeout_ms, &verdict,
+						  &http_status, fingerprint, message);
+		}
+		PG_CATCH();
+		{
+			release_validation_slot(slot, generation);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		release_validation_slot(slot, generation);
+	}
+
+	values[0] = CStringGetTextDatum(verdict_name(verdict));
+	values[1] = Int32GetDatum(http_status);
+	nulls[1] = (http_status == 0);
+	values[2] = CStringGetTextDatum(fingerprint);
+	nulls[2] = (fingerprint[0] == '\0');
+	values[3] = CStringGetTextDatum(message);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+Datum
+ironwod_worker_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			i;
+
+	require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	LWLockAcquire(iw_shared->lock, LW_SHARED);
+	for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+	{
+		Datum		values[2];
+		bool		nulls[2] = {false, false};
+
+		if (iw_shared->runs[i].run_id == 0)
+			continue;
+		values[0] = Int64GetDatum(iw_shared->runs[i].run_id);
+		values[1] = Int32GetDatum(iw_shared->runs[i].pid);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	LWLockRelease(iw_shared->lock);
+	PG_RETURN_VOID();
+}

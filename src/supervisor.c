@@ -1,0 +1,367 @@
+/*-------------------------------------------------------------------------
+ *
+ * supervisor.c
+ *	  The static "ironwod supervisor" background worker.
+ *
+ *	  A level-triggered loop: each tick it reconciles what the queue says
+ *	  with what is really running (runs whose worker is gone are failed),
+ *	  starts queued runs while ironwod.max_workers allows, and prunes old run
+ *	  history.  It never does HTTP and never reads tenant data; it connects as
+ *	  the bootstrap superuser, like pg_cron's launcher, only to serve the
+ *	  queue.  Every tick runs under PG_TRY, so one bad row cannot crash-loop it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "ironwod.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/uuid.h"
+
+#define IW_MAX_LAUNCH_ATTEMPTS 3
+
+/* Workers this supervisor started and has not yet seen exit. */
+typedef struct LaunchedRun
+{
+	int64		run_id;
+	BackgroundWorkerHandle *handle;
+} LaunchedRun;
+
+static LaunchedRun launched[IW_MAX_RUN_SLOTS];
+static bool slots_exhausted_logged = false;
+
+StaticAssertDecl(sizeof(IwRunArgs) <= BGW_EXTRALEN, "IwRunArgs must fit in bgw_extra");
+
+void
+iw_register_supervisor(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 10;
+	strlcpy(worker.bgw_library_name, "ironwod", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "ironwod_supervisor_main", BGW_MAXLEN);
+	strlcpy(worker.bgw_name, "ironwod supervisor", BGW_MAXLEN);
+	strlcpy(worker.bgw_type, "ironwod supervisor", BGW_MAXLEN);
+	RegisterBackgroundWorker(&worker);
+}
+
+static int
+launched_count(void)
+{
+	int			i,
+				n = 0;
+
+	for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+		if (launched[i].handle != NULL)
+			n++;
+	return n;
+}
+
+static bool
+is_launched(int64 run_id)
+{
+	int			i;
+
+	for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+		if (launched[i].handle != NULL && launched[i].run_id == run_id)
+			return true;
+	return false;
+}
+
+/*
+ * Fail a run in the name of its tenant.  The landing functions read the scope,
+ * so the supervisor borrows it for this one statement's transaction.
+ */
+static void
+fail_lost_run(const char *tenant, const char *gym, int64 run_id, const char *why)
+{
+	Oid			types[6] = {TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[6];
+
+	values[0] = CStringGetTextDatum(tenant);
+	values[1] = CStringGetTextDatum(gym);
+	values[2] = Int64GetDatum(run_id);
+	values[3] = CStringGetTextDatum("worker_lost");
+	values[4] = CStringGetTextDatum(why);
+	values[5] = CStringGetTextDatum("supervise");
+	if (SPI_execute_with_args("SELECT set_config('ironwod.tenant_id', $1, true), "
+							  "set_config('ironwod.gym_id', $2, true), "
+							  "ironwod.fail_run($3, $4, $5, $6)",
+							  6, types, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not record the failure of run " INT64_FORMAT, run_id);
+	SPI_execute("SELECT set_config('ironwod.tenant_id', '', true), "
+				"set_config('ironwod.gym_id', '', true)", false, 0);
+	ereport(LOG, (errmsg("ironwod run " INT64_FORMAT " failed: %s", run_id, why)));
+}
+
+/*
+ * Reap: forget workers that exited, and fail every running run that has no
+ * live worker (crash, kill, server restart).  A run that is still queued after
+ * its worker exited had a worker that died before claiming it; after a few
+ * such launches it is failed instead of retried forever.
+ */
+static void
+reap(void)
+{
+	int			i;
+	uint64		n;
+
+	for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+	{
+		pid_t		pid;
+
+		if (launched[i].handle == NULL)
+			continue;
+		if (GetBackgroundWorkerPid(launched[i].handle, &pid) == BGWH_STOPPED)
+		{
+			pfree(launched[i].handle);
+			launched[i].handle = NULL;
+			launched[i].run_id = 0;
+		}
+	}
+
+	if (SPI_execute("SELECT tenant_id::text, gym_id::text, run_id, status, launch_attempts "
+					"FROM ironwod.sync_runs WHERE status IN ('queued', 'running') "
+					"ORDER BY requested_at", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the ironwod run queue");
+	n = SPI_processed;
+	if (n == 0)
+		return;
+	{
+		SPITupleTable *tt = SPI_tuptable;
+		uint64		r;
+
+		for (r = 0; r < n; r++)
+		{
+			HeapTuple	tup = tt->vals[r];
+			char	   *tenant = SPI_getvalue(tup, tt->tupdesc, 1);
+			char	   *gym = SPI_getvalue(tup, tt->tupdesc, 2);
+			int64		run_id = pg_strtoint64(SPI_getvalue(tup, tt->tupdesc, 3));
+			char	   *status = SPI_getvalue(tup, tt->tupdesc, 4);
+			int			attempts = pg_strtoint32(SPI_getvalue(tup, tt->tupdesc, 5));
+
+			if (is_launched(run_id) || iw_run_slot_alive(run_id))
+				continue;
+			if (strcmp(status, "running") == 0)
+				fail_lost_run(tenant, gym, run_id,
+							  "worker exited without finishing the run (killed, crashed, or server restarted)");
+			else if (attempts >= IW_MAX_LAUNCH_ATTEMPTS)
+				fail_lost_run(tenant, gym, run_id,
+							  "run worker could not start; check ironwod.worker_role and the server log");
+		}
+	}
+}
+
+/* Start queued runs while ironwod.max_workers and worker slots allow. */
+static void
+launch(void)
+{
+	Oid			role_oid;
+	int			free_slots = Min(ironwod_max_workers, IW_MAX_RUN_SLOTS) - launched_count();
+	SPITupleTable *tt;
+	uint64		n,
+				r;
+
+	if (!ironwod_enabled || free_slots <= 0)
+		return;
+	role_oid = get_role_oid(ironwod_worker_role, true);
+	if (!OidIsValid(role_oid))
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("ironwod.worker_role \"%s\" does not exist", ironwod_worker_role),
+				 errhint("Create the role or point ironwod.worker_role at an existing non-superuser role.")));
+		return;
+	}
+	if (superuser_arg(role_oid))
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("ironwod.worker_role \"%s\" is a superuser; run workers will not start",
+						ironwod_worker_role),
+				 errhint("Run workers must be bound by row-level security; use a non-superuser role.")));
+		return;
+	}
+
+	if (SPI_execute("SELECT tenant_id::text, gym_id::text, run_id FROM ironwod.sync_runs "
+					"WHERE status = 'queued' ORDER BY requested_at, run_id LIMIT 100",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the ironwod run queue");
+	tt = SPI_tuptable;
+	n = SPI_processed;
+	for (r = 0; r < n && free_slots > 0; r++)
+	{
+		HeapTuple	tup = tt->vals[r];
+		int64		run_id = pg_strtoint64(SPI_getvalue(tup, tt->tupdesc, 3));
+		BackgroundWorker worker;
+		BackgroundWorkerHandle *handle;
+		IwRunArgs	args;
+		int			i;
+		Oid			argtypes[1] = {INT8OID};
+		Datum		argvalues[1];
+
+		if (is_launched(run_id) || iw_run_slot_alive(run_id))
+			continue;
+
+		memset(&args, 0, sizeof(args));
+		args.run_id = run_id;
+		args.validation_slot = -1;
+		args.database_oid = MyDatabaseId;
+		args.role_oid = role_oid;
+		args.tenant_id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in,
+															CStringGetDatum(SPI_getvalue(tup, tt->tupdesc, 1))));
+		args.gym_id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in,
+														 CStringGetDatum(SPI_getvalue(tup, tt->tupdesc, 2))));
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		worker.bgw_restart_time = BGW_NEVER_RESTART;
+		strlcpy(worker.bgw_library_name, "ironwod", BGW_MAXLEN);
+		strlcpy(worker.bgw_function_name, "ironwod_run_main", BGW_MAXLEN);
+		snprintf(worker.bgw_name, BGW_MAXLEN, "ironwod run " INT64_FORMAT, run_id);
+		strlcpy(worker.bgw_type, "ironwod run", BGW_MAXLEN);
+		worker.bgw_notify_pid = MyProcPid;
+		memcpy(worker.bgw_extra, &args, sizeof(args));
+
+		/* the handle must outlive this tick's memory context */
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+			bool		ok = RegisterDynamicBackgroundWorker(&worker, &handle);
+
+			MemoryContextSwitchTo(old);
+			if (!ok)
+			{
+				if (!slots_exhausted_logged)
+					ereport(WARNING,
+							(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+							 errmsg("no background worker slot free for ironwod run " INT64_FORMAT, run_id),
+							 errhint("Runs stay queued; raise max_worker_processes (see the README's worker budget).")));
+				slots_exhausted_logged = true;
+				return;
+			}
+		}
+		slots_exhausted_logged = false;
+		for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+		{
+			if (launched[i].handle == NULL)
+			{
+				launched[i].run_id = run_id;
+				launched[i].handle = handle;
+				break;
+			}
+		}
+		argvalues[0] = Int64GetDatum(run_id);
+		SPI_execute_with_args("UPDATE ironwod.sync_runs SET launch_attempts = launch_attempts + 1 "
+							  "WHERE run_id = $1", 1, argtypes, argvalues, NULL, false, 0);
+		free_slots--;
+	}
+}
+
+/* Keep run history bounded (pg_cron #416): a small batch per tick. */
+static void
+prune(void)
+{
+	Oid			argtypes[1] = {INT4OID};
+	Datum		argvalues[1] = {Int32GetDatum(ironwod_run_retention_days)};
+
+	SPI_execute_with_args("DELETE FROM ironwod.sync_runs WHERE ctid IN ("
+						  " SELECT ctid FROM ironwod.sync_runs"
+						  " WHERE finished_at < now() - make_interval(days => $1)"
+						  " AND status NOT IN ('queued', 'running') LIMIT 1000)",
+						  1, argtypes, argvalues, NULL, false, 0);
+}
+
+/*
+ * The extension may not exist yet, may be mid-upgrade, or may have been
+ * dropped: check by OID and version, not by schema name (pg_net #264).
+ */
+static bool
+extension_ready(void)
+{
+	if (!OidIsValid(get_extension_oid("ironwod", true)))
+		return false;
+	if (SPI_execute("SELECT 1 FROM pg_extension WHERE extname = 'ironwod' AND extversion = '"
+					IRONWOD_VERSION "'", true, 1) != SPI_OK_SELECT)
+		return false;
+	return SPI_processed == 1;
+}
+
+static void
+supervise_tick(void)
+{
+	iw_txn_begin("ironwod supervisor tick");
+	if (extension_ready())
+	{
+		reap();
+		launch();
+		prune();
+	}
+	iw_txn_commit();
+}
+
+void
+ironwod_supervisor_main(Datum main_arg)
+{
+	MemoryContext tick_ctx;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(ironwod_database_name, NULL, 0);
+	pgstat_report_appname("ironwod supervisor");
+	iw_shared->supervisor_pid = MyProcPid;
+	tick_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod supervisor tick",
+									 ALLOCSET_DEFAULT_SIZES);
+	ereport(LOG, (errmsg("ironwod supervisor started for database \"%s\"", ironwod_database_name)));
+
+	for (;;)
+	{
+		MemoryContext old;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		pg_atomic_write_u32(&iw_shared->wake_pending, 0);
+
+		old = MemoryContextSwitchTo(tick_ctx);
+		PG_TRY();
+		{
+			supervise_tick();
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(tick_ctx);
+			EmitErrorReport();
+			FlushErrorState();
+			AbortCurrentTransaction();
+		}
+		PG_END_TRY();
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(tick_ctx);
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 ironwod_naptime_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
