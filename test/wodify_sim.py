@@ -21,7 +21,7 @@ before the cutoff).  Ids are assigned by ranking records on their creation insta
 of already-visible records never change when today moves forward.  Consequently
 POST /_sim/advance?days=N gives exactly the model that --today +N would give, as long as
 the history anchor (first day of the month 30 months before the *start-up* today) is the
-same; advance keeps the start-up anchor.
+same; advance keeps the start-up anchor, and --history-start pins it for a fresh start.
 """
 
 import argparse
@@ -318,6 +318,8 @@ class Gym:
                 "is_active": i < 3 or g.random() < 0.5,
                 "description": f"{n} classes at {self.name}",
                 "created": created, "updated": edited})
+        if all(p["is_active"] for p in self.programs) and len(self.programs) > 3:
+            self.programs[-1]["is_active"] = False      # always one retired program
         active = [p for p in self.programs if p["is_active"]]
         # timetable: slot -> program (mostly the main program)
         self.timetable = {}
@@ -707,6 +709,7 @@ class Gym:
         self.v_txns = number(txns, "txn", lambda t: (t.at, t.key), 30)
         self.v_signins = number(sis, "signin", lambda s: s.key, 15)
         self.client_by_id = {c.id: c for c in self.v_clients}
+        self.invoice_by_id = {i.id: i for i in self.v_invoices}
         for c in self.v_clients:
             c.signins.sort(key=lambda s: s.key)
 
@@ -824,6 +827,7 @@ class Gym:
         if inv.notes_edit is not None and inv.notes_edit < cut:
             upd = max(upd, inv.notes_edit)
         notes = "Adjusted by front desk" if inv.notes_edit is not None and inv.notes_edit < cut else ""
+        manual = bool(notes) or status == "Voided"
         paid_on = None
         if status in ("Paid", "Refunded", "Partially Refunded"):
             pays = [t.at for t in inv.txns if t.type == "Payment" and t.at < cut]
@@ -838,8 +842,8 @@ class Gym:
             "membership_id": inv.membership.id if inv.membership is not None else 0,
             "location_id": loc_id,
             "created": audit("created", 0, "System", inv.created),
-            "updated": audit("updated", 0 if upd == inv.created else self.staff[0][0],
-                             "System" if upd == inv.created else self.staff[0][1], upd),
+            # billing-engine changes are by "System"; voids and note edits by the owner
+            "updated": audit("updated", *(self.staff[0] if manual else (0, "System")), upd),
         }
         if details:
             rec["invoice_details"] = [{
@@ -1239,7 +1243,9 @@ class Sim:
         self.args = args
         self.seed, self.ngyms, self.scale = args.seed, args.gyms, args.scale
         self.today = date.fromisoformat(args.today) if args.today else datetime.now(timezone.utc).date()
-        self.anchor = add_months(month_start(self.today), -30)
+        # History starts 30 months before the start-up today; advance keeps this anchor.
+        self.anchor = (date.fromisoformat(args.history_start) if args.history_start
+                       else add_months(month_start(self.today), -30))
         self.lock = threading.Lock()
         self.model = Model(self.seed, self.ngyms, self.scale, self.anchor, self.today)
         self.keys = [g.api_key for g in self.model.gyms]
@@ -1480,7 +1486,7 @@ class Handler(BaseHTTPRequestHandler):
             return (200, gym.r_client_single(c)) if c else not_found
         if kind in ("membership", "invoice", "transaction", "hold", "program"):
             if kind == "invoice":
-                inv = next((i for i in gym.v_invoices if i.id == rid), None)
+                inv = gym.invoice_by_id.get(rid)
                 return (200, gym.invoice_single(inv)) if inv else not_found
             coll = {"membership": gym.r_memberships, "transaction": gym.r_txns,
                     "hold": gym.r_holds, "program": gym.r_programs}[kind]
@@ -1612,6 +1618,10 @@ def main(argv=None):
     ap.add_argument("--quota", type=int, default=500000)
     ap.add_argument("--today", default=None, help="YYYY-MM-DD (default: current UTC date)")
     ap.add_argument("--retry-after", dest="retry_after", type=int, default=None)
+    ap.add_argument("--history-start", dest="history_start", default=None,
+                    help="YYYY-MM-DD; pins the model's first day (default: 1st of the month "
+                         "30 months before --today).  Lets a fresh start reproduce an "
+                         "advanced model even when advance crossed a month boundary.")
     args = ap.parse_args(argv)
 
     sim = Sim(args)

@@ -69,6 +69,16 @@ BEGIN
                   DETAIL = format('GET /customers/locations answered HTTP %s: %s', v.http_status, v.message),
                   HINT = 'Copy the key named "Wodify API" from Wodify Core > Digital Presence > Web Integrations > API Keys.';
     END IF;
+    IF v.verdict = 'unopenable' THEN
+        RAISE EXCEPTION 'sealed API key does not open for tenant % gym %', p_tenant_id, p_gym_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A sealed key is bound to the tenant, gym and master key it was sealed for.';
+    END IF;
+    IF v.verdict = 'keystore' THEN
+        RAISE EXCEPTION 'run workers cannot open API keys: %', v.message
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Check ironwod.master_key_command; see the README.';
+    END IF;
     v_status := CASE WHEN v.verdict = 'valid' THEN 'connected' ELSE 'pending' END;
     IF v_status = 'pending' AND v_old IN ('connected', 'paused') THEN
         RAISE EXCEPTION 'could not validate the new API key: %', v.message

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Shared by test/run-tests.sh and test/demo.sh (sourced, not run): start the
+# Wodify simulator and a throwaway PostgreSQL cluster with ironwod preloaded.
+# PostgreSQL refuses to run as root, so the server runs as the postgres OS user;
+# clients run as whoever we are and connect as the postgres database user.
+
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+export PG_CONFIG=${PG_CONFIG:-$PGBIN/pg_config}
+SIM_PID=
+
+# start_sim SEED GYMS SCALE [extra args]: sets SIM_PORT and SIM_URL.
+start_sim() {
+    local seed=$1 gyms=$2 scale=$3
+    shift 3
+    local out="$WORK/sim.out"
+    python3 "$REPO/test/wodify_sim.py" --port 0 --seed "$seed" --gyms "$gyms" --scale "$scale" "$@" \
+        >"$out" 2>"$WORK/sim.err" &
+    SIM_PID=$!
+    for _ in $(seq 1 100); do
+        SIM_PORT=$(sed -n 's/^listening on \([0-9]*\)$/\1/p' "$out")
+        [ -n "$SIM_PORT" ] && break
+        kill -0 "$SIM_PID" 2>/dev/null || { cat "$WORK/sim.err" >&2; return 1; }
+        sleep 0.1
+    done
+    [ -n "$SIM_PORT" ] || { echo "simulator did not start" >&2; return 1; }
+    SIM_URL="http://127.0.0.1:$SIM_PORT"
+}
+
+# start_cluster PRELOAD [extra postgresql.conf lines...]: sets PGHOST/PGPORT/PGUSER.
+start_cluster() {
+    local preload=$1
+    shift
+    mkdir -p "$WORK/keys"
+    DEV_KEY=$(bash "$REPO/test/devkey.sh" "$WORK/keys" dev-1)
+    chown -R postgres:postgres "$WORK"
+    chmod 755 "$WORK"
+    su postgres -s /bin/sh -c "$PGBIN/initdb -D '$WORK/data' -A trust -E UTF8 --locale=C.UTF-8" >"$WORK/initdb.log"
+    export PGPORT=${PGPORT_WANTED:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+    export PGHOST="$WORK"
+    export PGUSER=postgres
+    export PGDATABASE=postgres
+    {
+        echo "port = $PGPORT"
+        echo "listen_addresses = ''"
+        echo "unix_socket_directories = '$WORK'"
+        echo "shared_preload_libraries = '$preload'"
+        echo "max_worker_processes = 32"
+        echo "ironwod.database_name = 'postgres'"
+        echo "ironwod.base_url = '$SIM_URL'"
+        echo "ironwod.allow_http = on"
+        echo "ironwod.master_key_command = '$WORK/keys/master_key_command.sh'"
+        for line in "$@"; do echo "$line"; done
+    } >>"$WORK/data/postgresql.conf"
+    chown postgres:postgres "$WORK/data/postgresql.conf"
+    su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -l '$WORK/data/server.log' -w start" >/dev/null
+}
+
+# Register the development master public key printed by devkey.sh.
+register_dev_key() {
+    local id=${DEV_KEY%% *} hex=${DEV_KEY##* }
+    psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT ironwod.register_master_key('$id', decode('$hex', 'hex'))"
+}
+
+stop_all() {
+    if [ -n "${WORK:-}" ] && [ -f "$WORK/data/postmaster.pid" ]; then
+        su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -m fast -w stop" >/dev/null 2>&1 || true
+    fi
+    if [ -n "$SIM_PID" ]; then
+        kill "$SIM_PID" 2>/dev/null || true
+        wait "$SIM_PID" 2>/dev/null || true
+    fi
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The whole test suite (`make test`): installs what is missing, builds and installs
+# ironwod, starts the Wodify simulator (fixed seed) and a throwaway cluster with
+# ironwod preloaded, then runs the pg_regress suite (inputs in test/sql, expected
+# output in the top-level expected/), the pgTAP suites (pg_prove) and the shell
+# checks, and prints one summary line.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+bash "$REPO/test/setup.sh"
+# shellcheck source=test/cluster.sh
+source "$REPO/test/cluster.sh"
+cd "$REPO"
+
+make -s all >/dev/null
+make -s install >/dev/null
+
+WORK=$(mktemp -d /tmp/ironwod-test.XXXXXX)
+trap 'stop_all' EXIT
+
+# A generous simulator throttle and a fast worker pace keep the suite quick; the
+# rate-limit tests set their own limits.
+start_sim 42 3 small --rate 1000 --burst 1000
+start_cluster ironwod \
+    "log_statement = 'all'" \
+    "log_min_duration_statement = 0" \
+    "log_parameter_max_length = -1" \
+    "log_parameter_max_length_on_error = -1" \
+    "ironwod.requests_per_second = 500" \
+    "ironwod.burst = 100" \
+    "ironwod.naptime = 2000" \
+    "ironwod.max_retries = 3"
+
+# Fixtures the SQL tests read: the simulator's gyms and the development key.
+GYMS_JSON=$(curl -sf "$SIM_URL/_sim/gyms")
+psql -qX -v ON_ERROR_STOP=1 -v gyms="$GYMS_JSON" -v devkey="$DEV_KEY" <<'SQL'
+CREATE EXTENSION pgtap;
+CREATE TABLE public.sim_gyms AS
+    SELECT (g->>'index')::int AS idx, g->>'api_key' AS api_key, g->'expected' AS expected
+    FROM jsonb_array_elements((:'gyms')::jsonb->'gyms') AS g;
+CREATE TABLE public.test_dev_key AS
+    SELECT split_part(:'devkey', ' ', 1) AS key_id, decode(split_part(:'devkey', ' ', 2), 'hex') AS public_key;
+SQL
+
+passed=0
+failed=0
+note() { if [ "$1" = 0 ]; then passed=$((passed + 1)); echo "ok - $2"; else failed=$((failed + 1)); echo "not ok - $2"; fi; }
+
+rc=0
+make -s installcheck || rc=$?
+note $rc "pg_regress suite (see regression.diffs on failure)"
+[ $rc = 0 ] || cat regression.diffs 2>/dev/null | head -200 || true
+
+rc=0
+pg_prove -q --failures test/pgtap/*.sql || rc=$?
+note $rc "pgTAP suites"
+
+rc=0
+bash test/shell/not_preloaded.sh || rc=$?
+note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

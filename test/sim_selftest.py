@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""Self-check for test/wodify_sim.py (standard library only).
+
+    python3 test/sim_selftest.py            # exits non-zero on any failure
+
+Starts simulators on free ports, backfills every gym the way the ironwod connector does,
+compares landed counts with /_sim/gyms "expected", and exercises errors, throttling,
+quota, faults, entitlements, advance and determinism.
+"""
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import date, datetime, timedelta
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIM = os.path.join(HERE, "wodify_sim.py")
+TODAY = "2026-11-10"
+PASSED, FAILED = [], []
+
+
+def check(name, cond, detail=""):
+    (PASSED if cond else FAILED).append(name)
+    if not cond:
+        print(f"FAIL {name} {detail}", flush=True)
+
+
+class Sim:
+    def __init__(self, *extra):
+        args = [sys.executable, SIM, "--port", "0", "--seed", "42", "--gyms", "3",
+                "--scale", "small", "--today", TODAY, *extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        assert line.startswith("listening on "), line
+        self.port = int(line.split()[-1])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.gyms = self.sim("GET", "/_sim/gyms")
+
+    def raw(self, method, path, key=None, body=None, headers=None):
+        """Returns (status, headers, body bytes); connection errors raise."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        h = dict(headers or {})
+        if key:
+            h["x-api-key"] = key
+        data = json.dumps(body).encode() if body is not None else None
+        if data:
+            h["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        out = resp.read()
+        conn.close()
+        return resp.status, dict(resp.getheaders()), out
+
+    def get(self, path, key):
+        st, hd, b = self.raw("GET", path, key)
+        return st, json.loads(b), hd
+
+    def sim(self, method, path, body=None):
+        st, _, b = self.raw(method, path, body=body)
+        assert st == 200, (path, st, b)
+        return json.loads(b)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = -9
+        err = self.proc.stderr.read()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return rc, err
+
+
+def q(expr):
+    return urllib.parse.quote(expr, safe="")
+
+
+def month_windows(since, today):
+    """Half-open UTC month windows [A, B) from since to the month after today."""
+    d = since
+    end = date(today.year + (today.month == 12), today.month % 12 + 1, 1)
+    out = []
+    while d < end:
+        nxt = date(d.year + (d.month == 12), d.month % 12 + 1, 1)
+        out.append((d, nxt))
+        d = nxt
+    return out
+
+
+def z(d):
+    return d.strftime("%Y-%m-%dT00:00:00Z")
+
+
+def walk_nulls(obj, where, problems):
+    if obj is None:
+        problems.append(where)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            walk_nulls(v, f"{where}.{k}", problems)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            walk_nulls(v, f"{where}[{i}]", problems)
+
+
+def backfill(sim, gym):
+    """Pull everything the connector's backfill pulls; returns (records by entity, requests)."""
+    key = gym["api_key"]
+    n = [0]
+    land = {}
+
+    def pages(path, rkey, sep="?"):
+        rows, page = [], 1
+        while True:
+            st, body, _ = sim.get(f"{path}{sep}page={page}&page_size=100", key)
+            n[0] += 1
+            assert st == 200 and rkey in body and "HTTPCode" not in body, (path, st, body)
+            assert body["pagination"]["page"] == page
+            rows += body[rkey]
+            if not body["pagination"]["has_more"]:
+                return rows
+            page += 1
+
+    land["locations"] = pages("/customers/locations", "locations")
+    land["programs"] = pages("/programs", "programs")
+    land["clients"] = pages("/clients?sort=id", "clients", "&")
+    land["memberships"] = pages("/memberships?sort=id", "memberships", "&")
+    land["membership_holds"] = pages("/memberships/holds?sort=id", "membership_holds", "&")
+    since_s = gym["backfill_since"]
+    sis = []
+    for c in land["clients"]:
+        if c["last_class_sign_in"] >= since_s:
+            sis += pages(f"/clients/{c['id']}/classes/sign-ins/search?q="
+                         + q(f"utc_class_start_datetime|gte|{since_s}") + "&sort=id", "class_sign_ins", "&")
+    land["class_signins"] = sis
+    since = date.fromisoformat(since_s[:10])
+    today = date.fromisoformat(TODAY)
+    invs, txns = [], []
+    for a, b in reversed(month_windows(since, today)):      # newest window first
+        invs += pages("/financials/invoices/search?q=" + q(f"created_on_datetime|gte|{z(a)};created_on_datetime|lt|{z(b)}")
+                      + "&sort=desc_created_on_datetime", "invoices", "&")
+    for a, b in reversed(month_windows(since, today)):
+        txns += pages("/financials/transactions/search?q=" + q(f"transaction_date_time|gte|{z(a)};transaction_date_time|lt|{z(b)}")
+                      + "&sort=transaction_date_time", "transactions", "&")
+    land["invoices"], land["transactions"] = invs, txns
+    due = (today - timedelta(days=60)).isoformat()
+    land["due_window"] = pages("/financials/invoices/search?q=" + q(f"payment_due|gte|{due}") + "&sort=id", "invoices", "&")
+    return land, n[0]
+
+
+def test_backfill(sim):
+    total_requests = 0
+    t0 = time.time()
+    for gym in sim.gyms["gyms"]:
+        land, nreq = backfill(sim, gym)
+        total_requests += nreq
+        exp = gym["expected"]
+        for ent in exp:
+            ids = [r["id"] for r in land[ent]]
+            check(f"gym{gym['index']} {ent} count", len(set(ids)) == exp[ent] == len(ids),
+                  f"landed {len(ids)} unique {len(set(ids))} expected {exp[ent]}")
+        check(f"gym{gym['index']} requests < 200", nreq < 200, f"{nreq}")
+        problems = []
+        for ent, rows in land.items():
+            walk_nulls(rows, ent, problems)
+            if rows:
+                keysets = {tuple(sorted(r)) for r in rows}
+                check(f"gym{gym['index']} {ent} uniform keys", len(keysets) == 1)
+        check(f"gym{gym['index']} no nulls", not problems, str(problems[:3]))
+        # id magnitudes (wodify-api.md §3)
+        digits = lambda rows: {len(str(r["id"])) for r in rows}
+        check("client ids 7-8 digits", digits(land["clients"]) <= {7, 8}, str(digits(land["clients"])))
+        check("membership ids 8 digits", digits(land["memberships"]) == {8})
+        check("invoice ids 8 digits", digits(land["invoices"]) == {8})
+        check("sign-in ids 9 digits", digits(land["class_signins"]) == {9})
+        check("location ids 4-5 digits", digits(land["locations"]) <= {4, 5})
+        check("program ids 5 digits", digits(land["programs"]) == {5})
+        # time zone on the first location by id
+        first = min(land["locations"], key=lambda l: l["id"])
+        check("first location time zone", first["time_zone_iana"] == gym["time_zone"])
+        check("location_ids", sorted(gym["location_ids"]) == sorted(l["id"] for l in land["locations"]))
+        # invoice window order: desc by created, ties by id
+        # detectors consistent with sign-ins
+        by_client = {}
+        for s in land["class_signins"]:
+            by_client.setdefault(s["client_id"], []).append(s)
+        bad = 0
+        for c in land["clients"]:
+            got = by_client.get(c["id"], [])
+            if got and max(s["utc_class_start_datetime"] for s in got) != c["last_class_sign_in"]:
+                bad += 1
+        check(f"gym{gym['index']} last_class_sign_in matches", bad == 0, f"{bad} mismatches")
+        # total_class_sign_ins vs full history for a few clients
+        for c in land["clients"][:6]:
+            st, body, _ = sim.get(f"/clients/{c['id']}/classes/sign-ins?sort=id&page_size=100", gym["api_key"])
+            rows = body["class_sign_ins"]
+            page = 1
+            while body["pagination"]["has_more"]:
+                page += 1
+                st, body, _ = sim.get(f"/clients/{c['id']}/classes/sign-ins?sort=id&page={page}", gym["api_key"])
+                rows += body["class_sign_ins"]
+            check("total_class_sign_ins consistent", len(rows) == c["total_class_sign_ins"]
+                  and all(r["client_id"] == c["id"] for r in rows))
+        # realism: vocabularies and stories appear
+        statuses = {i["invoice_header_status"] for i in land["invoices"]}
+        types = {t["transaction_type"] for t in land["transactions"]}
+        check(f"gym{gym['index']} invoice statuses", statuses >= {"Paid", "Unpaid", "Voided", "Refunded"}
+              or statuses >= {"Paid", "Voided", "Refunded"}, str(statuses))
+        check(f"gym{gym['index']} transaction types", types == {"Payment", "Failed Payment", "Refund"}, str(types))
+        check("client statuses", {c["client_status"] for c in land["clients"]} == {"Active", "Inactive"})
+        check("cancellations", any(m["cancellation_requested_on"] != "1900-01-01" for m in land["memberships"]))
+        check("open-ended memberships", any(m["end_date"] == "1900-01-01" for m in land["memberships"]))
+        mems = {}
+        for m in land["memberships"]:
+            mems.setdefault(m["client_id"], []).append(m)
+        switches = reacts = 0
+        for ms in mems.values():
+            ms.sort(key=lambda m: m["start_date"])
+            for a, b in zip(ms, ms[1:]):
+                if a["end_date"] == "1900-01-01":
+                    continue
+                gap = (date.fromisoformat(b["start_date"]) - date.fromisoformat(a["end_date"])).days
+                switches += gap == 1
+                reacts += gap > 7
+        check("plan switches", switches > 0)
+        check("reactivations", reacts > 0 or gym["index"] > 0)
+        late_inv = sum(1 for i in land["invoices"] if i["updated"]["updated_on_datetime"][:10] >
+                       (datetime.fromisoformat(i["created"]["created_on_datetime"][:19]) + timedelta(days=15)).date().isoformat())
+        check(f"gym{gym['index']} late invoice edits", late_inv > 0)
+        late_cli = sum(1 for c in land["clients"] if c["updated"]["updated_on_datetime"] > c["created_on"]["created_on_datetime"])
+        check("late client edits", late_cli > 0)
+        for i in land["invoices"]:
+            if i["membership_id"]:
+                check_member = any(m["id"] == i["membership_id"] for m in land["memberships"])
+                if not check_member:
+                    check("invoice membership exists", False, str(i["id"]))
+                    break
+        check("holds reference memberships", all(any(m["id"] == h["membership_id"] for m in land["memberships"])
+                                                  for h in land["membership_holds"]))
+        check("due window query", all(i["payment_due"] >= (date.fromisoformat(TODAY) - timedelta(days=60)).isoformat()
+                                      for i in land["due_window"]) and land["due_window"])
+    el = time.time() - t0
+    print(f"backfill of {len(sim.gyms['gyms'])} gyms: {total_requests} requests ({el:.1f}s, unthrottled)")
+    return total_requests
+
+
+def test_errors(sim):
+    g = sim.gyms["gyms"][0]
+    key = g["api_key"]
+    st, b, _ = sim.get("/nope", key)
+    check("unknown route 403", st == 403 and b == {"message": "Missing Authentication Token"})
+    st, b, _ = sim.get("/clients/1/signins", key)
+    check("non-route 403", st == 403)
+    st, b, _ = sim.get("/clients", None)
+    check("missing key 403", st == 403 and b == {"message": "Forbidden"})
+    st, b, _ = sim.get("/clients", "wdfy_wrong")
+    check("wrong key 403", st == 403 and b == {"message": "Forbidden"})
+    st, _, _ = sim.raw("GET", "/clients", headers={"X-API-KEY": key})
+    check("header name case-insensitive", st == 200)
+    st, b, _ = sim.get(f"/clients?api_key={key}", key)
+    check("key in URL 400", st == 400)
+    st, b, _ = sim.get("/clients/signins", key)
+    check("bad id envelope", st == 200 and b.get("HTTPCode") == 404 and "MoreInfo" in b)
+    st, b, _ = sim.get("/clients/123", key)
+    check("unknown id envelope", st == 200 and b.get("HTTPCode") == 404)
+    st, b, _ = sim.get("/clients?sort=id", key)
+    cid = b["clients"][0]["id"]
+    st, one, _ = sim.get(f"/clients/{cid}", key)
+    check("single client bare object", st == 200 and one["id"] == cid and "created" in one and "status_history" in one)
+    st, b, _ = sim.get("/clients/search?q=" + q("nosuchfield|eq|1"), key)
+    check("unknown field 400 envelope", st == 200 and b.get("HTTPCode") == 400)
+    st, b, _ = sim.get("/clients/search?q=" + q("id|zz|1"), key)
+    check("bad op 400 envelope", st == 200 and b.get("HTTPCode") == 400)
+    st, b, _ = sim.get("/financials/invoices/search?q=" + q("created_on_datetime|gte|'2025-01-01'"), key)
+    check("quoted datetime rejected", st == 200 and b.get("HTTPCode") == 400)
+    st, b, _ = sim.get("/clients/search?q=" + q("client_status|eq|'Active';") + "&sort=desc_id", key)
+    ids = [c["id"] for c in b["clients"]]
+    check("trailing ; and desc sort", st == 200 and ids == sorted(ids, reverse=True)
+          and all(c["client_status"] == "Active" for c in b["clients"]))
+    st, b, _ = sim.get("/clients/search?q=" + q("client_status|in|{'Active','Inactive'};first_name|starts_with|'a'"), key)
+    check("in + starts_with", st == 200 and all(c["first_name"].lower().startswith("a") for c in b["clients"]))
+    st, b, _ = sim.get("/memberships/search?q=" + q("start_date|between|2025-01-01|2025-06-30;end_date|not_null"), key)
+    check("between + not_null", st == 200 and all("2025-01-01" <= m["start_date"] <= "2025-06-30"
+                                                  and m["end_date"] != "1900-01-01" for m in b["memberships"]))
+    st, b, _ = sim.get("/memberships/search?q=" + q("payment_plan|eq|1"), key)
+    check("object field rejected", b.get("HTTPCode") == 400)
+    st, b, _ = sim.get("/memberships/search?q=" + q("price|gte|100") + "&sort=desc_price&page_size=500", key)
+    check("nested leaf search + page_size cap", st == 200 and b["pagination"]["page_size"] == 100
+          and all(m["payment_plan"]["price"] >= 100 for m in b["memberships"]))
+    st, b, _ = sim.get("/financials/invoices?sort=desc_created_on_datetime&page_size=5", key)
+    cs = [i["created"]["created_on_datetime"] for i in b["invoices"]]
+    check("desc created sort", len(cs) == 5 and cs == sorted(cs, reverse=True))
+    st, b, _ = sim.get("/customers/employees", key)
+    check("Employees key", st == 200 and b["Employees"] and "pagination" in b)
+    st, b, _ = sim.get("/programs?page=1&page_size=1", key)
+    check("validation alt call", st == 200 and len(b["programs"]) == 1 and b["pagination"]["has_more"])
+    st, b, _ = sim.get("/clients?status=Active&limit=3", key)
+    check("unknown params ignored", st == 200 and len(b["clients"]) == g["expected"]["clients"])
+
+
+def test_faults_and_stats(sim):
+    g = sim.gyms["gyms"][1]
+    key = g["api_key"]
+    sim.sim("POST", "/_sim/stats/reset")
+    fid = sim.sim("POST", "/_sim/faults", {"endpoint": "/programs", "kind": "status", "status": 503, "count": 2})["id"]
+    codes = [sim.raw("GET", "/programs", key)[0] for _ in range(3)]
+    check("status fault x2", codes == [503, 503, 200], str(codes))
+    lst = sim.sim("GET", "/_sim/faults")["faults"]
+    check("faults listed", any(f["id"] == fid and f["remaining"] == 0 for f in lst))
+    sim.sim("POST", "/_sim/faults", {"api_key": key, "endpoint": "/clients", "kind": "throttle", "retry_after": 7})
+    st, hd, b = sim.raw("GET", "/clients", key)
+    check("throttle fault + Retry-After", st == 429 and hd.get("Retry-After") == "7"
+          and json.loads(b) == {"message": "Too Many Requests"})
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/clients", "kind": "quota"})
+    st, hd, b = sim.raw("GET", "/clients", key)
+    check("quota fault", st == 429 and json.loads(b) == {"message": "Limit Exceeded"})
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "envelope", "http_code": 500})
+    st, hd, b = sim.raw("GET", "/memberships", key)
+    check("envelope fault", st == 200 and json.loads(b)["HTTPCode"] == 500)
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "slow", "delay_s": 0.5})
+    t = time.time()
+    st, hd, b = sim.raw("GET", "/memberships", key)
+    check("slow fault", st == 200 and time.time() - t >= 0.45 and "memberships" in json.loads(b))
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "slow", "delay_s": 0.3, "trickle": True})
+    st, hd, b = sim.raw("GET", "/memberships", key)
+    check("trickle fault", st == 200 and "memberships" in json.loads(b))
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "truncate"})
+    try:
+        sim.raw("GET", "/memberships", key)
+        check("truncate fault", False, "no error")
+    except http.client.IncompleteRead:
+        check("truncate fault", True)
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "reset"})
+    try:
+        sim.raw("GET", "/memberships", key)
+        check("reset fault", False, "no error")
+    except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+        check("reset fault", True)
+    st, _, _ = sim.raw("GET", "/memberships", key)
+    check("served after faults", st == 200)
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/programs", "kind": "status", "status": 500, "count": 5})
+    sim.sim("DELETE", "/_sim/faults")
+    check("faults cleared", sim.raw("GET", "/programs", key)[0] == 200 and not sim.sim("GET", "/_sim/faults")["faults"])
+    sim.sim("POST", "/_sim/entitlements", {"api_key": key, "endpoint_prefix": "/financials/transactions", "entitled": False})
+    st, hd, b = sim.raw("GET", "/financials/transactions/search?q=" + q("transaction_date_time|gte|2026-01-01T00:00:00Z"), key)
+    other = sim.raw("GET", "/financials/transactions", sim.gyms["gyms"][0]["api_key"])[0]
+    check("entitlement 403 only for that key", st == 403 and json.loads(b) == {"message": "Forbidden"} and other == 200)
+    sim.sim("POST", "/_sim/entitlements", {"api_key": key, "endpoint_prefix": "/financials/transactions", "entitled": True})
+    check("entitlement restored", sim.raw("GET", "/financials/transactions", key)[0] == 200)
+    stats = sim.sim("GET", "/_sim/stats")
+    check("stats by endpoint", stats["by_endpoint"]["/programs"].get("503") == 2
+          and stats["by_endpoint"]["/clients"].get("429") == 2 and stats["throttled_429"] == 1
+          and stats["quota_429"] == 1 and stats["total"] >= 15, json.dumps(stats))
+    sim.sim("POST", "/_sim/stats/reset")
+    check("stats reset", sim.sim("GET", "/_sim/stats")["total"] == 0)
+
+
+def test_throttle():
+    s = Sim("--retry-after", "3")
+    key = s.gyms["gyms"][0]["api_key"]
+    codes, hdrs = [], []
+    lock = threading.Lock()
+
+    def hit():
+        st, hd, b = s.raw("GET", "/customers/locations", key)
+        with lock:
+            codes.append(st)
+            hdrs.append((st, hd.get("Retry-After"), b))
+    ts = [threading.Thread(target=hit) for _ in range(40)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    n429 = codes.count(429)
+    check("burst throttled", 15 <= codes.count(200) <= 25 and n429 >= 15, str(sorted(codes)))
+    check("throttle body + Retry-After", all(json.loads(b) == {"message": "Too Many Requests"} and ra == "3"
+                                              for st, ra, b in hdrs if st == 429))
+    other = s.raw("GET", "/customers/locations", s.gyms["gyms"][1]["api_key"])[0]
+    check("bucket is per key", other == 200)
+    time.sleep(1.0)
+    check("bucket refills", s.raw("GET", "/customers/locations", key)[0] == 200)
+    check("_sim never throttled", all(s.raw("GET", "/_sim/gyms")[0] == 200 for _ in range(30)))
+    st = s.sim("GET", "/_sim/stats")
+    check("throttle stats", st["throttled_429"] == n429, json.dumps(st))
+    rc, err = s.stop()
+    check("SIGTERM clean exit", rc == 0 and not err.strip(), f"rc={rc} err={err[-300:]}")
+
+    s = Sim("--quota", "3")
+    key = s.gyms["gyms"][0]["api_key"]
+    res = [s.raw("GET", "/programs", key) for _ in range(5)]
+    check("monthly quota", [r[0] for r in res] == [200, 200, 200, 429, 429]
+          and json.loads(res[3][2]) == {"message": "Limit Exceeded"} and "Retry-After" not in res[3][1])
+    s.stop()
+
+
+def dump_all(sim):
+    """Every list payload of every gym, as raw bytes (for byte-for-byte comparisons)."""
+    out = []
+    for g in sim.gyms["gyms"]:
+        key = g["api_key"]
+        for path in ("/customers/locations", "/programs", "/customers/employees", "/clients?sort=id",
+                     "/memberships?sort=id", "/memberships/holds?sort=id", "/financials/invoices?sort=id",
+                     "/financials/transactions?sort=id"):
+            page = 1
+            while True:
+                st, _, b = sim.raw("GET", f"{path}{'&' if '?' in path else '?'}page={page}", key)
+                out.append(b)
+                if not json.loads(b)["pagination"]["has_more"]:
+                    break
+                page += 1
+        st, _, b = sim.raw("GET", "/clients?sort=id&page_size=5", key)
+        for c in json.loads(b)["clients"]:
+            out.append(sim.raw("GET", f"/clients/{c['id']}/classes/sign-ins?sort=id&page=1", key)[2])
+            out.append(sim.raw("GET", f"/clients/{c['id']}", key)[2])
+    return out
+
+
+def test_determinism_and_advance(a):
+    global TODAY
+    b = Sim("--rate", "100000", "--burst", "100000")
+    check("same /_sim/gyms", a.raw("GET", "/_sim/gyms")[2] == b.raw("GET", "/_sim/gyms")[2])
+    da, db = dump_all(a), dump_all(b)
+    check("identical bytes across runs", da == db, f"{sum(x != y for x, y in zip(da, db))} differ")
+    b.stop()
+    # advance 5 days == starting 5 days later
+    before = {g["index"]: g["expected"] for g in a.gyms["gyms"]}
+    key0 = a.gyms["gyms"][0]["api_key"]
+    old_invoices = json.loads(a.raw("GET", "/financials/invoices?sort=id&page_size=100", key0)[2])["invoices"]
+    res = a.sim("POST", "/_sim/advance?days=5")
+    later = (date.fromisoformat(TODAY) + timedelta(days=5)).isoformat()
+    check("advance returns new today", res["today"] == later, str(res))
+    after = a.sim("GET", "/_sim/gyms")
+    grew = all(after["gyms"][i]["expected"]["class_signins"] > before[i]["class_signins"] for i in before)
+    check("advance grows the model", grew and after["today"] == later)
+    new_invoices = {i["id"]: i for i in json.loads(a.raw("GET", "/financials/invoices?sort=id&page_size=100", key0)[2])["invoices"]}
+    check("old ids stable after advance", all(i["id"] in new_invoices and
+                                              new_invoices[i["id"]]["created"] == i["created"] for i in old_invoices))
+    saved, TODAY = TODAY, later
+    c = Sim("--rate", "100000", "--burst", "100000")
+    TODAY = saved
+    a.gyms = after
+    check("advance == fresh --today+5 (/_sim/gyms)", a.raw("GET", "/_sim/gyms")[2] == c.raw("GET", "/_sim/gyms")[2])
+    da, dc = dump_all(a), dump_all(c)
+    check("advance == fresh --today+5 (payloads)", da == dc, f"{sum(x != y for x, y in zip(da, dc))} differ")
+    c.stop()
+    # across a month boundary the fresh start needs the pinned history start
+    res = a.sim("POST", "/_sim/advance?days=25")
+    later = (date.fromisoformat(TODAY) + timedelta(days=30)).isoformat()
+    hist = a.sim("GET", "/_sim/gyms")
+    a.gyms = hist
+    saved, TODAY = TODAY, later
+    c = Sim("--rate", "100000", "--burst", "100000", "--history-start", hist["history_start"])
+    TODAY = saved
+    check("advance across month == fresh with --history-start",
+          res["today"] == later and dump_all(a) == dump_all(c)
+          and a.raw("GET", "/_sim/gyms")[2] == c.raw("GET", "/_sim/gyms")[2])
+    c.stop()
+
+
+def main():
+    t0 = time.time()
+    a = Sim("--rate", "100000", "--burst", "100000")
+    try:
+        reqs = test_backfill(a)
+        test_errors(a)
+        test_faults_and_stats(a)
+        test_throttle()
+        test_determinism_and_advance(a)
+    finally:
+        rc, err = a.stop()
+    check("main sim stderr quiet", not err.strip(), err[-500:])
+    print(f"{len(PASSED)} passed, {len(FAILED)} failed ({time.time() - t0:.1f}s; small 3-gym backfill = {reqs} requests)")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

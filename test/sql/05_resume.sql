@@ -1,0 +1,96 @@
+-- A backfill whose worker is terminated mid-way is failed by the supervisor, and
+-- the next backfill resumes: it skips completed work units and ends with exactly
+-- the raw rows of an uninterrupted backfill of the same gym (tenant B's).
+\set tb '''22222222-2222-2222-2222-222222222222'''
+\set gb '''bbbbbbbb-0000-0000-0000-000000000001'''
+\set tc '''33333333-3333-3333-3333-333333333333'''
+\set gc '''cccccccc-0000-0000-0000-000000000001'''
+
+-- Slow the workers down so the backfill is still running when we stop it.
+ALTER SYSTEM SET ironwod.requests_per_second = 25;
+SELECT pg_reload_conf();
+DO $$
+BEGIN
+    FOR i IN 1..200 LOOP
+        EXIT WHEN current_setting('ironwod.requests_per_second') = '25';
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END
+$$;
+SELECT current_setting('ironwod.requests_per_second') AS slow_rate;
+
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
+SELECT ironwod_connect(:tc, :gc, (SELECT api_key FROM sim_gyms WHERE idx = 0));
+SELECT run_id AS first_run FROM ironwod.sync_runs WHERE mode = 'backfill' \gset
+COMMIT;
+
+-- Wait (on run-change notifications) until 15 pages have landed, then kill it.
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
+DO $$
+DECLARE
+    pages integer;
+BEGIN
+    FOR i IN 1..600 LOOP
+        SELECT coalesce(sum(s.pages), 0) INTO pages FROM ironwod.sync_run_entities s
+        WHERE s.run_id = (SELECT max(run_id) FROM ironwod.sync_runs);
+        EXIT WHEN pages >= 15;
+        PERFORM ironwod.wait_for_change(100);
+    END LOOP;
+END
+$$;
+SELECT pg_terminate_backend(pid) AS terminated FROM ironwod.worker_status() WHERE run_id = :first_run;
+COMMIT;
+
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
+SELECT ironwod_wait(:first_run, '1 minute') AS first_run_status;
+SELECT error_code, failed_phase FROM ironwod.sync_runs WHERE run_id = :first_run;
+SELECT count(*) > 0 AS has_checkpoints FROM ironwod.backfill_checkpoints;
+COMMIT;
+
+ALTER SYSTEM RESET ironwod.requests_per_second;
+SELECT pg_reload_conf();
+
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
+SELECT ironwod_sync(:tc, :gc, 'backfill') AS second_run \gset
+COMMIT;
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
+SELECT ironwod_wait(:second_run, '5 minutes') AS second_run_status;
+-- The resumed run did not fetch the full lists the first run had completed.
+SELECT count(*) AS locations_refetched FROM ironwod.sync_run_entities
+WHERE run_id = :second_run AND entity = 'locations';
+SELECT bool_and(r.n_records = (g.expected->>r.entity)::int AND r.n_rows = r.n_records) AS all_entities_match
+FROM raw_counts() r, sim_gyms g WHERE g.idx = 0;
+CREATE TEMP TABLE resumed AS
+    SELECT 'clients' AS e, wodify_id, payload_hash FROM ironwod.wodify_raw_clients
+    UNION ALL SELECT 'memberships', wodify_id, payload_hash FROM ironwod.wodify_raw_memberships
+    UNION ALL SELECT 'signins', wodify_id, payload_hash FROM ironwod.wodify_raw_class_signins
+    UNION ALL SELECT 'invoices', wodify_id, payload_hash FROM ironwod.wodify_raw_invoices
+    UNION ALL SELECT 'transactions', wodify_id, payload_hash FROM ironwod.wodify_raw_transactions;
+COMMIT;
+
+BEGIN;
+SELECT ironwod_set_scope(:tb, :gb);
+CREATE TEMP TABLE uninterrupted AS
+    SELECT 'clients' AS e, wodify_id, payload_hash FROM ironwod.wodify_raw_clients
+    UNION ALL SELECT 'memberships', wodify_id, payload_hash FROM ironwod.wodify_raw_memberships
+    UNION ALL SELECT 'signins', wodify_id, payload_hash FROM ironwod.wodify_raw_class_signins
+    UNION ALL SELECT 'invoices', wodify_id, payload_hash FROM ironwod.wodify_raw_invoices
+    UNION ALL SELECT 'transactions', wodify_id, payload_hash FROM ironwod.wodify_raw_transactions;
+COMMIT;
+SELECT (SELECT count(*) FROM (SELECT * FROM resumed EXCEPT ALL SELECT * FROM uninterrupted) x) AS only_in_resumed,
+       (SELECT count(*) FROM (SELECT * FROM uninterrupted EXCEPT ALL SELECT * FROM resumed) x) AS only_in_uninterrupted,
+       (SELECT count(*) FROM resumed) > 1000 AS substantial;
+
+-- Disconnect: queued work cancelled, ciphertext destroyed, raw history kept.
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
+SELECT ironwod_disconnect(:tc, :gc);
+SELECT status, api_key_ciphertext IS NULL AS key_destroyed FROM ironwod.integrations_wodify_connection;
+SELECT try(format('SELECT ironwod_sync(%L, %L)', :tc, :gc));
+SELECT count(*) > 0 AS raw_kept FROM ironwod.wodify_raw_clients;
+COMMIT;
