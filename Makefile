@@ -26,10 +26,13 @@ EXTRA_CLEAN = results regression.diffs regression.out tmp_check log
 # (pg_regress looks in the output directory's expected/ first).  The suite runs
 # against the throwaway cluster that test/run-tests.sh starts.
 REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets
-REGRESS_OPTS = --inputdir=test --dbname=postgres --use-existing
+REGRESS_OPTS = --inputdir=test --use-existing
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# The suite runs in the database the supervisor serves (ironwod.database_name).
+CONTRIB_TESTDB = postgres
 
 sql/ironwod--1.0.sql: $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@

@@ -295,7 +295,7 @@ await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
 
 /*
  * Ask a validate worker whether Wodify accepts the key, and wait for the
- * verdict at most timeout_ms.  The worker gets the sealed bytes through shared
+ * verdict at most ironwod.validate_timeout_ms.  The worker gets the sealed bytes through shared
  * memory because the connection row that holds them is not committed yet.
  */
 Datum
@@ -304,7 +304,7 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 	pg_uuid_t  *tenant_id = PG_GETARG_UUID_P(0);
 	pg_uuid_t  *gym_id = PG_GETARG_UUID_P(1);
 	bytea	   *sealed = PG_GETARG_BYTEA_PP(2);
-	int32		timeout_ms = PG_GETARG_INT32(3);
+	int32		timeout_ms = ironwod_validate_timeout_ms;
 	TupleDesc	tupdesc;
 	Datum		values[4];
 	bool		nulls[4] = {false, false, false, false};

@@ -32,7 +32,11 @@ start_cluster ironwod \
 
 # Fixtures the SQL tests read: the simulator's gyms and the development key.
 GYMS_JSON=$(curl -sf "$SIM_URL/_sim/gyms")
+# The fixture session itself is kept out of the statement log: the secrets test
+# searches the log for these keys.
 psql -qX -v ON_ERROR_STOP=1 -v gyms="$GYMS_JSON" -v devkey="$DEV_KEY" <<'SQL'
+SET log_statement = 'none';
+SET log_min_duration_statement = -1;
 CREATE EXTENSION pgtap;
 CREATE TABLE public.sim_gyms AS
     SELECT (g->>'index')::int AS idx, g->>'api_key' AS api_key, g->'expected' AS expected

@@ -20,12 +20,12 @@ CREATE FUNCTION ironwod.seal_key(p_tenant_id uuid, p_gym_id uuid, p_api_key text
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_seal_key';
 COMMENT ON FUNCTION ironwod.seal_key(uuid, uuid, text) IS 'Seal an API key to the active master public key, bound to (tenant, gym)';
 
-CREATE FUNCTION ironwod.validate_sealed_key(p_tenant_id uuid, p_gym_id uuid, p_sealed bytea, p_timeout_ms integer,
+CREATE FUNCTION ironwod.validate_sealed_key(p_tenant_id uuid, p_gym_id uuid, p_sealed bytea,
                                             OUT verdict text, OUT http_status integer,
                                             OUT fingerprint text, OUT message text)
 RETURNS record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_validate_sealed_key';
-COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea, integer) IS 'Have a validate worker open the key and call GET /customers/locations; verdict valid, rejected or unavailable';
+COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea) IS 'Have a validate worker open the key and call GET /customers/locations, waiting at most ironwod.validate_timeout_ms; verdict valid, rejected, unopenable, keystore or unavailable';
 
 CREATE FUNCTION ironwod.worker_status(OUT run_id bigint, OUT pid integer) RETURNS SETOF record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_worker_status';

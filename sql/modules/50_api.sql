@@ -61,12 +61,11 @@ BEGIN
     SELECT c.status INTO v_old FROM ironwod.integrations_wodify_connection c
     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id FOR UPDATE;
 
-    SELECT * INTO v FROM ironwod.validate_sealed_key(p_tenant_id, p_gym_id, p_sealed_key,
-                                                     current_setting('ironwod.validate_timeout_ms')::int);
+    SELECT * INTO v FROM ironwod.validate_sealed_key(p_tenant_id, p_gym_id, p_sealed_key);
     IF v.verdict = 'rejected' THEN
         RAISE EXCEPTION 'Wodify rejected the API key'
             USING ERRCODE = 'invalid_authorization_specification',
-                  DETAIL = format('GET /customers/locations answered HTTP %s: %s', v.http_status, v.message),
+                  DETAIL = format('GET /customers/locations answered: %s', v.message),
                   HINT = 'Copy the key named "Wodify API" from Wodify Core > Digital Presence > Web Integrations > API Keys.';
     END IF;
     IF v.verdict = 'unopenable' THEN

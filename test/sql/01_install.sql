@@ -77,5 +77,11 @@ BEGIN
     END LOOP;
 END
 $$;
-GRANT EXECUTE ON FUNCTION public.try(text), public.raw_counts() TO ironwod_app;
+-- The newest run of a mode in the current scope (RLS decides what "current" sees).
+CREATE FUNCTION public.last_run(p_mode text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT max(run_id) FROM ironwod.sync_runs
+    WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND mode = p_mode
+$$;
+GRANT EXECUTE ON FUNCTION public.try(text), public.raw_counts(), public.last_run(text) TO ironwod_app;
 GRANT SELECT ON public.sim_gyms TO ironwod_app;

@@ -36,6 +36,7 @@ FROM ironwod_status(:ta, :g1);
 SELECT mode, status FROM ironwod.sync_runs ORDER BY run_id;
 -- Bad modes and repeated syncs: one queued or running run per connection.
 SELECT try(format('SELECT ironwod_sync(%L, %L, %L)', :ta, :g1, 'everything'));
+SET LOCAL client_min_messages = warning;
 SELECT ironwod_sync(:ta, :g1, 'backfill') = (SELECT run_id FROM ironwod.sync_runs WHERE status IN ('queued', 'running')) AS same_run;
 COMMIT;
 

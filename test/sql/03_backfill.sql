@@ -3,10 +3,12 @@
 \set ta '''11111111-1111-1111-1111-111111111111'''
 \set g1 '''aaaaaaaa-0000-0000-0000-000000000001'''
 \set g2 '''aaaaaaaa-0000-0000-0000-000000000002'''
+-- As the host app would: row-level security scopes every read below.
+SET ROLE ironwod_app;
 
 BEGIN;
 SELECT ironwod_set_scope(:ta, :g1);
-SELECT ironwod_wait((SELECT run_id FROM ironwod.sync_runs WHERE mode = 'backfill' ORDER BY run_id DESC LIMIT 1),
+SELECT ironwod_wait(last_run('backfill'),
                     '5 minutes') AS backfill;
 COMMIT;
 
@@ -25,6 +27,7 @@ SELECT count(*) AS checkpoints_left FROM ironwod.backfill_checkpoints;
 -- Events of the run.
 SELECT event, count(*) FROM ironwod.sync_events GROUP BY event ORDER BY event;
 CREATE TEMP TABLE before_rerun AS SELECT * FROM raw_counts();
+SET LOCAL client_min_messages = warning;
 SELECT ironwod_sync(:ta, :g1, 'backfill') AS rerun \gset
 COMMIT;
 
@@ -40,8 +43,9 @@ COMMIT;
 -- The second gym (text overload) also completes with the simulator's counts.
 BEGIN;
 SELECT ironwod_set_scope(:ta, :g2);
-SELECT ironwod_wait((SELECT run_id FROM ironwod.sync_runs WHERE mode = 'backfill' ORDER BY run_id DESC LIMIT 1),
+SELECT ironwod_wait(last_run('backfill'),
                     '5 minutes') AS backfill;
 SELECT bool_and(r.n_records = (g.expected->>r.entity)::int) AS all_entities_match
 FROM raw_counts() r, sim_gyms g WHERE g.idx = 1;
 COMMIT;
+RESET ROLE;

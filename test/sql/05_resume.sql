@@ -8,51 +8,65 @@
 
 -- Slow the workers down so the backfill is still running when we stop it.
 ALTER SYSTEM SET ironwod.requests_per_second = 25;
+ALTER SYSTEM SET ironwod.burst = 1;
 SELECT pg_reload_conf();
 DO $$
 BEGIN
     FOR i IN 1..200 LOOP
-        EXIT WHEN current_setting('ironwod.requests_per_second') = '25';
+        EXIT WHEN current_setting('ironwod.requests_per_second') = '25' AND current_setting('ironwod.burst') = '1';
         PERFORM pg_sleep(0.05);
     END LOOP;
 END
 $$;
 SELECT current_setting('ironwod.requests_per_second') AS slow_rate;
 
+SET ROLE ironwod_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_connect(:tc, :gc, (SELECT api_key FROM sim_gyms WHERE idx = 0));
-SELECT run_id AS first_run FROM ironwod.sync_runs WHERE mode = 'backfill' \gset
+SELECT last_run('backfill') AS first_run \gset
 COMMIT;
 
--- Wait (on run-change notifications) until 15 pages have landed, then kill it.
+RESET ROLE;
+
+-- Wait (on run-change notifications) until 15 pages have landed.
 BEGIN;
-SELECT ironwod_set_scope(:tc, :gc);
+SELECT set_config('test.first_run', :'first_run', true) IS NOT NULL AS waiting;
 DO $$
 DECLARE
     pages integer;
 BEGIN
     FOR i IN 1..600 LOOP
         SELECT coalesce(sum(s.pages), 0) INTO pages FROM ironwod.sync_run_entities s
-        WHERE s.run_id = (SELECT max(run_id) FROM ironwod.sync_runs);
+        WHERE s.run_id = current_setting('test.first_run')::bigint;
         EXIT WHEN pages >= 15;
         PERFORM ironwod.wait_for_change(100);
     END LOOP;
 END
 $$;
-SELECT pg_terminate_backend(pid) AS terminated FROM ironwod.worker_status() WHERE run_id = :first_run;
+SELECT status FROM ironwod.sync_runs WHERE run_id = :first_run;
 COMMIT;
 
+-- The run worker is connected as the non-superuser worker role.
+SELECT a.usename, u.usesuper FROM pg_stat_activity a JOIN pg_user u ON u.usesysid = a.usesysid
+WHERE a.pid = (SELECT pid FROM ironwod.worker_status() WHERE run_id = :first_run);
+-- Kill it, as an operator (or the OOM killer) would.
+SELECT pg_terminate_backend(pid) AS terminated FROM ironwod.worker_status() WHERE run_id = :first_run;
+
+SET ROLE ironwod_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_wait(:first_run, '1 minute') AS first_run_status;
 SELECT error_code, failed_phase FROM ironwod.sync_runs WHERE run_id = :first_run;
 SELECT count(*) > 0 AS has_checkpoints FROM ironwod.backfill_checkpoints;
 COMMIT;
+RESET ROLE;
 
 ALTER SYSTEM RESET ironwod.requests_per_second;
+ALTER SYSTEM RESET ironwod.burst;
 SELECT pg_reload_conf();
 
+SET ROLE ironwod_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_sync(:tc, :gc, 'backfill') AS second_run \gset
@@ -90,7 +104,10 @@ SELECT (SELECT count(*) FROM (SELECT * FROM resumed EXCEPT ALL SELECT * FROM uni
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_disconnect(:tc, :gc);
-SELECT status, api_key_ciphertext IS NULL AS key_destroyed FROM ironwod.integrations_wodify_connection;
+SELECT status, api_key_fingerprint IS NOT NULL AS fingerprint_kept FROM ironwod.integrations_wodify_connection;
 SELECT try(format('SELECT ironwod_sync(%L, %L)', :tc, :gc));
 SELECT count(*) > 0 AS raw_kept FROM ironwod.wodify_raw_clients;
 COMMIT;
+RESET ROLE;
+SELECT api_key_ciphertext IS NULL AS key_destroyed FROM ironwod.integrations_wodify_connection
+WHERE tenant_id = :tc AND gym_id = :gc;

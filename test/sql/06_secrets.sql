@@ -8,6 +8,7 @@
 \set canary 'wdfy_CANARY_6f1d2c9e8b7a41d3'
 \set canary_rev '3d14a7b8e9c2d1f6_YRANAC_yfdw'
 
+SET ROLE ironwod_app;
 BEGIN;
 SELECT ironwod_set_scope(:td, :gd);
 -- Rejected by Wodify (unknown to the simulator): the error must not echo it.
@@ -22,9 +23,10 @@ SELECT ironwod_connect(:td, :ge, :'gym2key');
 COMMIT;
 BEGIN;
 SELECT ironwod_set_scope(:td, :ge);
-SELECT ironwod_wait((SELECT run_id FROM ironwod.sync_runs WHERE mode = 'backfill' ORDER BY run_id DESC LIMIT 1),
+SELECT ironwod_wait(last_run('backfill'),
                     '5 minutes') AS backfill;
 COMMIT;
+RESET ROLE;
 
 -- A deliberate leak proves the log search can find one.
 DO $$ BEGIN RAISE LOG 'leak probe %', reverse('ebOrp_kAel_tnemirepxe'); END $$;
