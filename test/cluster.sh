@@ -4,9 +4,22 @@
 # PostgreSQL refuses to run as root, so the server runs as the postgres OS user;
 # clients run as whoever we are and connect as the postgres database user.
 
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
-export PG_CONFIG=${PG_CONFIG:-$PGBIN/pg_config}
+SYSTEM_PGBIN=/usr/lib/postgresql/15/bin
+export PG_CONFIG=${PG_CONFIG:-$SYSTEM_PGBIN/pg_config}
 SIM_PID=
+
+# install_private: copy the PostgreSQL 15 installation into $WORK/pg and install
+# the freshly built ironwod there, so a test run never touches (or races with)
+# the system installation.  PostgreSQL finds its share and lib directories
+# relative to its binaries, so the copy is self-contained.
+install_private() {
+    local root="$WORK/pg"
+    mkdir -p "$root/usr/lib/postgresql" "$root/usr/share/postgresql"
+    cp -a /usr/lib/postgresql/15 "$root/usr/lib/postgresql/"
+    cp -a /usr/share/postgresql/15 "$root/usr/share/postgresql/"
+    make -s -C "$REPO" install DESTDIR="$root" >/dev/null
+    PGBIN="$root/usr/lib/postgresql/15/bin"
+}
 
 # start_sim SEED GYMS SCALE [extra args]: sets SIM_PORT and SIM_URL.
 start_sim() {

@@ -12,10 +12,11 @@ source "$REPO/test/cluster.sh"
 cd "$REPO"
 
 make -s all >/dev/null
-make -s install >/dev/null
 
 WORK=$(mktemp -d /tmp/ironwod-test.XXXXXX)
-trap 'stop_all' EXIT
+# Keep the work directory (server log, simulator output) when something failed.
+trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
+install_private
 
 # A generous simulator throttle and a fast worker pace keep the suite quick; the
 # rate-limit tests set their own limits.
@@ -50,7 +51,7 @@ failed=0
 note() { if [ "$1" = 0 ]; then passed=$((passed + 1)); echo "ok - $2"; else failed=$((failed + 1)); echo "not ok - $2"; fi; }
 
 rc=0
-make -s installcheck || rc=$?
+make -s installcheck PG_CONFIG="$PGBIN/pg_config" || rc=$?
 note $rc "pg_regress suite (see regression.diffs on failure)"
 [ $rc = 0 ] || cat regression.diffs 2>/dev/null | head -200 || true
 
@@ -59,7 +60,7 @@ pg_prove -q --failures test/pgtap/*.sql || rc=$?
 note $rc "pgTAP suites"
 
 rc=0
-bash test/shell/not_preloaded.sh || rc=$?
+PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
 note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
 
 echo
