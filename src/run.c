@@ -391,7 +391,8 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 /*
  * Record why the run failed, in a fresh transaction, then exit.  Interrupts are
  * held so a second SIGTERM cannot cut the bookkeeping short; if even that
- * fails, the supervisor's reaper marks the run failed.
+ * fails, the supervisor's reaper marks the run failed.  A run stopped by
+ * ironwod_disconnect is already 'cancelled', which fail_run leaves alone.
  */
 static void
 record_failure(int64 run_id, MemoryContext ctx)
@@ -405,13 +406,6 @@ record_failure(int64 run_id, MemoryContext ctx)
 	FlushErrorState();
 	AbortCurrentTransaction();
 
-	if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
-	{
-		/* cancelled by ironwod_disconnect: the row already says so */
-		ereport(LOG, (errmsg("ironwod run " INT64_FORMAT " stopped: %s", run_id, edata->message)));
-		RESUME_INTERRUPTS();
-		return;
-	}
 	ereport(LOG,
 			(errmsg("ironwod run " INT64_FORMAT " failed in phase %s: %s", run_id, run_phase,
 					edata->message)));

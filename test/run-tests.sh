@@ -56,7 +56,7 @@ note $rc "pg_regress suite (see regression.diffs on failure)"
 [ $rc = 0 ] || cat regression.diffs 2>/dev/null | head -200 || true
 
 rc=0
-pg_prove -q --failures test/pgtap/*.sql || rc=$?
+pg_prove --failures test/pgtap/*.sql || rc=$?
 note $rc "pgTAP suites"
 
 rc=0

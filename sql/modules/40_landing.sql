@@ -179,7 +179,7 @@ BEGIN
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % is no longer running', p_run_id
-            USING ERRCODE = 'query_canceled', HINT = 'It was cancelled or disconnected.';
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'It was cancelled or disconnected.';
     END IF;
     SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
 
@@ -200,8 +200,8 @@ BEGIN
             format('response has no "%s" array', e.records_key), NULL::boolean, 0, 0;
         RETURN;
     END IF;
-    SELECT count(*) FILTER (WHERE jsonb_typeof(r -> e.id_field) IS DISTINCT FROM 'number'
-                                  AND (r ->> e.id_field) !~ '^\d+$')
+    -- Ids are integers, sent as numbers (or, by a few endpoints, as digit strings).
+    SELECT count(*) FILTER (WHERE NOT coalesce((r ->> e.id_field) ~ '^\d{1,18}$', false))
       INTO v_missing FROM jsonb_array_elements(v_records) r;
     IF v_missing > 0 THEN
         RETURN QUERY SELECT 'bad_body'::text, NULL::integer,
@@ -275,7 +275,7 @@ BEGIN
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % is no longer running', p_run_id USING ERRCODE = 'query_canceled';
+        RAISE EXCEPTION 'run % is no longer running', p_run_id USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     IF v_mode = 'backfill' THEN
         FOR e IN SELECT entity, raw_table FROM ironwod.entities WHERE enabled ORDER BY ordinal LOOP
