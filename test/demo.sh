@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# `make demo`: a demo gym synced from the simulator into a throwaway cluster with
+# pg_cron and ironwod preloaded.  Everything lives in /tmp/ironwod-demo and keeps
+# running afterwards so you can look around; run this script again to start over,
+# or `bash test/demo.sh stop` to stop it.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=/tmp/ironwod-demo
+PGBIN=$WORK/pg/usr/lib/postgresql/15/bin
+
+stop_demo() {
+    if [ -f "$WORK/data/postmaster.pid" ]; then
+        su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -m fast -w stop" >/dev/null 2>&1 || true
+    fi
+    if [ -f "$WORK/sim.pid" ]; then
+        kill "$(cat "$WORK/sim.pid")" 2>/dev/null || true
+    fi
+}
+if [ "${1:-}" = stop ]; then
+    stop_demo
+    echo "demo stopped"
+    exit 0
+fi
+
+bash "$REPO/test/setup.sh"
+# shellcheck source=test/cluster.sh
+source "$REPO/test/cluster.sh"
+stop_demo
+rm -rf "$WORK"
+mkdir -p "$WORK"
+
+echo "== building ironwod"
+make -s -C "$REPO" all >/dev/null
+install_private
+
+echo "== starting the Wodify simulator (seed 7, one small gym, Wodify's own rate limit)"
+start_sim 7 1 small
+echo "$SIM_PID" >"$WORK/sim.pid"
+disown "$SIM_PID"
+SIM_PID=
+
+echo "== starting a throwaway cluster with pg_cron and ironwod preloaded"
+start_cluster 'ironwod,pg_cron' "cron.database_name = 'postgres'"
+
+TENANT=0f0f0f0f-0000-4000-8000-000000000001
+GYM=0f0f0f0f-0000-4000-8000-0000000000aa
+KEY=$(curl -sf "$SIM_URL/_sim/gyms" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gyms"][0]["api_key"])')
+
+psql -qX -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION ironwod' -c 'CREATE EXTENSION pg_cron'
+register_dev_key >/dev/null
+
+echo "== connecting the demo gym (the key is sealed before it is stored) and backfilling"
+# The host app would seal the key itself with ironwod_public_key(); the demo lets
+# the backend seal it.  The key travels as a psql variable, never in this script's
+# command line.
+psql -qX -v ON_ERROR_STOP=1 -v key="$KEY" -v t="$TENANT" -v g="$GYM" <<'SQL'
+BEGIN;
+SELECT ironwod_set_scope(:'t', :'g');
+SELECT ironwod_connect(:'t', :'g', ironwod.seal_key(:'t', :'g', :'key')) AS connection_status;
+COMMIT;
+SQL
+START=$(date +%s)
+psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
+BEGIN;
+SELECT ironwod_set_scope(:'t', :'g');
+SELECT ironwod_wait((SELECT max(run_id) FROM ironwod.sync_runs
+                     WHERE tenant_id = :'t' AND gym_id = :'g' AND mode = 'backfill'), '15 minutes') AS backfill;
+COMMIT;
+SQL
+echo "backfill took $(( $(date +%s) - START )) s"
+
+echo
+echo "== per-entity summary of the backfill"
+psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
+BEGIN;
+SELECT ironwod_set_scope(:'t', :'g');
+SELECT status, api_key_fingerprint, last_success_at, last_cursor_at FROM ironwod_status(:'t', :'g');
+SELECT e.entity, (s.value->>'pages')::int AS pages, (s.value->>'requests')::int AS requests,
+       (s.value->>'pulled')::int AS pulled, (s.value->>'new')::int AS new_versions,
+       (s.value->>'watermark')::timestamptz AS watermark
+FROM ironwod_status(:'t', :'g') st, jsonb_each(st.entities) s
+JOIN ironwod.entities e ON e.entity = s.key
+ORDER BY e.ordinal;
+COMMIT;
+SQL
+
+cat <<EOF2
+
+The demo cluster keeps running:
+  psql -h $WORK -p $PGPORT -U postgres postgres
+  -- then: BEGIN; SELECT ironwod_set_scope('$TENANT', '$GYM'); SELECT * FROM ironwod_status('$TENANT', '$GYM'); COMMIT;
+Server log: $WORK/data/server.log
+Stop it with: bash test/demo.sh stop
+EOF2
