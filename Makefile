@@ -27,12 +27,16 @@ EXTRA_CLEAN = results regression.diffs regression.out tmp_check log
 # against the throwaway cluster that test/run-tests.sh starts.
 REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets
 REGRESS_OPTS = --inputdir=test --use-existing
+# Isolation specs live in test/specs, expected output in expected/ as well.
+ISOLATION = concurrent_sync
+ISOLATION_OPTS = --inputdir=test --use-existing
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # The suite runs in the database the supervisor serves (ironwod.database_name).
 CONTRIB_TESTDB = postgres
+ISOLATION_TESTDB = postgres
 
 sql/ironwod--1.0.sql: $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@

@@ -170,17 +170,26 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Sync with mode ''validate'' or wait for ironwod_status() to say connected.';
     END IF;
 
-    BEGIN
-        INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, p_mode)
-        RETURNING run_id INTO v_run;
-        PERFORM ironwod.wake();
-    EXCEPTION WHEN unique_violation THEN
-        -- One queued or running run per connection: hand back the one there is.
-        SELECT r.run_id INTO v_run FROM ironwod.sync_runs r
-        WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');
-        RAISE NOTICE 'run % is already queued or running for this gym', v_run;
-    END;
-    RETURN v_run;
+    -- One queued or running run per connection: a concurrent caller's insert waits
+    -- on the unique index, then hands back the run that won.  If that run already
+    -- finished by then, try again.
+    FOR attempt IN 1..3 LOOP
+        BEGIN
+            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, p_mode)
+            RETURNING run_id INTO v_run;
+            PERFORM ironwod.wake();
+            RETURN v_run;
+        EXCEPTION WHEN unique_violation THEN
+            SELECT r.run_id INTO v_run FROM ironwod.sync_runs r
+            WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');
+            IF v_run IS NOT NULL THEN
+                RAISE NOTICE 'run % is already queued or running for this gym', v_run;
+                RETURN v_run;
+            END IF;
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'could not queue a run for gym %', p_gym_id
+        USING ERRCODE = 'lock_not_available', HINT = 'Runs are being queued concurrently; try again.';
 END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_sync(uuid, uuid, text) IS 'Queue a run (backfill or validate) for a gym, or return the one already queued or running';
