@@ -29,7 +29,7 @@ REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets
 REGRESS_OPTS = --inputdir=test --use-existing
 # Isolation specs live in test/specs, expected output in expected/ as well.
 ISOLATION = concurrent_sync
-ISOLATION_OPTS = --inputdir=test --use-existing
+ISOLATION_OPTS = --inputdir=test --outputdir=. --use-existing
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
