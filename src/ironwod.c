@@ -36,6 +36,12 @@ int			ironwod_validate_timeout_ms = 15000;
 bool		ironwod_enabled = true;
 int			ironwod_backfill_months = 24;
 int			ironwod_run_retention_days = 30;
+int			ironwod_lookback_days = 3;
+int			ironwod_due_window_days = 60;
+double		ironwod_reconcile_sanity_share = 0.5;
+int			ironwod_breaker_threshold = 5;
+int			ironwod_run_timeout_min = 360;
+int			ironwod_watchdog_timeout_s = 900;
 
 static char *ironwod_scope_tenant = NULL;
 static char *ironwod_scope_gym = NULL;
@@ -155,6 +161,32 @@ define_gucs(void)
 							"Days finished runs are kept before the supervisor prunes them.",
 							NULL, &ironwod_run_retention_days, 30, 1, 3650,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.lookback_days",
+							"Days an incremental pull reaches back before its watermark.",
+							"Catches vendor delays and late edits.",
+							&ironwod_lookback_days, 3, 0, 365,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.due_window_days",
+							"Days of invoice due dates every incremental run re-scans for status changes.",
+							NULL, &ironwod_due_window_days, 60, 0, 730,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomRealVariable("ironwod.reconcile_sanity_share",
+							 "Share of a window's previous records a reconciliation must see before it deletes any.",
+							 "Below it, a pull is taken as incomplete and nothing is soft-deleted.",
+							 &ironwod_reconcile_sanity_share, 0.5, 0.0, 1.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.breaker_threshold",
+							"Consecutive failed runs that open a connection's circuit breaker.",
+							NULL, &ironwod_breaker_threshold, 5, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.run_timeout",
+							"Deadline of one run.",
+							NULL, &ironwod_run_timeout_min, 360, 1, 10080,
+							PGC_SIGHUP, GUC_UNIT_MIN, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.watchdog_timeout",
+							"A running run without progress for this long is stopped by the supervisor.",
+							NULL, &ironwod_watchdog_timeout_s, 900, 10, 86400,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomStringVariable("ironwod.tenant_id",
 							   "Tenant of the current scope; set it with ironwod_set_scope().",
 							   NULL, &ironwod_scope_tenant, "",

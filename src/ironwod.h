@@ -49,6 +49,12 @@ extern int	ironwod_validate_timeout_ms;
 extern bool ironwod_enabled;
 extern int	ironwod_backfill_months;
 extern int	ironwod_run_retention_days;
+extern int	ironwod_lookback_days;
+extern int	ironwod_due_window_days;
+extern double ironwod_reconcile_sanity_share;
+extern int	ironwod_breaker_threshold;
+extern int	ironwod_run_timeout_min;
+extern int	ironwod_watchdog_timeout_s;
 
 /* ---- shared memory (shmem.c) ---- */
 
@@ -115,6 +121,7 @@ extern void iw_wake_supervisor_at_commit(void);
 extern void iw_wake_supervisor_now(void);
 extern void iw_run_slot_set(int64 run_id);
 extern bool iw_run_slot_alive(int64 run_id);
+extern int	iw_run_slot_pid(int64 run_id);
 extern void iw_broadcast_run_change(void);
 
 /* ---- background workers ---- */
@@ -201,12 +208,13 @@ typedef struct IwTask
 
 typedef struct IwLandResult
 {
-	char	   *outcome;		/* landed, envelope or bad_body */
+	char	   *outcome;		/* landed, envelope, bad_body or pagination */
 	int			http_code;		/* HTTPCode of an error envelope */
 	char	   *message;
 	bool		has_more;
 	int			n_records;
 	int			n_new;
+	char	   *digest;			/* of the page's ids, to spot a repeated page */
 } IwLandResult;
 
 extern void iw_txn_begin(const char *activity);
@@ -215,8 +223,9 @@ extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
 extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
 extern void iw_land_page(int64 run_id, const IwTask *task, int page,
-						 const char *body, int attempts, IwLandResult *res,
-						 MemoryContext keep);
+						 const char *body, int attempts, const char *prev_digest,
+						 IwLandResult *res, MemoryContext keep);
+extern void iw_mark_not_entitled(int64 run_id, const char *entity);
 extern void iw_finish_run(int64 run_id);
 extern void iw_finish_validate(int64 run_id, bool valid, const char *fingerprint,
 							   const char *message);

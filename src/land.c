@@ -142,10 +142,11 @@ iw_next_task(int64 run_id, IwTask *task, MemoryContext keep)
  */
 void
 iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
-			 int attempts, IwLandResult *res, MemoryContext keep)
+			 int attempts, const char *prev_digest, IwLandResult *res, MemoryContext keep)
 {
-	Oid			types[6] = {INT8OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT4OID};
-	Datum		values[6];
+	Oid			types[7] = {INT8OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT4OID, TEXTOID};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	char		label[128];
 	char	   *v;
 
@@ -155,12 +156,15 @@ iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
 	values[3] = Int32GetDatum(page);
 	values[4] = CStringGetTextDatum(body);
 	values[5] = Int32GetDatum(attempts);
+	values[6] = prev_digest ? CStringGetTextDatum(prev_digest) : (Datum) 0;
+	if (prev_digest == NULL)
+		nulls[6] = 'n';
 
 	snprintf(label, sizeof(label), "ironwod %s %s page %d", task->entity, task->window_key, page);
 	iw_txn_begin(label);
-	run_sql("SELECT outcome, http_code, message, has_more, n_records, n_new "
-			"FROM ironwod.land_page($1, $2, $3, $4, $5::jsonb, $6)",
-			6, types, values, NULL, SPI_OK_SELECT);
+	run_sql("SELECT outcome, http_code, message, has_more, n_records, n_new, digest "
+			"FROM ironwod.land_page($1, $2, $3, $4, $5::jsonb, $6, $7)",
+			7, types, values, nulls, SPI_OK_SELECT);
 	if (SPI_processed != 1)
 		elog(ERROR, "ironwod.land_page returned %llu rows", (unsigned long long) SPI_processed);
 	res->outcome = result_text(1, keep);
@@ -171,6 +175,20 @@ iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
 	res->has_more = (v != NULL && v[0] == 't');
 	res->n_records = pg_strtoint32(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5));
 	res->n_new = pg_strtoint32(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6));
+	res->digest = result_text(7, keep);
+	iw_txn_commit();
+}
+
+void
+iw_mark_not_entitled(int64 run_id, const char *entity)
+{
+	Oid			types[2] = {INT8OID, TEXTOID};
+	Datum		values[2];
+
+	values[0] = Int64GetDatum(run_id);
+	values[1] = CStringGetTextDatum(entity);
+	iw_txn_begin("ironwod mark not entitled");
+	run_sql("SELECT ironwod.mark_not_entitled($1, $2)", 2, types, values, NULL, SPI_OK_SELECT);
 	iw_txn_commit();
 }
 

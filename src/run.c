@@ -30,6 +30,7 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 /* Where a failure happened, and our own error code for it (else the SQLSTATE). */
 static const char *run_phase = "start";
@@ -199,16 +200,24 @@ validate_key(int *http_status, char *message, size_t message_len)
 	}
 }
 
+/* Past this instant the run gives up (ironwod.run_timeout). */
+static TimestampTz run_deadline = 0;
+
 /*
  * Fetch every page of one unit of work.  Each page is retried on 429, 5xx,
  * transport errors, error envelopes of those codes and unparsable bodies, with
  * full-jitter backoff; anything else fails the run.  A page lands in its own
  * transaction, and the unit's checkpoint is written with its last page.
+ *
+ * A 403 on any endpoint but the first (locations, which proved the key works in
+ * this very run) means the gym's plan does not include the entity: it is marked
+ * not entitled and the run goes on without it.  Returns false in that case.
  */
-static void
+static bool
 fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 {
 	int			page;
+	char		prev_digest[64] = "";
 
 	for (page = 1;; page++)
 	{
@@ -224,6 +233,14 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 			bool		retry = false;
 
 			CHECK_FOR_INTERRUPTS();
+			if (GetCurrentTimestamp() > run_deadline)
+			{
+				fail_code = "deadline";
+				ereport(ERROR,
+						(errcode(ERRCODE_QUERY_CANCELED),
+						 errmsg("run exceeded ironwod.run_timeout (%d min) while fetching %s",
+								ironwod_run_timeout_min, task->entity)));
+			}
 			MemoryContextReset(page_ctx);
 			old = MemoryContextSwitchTo(page_ctx);
 			url = psprintf("%s%s%spage=%d&page_size=%d", ironwod_base_url, task->url,
@@ -243,7 +260,8 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 						break;
 					}
 					run_phase = "land";
-					iw_land_page(run_id, task, page, resp.body, attempt + 1, &res, page_ctx);
+					iw_land_page(run_id, task, page, resp.body, attempt + 1,
+								 prev_digest[0] ? prev_digest : NULL, &res, page_ctx);
 					MemoryContextSwitchTo(page_ctx);
 					if (strcmp(res.outcome, "landed") == 0)
 						break;
@@ -256,6 +274,11 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 							fail_code = "auth";
 						retry = (res.http_code == 429 || res.http_code >= 500);
 					}
+					else if (strcmp(res.outcome, "pagination") == 0)
+					{
+						fail_code = "pagination";
+						problem = psprintf("broken pagination: %s", res.message);
+					}
 					else
 					{
 						retry = true;
@@ -264,10 +287,28 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 					}
 					break;
 				case IW_HTTP_RETRYABLE:
+					if (resp.status == 429 && resp.body != NULL &&
+						strstr(resp.body, "Limit Exceeded") != NULL)
+					{
+						/* the monthly quota: retrying only burns what is left */
+						fail_code = "quota";
+						problem = psprintf("Wodify's monthly request quota is exhausted (on %s)",
+										   task->entity);
+						break;
+					}
 					retry = true;
 					problem = psprintf("%s on %s", describe_response(&resp), task->entity);
 					break;
 				case IW_HTTP_AUTH:
+					if (resp.status == 403 && strcmp(task->entity, "locations") != 0)
+					{
+						MemoryContextSwitchTo(old);
+						ereport(LOG,
+								(errmsg("ironwod run " INT64_FORMAT ": Wodify refuses %s (HTTP 403); the gym's plan does not include it",
+										run_id, task->entity)));
+						iw_mark_not_entitled(run_id, task->entity);
+						return false;
+					}
 					fail_code = "auth";
 					problem = psprintf("Wodify refused the API key (%s) on %s",
 									   describe_response(&resp), task->entity);
@@ -310,15 +351,8 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 		}
 
 		if (!res.has_more)
-			break;
-		if (res.n_records == 0)
-		{
-			fail_code = "pagination";
-			ereport(ERROR,
-					(errcode(ERRCODE_PROTOCOL_VIOLATION),
-					 errmsg("Wodify returned an empty page %d of %s with has_more set",
-							page, task->entity)));
-		}
+			return true;
+		strlcpy(prev_digest, res.digest ? res.digest : "", sizeof(prev_digest));
 	}
 }
 
@@ -333,6 +367,8 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 	char	   *plaintext;
 
 	run_phase = "claim";
+	run_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+											   (int64) ironwod_run_timeout_min * 60 * 1000);
 	if (!iw_claim_run(args->run_id, &claim, run_ctx))
 	{
 		ereport(LOG,
@@ -382,7 +418,7 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 		run_phase = "plan";
 		if (!iw_next_task(args->run_id, &task, task_ctx))
 			break;
-		fetch_unit(args->run_id, &task, page_ctx);
+		(void) fetch_unit(args->run_id, &task, page_ctx);
 	}
 	run_phase = "finish";
 	iw_finish_run(args->run_id);

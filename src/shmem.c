@@ -182,21 +182,28 @@ iw_run_slot_set(int64 run_id)
 	before_shmem_exit(iw_run_slot_release, (Datum) 0);
 }
 
-bool
-iw_run_slot_alive(int64 run_id)
+/* Pid of the live worker of run_id, or 0 when none holds a slot for it. */
+int
+iw_run_slot_pid(int64 run_id)
 {
 	int			i;
-	bool		alive = false;
+	int			pid = 0;
 
 	LWLockAcquire(iw_shared->lock, LW_SHARED);
 	for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
 	{
 		if (iw_shared->runs[i].run_id == run_id)
 		{
-			alive = true;
+			pid = iw_shared->runs[i].pid;
 			break;
 		}
 	}
 	LWLockRelease(iw_shared->lock);
-	return alive;
+	return pid;
+}
+
+bool
+iw_run_slot_alive(int64 run_id)
+{
+	return iw_run_slot_pid(run_id) != 0;
 }

@@ -89,7 +89,8 @@ is_launched(int64 run_id)
  * so the supervisor borrows it for this one statement's transaction.
  */
 static void
-fail_lost_run(const char *tenant, const char *gym, int64 run_id, const char *why)
+fail_lost_run(const char *tenant, const char *gym, int64 run_id, const char *code,
+			  const char *why)
 {
 	Oid			types[6] = {TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID};
 	Datum		values[6];
@@ -97,7 +98,7 @@ fail_lost_run(const char *tenant, const char *gym, int64 run_id, const char *why
 	values[0] = CStringGetTextDatum(tenant);
 	values[1] = CStringGetTextDatum(gym);
 	values[2] = Int64GetDatum(run_id);
-	values[3] = CStringGetTextDatum("worker_lost");
+	values[3] = CStringGetTextDatum(code);
 	values[4] = CStringGetTextDatum(why);
 	values[5] = CStringGetTextDatum("supervise");
 	if (SPI_execute_with_args("SELECT set_config('ironwod.tenant_id', $1, true), "
@@ -136,10 +137,17 @@ reap(void)
 		}
 	}
 
-	if (SPI_execute("SELECT tenant_id::text, gym_id::text, run_id, status, launch_attempts "
-					"FROM ironwod.sync_runs WHERE status IN ('queued', 'running') "
-					"ORDER BY requested_at", false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not read the ironwod run queue");
+	{
+		Oid			argtypes[1] = {INT4OID};
+		Datum		argvalues[1] = {Int32GetDatum(ironwod_watchdog_timeout_s)};
+
+		if (SPI_execute_with_args("SELECT tenant_id::text, gym_id::text, run_id, status, launch_attempts, "
+								  " status = 'running' AND heartbeat_at < now() - make_interval(secs => $1) "
+								  "FROM ironwod.sync_runs WHERE status IN ('queued', 'running') "
+								  "ORDER BY requested_at", 1, argtypes, argvalues, NULL,
+								  false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read the ironwod run queue");
+	}
 	n = SPI_processed;
 	if (n == 0)
 		return;
@@ -155,14 +163,28 @@ reap(void)
 			int64		run_id = pg_strtoint64(SPI_getvalue(tup, tt->tupdesc, 3));
 			char	   *status = SPI_getvalue(tup, tt->tupdesc, 4);
 			int			attempts = pg_strtoint32(SPI_getvalue(tup, tt->tupdesc, 5));
+			char	   *stalled = SPI_getvalue(tup, tt->tupdesc, 6);
+			int			pid = iw_run_slot_pid(run_id);
 
-			if (is_launched(run_id) || iw_run_slot_alive(run_id))
+			if (pid != 0 && stalled != NULL && stalled[0] == 't')
+			{
+				/*
+				 * The watchdog: a live worker that made no progress for
+				 * ironwod.watchdog_timeout.  Record the failure first, so the
+				 * worker's own bookkeeping on its way out finds nothing to do.
+				 */
+				fail_lost_run(tenant, gym, run_id, "watchdog", psprintf("no progress for %d s; stopped by the watchdog",
+															 ironwod_watchdog_timeout_s));
+				kill(pid, SIGTERM);
+				continue;
+			}
+			if (is_launched(run_id) || pid != 0)
 				continue;
 			if (strcmp(status, "running") == 0)
-				fail_lost_run(tenant, gym, run_id,
+				fail_lost_run(tenant, gym, run_id, "worker_lost",
 							  "worker exited without finishing the run (killed, crashed, or server restarted)");
 			else if (attempts >= IW_MAX_LAUNCH_ATTEMPTS)
-				fail_lost_run(tenant, gym, run_id,
+				fail_lost_run(tenant, gym, run_id, "worker_lost",
 							  "run worker could not start; check ironwod.worker_role and the server log");
 		}
 	}

@@ -50,9 +50,10 @@ CREATE TABLE ironwod.sync_runs (
     tenant_id        uuid NOT NULL,
     gym_id           uuid NOT NULL,
     run_id           bigint NOT NULL DEFAULT nextval('ironwod.sync_run_id_seq'),
-    mode             text NOT NULL CHECK (mode IN ('validate', 'backfill')),
+    mode             text NOT NULL CHECK (mode IN ('validate', 'backfill', 'incremental', 'reconcile')),
+    -- deferred: stopped by Wodify's monthly quota; retried next month, not a failure
     status           text NOT NULL DEFAULT 'queued'
-                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'deferred')),
     requested_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     requested_by     text NOT NULL DEFAULT session_user,
     started_at       timestamptz,
@@ -92,6 +93,7 @@ CREATE TABLE ironwod.sync_run_entities (
     pulled        integer NOT NULL DEFAULT 0,
     new_versions  integer NOT NULL DEFAULT 0,
     unchanged     integer NOT NULL DEFAULT 0,
+    deleted       integer NOT NULL DEFAULT 0,
     cursor_start  timestamptz,
     cursor_end    timestamptz,
     started_at    timestamptz NOT NULL DEFAULT now(),
@@ -101,12 +103,15 @@ CREATE TABLE ironwod.sync_run_entities (
 );
 COMMENT ON TABLE ironwod.sync_run_entities IS 'Per-run, per-entity counts: pulled, new payload versions, unchanged';
 
--- Completed backfill work units ([window_start, window_end) months, one client's
--- sign-ins, or a full list).  A restarted backfill skips them; a backfill that
--- finishes clears them so the next one pulls everything again.
+-- Completed work units ([window_start, window_end) months, one client's sign-ins,
+-- or a full list).  run_scope is 'backfill' for the backfill campaign: a restarted
+-- backfill skips its units, and a backfill that finishes clears them so the next
+-- one pulls everything again.  Incremental and reconciliation runs use
+-- 'run:<run_id>' and clear theirs when they end.
 CREATE TABLE ironwod.backfill_checkpoints (
     tenant_id      uuid NOT NULL,
     gym_id         uuid NOT NULL,
+    run_scope      text NOT NULL,
     entity         text NOT NULL,
     window_key     text NOT NULL,
     window_start   timestamptz,
@@ -115,7 +120,7 @@ CREATE TABLE ironwod.backfill_checkpoints (
     records        integer NOT NULL,
     completed_by   bigint NOT NULL,
     completed_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, gym_id, entity, window_key),
+    PRIMARY KEY (tenant_id, gym_id, run_scope, entity, window_key),
     FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
 );
 COMMENT ON TABLE ironwod.backfill_checkpoints IS 'Backfill work units already landed; makes a killed backfill resumable';
@@ -144,3 +149,32 @@ CREATE TABLE ironwod.sync_events (
     PRIMARY KEY (tenant_id, gym_id, event_id)
 );
 COMMENT ON TABLE ironwod.sync_events IS 'Structured events wodify.sync.*; also sent as NOTIFY ironwod_events';
+
+-- Entities Wodify refuses (403) for this connection while others work: the gym's
+-- plan does not include them.  Skipped by incremental runs, retried by the weekly
+-- reconciliation.
+CREATE TABLE ironwod.entity_entitlements (
+    tenant_id          uuid NOT NULL,
+    gym_id             uuid NOT NULL,
+    entity             text NOT NULL,
+    not_entitled_since timestamptz NOT NULL DEFAULT now(),
+    last_checked_run   bigint NOT NULL,
+    PRIMARY KEY (tenant_id, gym_id, entity),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.entity_entitlements IS 'Entities the gym''s Wodify plan does not include (403 on that endpoint only)';
+
+-- Records that vanished from a fully re-pulled reconciliation window.  Raw rows
+-- stay as they were (what the vendor once said); canonical rows are soft-deleted
+-- from this table.  A record seen again is removed from it.
+CREATE TABLE ironwod.vanished_records (
+    tenant_id        uuid NOT NULL,
+    gym_id           uuid NOT NULL,
+    entity           text NOT NULL,
+    wodify_id        bigint NOT NULL,
+    vanished_by_run  bigint NOT NULL,
+    vanished_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, gym_id, entity, wodify_id),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.vanished_records IS 'Records absent from a complete reconciliation pull of their window (soft deletes)';

@@ -14,6 +14,13 @@ CREATE TABLE ironwod.entities (
     window_field       text,
     updated_at_path    text[] NOT NULL,
     created_at_path    text[] NOT NULL,
+    -- the vendor timestamp an incremental pull continues from
+    watermark_path     text[] NOT NULL,
+    -- the search field an incremental pull filters on, when not window_field
+    -- (invoices: their updated stamp, so later status and note edits are seen)
+    incremental_field  text,
+    -- a date field re-scanned for status changes (invoices: payment_due)
+    due_field          text,
     page_size          integer NOT NULL DEFAULT 100 CHECK (page_size BETWEEN 1 AND 100),
     enabled            boolean NOT NULL DEFAULT true,
     CHECK ((backfill_strategy = 'full') = (window_field IS NULL)),
@@ -23,27 +30,28 @@ COMMENT ON TABLE ironwod.entities IS 'Entity registry: endpoint, records key, id
 
 INSERT INTO ironwod.entities
     (entity, ordinal, path, records_key, raw_table, sort, backfill_strategy, window_field,
-     updated_at_path, created_at_path)
+     updated_at_path, created_at_path, watermark_path, due_field, incremental_field)
 VALUES
     ('locations', 10, '/customers/locations', 'locations', 'wodify_raw_locations', 'id', 'full', NULL,
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{updated,updated_on_datetime}', NULL, NULL),
     ('programs', 20, '/programs', 'programs', 'wodify_raw_programs', 'id', 'full', NULL,
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{updated,updated_on_datetime}', NULL, NULL),
     ('clients', 30, '/clients', 'clients', 'wodify_raw_clients', 'id', 'full', NULL,
-     '{updated,updated_on_datetime}', '{created_on,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created_on,created_on_datetime}', '{updated,updated_on_datetime}', NULL, NULL),
     ('memberships', 40, '/memberships', 'memberships', 'wodify_raw_memberships', 'id', 'full', NULL,
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{updated,updated_on_datetime}', NULL, NULL),
     ('membership_holds', 50, '/memberships/holds', 'membership_holds', 'wodify_raw_membership_holds', 'id', 'full', NULL,
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{updated,updated_on_datetime}', NULL, NULL),
     ('class_signins', 60, '/clients/{client_id}/classes/sign-ins/search', 'class_sign_ins', 'wodify_raw_class_signins', 'id',
      'per_client', 'utc_class_start_datetime',
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{utc_class_start_datetime}', NULL, NULL),
     ('invoices', 70, '/financials/invoices/search', 'invoices', 'wodify_raw_invoices', 'desc_created_on_datetime',
      'monthly_windows', 'created_on_datetime',
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}'),
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{updated,updated_on_datetime}', 'payment_due',
+     'updated_on_datetime'),
     ('transactions', 80, '/financials/transactions/search', 'transactions', 'wodify_raw_transactions', 'transaction_date_time',
      'monthly_windows', 'transaction_date_time',
-     '{updated,updated_on_datetime}', '{created,created_on_datetime}');
+     '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{transaction_date_time}', NULL, NULL);
 
 -- One raw table per entity, all of one shape: one row per distinct payload version
 -- of a record (unique on its hash), so re-landing a page only bumps last_seen_run_id.

@@ -87,84 +87,344 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.claim_run(bigint, integer) IS 'Worker: move a queued run to running and hand back its mode and sealed key';
 
--- The next unit of backfill work not yet checkpointed, in the entity order of
--- design.md §4: full lists, then per-client sign-ins (only clients whose
--- last_class_sign_in falls inside the horizon), then monthly windows newest first.
--- Returns the relative URL without page parameters; no row means the run is done.
-CREATE FUNCTION ironwod.next_task(p_run_id bigint)
-RETURNS TABLE (entity text, window_key text, url text, page_size integer)
-LANGUAGE plpgsql
+-- The checkpoint scope of a run: the backfill campaign shares one (so a new
+-- backfill resumes a killed one), every other run has its own.
+CREATE FUNCTION ironwod.run_scope(p_run_id bigint) RETURNS text
+LANGUAGE sql STABLE
+AS $$
+    SELECT CASE WHEN r.mode = 'backfill' THEN 'backfill' ELSE 'run:' || r.run_id END
+    FROM ironwod.sync_runs r
+    WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id
+$$;
+COMMENT ON FUNCTION ironwod.run_scope(bigint) IS 'Checkpoint scope of a run: ''backfill'' for the backfill campaign, ''run:<id>'' otherwise';
+
+-- Every unit of work an entity needs in this run, in fetch order, per the table of
+-- design.md §4:
+--   full lists                     every mode
+--   per-client sign-ins            backfill: clients active inside the horizon;
+--                                  incremental: clients whose change detectors
+--                                  (last_class_sign_in, total_class_sign_ins) moved
+--                                  in this run, from their previous last sign-in
+--                                  minus the lookback; reconcile: every client
+--                                  active in the last sync_window_days
+--   windowed financials            backfill: monthly windows, newest first;
+--                                  incremental: from the watermark minus the
+--                                  lookback, plus the due-date window; reconcile:
+--                                  the last sync_window_days (by due date if any)
+-- Times come from the run's start, so repeated calls within a run agree.
+CREATE FUNCTION ironwod.plan_units(p_run_id bigint, p_entity text)
+RETURNS TABLE (window_key text, url text)
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     e ironwod.entities;
+    r ironwod.sync_runs;
+    v_now timestamptz;
     v_since timestamptz := ironwod.backfill_since();
-    v_key text;
-    v_start timestamptz;
-    v_client bigint;
+    v_lookback interval := make_interval(days => current_setting('ironwod.lookback_days')::int);
+    v_window interval;
+    v_from timestamptz;
+    v_sort text;
 BEGIN
-    FOR e IN SELECT * FROM ironwod.entities WHERE enabled ORDER BY ordinal LOOP
-        IF e.backfill_strategy = 'full' THEN
-            IF NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
-                           WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-                             AND b.entity = e.entity AND b.window_key = 'full') THEN
-                RETURN QUERY SELECT e.entity, 'full'::text,
-                    e.path || coalesce('?sort=' || ironwod.urlencode(e.sort), ''), e.page_size;
-                RETURN;
+    SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
+    SELECT * INTO STRICT r FROM ironwod.sync_runs x
+    WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym() AND x.run_id = p_run_id;
+    v_now := coalesce(r.started_at, now());
+    v_sort := coalesce('&sort=' || ironwod.urlencode(e.sort), '');
+    SELECT make_interval(days => c.sync_window_days) INTO STRICT v_window
+    FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+
+    IF e.backfill_strategy = 'full' THEN
+        RETURN QUERY SELECT 'full'::text, e.path || coalesce('?sort=' || ironwod.urlencode(e.sort), '');
+
+    ELSIF e.backfill_strategy = 'per_client' THEN
+        -- Latest and previous version of every client, by the version order of
+        -- design.md §4 (source_updated_at, then raw id).
+        RETURN QUERY
+        WITH versions AS (
+            SELECT c.wodify_id, c.ingest_run_id, c.payload_json AS cur,
+                   lag(c.payload_json) OVER w AS prev,
+                   row_number() OVER (PARTITION BY c.wodify_id
+                                      ORDER BY c.source_updated_at DESC NULLS LAST, c.raw_id DESC) AS rn
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+            WINDOW w AS (PARTITION BY c.wodify_id ORDER BY c.source_updated_at NULLS FIRST, c.raw_id)
+        ), picked AS (
+            SELECT v.wodify_id,
+                   CASE r.mode
+                       WHEN 'backfill' THEN v_since
+                       WHEN 'reconcile' THEN greatest(v_since, v_now - v_window)
+                       ELSE greatest(v_since, coalesce(ironwod.parse_ts(v.prev ->> 'last_class_sign_in') - v_lookback, v_since))
+                   END AS since
+            FROM versions v
+            WHERE v.rn = 1
+              AND CASE r.mode
+                      WHEN 'backfill' THEN ironwod.parse_ts(v.cur ->> 'last_class_sign_in') >= v_since
+                      WHEN 'reconcile' THEN ironwod.parse_ts(v.cur ->> 'last_class_sign_in') >= greatest(v_since, v_now - v_window)
+                      ELSE v.ingest_run_id = p_run_id
+                           AND ironwod.parse_ts(v.cur ->> 'last_class_sign_in') IS NOT NULL
+                           AND ((v.cur ->> 'last_class_sign_in') IS DISTINCT FROM (v.prev ->> 'last_class_sign_in')
+                                OR (v.cur ->> 'total_class_sign_ins') IS DISTINCT FROM (v.prev ->> 'total_class_sign_ins'))
+                  END
+        )
+        SELECT 'client:' || p.wodify_id,
+               replace(e.path, '{client_id}', p.wodify_id::text)
+               || '?q=' || ironwod.urlencode(e.window_field || '|gte|' || ironwod.iso_utc(p.since)) || v_sort
+        FROM picked p ORDER BY p.wodify_id;
+
+    ELSIF r.mode = 'backfill' THEN
+        -- The newest window is open-ended, so records stamped ahead of our
+        -- clock (vendor clock skew) are not left between windows.
+        RETURN QUERY
+        SELECT to_char(w AT TIME ZONE 'UTC', 'YYYY-MM'),
+               e.path || '?q=' || ironwod.urlencode(
+                   e.window_field || '|gte|' || ironwod.iso_utc(w)
+                   || CASE WHEN w < date_trunc('month', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                           THEN ';' || e.window_field || '|lt|'
+                                || ironwod.iso_utc(((w AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')
+                           ELSE '' END)
+               || v_sort
+        FROM generate_series(date_trunc('month', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                             v_since, interval '-1 month') AS w
+        ORDER BY w DESC;
+
+    ELSE
+        IF r.mode = 'incremental' OR e.due_field IS NULL THEN
+            IF r.mode = 'incremental' THEN
+                SELECT greatest(v_since, coalesce(c.watermark - v_lookback, v_since)) INTO v_from
+                FROM (SELECT NULL::int) x
+                LEFT JOIN ironwod.entity_cursors c
+                       ON c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+                      AND c.entity = e.entity;
+            ELSE
+                v_from := greatest(v_since, v_now - v_window);
             END IF;
-        ELSIF e.backfill_strategy = 'per_client' THEN
-            EXECUTE format($q$
-                SELECT c.wodify_id
-                FROM (SELECT DISTINCT ON (wodify_id) wodify_id, payload_json
-                      FROM ironwod.wodify_raw_clients
-                      WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
-                      ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC) c
-                WHERE ironwod.parse_ts(c.payload_json->>'last_class_sign_in') >= $1
-                  AND NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
-                                  WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-                                    AND b.entity = %L AND b.window_key = 'client:' || c.wodify_id)
-                ORDER BY c.wodify_id LIMIT 1$q$, e.entity)
-            INTO v_client USING v_since;
-            IF v_client IS NOT NULL THEN
-                RETURN QUERY SELECT e.entity, 'client:' || v_client,
-                    replace(e.path, '{client_id}', v_client::text)
-                    || '?q=' || ironwod.urlencode(e.window_field || '|gte|' || ironwod.iso_utc(v_since))
-                    || coalesce('&sort=' || ironwod.urlencode(e.sort), ''), e.page_size;
-                RETURN;
-            END IF;
-        ELSE
-            SELECT w INTO v_start
-            FROM generate_series(date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
-                                 v_since, interval '-1 month') AS w
+            RETURN QUERY SELECT 'since'::text,
+                e.path || '?q=' || ironwod.urlencode(
+                    CASE WHEN r.mode = 'incremental' THEN coalesce(e.incremental_field, e.window_field)
+                         ELSE e.window_field END
+                    || '|gte|' || ironwod.iso_utc(v_from)) || v_sort;
+        END IF;
+        IF e.due_field IS NOT NULL THEN
+            -- Status changes (Unpaid -> Paid) carry no timestamp we can follow:
+            -- re-scan by due date.
+            RETURN QUERY SELECT 'due'::text,
+                e.path || '?q=' || ironwod.urlencode(e.due_field || '|gte|' || to_char(
+                    (v_now AT TIME ZONE 'UTC')::date - CASE WHEN r.mode = 'incremental'
+                        THEN current_setting('ironwod.due_window_days')::int
+                        ELSE extract(day FROM v_window)::int END, 'YYYY-MM-DD'))
+                || '&sort=id';
+        END IF;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.plan_units(bigint, text) IS 'Worker: the units of work (window key, relative URL) an entity needs in a run, per its mode';
+
+-- Entities a run skips: those the gym's plan does not include, except in a
+-- reconciliation, which asks again.
+CREATE FUNCTION ironwod.entity_skipped(p_run_id bigint, p_entity text) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM ironwod.entity_entitlements n
+        JOIN ironwod.sync_runs r ON r.tenant_id = n.tenant_id AND r.gym_id = n.gym_id AND r.run_id = p_run_id
+        WHERE n.tenant_id = ironwod.scope_tenant() AND n.gym_id = ironwod.scope_gym() AND n.entity = p_entity
+          AND (r.mode <> 'reconcile' OR n.last_checked_run = p_run_id))
+$$;
+COMMENT ON FUNCTION ironwod.entity_skipped(bigint, text) IS 'Worker: does this run skip the entity (not entitled)?';
+
+-- The next unit not yet checkpointed, in entity order; no row means the run is done.
+CREATE FUNCTION ironwod.next_task(p_run_id bigint)
+RETURNS TABLE (entity text, window_key text, url text, page_size integer)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    e ironwod.entities;
+    v_scope text := ironwod.run_scope(p_run_id);
+BEGIN
+    FOR e IN SELECT * FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
+        CONTINUE WHEN ironwod.entity_skipped(p_run_id, e.entity);
+        RETURN QUERY
+            SELECT e.entity, u.window_key, u.url, e.page_size
+            FROM ironwod.plan_units(p_run_id, e.entity) WITH ORDINALITY AS u(window_key, url, ord)
             WHERE NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
                               WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-                                AND b.entity = e.entity
-                                AND b.window_key = to_char(w AT TIME ZONE 'UTC', 'YYYY-MM'))
-            ORDER BY w DESC LIMIT 1;
-            IF v_start IS NOT NULL THEN
-                v_key := to_char(v_start AT TIME ZONE 'UTC', 'YYYY-MM');
-                RETURN QUERY SELECT e.entity, v_key,
-                    e.path || '?q=' || ironwod.urlencode(
-                        e.window_field || '|gte|' || ironwod.iso_utc(v_start) || ';'
-                        || e.window_field || '|lt|'
-                        || ironwod.iso_utc(((v_start AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC'))
-                    || coalesce('&sort=' || ironwod.urlencode(e.sort), ''), e.page_size;
-                RETURN;
-            END IF;
+                                AND b.run_scope = v_scope AND b.entity = e.entity
+                                AND b.window_key = u.window_key)
+            ORDER BY u.ord LIMIT 1;
+        IF FOUND THEN
+            RETURN;
         END IF;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION ironwod.next_task(bigint) IS 'Worker: next backfill unit (entity, window key, relative URL) not yet checkpointed';
+COMMENT ON FUNCTION ironwod.next_task(bigint) IS 'Worker: next unit of work (entity, window key, relative URL) not yet checkpointed';
+
+-- An entity's pull finished cleanly: record it and advance its watermark to the
+-- newest vendor timestamp this run saw (never past now: a bad clock at the vendor
+-- must not make us skip data).  Called in the transaction that landed the
+-- entity's last page.  A reconciliation also soft-deletes what vanished.
+CREATE FUNCTION ironwod.close_entity(p_run_id bigint, p_entity text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    e ironwod.entities;
+    v_max timestamptz;
+BEGIN
+    SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
+    EXECUTE format('SELECT max(ironwod.parse_ts(payload_json #>> $1)) FROM ironwod.%I
+                    WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
+                      AND last_seen_run_id = $2', e.raw_table)
+    INTO v_max USING e.watermark_path, p_run_id;
+    v_max := least(v_max, clock_timestamp());
+
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, status, completed_at, cursor_start, cursor_end)
+    SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 'completed', clock_timestamp(),
+           c.watermark, greatest(c.watermark, v_max)
+    FROM (SELECT NULL::int) x
+    LEFT JOIN ironwod.entity_cursors c
+           ON c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.entity = p_entity
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET status = 'completed', completed_at = excluded.completed_at,
+           cursor_start = excluded.cursor_start, cursor_end = excluded.cursor_end;
+
+    IF v_max IS NOT NULL THEN
+        INSERT INTO ironwod.entity_cursors AS c (tenant_id, gym_id, entity, watermark, updated_by)
+        VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_entity, v_max, p_run_id)
+        ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE
+           SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = now();
+    END IF;
+
+    IF p_entity = 'locations' THEN
+        -- The gym's time zone: the first location's (by id), when PostgreSQL knows it.
+        UPDATE ironwod.integrations_wodify_connection c
+           SET time_zone = l.tz, updated_at = now()
+          FROM (SELECT DISTINCT ON (wodify_id) wodify_id, payload_json ->> 'time_zone_iana' AS tz
+                FROM ironwod.wodify_raw_locations
+                WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
+                  AND last_seen_run_id = p_run_id
+                ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC
+                LIMIT 1) l
+         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+           AND EXISTS (SELECT 1 FROM pg_timezone_names z WHERE z.name = l.tz);
+    END IF;
+
+    IF (SELECT mode FROM ironwod.sync_runs r
+        WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id) = 'reconcile' THEN
+        PERFORM ironwod.reconcile_deletions(p_run_id, e);
+    END IF;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.completed', p_entity,
+        jsonb_build_object('watermark', greatest(v_max, (SELECT c.watermark FROM ironwod.entity_cursors c
+            WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.entity = p_entity))));
+END
+$$;
+COMMENT ON FUNCTION ironwod.close_entity(bigint, text) IS 'Worker: mark an entity''s clean pull complete and advance its watermark';
+
+-- Soft-delete what vanished from a fully re-pulled reconciliation window: records
+-- whose latest version lies inside the window but were not seen by this run.
+-- Only when the pull looks complete: if it saw fewer than
+-- ironwod.reconcile_sanity_share of the records the window held before, nothing is
+-- deleted and an event says why.
+CREATE FUNCTION ironwod.reconcile_deletions(p_run_id bigint, e ironwod.entities)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_pred text;
+    v_from timestamptz;
+    v_before bigint;
+    v_seen bigint;
+    v_deleted bigint;
+BEGIN
+    SELECT greatest(ironwod.backfill_since(), coalesce(r.started_at, now()) - make_interval(days => c.sync_window_days))
+    INTO STRICT v_from
+    FROM ironwod.sync_runs r
+    JOIN ironwod.integrations_wodify_connection c ON c.tenant_id = r.tenant_id AND c.gym_id = r.gym_id
+    WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id;
+
+    v_pred := CASE
+        WHEN e.backfill_strategy = 'full' THEN 'true'
+        WHEN e.due_field IS NOT NULL THEN
+            format('(payload_json ->> %L) ~ ''^\d{4}-\d\d-\d\d'' AND (payload_json ->> %L)::date >= %L::date',
+                   e.due_field, e.due_field, (v_from AT TIME ZONE 'UTC')::date)
+        ELSE format('ironwod.parse_ts(payload_json ->> %L) >= %L::timestamptz', e.window_field, v_from)
+    END;
+
+    EXECUTE format($q$
+        WITH latest AS (
+            SELECT DISTINCT ON (wodify_id) wodify_id, last_seen_run_id, payload_json
+            FROM ironwod.%1$I
+            WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
+            ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC
+        ), seen AS (
+            SELECT DISTINCT wodify_id FROM ironwod.%1$I
+            WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND last_seen_run_id = $1
+        )
+        SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
+                                                  WHERE v.tenant_id = ironwod.scope_tenant()
+                                                    AND v.gym_id = ironwod.scope_gym()
+                                                    AND v.entity = $2 AND v.wodify_id = l.wodify_id)),
+               (SELECT count(*) FROM seen)
+        FROM latest l WHERE %2$s$q$, e.raw_table, v_pred)
+    INTO v_before, v_seen USING p_run_id, e.entity;
+
+    IF v_seen < v_before * current_setting('ironwod.reconcile_sanity_share')::numeric THEN
+        PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.reconcile.deletes_skipped', e.entity,
+            jsonb_build_object('seen', v_seen, 'previously', v_before));
+        RETURN;
+    END IF;
+
+    EXECUTE format($q$
+        INSERT INTO ironwod.vanished_records (tenant_id, gym_id, entity, wodify_id, vanished_by_run)
+        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), $2, l.wodify_id, $1
+        FROM (SELECT DISTINCT ON (wodify_id) wodify_id, payload_json
+              FROM ironwod.%1$I
+              WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
+              ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC) l
+        WHERE %2$s
+          AND NOT EXISTS (SELECT 1 FROM ironwod.%1$I s
+                          WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+                            AND s.wodify_id = l.wodify_id AND s.last_seen_run_id = $1)
+        ON CONFLICT DO NOTHING$q$, e.raw_table, v_pred)
+    USING p_run_id, e.entity;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    UPDATE ironwod.sync_run_entities s SET deleted = v_deleted
+     WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+       AND s.run_id = p_run_id AND s.entity = e.entity;
+END
+$$;
+COMMENT ON FUNCTION ironwod.reconcile_deletions(bigint, ironwod.entities) IS 'Worker: soft-delete records that vanished from a complete reconciliation window';
+
+-- Wodify answered 403 on this entity's endpoint while the key works elsewhere:
+-- the gym's plan does not include it.  Recorded, and the run goes on without it.
+CREATE FUNCTION ironwod.mark_not_entitled(p_run_id bigint, p_entity text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO ironwod.entity_entitlements AS n (tenant_id, gym_id, entity, last_checked_run)
+    VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_entity, p_run_id)
+    ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET last_checked_run = p_run_id;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.not_entitled', p_entity, '{}');
+END
+$$;
+COMMENT ON FUNCTION ironwod.mark_not_entitled(bigint, text) IS 'Worker: record that the gym''s plan does not include an entity';
 
 -- Land one response page in one transaction.  Classifies the body first (Wodify
--- reports errors as HTTP 200 with an HTTPCode envelope), then upserts every record
--- as a payload version, bumps the run's counters and, on the last page of a unit,
--- writes its checkpoint, all atomically: a crash between pages loses nothing and
+-- reports errors as HTTP 200 with an HTTPCode envelope) and checks the pagination
+-- invariants (a page that repeats the previous one, a page number other than the
+-- one asked for, an empty page that claims more), then upserts every record as a
+-- payload version and bumps the run's counters.  On the last page of a unit it
+-- writes the unit's checkpoint, and on the last unit of an entity it closes the
+-- entity (watermark), all atomically: a crash between pages loses nothing and
 -- re-lands nothing twice.
 CREATE FUNCTION ironwod.land_page(p_run_id bigint, p_entity text, p_window_key text,
-                                  p_page integer, p_body jsonb, p_attempts integer)
+                                  p_page integer, p_body jsonb, p_attempts integer,
+                                  p_prev_digest text DEFAULT NULL)
 RETURNS TABLE (outcome text, http_code integer, message text, has_more boolean,
-               n_records integer, n_new integer)
+               n_records integer, n_new integer, digest text)
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -174,6 +434,8 @@ DECLARE
     v_n integer;
     v_new integer;
     v_missing integer;
+    v_digest text;
+    v_scope text;
 BEGIN
     PERFORM 1 FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
@@ -184,33 +446,50 @@ BEGIN
     SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
 
     IF jsonb_typeof(p_body) <> 'object' THEN
-        RETURN QUERY SELECT 'bad_body'::text, NULL::integer, 'response is not a JSON object'::text, NULL::boolean, 0, 0;
+        RETURN QUERY SELECT 'bad_body'::text, NULL::integer, 'response is not a JSON object'::text, NULL::boolean, 0, 0, NULL::text;
         RETURN;
     END IF;
     IF p_body ? 'HTTPCode' THEN
         RETURN QUERY SELECT 'envelope'::text,
             CASE WHEN p_body->>'HTTPCode' ~ '^\d{3}$' THEN (p_body->>'HTTPCode')::integer ELSE 500 END,
             left(coalesce(p_body->>'ErrorCode', '') || ': ' || coalesce(p_body->>'DeveloperMessage', ''), 200),
-            NULL::boolean, 0, 0;
+            NULL::boolean, 0, 0, NULL::text;
         RETURN;
     END IF;
     v_records := p_body -> e.records_key;
     IF jsonb_typeof(v_records) IS DISTINCT FROM 'array' THEN
         RETURN QUERY SELECT 'bad_body'::text, NULL::integer,
-            format('response has no "%s" array', e.records_key), NULL::boolean, 0, 0;
+            format('response has no "%s" array', e.records_key), NULL::boolean, 0, 0, NULL::text;
         RETURN;
     END IF;
     -- Ids are integers, sent as numbers (or, by a few endpoints, as digit strings).
-    SELECT count(*) FILTER (WHERE NOT coalesce((r ->> e.id_field) ~ '^\d{1,18}$', false))
-      INTO v_missing FROM jsonb_array_elements(v_records) r;
+    SELECT count(*) FILTER (WHERE NOT coalesce((r ->> e.id_field) ~ '^\d{1,18}$', false)),
+           md5(string_agg(r ->> e.id_field, ',' ORDER BY ord))
+      INTO v_missing, v_digest FROM jsonb_array_elements(v_records) WITH ORDINALITY AS a(r, ord);
     IF v_missing > 0 THEN
         RETURN QUERY SELECT 'bad_body'::text, NULL::integer,
-            format('%s record(s) without a numeric "%s"', v_missing, e.id_field), NULL::boolean, 0, 0;
+            format('%s record(s) without a numeric "%s"', v_missing, e.id_field), NULL::boolean, 0, 0, NULL::text;
         RETURN;
     END IF;
 
     v_n := jsonb_array_length(v_records);
     v_has_more := coalesce((p_body #>> '{pagination,has_more}')::boolean, v_n >= e.page_size);
+    IF v_n > 0 AND v_digest = p_prev_digest THEN
+        RETURN QUERY SELECT 'pagination'::text, NULL::integer,
+            format('page %s of %s repeats page %s', p_page, p_entity, p_page - 1), NULL::boolean, 0, 0, v_digest;
+        RETURN;
+    END IF;
+    IF (p_body #>> '{pagination,page}') ~ '^\d+$' AND (p_body #>> '{pagination,page}')::int <> p_page THEN
+        RETURN QUERY SELECT 'pagination'::text, NULL::integer,
+            format('asked for page %s of %s, got page %s', p_page, p_entity, p_body #>> '{pagination,page}'),
+            NULL::boolean, 0, 0, v_digest;
+        RETURN;
+    END IF;
+    IF v_n = 0 AND v_has_more THEN
+        RETURN QUERY SELECT 'pagination'::text, NULL::integer,
+            format('page %s of %s is empty but claims more', p_page, p_entity), NULL::boolean, 0, 0, v_digest;
+        RETURN;
+    END IF;
 
     EXECUTE format($ins$
         WITH recs AS (
@@ -231,6 +510,11 @@ BEGIN
         SELECT count(*) FILTER (WHERE inserted) FROM ins$ins$, e.id_field, e.raw_table)
     INTO v_new USING v_records, e.updated_at_path, e.created_at_path, p_run_id;
 
+    -- A record seen again is no longer vanished.
+    DELETE FROM ironwod.vanished_records v
+     WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym() AND v.entity = p_entity
+       AND v.wodify_id IN (SELECT (r ->> e.id_field)::bigint FROM jsonb_array_elements(v_records) r);
+
     INSERT INTO ironwod.sync_run_entities AS s
         (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged, tasks_done)
     VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 1, p_attempts,
@@ -246,23 +530,31 @@ BEGIN
      WHERE r.run_id = p_run_id AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
 
     IF NOT v_has_more THEN
+        v_scope := ironwod.run_scope(p_run_id);
         INSERT INTO ironwod.backfill_checkpoints
-            (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
-        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_entity, p_window_key,
+            (tenant_id, gym_id, run_scope, entity, window_key, window_start, window_end, pages, records, completed_by)
+        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), v_scope, p_entity, p_window_key,
                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
                p_page, 0, p_run_id
-        ON CONFLICT (tenant_id, gym_id, entity, window_key) DO NOTHING;
+        ON CONFLICT DO NOTHING;
+        IF NOT EXISTS (SELECT 1 FROM ironwod.plan_units(p_run_id, p_entity) u
+                       WHERE NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
+                                         WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
+                                           AND b.run_scope = v_scope AND b.entity = p_entity
+                                           AND b.window_key = u.window_key)) THEN
+            PERFORM ironwod.close_entity(p_run_id, p_entity);
+        END IF;
     END IF;
 
-    RETURN QUERY SELECT 'landed'::text, 200, NULL::text, v_has_more, v_n, v_new;
+    RETURN QUERY SELECT 'landed'::text, 200, NULL::text, v_has_more, v_n, v_new, v_digest;
 END
 $$;
-COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, jsonb, integer) IS 'Worker: classify and land one response page; checkpoint the unit on its last page';
+COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, jsonb, integer, text) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
 
--- A clean backfill: set each entity's watermark from the vendor's own timestamps,
--- clear the checkpoints (the next backfill pulls everything again), close the
--- breaker, and record the completion.
+-- A clean run: close entities that had nothing to fetch, clear the run's
+-- checkpoints (a backfill clears its campaign: the next one pulls everything
+-- again), close the breaker, and record the completion.
 CREATE FUNCTION ironwod.finish_run(p_run_id bigint)
 RETURNS void
 LANGUAGE plpgsql
@@ -270,27 +562,24 @@ AS $$
 DECLARE
     v_mode text;
     e record;
-    v_max timestamptz;
 BEGIN
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % is no longer running', p_run_id USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
-    IF v_mode = 'backfill' THEN
-        FOR e IN SELECT entity, raw_table FROM ironwod.entities WHERE enabled ORDER BY ordinal LOOP
-            EXECUTE format('SELECT max(source_updated_at) FROM ironwod.%I WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()', e.raw_table) INTO v_max;
-            INSERT INTO ironwod.entity_cursors AS c (tenant_id, gym_id, entity, watermark, updated_by)
-            VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), e.entity, v_max, p_run_id)
-            ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE
-               SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = now();
+    IF v_mode <> 'validate' THEN
+        FOR e IN SELECT x.entity FROM ironwod.entities x
+                 WHERE x.enabled AND NOT ironwod.entity_skipped(p_run_id, x.entity)
+                   AND NOT EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
+                                   WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+                                     AND s.run_id = p_run_id AND s.entity = x.entity AND s.status = 'completed')
+                 ORDER BY x.ordinal LOOP
+            PERFORM ironwod.close_entity(p_run_id, e.entity);
         END LOOP;
-        UPDATE ironwod.sync_run_entities s
-           SET status = 'completed', completed_at = clock_timestamp(),
-               cursor_end = (SELECT c.watermark FROM ironwod.entity_cursors c
-                             WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.entity = s.entity)
-         WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym() AND s.run_id = p_run_id;
-        DELETE FROM ironwod.backfill_checkpoints WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym();
+        DELETE FROM ironwod.backfill_checkpoints b
+         WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
+           AND b.run_scope = ironwod.run_scope(p_run_id);
     END IF;
     UPDATE ironwod.sync_runs r
        SET status = 'succeeded', finished_at = clock_timestamp(), phase = NULL,
@@ -307,12 +596,13 @@ BEGIN
            updated_at = now()
      WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL,
-        (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions)), '{}')
+        (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
+                                                                       'deleted', s.deleted)), '{}')
          FROM ironwod.sync_run_entities s
          WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym() AND s.run_id = p_run_id));
 END
 $$;
-COMMENT ON FUNCTION ironwod.finish_run(bigint) IS 'Worker: mark a run succeeded, advance watermarks, clear backfill checkpoints';
+COMMENT ON FUNCTION ironwod.finish_run(bigint) IS 'Worker: mark a run succeeded, clear its checkpoints, close the breaker';
 
 -- Verdict of a queued validate run (the path taken when ironwod_connect could not
 -- get an answer in time).  A valid key connects and queues the initial backfill;
@@ -342,29 +632,64 @@ $$;
 COMMENT ON FUNCTION ironwod.finish_validate(bigint, boolean, text, text) IS 'Worker: record the verdict of a queued key validation';
 
 -- A failed run: sanitized error (the C caller never passes key material), failed
--- phase, and the connection's failure bookkeeping.  An auth error opens the breaker
--- at once.  A run no longer running (cancelled) is left as it is.
+-- phase, and the connection's circuit breaker.  An auth error opens it at once
+-- (no automatic retry: the key must change); ironwod.breaker_threshold
+-- consecutive failures open it with an exponential next_retry_at.  A monthly-quota
+-- stop is no failure: the run is 'deferred' and the connection waits for the next
+-- month.  A run no longer running (cancelled) is left as it is.  Watermarks are
+-- untouched: only a clean pull of an entity moves its own.
 CREATE FUNCTION ironwod.fail_run(p_run_id bigint, p_code text, p_message text, p_phase text)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_mode text;
+    v_threshold int := current_setting('ironwod.breaker_threshold')::int;
 BEGIN
     UPDATE ironwod.sync_runs r
-       SET status = 'failed', finished_at = clock_timestamp(), error_code = p_code,
+       SET status = CASE WHEN p_code = 'quota' THEN 'deferred' ELSE 'failed' END,
+           finished_at = clock_timestamp(), error_code = p_code,
            last_error = left(p_message, 500), failed_phase = p_phase, phase = NULL
-     WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id AND r.status IN ('running', 'queued');
+     WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym()
+       AND r.run_id = p_run_id AND r.status IN ('running', 'queued')
+    RETURNING r.mode INTO v_mode;
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    IF v_mode <> 'backfill' THEN
+        DELETE FROM ironwod.backfill_checkpoints b
+         WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
+           AND b.run_scope = 'run:' || p_run_id;
+    END IF;
+
+    IF p_code = 'quota' THEN
+        UPDATE ironwod.integrations_wodify_connection c
+           SET next_retry_at = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC',
+               last_error_at = clock_timestamp(), last_error = left(p_message, 500), last_error_code = p_code,
+               updated_at = now()
+         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+        PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.deferred', NULL,
+            jsonb_build_object('code', p_code, 'message', left(p_message, 500)));
+        RETURN;
+    END IF;
+
     UPDATE ironwod.integrations_wodify_connection c
        SET last_error_at = clock_timestamp(), last_error = left(p_message, 500), last_error_code = p_code,
            consecutive_failures = c.consecutive_failures + 1,
-           status = CASE WHEN p_code = 'auth' THEN 'error' ELSE c.status END,
-           breaker_opened_at = CASE WHEN p_code = 'auth' THEN clock_timestamp() ELSE c.breaker_opened_at END,
+           status = CASE WHEN p_code = 'auth' OR c.consecutive_failures + 1 >= v_threshold
+                         THEN 'error' ELSE c.status END,
+           breaker_opened_at = CASE WHEN p_code = 'auth' OR c.consecutive_failures + 1 >= v_threshold
+                                    THEN coalesce(c.breaker_opened_at, clock_timestamp()) END,
+           next_retry_at = CASE
+               WHEN p_code = 'auth' THEN NULL
+               WHEN c.consecutive_failures + 1 >= v_threshold
+                   THEN clock_timestamp() + least(interval '24 hours',
+                        interval '1 hour' * power(2, c.consecutive_failures + 1 - v_threshold))
+               ELSE c.next_retry_at END,
            updated_at = now()
      WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.failed', NULL,
         jsonb_build_object('code', p_code, 'phase', p_phase, 'message', left(p_message, 500)));
 END
 $$;
-COMMENT ON FUNCTION ironwod.fail_run(bigint, text, text, text) IS 'Worker or supervisor: record a failed run with a sanitized error';
+COMMENT ON FUNCTION ironwod.fail_run(bigint, text, text, text) IS 'Worker or supervisor: record a failed (or quota-deferred) run with a sanitized error; drive the circuit breaker';

@@ -138,7 +138,7 @@ END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, text) IS 'Connect a gym with a plaintext API key, sealed in the backend (weaker than the bytea form)';
 
-CREATE FUNCTION @extschema@.ironwod_sync(p_tenant_id uuid, p_gym_id uuid, p_mode text DEFAULT 'backfill')
+CREATE FUNCTION @extschema@.ironwod_sync(p_tenant_id uuid, p_gym_id uuid, p_mode text DEFAULT 'incremental')
 RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -148,10 +148,10 @@ DECLARE
     v_run bigint;
 BEGIN
     PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
-    IF p_mode IS NULL OR p_mode NOT IN ('backfill', 'validate') THEN
+    IF p_mode IS NULL OR p_mode NOT IN ('backfill', 'incremental', 'reconcile', 'validate') THEN
         RAISE EXCEPTION 'unsupported sync mode "%"', p_mode
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'This version supports the modes backfill and validate.';
+                  HINT = 'Use backfill, incremental, reconcile or validate.';
     END IF;
     SELECT c.status INTO v_status FROM ironwod.integrations_wodify_connection c
     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
@@ -192,7 +192,7 @@ BEGIN
         USING ERRCODE = 'lock_not_available', HINT = 'Runs are being queued concurrently; try again.';
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_sync(uuid, uuid, text) IS 'Queue a run (backfill or validate) for a gym, or return the one already queued or running';
+COMMENT ON FUNCTION @extschema@.ironwod_sync(uuid, uuid, text) IS 'Queue a run (incremental, reconcile, backfill or validate) for a gym, or return the one already queued or running';
 
 -- Waits on a condition variable the workers broadcast whenever a run changes
 -- state, re-reading the row with a fresh snapshot each time: no busy polling, and
@@ -303,3 +303,85 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a gym: cancel queued and running runs and destroy the sealed key';
+
+-- The scheduler's heartbeat, called by pg_cron every few minutes (ironwod_schedule).
+-- Queues, set-based and without HTTP or secrets:
+--   * the nightly incremental run of every connected gym once its local night slot
+--     (nightly_local_time in the gym's time zone, staggered over an hour by a hash
+--     of the gym so thousands of gyms do not start at once) has passed with no run
+--     since; on the gym's reconcile_weekday that run is the weekly reconciliation;
+--   * the retry of a connection whose circuit breaker's next_retry_at has come;
+--   * the continuation of an unfinished backfill.
+-- The one-active-run index makes concurrent ticks (and ticks racing ironwod_sync)
+-- queue at most one run per gym.  Returns the number of runs queued.
+CREATE FUNCTION @extschema@.ironwod_tick()
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_queued integer;
+BEGIN
+    PERFORM ironwod.preloaded();
+    WITH candidates AS (
+        SELECT c.tenant_id, c.gym_id, c.backfill_completed_at, c.reconcile_weekday,
+               coalesce(c.time_zone, 'UTC') AS tz,
+               c.nightly_local_time
+               + make_interval(secs => ((hashtext(c.gym_id::text) & 2147483647) % 3600)) AS local_slot_time
+        FROM ironwod.integrations_wodify_connection c
+        WHERE c.api_key_ciphertext IS NOT NULL
+          AND (c.status = 'connected' OR (c.status = 'error' AND c.next_retry_at IS NOT NULL))
+          AND coalesce(c.next_retry_at, '-infinity') <= now()
+    ), slots AS (
+        SELECT k.*, s.slot
+        FROM candidates k,
+             LATERAL (SELECT (((now() AT TIME ZONE k.tz)::date + k.local_slot_time) AT TIME ZONE k.tz) AS today_slot) t,
+             LATERAL (SELECT CASE WHEN t.today_slot > now() THEN t.today_slot - interval '1 day'
+                                  ELSE t.today_slot END AS slot) s
+    ), due AS (
+        SELECT s.tenant_id, s.gym_id,
+               CASE WHEN s.backfill_completed_at IS NULL THEN 'backfill'
+                    WHEN extract(dow FROM s.slot AT TIME ZONE s.tz) = s.reconcile_weekday THEN 'reconcile'
+                    ELSE 'incremental' END AS mode
+        FROM slots s
+        WHERE s.backfill_completed_at IS NULL
+           OR NOT EXISTS (SELECT 1 FROM ironwod.sync_runs r
+                          WHERE r.tenant_id = s.tenant_id AND r.gym_id = s.gym_id
+                            AND r.mode <> 'validate' AND r.requested_at >= s.slot
+                            AND r.status NOT IN ('failed', 'cancelled'))
+    )
+    INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, requested_by)
+    SELECT d.tenant_id, d.gym_id, d.mode, 'ironwod_tick' FROM due d
+    ON CONFLICT (tenant_id, gym_id) WHERE status IN ('queued', 'running') DO NOTHING;
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    IF v_queued > 0 THEN
+        PERFORM ironwod.wake();
+    END IF;
+    RETURN v_queued;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_tick() IS 'Queue due work for every gym: nightly incremental, weekly reconciliation, breaker retries, unfinished backfills';
+
+-- Install the single pg_cron job that calls ironwod_tick().  pg_cron stays
+-- optional: ironwod never requires it, and says so clearly when it is missing.
+CREATE FUNCTION @extschema@.ironwod_schedule(p_schedule text DEFAULT '*/5 * * * *')
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION 'pg_cron is not installed in this database'
+            USING ERRCODE = 'undefined_object',
+                  HINT = 'Preload pg_cron (cron.database_name = this database), CREATE EXTENSION pg_cron, then call ironwod_schedule() again; or call ironwod_tick() from any scheduler.';
+    END IF;
+    EXECUTE format('SELECT cron.schedule(%L, %L, %L)', 'ironwod-tick', p_schedule,
+                   format('SELECT %I.ironwod_tick()', (SELECT n.nspname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                                                        WHERE p.proname = 'ironwod_tick' LIMIT 1)))
+    INTO v_job;
+    RETURN v_job;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_schedule(text) IS 'Install (or replace) the pg_cron job ironwod-tick that calls ironwod_tick(); requires pg_cron';

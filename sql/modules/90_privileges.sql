@@ -13,6 +13,8 @@ REVOKE ALL ON FUNCTION @extschema@.ironwod_sync(uuid, uuid, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_wait(bigint, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_status(uuid, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_tick() FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_schedule(text) FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA ironwod TO ironwod_app, ironwod_admin, ironwod_worker;
 
@@ -32,6 +34,7 @@ GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, con
     ON ironwod.integrations_wodify_connection TO ironwod_app, ironwod_admin;
 GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.backfill_checkpoints,
     ironwod.entity_cursors, ironwod.sync_events, ironwod.entities, ironwod.master_keys,
+    ironwod.entity_entitlements, ironwod.vanished_records,
     ironwod.wodify_raw_locations, ironwod.wodify_raw_programs, ironwod.wodify_raw_clients,
     ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
     ironwod.wodify_raw_class_signins, ironwod.wodify_raw_invoices, ironwod.wodify_raw_transactions,
@@ -40,7 +43,8 @@ GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.backfill_c
 
 -- Operators: the registry and the master keys.
 GRANT UPDATE ON ironwod.entities TO ironwod_admin;
-GRANT EXECUTE ON FUNCTION ironwod.register_master_key(text, bytea), ironwod.worker_status() TO ironwod_admin;
+GRANT EXECUTE ON FUNCTION ironwod.register_master_key(text, bytea), ironwod.worker_status(),
+    @extschema@.ironwod_tick(), @extschema@.ironwod_schedule(text) TO ironwod_admin;
 
 -- The run workers: their scope's rows, the ciphertext, and the landing functions.
 GRANT SELECT, UPDATE ON ironwod.integrations_wodify_connection TO ironwod_worker;
@@ -48,6 +52,8 @@ GRANT SELECT, INSERT, UPDATE ON ironwod.sync_runs, ironwod.sync_run_entities, ir
     TO ironwod_worker;
 GRANT SELECT, INSERT, DELETE ON ironwod.backfill_checkpoints TO ironwod_worker;
 GRANT SELECT, INSERT ON ironwod.sync_events TO ironwod_worker;
+GRANT SELECT, INSERT, UPDATE ON ironwod.entity_entitlements TO ironwod_worker;
+GRANT SELECT, INSERT, DELETE ON ironwod.vanished_records TO ironwod_worker;
 GRANT SELECT ON ironwod.entities, ironwod.master_keys TO ironwod_worker;
 GRANT SELECT, INSERT, UPDATE ON ironwod.wodify_raw_locations, ironwod.wodify_raw_programs,
     ironwod.wodify_raw_clients, ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
@@ -56,7 +62,10 @@ GRANT SELECT, INSERT, UPDATE ON ironwod.wodify_raw_locations, ironwod.wodify_raw
 GRANT USAGE ON SEQUENCE ironwod.sync_run_id_seq TO ironwod_worker;
 GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironwod.backfill_since(),
     ironwod.iso_utc(timestamptz), ironwod.emit_event(bigint, text, text, jsonb),
-    ironwod.claim_run(bigint, integer), ironwod.next_task(bigint),
-    ironwod.land_page(bigint, text, text, integer, jsonb, integer), ironwod.finish_run(bigint),
+    ironwod.claim_run(bigint, integer), ironwod.next_task(bigint), ironwod.run_scope(bigint),
+    ironwod.plan_units(bigint, text), ironwod.entity_skipped(bigint, text),
+    ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
+    ironwod.mark_not_entitled(bigint, text),
+    ironwod.land_page(bigint, text, text, integer, jsonb, integer, text), ironwod.finish_run(bigint),
     ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text)
     TO ironwod_worker;

@@ -1,7 +1,7 @@
 -- pgTAP: landing and work planning, against fixture pages, without any worker.
 -- Runs as the worker role under a fixture scope, so RLS applies as in a real run.
 BEGIN;
-SELECT plan(24);
+SELECT plan(26);
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
 VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001', 'connected', '\x00');
@@ -72,16 +72,21 @@ SELECT results_eq($$SELECT has_more FROM pg_temp.land('programs', 'full', 1,
     $$VALUES (true)$$, 'a full page without pagination has more');
 
 -- Work planning skips completed units, then reaches the monthly windows, newest first.
-INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, entity, window_key, pages, records, completed_by)
-SELECT ironwod.scope_tenant(), ironwod.scope_gym(), e, 'full', 1, 0, current_setting('test.run')::bigint
+INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, run_scope, entity, window_key, pages, records, completed_by)
+SELECT ironwod.scope_tenant(), ironwod.scope_gym(), 'backfill', e, 'full', 1, 0, current_setting('test.run')::bigint
 FROM unnest(ARRAY['locations', 'programs', 'memberships', 'membership_holds']) e;
 SELECT results_eq($$SELECT entity FROM ironwod.next_task(current_setting('test.run')::bigint)$$,
                   $$VALUES ('invoices')$$, 'no client has recent sign-ins: straight to invoices');
 SELECT is((SELECT window_key FROM ironwod.next_task(current_setting('test.run')::bigint)),
           to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'), 'newest window first');
 SELECT matches((SELECT url FROM ironwod.next_task(current_setting('test.run')::bigint)),
+               '^/financials/invoices/search\?q=created_on_datetime%7Cgte%7C\d{4}-\d\d-01T00%3A00%3A00Z&sort=desc_created_on_datetime$',
+               'the newest window is open-ended');
+SELECT matches((SELECT url FROM ironwod.plan_units(current_setting('test.run')::bigint, 'invoices') OFFSET 1 LIMIT 1),
                '^/financials/invoices/search\?q=created_on_datetime%7Cgte%7C\d{4}-\d\d-01T00%3A00%3A00Z%3Bcreated_on_datetime%7Clt%7C\d{4}-\d\d-01T00%3A00%3A00Z&sort=desc_created_on_datetime$',
-               'window query is URL-encoded q with a half-open month');
+               'older windows are URL-encoded q with a half-open month');
+SELECT is((SELECT count(*) FROM ironwod.plan_units(current_setting('test.run')::bigint, 'invoices')), 25::bigint,
+          '24 months plus the current one');
 
 -- A client with a recent sign-in gets its own sign-in unit.
 SELECT lives_ok($$SELECT pg_temp.land('clients', 'full', 1,

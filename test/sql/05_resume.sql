@@ -75,7 +75,7 @@ BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_wait(:second_run, '5 minutes') AS second_run_status;
 -- The resumed run did not fetch the full lists the first run had completed.
-SELECT count(*) AS locations_refetched FROM ironwod.sync_run_entities
+SELECT coalesce(sum(pages), 0) AS locations_pages_refetched FROM ironwod.sync_run_entities
 WHERE run_id = :second_run AND entity = 'locations';
 SELECT bool_and(r.n_records = (g.expected->>r.entity)::int AND r.n_rows = r.n_records) AS all_entities_match
 FROM raw_counts() r, sim_gyms g WHERE g.idx = 0;
