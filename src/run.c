@@ -434,7 +434,7 @@ static void
 record_failure(int64 run_id, MemoryContext ctx)
 {
 	ErrorData  *edata;
-	char		code[16];
+	char		code[32];
 
 	HOLD_INTERRUPTS();
 	MemoryContextSwitchTo(ctx);

@@ -60,6 +60,10 @@ pg_prove --failures test/pgtap/*.sql || rc=$?
 note $rc "pgTAP suites"
 
 rc=0
+SIM_URL=$SIM_URL python3 test/scenarios/sync_scenarios.py || rc=$?
+note $rc "fault, crash and 30-day drift scenarios against the simulator"
+
+rc=0
 PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
 note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
 

@@ -46,6 +46,23 @@ LANGUAGE sql STABLE STRICT
 AS $$ SELECT to_char(p AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') $$;
 COMMENT ON FUNCTION ironwod.iso_utc(timestamptz) IS 'Timestamp in the YYYY-MM-DDTHH:MM:SSZ form Wodify search accepts';
 
+-- The current version of every record of an entity in the scope: the latest by
+-- source_updated_at, then raw id (design.md §4) -- what "the vendor says now".
+CREATE FUNCTION ironwod.latest_raw_versions(p_entity text)
+RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb, last_seen_run_id bigint)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'SELECT DISTINCT ON (wodify_id) wodify_id, raw_id, payload_hash, payload_json, last_seen_run_id
+         FROM ironwod.%I
+         WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
+         ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC',
+        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity));
+END
+$$;
+COMMENT ON FUNCTION ironwod.latest_raw_versions(text) IS 'Latest raw version of every record of an entity in the current scope';
+
 -- Events go to a table (for admin tooling) and to NOTIFY (for live listeners).
 CREATE FUNCTION ironwod.emit_event(p_run_id bigint, p_event text, p_entity text, p_detail jsonb)
 RETURNS void
@@ -296,6 +313,11 @@ BEGIN
         ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE
            SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = now();
     END IF;
+
+    -- Pulled cleanly, so the gym's plan includes it (again).
+    DELETE FROM ironwod.entity_entitlements n
+     WHERE n.tenant_id = ironwod.scope_tenant() AND n.gym_id = ironwod.scope_gym() AND n.entity = p_entity
+       AND n.last_checked_run <> p_run_id;
 
     IF p_entity = 'locations' THEN
         -- The gym's time zone: the first location's (by id), when PostgreSQL knows it.

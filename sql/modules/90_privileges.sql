@@ -24,7 +24,8 @@ GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@
     @extschema@.ironwod_sync(uuid, uuid, text), @extschema@.ironwod_wait(bigint, interval),
     @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid)
     TO ironwod_app, ironwod_admin;
-GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded()
+GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded(),
+    ironwod.latest_raw_versions(text)
     TO ironwod_app, ironwod_admin, ironwod_worker;
 GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, connected_at,
               last_success_at, last_error_at, last_error, last_error_code, last_cursor_at,
@@ -52,7 +53,7 @@ GRANT SELECT, INSERT, UPDATE ON ironwod.sync_runs, ironwod.sync_run_entities, ir
     TO ironwod_worker;
 GRANT SELECT, INSERT, DELETE ON ironwod.backfill_checkpoints TO ironwod_worker;
 GRANT SELECT, INSERT ON ironwod.sync_events TO ironwod_worker;
-GRANT SELECT, INSERT, UPDATE ON ironwod.entity_entitlements TO ironwod_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ironwod.entity_entitlements TO ironwod_worker;
 GRANT SELECT, INSERT, DELETE ON ironwod.vanished_records TO ironwod_worker;
 GRANT SELECT ON ironwod.entities, ironwod.master_keys TO ironwod_worker;
 GRANT SELECT, INSERT, UPDATE ON ironwod.wodify_raw_locations, ironwod.wodify_raw_programs,

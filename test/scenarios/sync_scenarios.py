@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""Scripted fault, crash and drift scenarios against the Wodify simulator.
+
+Run by test/run-tests.sh after the SQL suites, against the same throwaway cluster
+(PGHOST/PGPORT/PGUSER/PGDATABASE in the environment) and simulator (SIM_URL).
+Prints TAP ("ok N - ...") and exits non-zero when any scenario fails.
+
+Each scenario injects one kind of trouble through POST /_sim/faults, runs a sync
+and checks what must hold afterwards: the run's outcome, that nothing was lost
+(the gym's raw tables hold the latest version of every record a fresh backfill
+sees) and nothing duplicated (one row per payload version, by constraint), and
+where the watermarks are.  Waiting is done on ironwod_wait() and on observable
+state, never on fixed sleeps.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+SIM = os.environ["SIM_URL"]
+GYM_INDEX = 1                    # the simulator gym these scenarios use
+FAULT = ("55555555-5555-5555-5555-555555555555", "55555555-0000-0000-0000-000000000001")
+CRASH = ("66666666-6666-6666-6666-666666666666", "66666666-0000-0000-0000-000000000001")
+FRESH = ("67676767-6767-6767-6767-676767676767", "67676767-0000-0000-0000-000000000001")
+
+results = []
+
+
+def psql(sql):
+    """Run SQL as the postgres superuser; return stdout lines (unaligned, tuples only)."""
+    out = subprocess.run(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], input=sql,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"psql failed: {out.stderr.strip()}\n{sql}")
+    return [line for line in out.stdout.splitlines() if line != ""]
+
+
+def scoped(gym, sql):
+    """Run SQL inside a transaction scoped to (tenant, gym); return the last statement's rows."""
+    t, g = gym
+    return psql(f"BEGIN; SELECT ironwod_set_scope('{t}', '{g}');\n{sql};\nCOMMIT;")
+
+
+def one(gym, sql):
+    rows = scoped(gym, sql)
+    return rows[-1] if rows else None
+
+
+def sim(method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(SIM + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+        return json.loads(raw) if raw else None
+
+
+def api_key():
+    return next(g["api_key"] for g in sim("GET", "/_sim/gyms")["gyms"] if g["index"] == GYM_INDEX)
+
+
+def fault(**kw):
+    kw.setdefault("api_key", api_key())
+    sim("POST", "/_sim/faults", kw)
+
+
+def check(ok, description, detail=""):
+    results.append(ok)
+    print(f"{'ok' if ok else 'not ok'} {len(results)} - {description}")
+    if not ok and detail:
+        for line in str(detail).splitlines():
+            print(f"#   {line}")
+
+
+def connect(gym):
+    one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', "
+             f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
+    return wait(gym, one(gym, "SELECT last_run('backfill')"))
+
+
+def sync(gym, mode):
+    run = one(gym, f"SELECT ironwod_sync('{gym[0]}', '{gym[1]}', '{mode}')")
+    return run, wait(gym, run)
+
+
+def wait(gym, run):
+    return one(gym, f"SELECT ironwod_wait({run}, '5 minutes')")
+
+
+def set_guc(name, value):
+    """Change a server setting and wait until this backend sees it (so the postmaster,
+    which forks the workers, has reloaded before we go on)."""
+    if value is None:
+        psql(f"ALTER SYSTEM RESET {name}")
+    else:
+        psql(f"ALTER SYSTEM SET {name} = '{value}'")
+    psql("SELECT pg_reload_conf()")
+    want = psql(f"SELECT boot_val FROM pg_settings WHERE name = '{name}'")[0] if value is None else str(value)
+    for _ in range(200):
+        if psql(f"SELECT current_setting('{name}')")[0].rstrip("ms") == want.rstrip("ms"):
+            return
+        time.sleep(0.02)
+
+
+def latest_versions(gym):
+    """Latest payload version of every record, per entity, as a set of text rows."""
+    rows = scoped(gym, """
+        SELECT e.entity || ':' || x.wodify_id || ':' || encode(x.payload_hash, 'hex')
+        FROM ironwod.entities e,
+             LATERAL (SELECT * FROM ironwod.latest_raw_versions(e.entity)) x
+        WHERE NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
+                          WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym()
+                            AND v.entity = e.entity AND v.wodify_id = x.wodify_id)""")
+    return set(rows)
+
+
+def same_data(gym, reference, what):
+    mine = latest_versions(gym)
+    missing, extra = reference - mine, mine - reference
+    check(not missing and not extra, what,
+          f"{len(missing)} missing, {len(extra)} extra; e.g. {sorted(missing)[:3]} {sorted(extra)[:3]}")
+
+
+def watermarks(gym):
+    return scoped(gym, "SELECT entity || '=' || coalesce(watermark::text, '') FROM ironwod.entity_cursors ORDER BY 1")
+
+
+def status(gym):
+    return one(gym, f"SELECT status || ',' || consecutive_failures || ',' || coalesce(last_error_code, '') "
+                    f"FROM ironwod_status('{gym[0]}', '{gym[1]}')")
+
+
+def fault_scenarios():
+    check(connect(FAULT) == "succeeded", "fault gym: initial backfill succeeds")
+    reference = latest_versions(FAULT)
+    set_guc("ironwod.max_retries", 4)
+
+    cases = [
+        ("429 storm without Retry-After", dict(kind="throttle", endpoint="/clients", count=3)),
+        ("429 storm with Retry-After: 1", dict(kind="throttle", endpoint="/memberships", count=2, retry_after=1)),
+        ("429 with an HTTP-date Retry-After", dict(kind="throttle", endpoint="/programs", count=1,
+                                                   retry_after=time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                                                             time.gmtime(time.time() + 1)))),
+        ("5xx burst", dict(kind="status", status=503, endpoint="/memberships/holds", count=3)),
+        ("502 then 504", dict(kind="status", status=502, endpoint="/customers/locations", count=1)),
+        ("truncated JSON bodies", dict(kind="truncate", endpoint="/financials/invoices/search", count=2)),
+        ("error envelopes inside HTTP 200", dict(kind="envelope", http_code=500, endpoint="/programs", count=2)),
+        ("connection resets", dict(kind="reset", endpoint="/financials/transactions/search", count=2)),
+    ]
+    for name, spec in cases:
+        sim("DELETE", "/_sim/faults")
+        fault(**spec)
+        run, outcome = sync(FAULT, "incremental")
+        retries = one(FAULT, f"SELECT retries FROM ironwod.sync_runs WHERE run_id = {run}")
+        check(outcome == "succeeded" and int(retries) >= 1, f"{name}: retried and succeeded",
+              f"outcome {outcome}, retries {retries}")
+        same_data(FAULT, reference, f"{name}: nothing lost, nothing duplicated")
+
+    # A slow body past the request timeout is a retryable timeout.
+    sim("DELETE", "/_sim/faults")
+    set_guc("ironwod.request_timeout_ms", 1000)
+    fault(kind="slow", delay_s=3, endpoint="/clients", count=2)
+    run, outcome = sync(FAULT, "incremental")
+    set_guc("ironwod.request_timeout_ms", None)
+    check(outcome == "succeeded", "slow bodies past the timeout: retried and succeeded", outcome)
+    same_data(FAULT, reference, "slow bodies: nothing lost")
+
+    # Retries exhausted: the run fails cleanly, watermarks stay, the breaker counts.
+    sim("DELETE", "/_sim/faults")
+    before = watermarks(FAULT)
+    fault(kind="status", status=500, endpoint="/financials/transactions/search", count=100)
+    run, outcome = sync(FAULT, "incremental")
+    code = one(FAULT, f"SELECT error_code FROM ironwod.sync_runs WHERE run_id = {run}")
+    check(outcome == "failed" and code == "retries_exhausted", "persistent 5xx: run fails after max_retries",
+          f"{outcome} {code}")
+    check(watermarks(FAULT) == before, "failed run leaves every watermark where it was",
+          f"{before} -> {watermarks(FAULT)}")
+    check(status(FAULT) == "connected,1,retries_exhausted", "failure counted, breaker still closed", status(FAULT))
+
+    # The breaker opens after ironwod.breaker_threshold consecutive failures.
+    set_guc("ironwod.breaker_threshold", 2)
+    run, outcome = sync(FAULT, "incremental")
+    row = one(FAULT, f"SELECT status, consecutive_failures, next_retry_at > now() "
+                     f"FROM ironwod_status('{FAULT[0]}', '{FAULT[1]}')")
+    check(row == "error|2|t", "breaker opens with next_retry_at after consecutive failures", row)
+    sim("DELETE", "/_sim/faults")
+    run, outcome = sync(FAULT, "incremental")
+    check(outcome == "succeeded" and status(FAULT) == "connected,0,retries_exhausted",
+          "a successful run closes the breaker", f"{outcome} {status(FAULT)}")
+    set_guc("ironwod.breaker_threshold", None)
+
+    # The monthly quota defers the run instead of failing it.
+    before = watermarks(FAULT)
+    fault(kind="quota", endpoint="/memberships", count=1)
+    run, outcome = sync(FAULT, "incremental")
+    row = one(FAULT, f"SELECT status, consecutive_failures, "
+                     f"next_retry_at = date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month' "
+                     f"FROM ironwod_status('{FAULT[0]}', '{FAULT[1]}')")
+    check(outcome == "deferred" and row == "connected|0|t", "quota 429: run deferred to next month, not failed",
+          f"{outcome} {row}")
+    check(watermarks(FAULT) == before, "deferred run leaves watermarks where they were")
+    psql(f"UPDATE ironwod.integrations_wodify_connection SET next_retry_at = NULL WHERE tenant_id = '{FAULT[0]}'")
+
+    # An endpoint the gym's plan does not include: skipped, visible, retried by reconciliation.
+    sim("POST", "/_sim/entitlements", {"api_key": api_key(), "endpoint_prefix": "/financials/transactions",
+                                       "entitled": False})
+    run, outcome = sync(FAULT, "incremental")
+    skipped = scoped(FAULT, "SELECT entity FROM ironwod.entity_entitlements")
+    check(outcome == "succeeded" and skipped == ["transactions"],
+          "403 on one endpoint: entity marked not entitled, run succeeds", f"{outcome} {skipped}")
+    run, outcome = sync(FAULT, "incremental")
+    pulled = one(FAULT, f"SELECT count(*) FROM ironwod.sync_run_entities WHERE run_id = {run} "
+                        f"AND entity = 'transactions' AND pages > 0")
+    check(outcome == "succeeded" and pulled == "0", "incremental runs skip a not-entitled entity")
+    sim("POST", "/_sim/entitlements", {"api_key": api_key(), "endpoint_prefix": "/financials/transactions",
+                                       "entitled": True})
+    run, outcome = sync(FAULT, "reconcile")
+    skipped = scoped(FAULT, "SELECT entity FROM ironwod.entity_entitlements")
+    check(outcome == "succeeded" and skipped == [], "reconciliation retries it and clears the mark",
+          f"{outcome} {skipped}")
+
+    # Auth errors open the breaker at once, without retries.
+    fault(kind="status", status=401, endpoint="/clients", count=1)
+    run, outcome = sync(FAULT, "incremental")
+    row = one(FAULT, f"SELECT r.retries, c.status, c.next_retry_at IS NULL FROM ironwod.sync_runs r, "
+                     f"ironwod_status('{FAULT[0]}', '{FAULT[1]}') c WHERE r.run_id = {run}")
+    check(outcome == "failed" and row == "0|error|t", "401: no retry, connection in error at once", f"{outcome} {row}")
+    sim("DELETE", "/_sim/faults")
+    check(connect_again(FAULT) == "connected", "reconnecting with a working key clears the error")
+    set_guc("ironwod.max_retries", None)
+    same_data(FAULT, reference, "after every fault: the raw tables still equal the vendor's data")
+
+
+def connect_again(gym):
+    return one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', "
+                    f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
+
+
+def crash_scenarios(reference):
+    """Kill the run worker after k landed pages for ten values of k; every retry ends
+    with the same raw contents as an uninterrupted backfill."""
+    check(connect(CRASH) == "succeeded", "crash gym: initial backfill succeeds")
+    set_guc("ironwod.requests_per_second", 40)
+    set_guc("ironwod.burst", 1)
+    for k in (1, 2, 4, 7, 11, 17, 26, 40, 61, 93):
+        run = one(CRASH, f"SELECT ironwod_sync('{CRASH[0]}', '{CRASH[1]}', 'backfill')")
+        killed = False
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
+                                   f"WHERE run_id = {run}"))
+            state = one(CRASH, f"SELECT status FROM ironwod.sync_runs WHERE run_id = {run}")
+            if state != "running" and state != "queued":
+                break
+            if pages >= k:
+                killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
+                              f"WHERE run_id = {run}") == ["t"]
+                break
+            time.sleep(0.02)
+        first = wait(CRASH, run)
+        retry_run, outcome = sync(CRASH, "backfill")
+        check(killed and first == "failed" and outcome == "succeeded",
+              f"worker killed after {k} pages: run failed, retry succeeded", f"{killed} {first} {outcome}")
+        same_data(CRASH, reference, f"killed after {k} pages: raw equals an uninterrupted backfill")
+    set_guc("ironwod.requests_per_second", None)
+    set_guc("ironwod.burst", None)
+
+
+def drift_scenario():
+    """30 simulated days of vendor activity with a nightly incremental run (and the
+    weekly reconciliation on every 7th day): the raw tables end equal to a fresh
+    full backfill of the same gym, so the incremental path misses nothing."""
+    for day in range(1, 31):
+        sim("POST", f"/_sim/advance?days=1")
+        mode = "reconcile" if day % 7 == 0 else "incremental"
+        run, outcome = sync(FAULT, mode)
+        if outcome != "succeeded":
+            check(False, f"day {day}: {mode} run succeeds", outcome)
+            return
+    check(True, "30 days of nightly incremental runs and weekly reconciliations succeed")
+    check(connect(FRESH) == "succeeded", "fresh backfill of the same gym after 30 days")
+    same_data(FAULT, latest_versions(FRESH), "incremental path missed nothing: raw equals a fresh backfill")
+    new_runs = one(FAULT, "SELECT count(*) FROM ironwod.sync_runs WHERE mode IN ('incremental', 'reconcile')")
+    check(int(new_runs) >= 30, "every day had its own run", new_runs)
+
+
+def main():
+    fault_scenarios()
+    crash_scenarios(latest_versions(FAULT))
+    drift_scenario()
+    failed = results.count(False)
+    print(f"1..{len(results)}")
+    print(f"# {len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
