@@ -12,8 +12,12 @@
  *		which carries the API key and is wiped before it is freed;
  *	  - the curl callbacks (body, Retry-After, interrupt polling);
  *	  - the classification of every outcome into an IwHttpClass;
- *	  - request pacing (a token bucket) and retry backoff, both implemented
- *		as interruptible WaitLatch sleeps.
+ *	  - retry backoff, an interruptible WaitLatch sleep.
+ *
+ * Pacing is not done here: every request first takes a token from
+ * ratelimit.c (iw_ratelimit_acquire) and reports its status back
+ * (iw_ratelimit_feedback), so all workers of a connection, and all
+ * connections of the cluster, share their limits through shared memory.
  *
  * Only workers call into this file; backends and the postmaster never do
  * HTTP (design.md section 2).
@@ -83,25 +87,6 @@ typedef struct IwTransfer
 } IwTransfer;
 
 static IwTransfer iw_xfer;
-
-/*
- * Request pacing: an in-process token bucket (rate
- * ironwod.requests_per_second, capacity ironwod.burst).
- *
- * NOTE: this is deliberately one small struct in process-local memory.  A
- * later change moves the bucket into shared memory (one per connection plus
- * a cluster-wide cap, adapting down on 429; design.md section 5); keeping
- * all pacing state here, touched only by iw_http_pace, makes that a local
- * change.
- */
-typedef struct IwTokenBucket
-{
-	bool		initialized;
-	double		tokens;			/* available tokens, <= capacity */
-	instr_time	last_refill;	/* monotonic clock at the last refill */
-} IwTokenBucket;
-
-static IwTokenBucket iw_bucket;
 
 /* Objects created by this process, released by iw_http_end. */
 static CURL *iw_curl = NULL;
@@ -261,7 +246,7 @@ iw_http_begin(const char *api_key)
 
 /*
  * iw_http_get
- *		Perform one paced GET of url and describe the outcome in *resp.
+ *		Perform one rate-limited GET of url and describe the outcome in *resp.
  *
  * Why: the run loop needs one call that turns every HTTP and transport
  * outcome into a class it can act on (land, retry, stop, skip), without
@@ -282,7 +267,8 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 				 errmsg("iw_http_get called without iw_http_begin")));
 	Assert(url != NULL && resp != NULL);
 
-	iw_http_pace();
+	/* No request is sent without a token (ratelimit.c). */
+	iw_ratelimit_acquire();
 
 	memset(resp, 0, sizeof(*resp));
 	resp->body = NULL;
@@ -368,6 +354,10 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 	iw_xfer.cap = 0;
 	iw_xfer.cxt = NULL;
 
+	/* Outside libcurl again: a 429 slows the buckets, a 2xx wins rate back. */
+	if (rc == CURLE_OK)
+		iw_ratelimit_feedback(status, resp->retry_after_s);
+
 	/* Now that we are outside libcurl, let cancel/die take effect. */
 	if (resp->klass == IW_HTTP_INTERRUPTED)
 		CHECK_FOR_INTERRUPTS();
@@ -396,60 +386,6 @@ iw_http_end(void)
 		iw_headers = NULL;
 	}
 	iw_errbuf[0] = '\0';
-}
-
-/*
- * iw_http_pace
- *		Wait until the token bucket allows one more request, then take it.
- *
- * Why: Wodify documents 5 requests/s with a burst of 20; staying below that
- * avoids 429s instead of reacting to them.  The wait is a WaitLatch so that
- * SIGTERM, cancel and postmaster death are honoured while we pace.
- */
-void
-iw_http_pace(void)
-{
-	for (;;)
-	{
-		double		rate = ironwod_requests_per_second;
-		double		capacity = (double) Max(ironwod_burst, 1);
-		instr_time	now;
-		long		wait_ms;
-
-		/* A non-positive rate means pacing is off. */
-		if (!(rate > 0))
-			return;
-
-		INSTR_TIME_SET_CURRENT(now);
-		if (!iw_bucket.initialized)
-		{
-			iw_bucket.tokens = capacity;
-			iw_bucket.initialized = true;
-		}
-		else
-		{
-			instr_time	elapsed = now;
-			double		elapsed_s;
-
-			INSTR_TIME_SUBTRACT(elapsed, iw_bucket.last_refill);
-			elapsed_s = INSTR_TIME_GET_DOUBLE(elapsed);
-			if (elapsed_s > 0)
-				iw_bucket.tokens += elapsed_s * rate;
-		}
-		iw_bucket.last_refill = now;
-		/* Also applies when ironwod.burst was lowered by a reload. */
-		if (iw_bucket.tokens > capacity)
-			iw_bucket.tokens = capacity;
-
-		if (iw_bucket.tokens >= 1.0)
-		{
-			iw_bucket.tokens -= 1.0;
-			return;
-		}
-
-		wait_ms = (long) ceil((1.0 - iw_bucket.tokens) / rate * 1000.0);
-		iw_sleep_ms(Max(wait_ms, 1));
-	}
 }
 
 /*

@@ -30,6 +30,7 @@ int			ironwod_max_response_bytes = 64 * 1024 * 1024;
 int			ironwod_max_retries = 5;
 double		ironwod_requests_per_second = 4.5;
 int			ironwod_burst = 15;
+double		ironwod_cluster_requests_per_second = 50.0;
 bool		ironwod_allow_http = false;
 int			ironwod_naptime_ms = 30000;
 int			ironwod_validate_timeout_ms = 15000;
@@ -128,14 +129,20 @@ define_gucs(void)
 							NULL, &ironwod_max_retries, 5, 0, 100,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomRealVariable("ironwod.requests_per_second",
-							 "Request rate of one run worker.",
-							 "Below Wodify's documented 5 requests per second.",
+							 "Request rate of one connection (tenant, gym), shared by its workers.",
+							 "Below Wodify's documented 5 requests per second; halved on every 429 and won back slowly.",
 							 &ironwod_requests_per_second, 4.5, 0.01, 10000.0,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("ironwod.burst",
-							"Request burst of one run worker.",
-							NULL, &ironwod_burst, 15, 1, 10000,
+							"Request burst of one connection (tenant, gym).",
+							"Below Wodify's documented burst of 20.",
+							&ironwod_burst, 15, 1, 10000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomRealVariable("ironwod.cluster_requests_per_second",
+							 "Request rate of all ironwod workers of the cluster together.",
+							 "Halved on every 429 (down to a tenth) and won back slowly.",
+							 &ironwod_cluster_requests_per_second, 50.0, 0.1, 100000.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("ironwod.allow_http",
 							 "Allow plain http:// base URLs (tests only).",
 							 NULL, &ironwod_allow_http, false,
@@ -216,6 +223,7 @@ _PG_init(void)
 
 	define_gucs();
 	iw_shmem_init_hooks();
+	iw_ratelimit_init_hooks();
 	iw_install_log_hook();
 	iw_register_supervisor();
 }

@@ -9,7 +9,9 @@
  *	               validation slots, condition variables
  *	  supervisor.c the static "ironwod supervisor" background worker
  *	  run.c        the dynamic "ironwod run" and "ironwod validate" workers
- *	  http.c       libcurl wrapper: one easy handle per run, pacing, backoff
+ *	  http.c       libcurl wrapper: one easy handle per run, backoff
+ *	  ratelimit.c  token buckets in shared memory: per connection and
+ *	               cluster-wide, adapting to 429s
  *	  land.c       SPI calls that land pages and move run state
  *	  crypto.c     sealed-box encryption of API keys, fingerprints
  *	  masterkey.c  loading private master keys from ironwod.master_key_command
@@ -26,6 +28,7 @@
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/lwlock.h"
+#include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 #define IRONWOD_VERSION "1.0"
@@ -43,6 +46,7 @@ extern int	ironwod_max_response_bytes;
 extern int	ironwod_max_retries;
 extern double ironwod_requests_per_second;
 extern int	ironwod_burst;
+extern double ironwod_cluster_requests_per_second;
 extern bool ironwod_allow_http;
 extern int	ironwod_naptime_ms;
 extern int	ironwod_validate_timeout_ms;
@@ -170,7 +174,29 @@ extern void iw_http_begin(const char *api_key);
 extern void iw_http_get(const char *url, IwHttpResponse *resp);
 extern void iw_http_end(void);
 extern void iw_http_backoff(int attempt, double retry_after_s);
-extern void iw_http_pace(void);
+
+/* ---- rate limiting (ratelimit.c) ---- */
+
+/* One row of ironwod.rate_limits(), copied out of shared memory. */
+typedef struct IwRateLimitInfo
+{
+	bool		is_cluster;		/* the cluster-wide bucket (no tenant/gym) */
+	pg_uuid_t	tenant_id;
+	pg_uuid_t	gym_id;
+	double		tokens;			/* as of the snapshot */
+	double		rate;			/* effective requests/s, adaptive factor
+								 * applied */
+	TimestampTz paused_until;	/* 0 when not paused by a 429 */
+	int64		throttled_count;	/* 429s seen */
+	int			refcount;		/* workers bound now */
+} IwRateLimitInfo;
+
+extern void iw_ratelimit_init_hooks(void);
+extern void iw_ratelimit_bind(const pg_uuid_t *tenant, const pg_uuid_t *gym);
+extern void iw_ratelimit_acquire(void);
+extern void iw_ratelimit_feedback(long http_status, double retry_after_s);
+extern int	iw_ratelimit_snapshot(IwRateLimitInfo *out, int max);
+extern int	iw_ratelimit_max_rows(void);
 
 /* ---- crypto (crypto.c, masterkey.c) ---- */
 

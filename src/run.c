@@ -159,6 +159,8 @@ validate_key(int *http_status, char *message, size_t message_len)
 							return IW_VERDICT_REJECTED;
 						}
 						retry = (c == 429 || c >= 500);
+						if (c == 429)
+							iw_ratelimit_feedback(429, -1);
 						snprintf(message, message_len, "error envelope with HTTPCode %d", c);
 					}
 					else if (locs != NULL && locs->type == jbvBinary &&
@@ -272,6 +274,9 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 										   res.message ? res.message : "");
 						if (res.http_code == 401 || res.http_code == 403)
 							fail_code = "auth";
+						/* A throttle in a 200 envelope is still a throttle. */
+						if (res.http_code == 429)
+							iw_ratelimit_feedback(429, -1);
 						retry = (res.http_code == 429 || res.http_code >= 500);
 					}
 					else if (strcmp(res.outcome, "pagination") == 0)
@@ -470,6 +475,8 @@ ironwod_run_main(Datum main_arg)
 	init_worker(&args, "ironwod run");
 	iw_set_scope(&args.tenant_id, &args.gym_id);
 	iw_run_slot_set(args.run_id);
+	/* Every worker of this connection shares one bucket from here on. */
+	iw_ratelimit_bind(&args.tenant_id, &args.gym_id);
 	run_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod run", ALLOCSET_DEFAULT_SIZES);
 
 	PG_TRY();
@@ -534,6 +541,7 @@ ironwod_validate_main(Datum main_arg)
 	SET_VARSIZE(sealed, VARHDRSZ + slot->sealed_len);
 	memcpy(VARDATA(sealed), slot->sealed, slot->sealed_len);
 	LWLockRelease(iw_shared->lock);
+	iw_ratelimit_bind(&args.tenant_id, &args.gym_id);
 
 	PG_TRY();
 	{

@@ -30,6 +30,7 @@ PG_FUNCTION_INFO_V1(ironwod_sealed_key_id);
 PG_FUNCTION_INFO_V1(ironwod_seal_key);
 PG_FUNCTION_INFO_V1(ironwod_validate_sealed_key);
 PG_FUNCTION_INFO_V1(ironwod_worker_status);
+PG_FUNCTION_INFO_V1(ironwod_rate_limits);
 
 static void
 require_shmem(void)
@@ -372,5 +373,46 @@ ironwod_worker_status(PG_FUNCTION_ARGS)
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	LWLockRelease(iw_shared->lock);
+	PG_RETURN_VOID();
+}
+
+/*
+ * The rate limiter's state: the cluster-wide bucket (tenant and gym NULL)
+ * and one row per connection bucket.  The rows are copied out of shared
+ * memory first, so no tuple is built under the rate limiter's lock.
+ */
+Datum
+ironwod_rate_limits(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			max = iw_ratelimit_max_rows();
+	IwRateLimitInfo *rows;
+	int			n;
+	int			i;
+
+	require_shmem();
+	InitMaterializedSRF(fcinfo, 0);
+	rows = palloc(sizeof(IwRateLimitInfo) * max);
+	n = iw_ratelimit_snapshot(rows, max);
+	for (i = 0; i < n; i++)
+	{
+		Datum		values[6];
+		bool		nulls[6] = {false, false, false, false, false, false};
+		pg_uuid_t  *tenant = palloc(sizeof(pg_uuid_t));
+		pg_uuid_t  *gym = palloc(sizeof(pg_uuid_t));
+
+		*tenant = rows[i].tenant_id;
+		*gym = rows[i].gym_id;
+		values[0] = UUIDPGetDatum(tenant);
+		values[1] = UUIDPGetDatum(gym);
+		nulls[0] = nulls[1] = rows[i].is_cluster;
+		values[2] = Float8GetDatum(rows[i].tokens);
+		values[3] = Float8GetDatum(rows[i].rate);
+		values[4] = TimestampTzGetDatum(rows[i].paused_until);
+		nulls[4] = (rows[i].paused_until == 0);
+		values[5] = Int64GetDatum(rows[i].throttled_count);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	pfree(rows);
 	PG_RETURN_VOID();
 }

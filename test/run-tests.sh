@@ -28,6 +28,7 @@ start_cluster ironwod \
     "log_parameter_max_length_on_error = -1" \
     "ironwod.requests_per_second = 500" \
     "ironwod.burst = 100" \
+    "ironwod.cluster_requests_per_second = 5000" \
     "ironwod.naptime = 2000" \
     "ironwod.max_retries = 3"
 
@@ -66,6 +67,11 @@ note $rc "fault, crash and 30-day drift scenarios against the simulator"
 rc=0
 PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
 note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
+
+# Its own simulator (Wodify's real 5 req/s, burst 20) and its own cluster.
+rc=0
+PGBIN=$PGBIN bash test/shell/rate_limit.sh || rc=$?
+note $rc "rate limiting: no 429 at the simulator's limit; 429s above it are retried, nothing lost"
 
 echo
 echo "$passed passed, $failed failed"

@@ -30,3 +30,9 @@ COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea) IS 'Have a va
 CREATE FUNCTION ironwod.worker_status(OUT run_id bigint, OUT pid integer) RETURNS SETOF record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_worker_status';
 COMMENT ON FUNCTION ironwod.worker_status() IS 'Run workers alive now, from shared memory';
+
+CREATE FUNCTION ironwod.rate_limits(OUT tenant_id uuid, OUT gym_id uuid, OUT tokens double precision,
+                                    OUT rate double precision, OUT paused_until timestamptz,
+                                    OUT throttled_count bigint) RETURNS SETOF record
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_rate_limits';
+COMMENT ON FUNCTION ironwod.rate_limits() IS 'Rate limiter state from shared memory: one row per connection bucket, plus the cluster-wide bucket with NULL tenant_id and gym_id; rate is requests/s after the 429 adaptation, paused_until is set while a 429 pause lasts';

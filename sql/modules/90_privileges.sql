@@ -45,7 +45,7 @@ GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.backfill_c
 -- Operators: the registry and the master keys.
 GRANT UPDATE ON ironwod.entities TO ironwod_admin;
 GRANT EXECUTE ON FUNCTION ironwod.register_master_key(text, bytea), ironwod.worker_status(),
-    @extschema@.ironwod_tick(), @extschema@.ironwod_schedule(text) TO ironwod_admin;
+    ironwod.rate_limits(), @extschema@.ironwod_tick(), @extschema@.ironwod_schedule(text) TO ironwod_admin;
 
 -- The run workers: their scope's rows, the ciphertext, and the landing functions.
 GRANT SELECT, UPDATE ON ironwod.integrations_wodify_connection TO ironwod_worker;
