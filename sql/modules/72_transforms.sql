@@ -7,6 +7,35 @@
 -- reports the earliest civil date it touched (old and new version), which the
 -- metrics refresh uses to recompute backdated months (metrics.md §5.4).
 
+-- Runs whose landed versions have been transformed.  transform_run(run) takes the
+-- versions of that run and of every earlier run not yet transformed: a run that
+-- failed after landing pages leaves versions that a later run only re-sees (same
+-- hash, so their ingest_run_id stays the failed run's), and they must not be lost.
+CREATE TABLE ironwod.transformed_runs (
+    tenant_id       uuid NOT NULL,
+    gym_id          uuid NOT NULL,
+    run_id          bigint NOT NULL,
+    transformed_by  bigint NOT NULL,
+    transformed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, gym_id, run_id),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.transformed_runs IS 'Runs whose landed raw versions transform_run has turned into canonical rows';
+SELECT ironwod.apply_tenant_policies('ironwod.transformed_runs');
+GRANT SELECT, INSERT ON ironwod.transformed_runs TO ironwod_worker;
+GRANT SELECT ON ironwod.transformed_runs TO ironwod_app, ironwod_admin;
+
+-- transform_run finds a run's versions by ingest_run_id.
+DO $idx$
+DECLARE
+    t name;
+BEGIN
+    FOR t IN SELECT raw_table FROM ironwod.entities ORDER BY ordinal LOOP
+        EXECUTE format('CREATE INDEX ON ironwod.%I (tenant_id, gym_id, ingest_run_id)', t);
+    END LOOP;
+END
+$idx$;
+
 -- Wodify sentinels: 1900-01-01 dates, 0 ids and "" texts mean "no value".
 CREATE FUNCTION ironwod.j_date(p text) RETURNS date
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -76,17 +105,28 @@ DECLARE
     v_out jsonb := '{}';
     v_c integer;
     v_dirty date;
+    v_runs bigint[];
 BEGIN
     IF v_t IS NULL OR v_g IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
+    IF p_run_id IS NOT NULL THEN
+        v_runs := ARRAY(
+            SELECT x.run_id
+            FROM (SELECT r.run_id FROM ironwod.sync_runs r
+                  WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id <= p_run_id
+                  UNION SELECT p_run_id) x
+            WHERE NOT EXISTS (SELECT 1 FROM ironwod.transformed_runs d
+                              WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = x.run_id)
+            ORDER BY 1);
+    END IF;
 
     -- locations (first: they decide the time zone)
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_locations r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_locations r JOIN ids USING (wodify_id)
@@ -122,7 +162,7 @@ BEGIN
     -- programs (no metric depends on them in v1)
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_programs r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_programs r JOIN ids USING (wodify_id)
@@ -149,7 +189,7 @@ BEGIN
     -- clients -> members (no metric depends on their fields in v1)
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_clients r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_clients r JOIN ids USING (wodify_id)
@@ -182,7 +222,7 @@ BEGIN
     -- version's update time, deleted_by_run = the run that landed it).
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_memberships r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_memberships r JOIN ids USING (wodify_id)
@@ -239,7 +279,7 @@ BEGIN
     -- membership holds
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_membership_holds r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_membership_holds r JOIN ids USING (wodify_id)
@@ -279,7 +319,7 @@ BEGIN
     -- class sign-ins -> attendance events
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_class_signins r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_class_signins r JOIN ids USING (wodify_id)
@@ -315,7 +355,7 @@ BEGIN
     -- invoices
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_invoices r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_invoices r JOIN ids USING (wodify_id)
@@ -353,7 +393,7 @@ BEGIN
     -- transactions
     WITH ids AS (
         SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_transactions r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = p_run_id)
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
     ), latest AS (
         SELECT DISTINCT ON (r.wodify_id) r.*
         FROM ironwod.wodify_raw_transactions r JOIN ids USING (wodify_id)
@@ -386,6 +426,9 @@ BEGIN
     PERFORM ironwod.note_dirty(p_run_id, 'transactions', v_dirty, v_c);
     v_out := v_out || jsonb_build_object('transactions', v_c);
 
+    INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
+    SELECT v_t, v_g, x, p_run_id FROM unnest(v_runs) AS x
+    ON CONFLICT DO NOTHING;
     RETURN v_out;
 END
 $$;
@@ -415,7 +458,7 @@ BEGIN
     RETURN ironwod.transform_records(p_run_id);
 END
 $$;
-COMMENT ON FUNCTION ironwod.transform_run(bigint) IS 'Worker, after the last page of a run landed: rebuild the canonical rows of records with a new raw version in that run; idempotent; returns rows written per entity';
+COMMENT ON FUNCTION ironwod.transform_run(bigint) IS 'Worker, after the last page of a run landed: rebuild the canonical rows of records with a new raw version in that run (and in earlier runs not yet transformed, e.g. failed ones); idempotent; returns rows written per entity';
 
 CREATE FUNCTION ironwod.transform_all()
 RETURNS jsonb

@@ -13,6 +13,16 @@
 -- to date (as_of = today) and flagged is_partial, as is any month whose end plus the
 -- merge gap has not passed yet.
 
+-- "Today" in the gym's zone.  The setting ironwod_metrics.today (a date) freezes the
+-- clock for tests and for reproducing an earlier computation; unset means now().
+CREATE FUNCTION ironwod.metrics_today(p_tz text) RETURNS date
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(nullif(current_setting('ironwod_metrics.today', true), '')::date,
+                    (now() AT TIME ZONE p_tz)::date)
+$$;
+COMMENT ON FUNCTION ironwod.metrics_today(text) IS 'Local date of today in the given zone, or the date in setting ironwod_metrics.today when set (frozen clock for tests and reproductions)';
+
 CREATE FUNCTION ironwod.metric_config() RETURNS ironwod.metric_settings
 LANGUAGE plpgsql
 AS $$
@@ -76,7 +86,7 @@ AS $$
     SELECT coalesce(
         (SELECT x.history_start_date FROM ironwod.metric_settings x
          WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym()),
-        CASE WHEN s.d IS NULL THEN date_trunc('month', coalesce(s.m, (now() AT TIME ZONE p_tz)::date))::date
+        CASE WHEN s.d IS NULL THEN date_trunc('month', coalesce(s.m, ironwod.metrics_today(p_tz)))::date
              WHEN extract(day FROM s.d) = 1 THEN s.d
              ELSE (date_trunc('month', s.d) + interval '1 month')::date END)
     FROM s
@@ -87,6 +97,7 @@ COMMENT ON FUNCTION ironwod.history_start(text) IS 'history_start_date of the sc
 CREATE FUNCTION ironwod.compute_metrics(p_from date)
 RETURNS jsonb
 LANGUAGE plpgsql
+SET jit = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
@@ -111,14 +122,14 @@ BEGIN
     s := ironwod.metric_config();
     v_hash := ironwod.config_hash(s);
     v_tz := ironwod.gym_time_zone();
-    v_today := (now() AT TIME ZONE v_tz)::date;
+    v_today := ironwod.metrics_today(v_tz);
     v_cur := date_trunc('month', v_today)::date;
     v_hist := least(ironwod.history_start(v_tz), v_cur);
     v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
 
     -- Member-qualifying (price > 0) and comped (price = 0) memberships, once gym-wide
     -- (ALL) and once under their location.
-    DROP TABLE IF EXISTS pg_temp.iw_m;
+    IF to_regclass('pg_temp.iw_m') IS NOT NULL THEN DROP TABLE pg_temp.iw_m; END IF;
     CREATE TEMP TABLE iw_m ON COMMIT DROP AS
     SELECT k.location_key, m.member_id, m.membership_id, m.start_date,
            coalesce(m.end_date + 1, 'infinity'::date) AS end_excl,
@@ -177,9 +188,10 @@ BEGIN
            r.rescinded, r.net, r.ids
     FROM r;
     GET DIAGNOSTICS v_spells = ROW_COUNT;
+    RAISE DEBUG 'ironwod metrics: % done at %', 'spells', clock_timestamp();
 
     -- Daily state from each person's first spell to today.
-    DROP TABLE IF EXISTS pg_temp.iw_d;
+    IF to_regclass('pg_temp.iw_d') IS NOT NULL THEN DROP TABLE pg_temp.iw_d; END IF;
     CREATE TEMP TABLE iw_d ON COMMIT DROP AS
     WITH md AS (
         SELECT m.location_key, m.member_id, m.membership_id, m.start_date + i AS d, m.mrr
@@ -233,10 +245,11 @@ BEGIN
                OVER (PARTITION BY z.location_key, z.member_id ORDER BY z.d)::integer AS cum_active
     FROM z;
     ALTER TABLE pg_temp.iw_d ADD PRIMARY KEY (location_key, member_id, d);
+    RAISE DEBUG 'ironwod metrics: % done at %', 'days', clock_timestamp();
     ANALYZE pg_temp.iw_d;
 
     -- Visits per person, local day and class location (one per class instance).
-    DROP TABLE IF EXISTS pg_temp.iw_v;
+    IF to_regclass('pg_temp.iw_v') IS NOT NULL THEN DROP TABLE pg_temp.iw_v; END IF;
     CREATE TEMP TABLE iw_v ON COMMIT DROP AS
     SELECT a.member_id, (a.class_start_at AT TIME ZONE v_tz)::date AS d, a.location_id,
            count(DISTINCT coalesce(a.class_id, -a.signin_id))::integer AS n
@@ -248,7 +261,7 @@ BEGIN
     ANALYZE pg_temp.iw_v;
 
     -- Location keys and months to (re)compute.
-    DROP TABLE IF EXISTS pg_temp.iw_months;
+    IF to_regclass('pg_temp.iw_months') IS NOT NULL THEN DROP TABLE pg_temp.iw_months; END IF;
     CREATE TEMP TABLE iw_months ON COMMIT DROP AS
     SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
            least((mo + interval '1 month')::date - 1, v_today) AS as_of
@@ -408,6 +421,7 @@ BEGIN
            CASE WHEN f.new_events > 0 THEN coalesce(f.retained, false) END
     FROM fl f;
     GET DIAGNOSTICS v_facts = ROW_COUNT;
+    RAISE DEBUG 'ironwod metrics: % done at %', 'facts', clock_timestamp();
 
     -- Cache: the facts grouped, plus cash (by local processed date and transaction
     -- location) and invoices (by due date and invoice location).
@@ -589,6 +603,7 @@ BEGIN
            CASE WHEN NOT c.first_month THEN c.last_day + s.cohort_days < v_today END
     FROM c;
     GET DIAGNOSTICS v_rows = ROW_COUNT;
+    RAISE DEBUG 'ironwod metrics: % done at %', 'cache', clock_timestamp();
 
     -- Six-month pooled figures (metrics.md §4.11-4.12) over the cached months.
     UPDATE ironwod.gym_monthly_metrics_cache x
@@ -639,7 +654,7 @@ BEGIN
     END IF;
     s := ironwod.metric_config();
     v_tz := ironwod.gym_time_zone();
-    v_cur := date_trunc('month', (now() AT TIME ZONE v_tz)::date)::date;
+    v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
     SELECT min(d.dirty_from) INTO v_dirty FROM ironwod.metric_dirty d
     WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
     v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
@@ -663,7 +678,7 @@ LANGUAGE sql
 AS $$ SELECT ironwod.compute_metrics(NULL) || jsonb_build_object('full', true) $$;
 COMMENT ON FUNCTION ironwod.refresh_metrics_all() IS 'Recompute spells, facts and every cached month of the current scope from history start';
 
-GRANT EXECUTE ON FUNCTION ironwod.metric_config(), ironwod.config_hash(ironwod.metric_settings),
+GRANT EXECUTE ON FUNCTION ironwod.metrics_today(text), ironwod.metric_config(), ironwod.config_hash(ironwod.metric_settings),
     ironwod.monthly_price(numeric, integer, text), ironwod.spread_months(integer, text, integer),
     ironwod.history_start(text), ironwod.compute_metrics(date), ironwod.refresh_metrics(bigint),
     ironwod.refresh_metrics_all()
