@@ -26,7 +26,8 @@ EXTRA_CLEAN = results regression.diffs regression.out tmp_check log
 # pg_regress inputs live in test/sql, expected output in the top-level expected/
 # (pg_regress looks in the output directory's expected/ first).  The suite runs
 # against the throwaway cluster that test/run-tests.sh starts.
-REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets
+REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets \
+          07_metrics_cases 08_metrics_sim
 REGRESS_OPTS = --inputdir=test --use-existing
 # Isolation specs live in test/specs, expected output in expected/ as well.
 ISOLATION = concurrent_sync

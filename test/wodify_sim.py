@@ -715,6 +715,101 @@ class Gym:
 
     # ---- rendering ------------------------------------------------------------------------
 
+    # ---- ground truth for the metrics tests ------------------------------------------------
+
+    def truth(self, merge_gap=7, rescind_days=7):
+        """Monthly members_end, new_members, churned_members, all_visits and member_visits
+        (location ALL) computed from the rendered API records by metrics.md's definitions,
+        independently of ironwod: qualifying = Class Plan, price > 0, not deleted; end_date
+        inclusive; spells merged over gaps <= merge_gap days; spells of <= rescind_days with
+        zero net collected revenue dropped; months in the gym's zone from the first full
+        local month of the landed (backfill-horizon) transactions and sign-ins."""
+        since = datetime.combine(self.backfill_since, datetime.min.time())
+        INF = date.max
+        txns = [t for t in self.v_txns if t.at >= since]
+        invs = {i.id for i in self.v_invoices if i.created >= since}
+        sis = [s for s in self.v_signins if s.utc_start >= since]
+        local = lambda dt: self.tz.to_local(dt).date()
+        first = min([local(t.at) for t in txns] + [local(s.utc_start) for s in sis])
+        hist = first if first.day == 1 else add_months(month_start(first), 1, 1)
+        net_by_mem = {}
+        for t in txns:
+            inv = t.invoice
+            if inv.id not in invs or inv.membership is None:
+                continue
+            sign = 1 if t.type == "Payment" else -1 if t.type == "Refund" else 0
+            net_by_mem[inv.membership.id] = net_by_mem.get(inv.membership.id, 0) + sign * t.amount
+        holds = {}
+        for h in self.r_holds:
+            holds.setdefault(h["membership_id"], []).append(
+                (date.fromisoformat(h["hold_start_date"]), date.fromisoformat(h["hold_end_date"])))
+        mems = {}
+        for m in self.r_memberships:
+            pp = m["payment_plan"]
+            if m["membership_type"] != "Class Plan" or pp["price"] <= 0 or m["is_deleted"]:
+                continue
+            start = date.fromisoformat(m["start_date"])
+            end = INF if m["end_date"] == SENT_DATE else date.fromisoformat(m["end_date"]) + timedelta(days=1)
+            if end <= start:
+                continue
+            mems.setdefault(m["client_id"], []).append((start, end, m["id"]))
+        spells = {}          # client -> [(start, end_excl, first)]
+        mem_of = {}          # client -> [(start, end_excl, id)]
+        for cid, ms in mems.items():
+            ms.sort()
+            mem_of[cid] = ms
+            groups = []
+            for st, en, mid in ms:
+                if groups and st <= (groups[-1][1] + timedelta(days=merge_gap) if groups[-1][1] != INF else INF):
+                    groups[-1][1] = max(groups[-1][1], en)
+                    groups[-1][2].append(mid)
+                else:
+                    groups.append([st, en, [mid]])
+            kept = [g for g in groups
+                    if not (g[1] != INF and (g[1] - g[0]).days <= rescind_days
+                            and round(sum(net_by_mem.get(i, 0) for i in g[2]), 2) == 0)]
+            spells[cid] = [(g[0], g[1], k == 0) for k, g in enumerate(kept)]
+        today = datetime.now(timezone.utc).astimezone(self.tz.zone).date()
+
+        def state(cid, d):
+            if not any(st <= d < en for st, en, _ in spells.get(cid, [])):
+                return None
+            cov = [mid for st, en, mid in mem_of.get(cid, []) if st <= d < en]
+            if not cov:
+                return "ACTIVE"
+            held = [mid for mid in cov if any(a <= d <= b for a, b in holds.get(mid, []))]
+            return "ON_HOLD" if len(held) == len(cov) else "ACTIVE"
+
+        visits = {}
+        seen = set()
+        for s in sis:
+            key = (s.client.id, s.class_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            d = local(s.utc_start)
+            mo = month_start(d)
+            v = visits.setdefault(mo, [0, 0])
+            v[0] += 1
+            if state(s.client.id, d) == "ACTIVE":
+                v[1] += 1
+        months = []
+        mo = hist
+        while mo <= month_start(today):
+            last = add_months(mo, 1, 1) - timedelta(days=1)
+            as_of = min(last, today)
+            members_end = sum(1 for sp in spells.values() if any(st <= as_of < en for st, en, _ in sp))
+            new = sum(1 for sp in spells.values() for st, en, f in sp if f and mo <= st <= as_of)
+            churned = sum(1 for sp in spells.values() for st, en, f in sp if en != INF and mo <= en <= as_of)
+            v = visits.get(mo, [0, 0])
+            months.append({"month": mo.isoformat(), "members_end": members_end,
+                           "new_members": None if mo == hist else new,
+                           "churned_members": None if mo == hist else churned,
+                           "all_visits": v[0], "member_visits": v[1]})
+            mo = add_months(mo, 1, 1)
+        return {"gym": self.index, "time_zone": self.tz_name, "history_start": hist.isoformat(),
+                "months": months}
+
     def loc_ref(self, i):
         loc = self.locations[i]
         return loc["id"], loc["name"]
@@ -1587,6 +1682,13 @@ class Handler(BaseHTTPRequestHandler):
             with sim.lock:
                 ents = [{"api_key": k, "endpoint_prefix": p} for k, p in sim.entitlements]
             return self.send_json(200, {"not_entitled": ents})
+        if path == "/_sim/truth" and method == "GET":
+            try:
+                idx = int(params.get("gym", 0))
+                gym = sim.model.gyms[idx]
+            except (TypeError, ValueError, IndexError):
+                return self.send_json(400, {"error": "gym must be a gym index"})
+            return self.send_json(200, gym.truth())
         if path == "/_sim/advance" and method == "POST":
             try:
                 days = int(params.get("days", data.get("days", 1)))
