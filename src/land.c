@@ -179,6 +179,21 @@ iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
 	iw_txn_commit();
 }
 
+/*
+ * One derived-data step of a finished pull, in its own transaction: the raw
+ * pages are committed whatever happens here (design.md §2).
+ */
+void
+iw_run_step(int64 run_id, const char *sql, const char *activity)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(run_id)};
+
+	iw_txn_begin(activity);
+	run_sql(sql, 1, types, values, NULL, SPI_OK_SELECT);
+	iw_txn_commit();
+}
+
 void
 iw_mark_not_entitled(int64 run_id, const char *entity)
 {

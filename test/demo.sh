@@ -84,6 +84,28 @@ ORDER BY e.ordinal;
 COMMIT;
 SQL
 
+echo
+echo "== the demo gym's last 12 months, from the metrics cache (ironwod.metrics_summary)"
+psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
+BEGIN;
+SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
+SELECT to_char(month_start, 'YYYY-MM') AS month, CASE WHEN is_partial THEN '*' ELSE '' END AS p,
+       members_end AS members, new_members AS new, churned_members AS churned,
+       round(churn_rate * 100, 1) AS "churn %", round(mrr, 0) AS mrr, round(collected_net, 0) AS collected,
+       round(arm, 2) AS arm, round(visits_per_active_member_week, 2) AS "visits/member-wk",
+       at_risk_no_visit_14d AS "no visit 14d", at_risk_declining AS declining
+FROM ironwod.metrics_summary
+WHERE location_key = 'ALL'
+ORDER BY month_start DESC LIMIT 12;
+COMMIT;
+SQL
+echo "(* = month still open; drill down with ironwod_explain(tenant, gym, month, 'churned_members'))"
+
+echo
+echo "== nightly sync: the pg_cron job that calls ironwod_tick()"
+psql -qX -v ON_ERROR_STOP=1 -c "SELECT ironwod_schedule() AS cron_job_id" \
+     -c "SELECT jobname, schedule, command FROM cron.job"
+
 cat <<EOF2
 
 The demo cluster keeps running:

@@ -455,7 +455,8 @@ BEGIN
         RAISE EXCEPTION 'run id must not be null' USING ERRCODE = 'null_value_not_allowed',
             HINT = 'Use ironwod.transform_all() to rebuild every record.';
     END IF;
-    RETURN ironwod.transform_records(p_run_id);
+    RETURN ironwod.transform_records(p_run_id)
+           || jsonb_build_object('vanished', ironwod.apply_vanished(p_run_id));
 END
 $$;
 COMMENT ON FUNCTION ironwod.transform_run(bigint) IS 'Worker, after the last page of a run landed: rebuild the canonical rows of records with a new raw version in that run (and in earlier runs not yet transformed, e.g. failed ones); idempotent; returns rows written per entity';
@@ -463,7 +464,7 @@ COMMENT ON FUNCTION ironwod.transform_run(bigint) IS 'Worker, after the last pag
 CREATE FUNCTION ironwod.transform_all()
 RETURNS jsonb
 LANGUAGE sql
-AS $$ SELECT ironwod.transform_records(NULL) $$;
+AS $$ SELECT ironwod.transform_records(NULL) || jsonb_build_object('vanished', ironwod.apply_vanished(NULL)) $$;
 COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of every record of the current scope from raw (used by replay)';
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
