@@ -1,7 +1,7 @@
 -- pgTAP: landing and work planning, against fixture pages, without any worker.
 -- Runs as the worker role under a fixture scope, so RLS applies as in a real run.
 BEGIN;
-SELECT plan(26);
+SELECT plan(30);
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
 VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001', 'connected', '\x00');
@@ -70,6 +70,18 @@ SELECT results_eq($$SELECT pages, pulled, new_versions, unchanged FROM ironwod.s
 SELECT results_eq($$SELECT has_more FROM pg_temp.land('programs', 'full', 1,
     (SELECT '{"programs": [' || string_agg(format('{"id": %s}', i), ',') || ']}' FROM generate_series(1, 100) i))$$,
     $$VALUES (true)$$, 'a full page without pagination has more');
+
+-- Pagination invariants: nothing lands from a page that breaks them.
+SELECT results_eq($$SELECT outcome FROM ironwod.land_page(current_setting('test.run')::bigint, 'memberships', 'full', 2,
+    '{"memberships": [{"id": 1}, {"id": 2}], "pagination": {"page": 2, "has_more": true}}', 1, md5('1,2'))$$,
+    $$VALUES ('pagination')$$, 'a page repeating the previous one');
+SELECT results_eq($$SELECT outcome FROM ironwod.land_page(current_setting('test.run')::bigint, 'memberships', 'full', 3,
+    '{"memberships": [{"id": 5}], "pagination": {"page": 7, "has_more": false}}', 1)$$,
+    $$VALUES ('pagination')$$, 'a page other than the one asked for');
+SELECT results_eq($$SELECT outcome FROM ironwod.land_page(current_setting('test.run')::bigint, 'memberships', 'full', 1,
+    '{"memberships": [], "pagination": {"page": 1, "has_more": true}}', 1)$$,
+    $$VALUES ('pagination')$$, 'an empty page that claims more');
+SELECT is((SELECT count(*) FROM ironwod.wodify_raw_memberships), 0::bigint, 'broken pages land nothing');
 
 -- Work planning skips completed units, then reaches the monthly windows, newest first.
 INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, run_scope, entity, window_key, pages, records, completed_by)
