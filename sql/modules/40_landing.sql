@@ -156,33 +156,42 @@ BEGIN
         RETURN QUERY SELECT 'full'::text, e.path || coalesce('?sort=' || ironwod.urlencode(e.sort), '');
 
     ELSIF e.backfill_strategy = 'per_client' THEN
-        -- Latest and previous version of every client, by the version order of
-        -- design.md §4 (source_updated_at, then raw id).
+        -- The current version of every client, and its version as of the last
+        -- clean run (the baseline the change detectors are compared with), by the
+        -- version order of design.md §4.  A version landed by a failed run since
+        -- then still counts as a change, so nothing is lost to a crash.
         RETURN QUERY
-        WITH versions AS (
-            SELECT c.wodify_id, c.ingest_run_id, c.payload_json AS cur,
-                   lag(c.payload_json) OVER w AS prev,
-                   row_number() OVER (PARTITION BY c.wodify_id
-                                      ORDER BY c.source_updated_at DESC NULLS LAST, c.raw_id DESC) AS rn
+        WITH last_clean AS (
+            SELECT coalesce(max(x.run_id), 0) AS run_id FROM ironwod.sync_runs x
+            WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym()
+              AND x.status = 'succeeded' AND x.mode <> 'validate' AND x.run_id < p_run_id
+        ), cur AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.ingest_run_id, c.payload_json
             FROM ironwod.wodify_raw_clients c
             WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-            WINDOW w AS (PARTITION BY c.wodify_id ORDER BY c.source_updated_at NULLS FIRST, c.raw_id)
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
+        ), base AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.payload_json
+            FROM ironwod.wodify_raw_clients c, last_clean lc
+            WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+              AND c.ingest_run_id <= lc.run_id
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
         ), picked AS (
             SELECT v.wodify_id,
                    CASE r.mode
                        WHEN 'backfill' THEN v_since
                        WHEN 'reconcile' THEN greatest(v_since, v_now - v_window)
-                       ELSE greatest(v_since, coalesce(ironwod.parse_ts(v.prev ->> 'last_class_sign_in') - v_lookback, v_since))
+                       ELSE greatest(v_since, coalesce(ironwod.parse_ts(b.payload_json ->> 'last_class_sign_in') - v_lookback, v_since))
                    END AS since
-            FROM versions v
-            WHERE v.rn = 1
-              AND CASE r.mode
-                      WHEN 'backfill' THEN ironwod.parse_ts(v.cur ->> 'last_class_sign_in') >= v_since
-                      WHEN 'reconcile' THEN ironwod.parse_ts(v.cur ->> 'last_class_sign_in') >= greatest(v_since, v_now - v_window)
-                      ELSE v.ingest_run_id = p_run_id
-                           AND ironwod.parse_ts(v.cur ->> 'last_class_sign_in') IS NOT NULL
-                           AND ((v.cur ->> 'last_class_sign_in') IS DISTINCT FROM (v.prev ->> 'last_class_sign_in')
-                                OR (v.cur ->> 'total_class_sign_ins') IS DISTINCT FROM (v.prev ->> 'total_class_sign_ins'))
+            FROM cur v CROSS JOIN last_clean lc
+            LEFT JOIN base b ON b.wodify_id = v.wodify_id
+            WHERE CASE r.mode
+                      WHEN 'backfill' THEN ironwod.parse_ts(v.payload_json ->> 'last_class_sign_in') >= v_since
+                      WHEN 'reconcile' THEN ironwod.parse_ts(v.payload_json ->> 'last_class_sign_in') >= greatest(v_since, v_now - v_window)
+                      ELSE v.ingest_run_id > lc.run_id
+                           AND ironwod.parse_ts(v.payload_json ->> 'last_class_sign_in') IS NOT NULL
+                           AND ((v.payload_json ->> 'last_class_sign_in') IS DISTINCT FROM (b.payload_json ->> 'last_class_sign_in')
+                                OR (v.payload_json ->> 'total_class_sign_ins') IS DISTINCT FROM (b.payload_json ->> 'total_class_sign_ins'))
                   END
         )
         SELECT 'client:' || p.wodify_id,

@@ -2,6 +2,23 @@
 -- DEFINER (they touch columns the app may not read, such as the ciphertext) and
 -- therefore check the scope themselves; search_path is pinned on every one.
 
+-- The scope check plus "this gym is connected (or was)", shared by the API calls
+-- that act on an existing connection.
+CREATE FUNCTION ironwod.assert_connection(p_tenant_id uuid, p_gym_id uuid)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF NOT EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
+                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id) THEN
+        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
+            USING ERRCODE = 'no_data_found', HINT = 'Connect it first with ironwod_connect.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.assert_connection(uuid, uuid) IS 'Raise 42501 unless (tenant, gym) is the current scope, and P0002 unless it has a Wodify connection';
+
 CREATE FUNCTION ironwod.register_master_key(p_key_id text, p_public_key bytea)
 RETURNS void
 LANGUAGE plpgsql
@@ -147,7 +164,7 @@ DECLARE
     v_status text;
     v_run bigint;
 BEGIN
-    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     IF p_mode IS NULL OR p_mode NOT IN ('backfill', 'incremental', 'reconcile', 'validate') THEN
         RAISE EXCEPTION 'unsupported sync mode "%"', p_mode
             USING ERRCODE = 'invalid_parameter_value',
@@ -155,10 +172,6 @@ BEGIN
     END IF;
     SELECT c.status INTO v_status FROM ironwod.integrations_wodify_connection c
     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
-            USING ERRCODE = 'no_data_found', HINT = 'Connect it first with ironwod_connect.';
-    END IF;
     IF v_status = 'disconnected' OR (v_status = 'error' AND NOT EXISTS (
             SELECT 1 FROM ironwod.integrations_wodify_connection c
             WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.api_key_ciphertext IS NOT NULL)) THEN
@@ -246,12 +259,7 @@ LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
-    IF NOT EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
-                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id) THEN
-        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
-            USING ERRCODE = 'no_data_found', HINT = 'Connect it first with ironwod_connect.';
-    END IF;
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     RETURN QUERY
     SELECT c.status, c.api_key_fingerprint, c.connected_at, c.last_success_at, c.last_error_at,
            c.last_error, c.last_error_code, c.last_cursor_at, c.consecutive_failures, c.next_retry_at,

@@ -186,12 +186,7 @@ LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
-    IF NOT EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
-                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id) THEN
-        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
-            USING ERRCODE = 'no_data_found', HINT = 'Connect it first with ironwod_connect.';
-    END IF;
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     -- One replay per gym at a time; the run worker's transform/refresh also write these rows.
     PERFORM pg_advisory_xact_lock(hashtextextended('ironwod.replay:' || p_tenant_id || ':' || p_gym_id, 0));
     DELETE FROM ironwod.gym_monthly_metrics_cache WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
