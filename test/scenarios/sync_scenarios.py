@@ -116,6 +116,25 @@ def latest_versions(gym):
     return set(rows)
 
 
+CANONICAL = ("locations", "programs", "members", "memberships", "membership_holds", "attendance_events",
+             "invoices", "transactions")
+
+
+def canonical_rows(gym):
+    """Every canonical row, without the columns that name the tenant or a raw/run id."""
+    union = " UNION ALL ".join(
+        f"SELECT '{t}:' || (to_jsonb(x) - 'tenant_id' - 'gym_id' - 'raw_id' - 'deleted_by_run')::text "
+        f"FROM ironwod.{t} x" for t in CANONICAL)
+    return set(scoped(gym, union))
+
+
+def same_canonical(gym, reference, what):
+    mine = canonical_rows(gym)
+    missing, extra = reference - mine, mine - reference
+    check(not missing and not extra, what,
+          f"{len(missing)} missing, {len(extra)} extra; e.g. {sorted(missing)[:2]} {sorted(extra)[:2]}")
+
+
 def same_data(gym, reference, what):
     mine = latest_versions(gym)
     missing, extra = reference - mine, mine - reference
@@ -238,9 +257,9 @@ def connect_again(gym):
                     f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
 
 
-def crash_scenarios(reference):
+def crash_scenarios(reference, reference_canonical):
     """Kill the run worker after k landed pages for ten values of k; every retry ends
-    with the same raw contents as an uninterrupted backfill."""
+    with the same raw and canonical contents as an uninterrupted backfill."""
     check(connect(CRASH) == "succeeded", "crash gym: initial backfill succeeds")
     set_guc("ironwod.requests_per_second", 40)
     set_guc("ironwod.burst", 1)
@@ -264,6 +283,7 @@ def crash_scenarios(reference):
         check(killed and first == "failed" and outcome == "succeeded",
               f"worker killed after {k} pages: run failed, retry succeeded", f"{killed} {first} {outcome}")
         same_data(CRASH, reference, f"killed after {k} pages: raw equals an uninterrupted backfill")
+        same_canonical(CRASH, reference_canonical, f"killed after {k} pages: canonical tables equal too")
     set_guc("ironwod.requests_per_second", None)
     set_guc("ironwod.burst", None)
 
@@ -282,13 +302,14 @@ def drift_scenario():
     check(True, "30 days of nightly incremental runs and weekly reconciliations succeed")
     check(connect(FRESH) == "succeeded", "fresh backfill of the same gym after 30 days")
     same_data(FAULT, latest_versions(FRESH), "incremental path missed nothing: raw equals a fresh backfill")
+    same_canonical(FAULT, canonical_rows(FRESH), "and the canonical tables equal those of the fresh backfill")
     new_runs = one(FAULT, "SELECT count(*) FROM ironwod.sync_runs WHERE mode IN ('incremental', 'reconcile')")
     check(int(new_runs) >= 30, "every day had its own run", new_runs)
 
 
 def main():
     fault_scenarios()
-    crash_scenarios(latest_versions(FAULT))
+    crash_scenarios(latest_versions(FAULT), canonical_rows(FAULT))
     drift_scenario()
     failed = results.count(False)
     print(f"1..{len(results)}")
