@@ -4,6 +4,7 @@
 #   make install       install into the PostgreSQL found by PG_CONFIG
 #   make test          the whole suite: simulator + throwaway cluster + pg_regress + pgTAP
 #   make demo          throwaway cluster, simulator, one demo gym connected and backfilled
+#   make bench         backfill throughput, cache reads against recomputation, replay
 #
 # The install script sql/ironwod--1.0.sql is assembled from the readable modules in
 # sql/modules/ in file-name order. Once 1.0 is tagged the assembled script is committed
@@ -43,9 +44,12 @@ ISOLATION_TESTDB = postgres
 sql/ironwod--1.0.sql: $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@
 
-.PHONY: test demo
+.PHONY: test demo bench
 test:
 	bash test/run-tests.sh
 
 demo:
 	bash test/demo.sh
+
+bench:
+	bash test/bench.sh
