@@ -250,7 +250,7 @@ extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
 extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
 extern void iw_land_page(int64 run_id, const IwTask *task, int page,
 						 const char *body, int attempts, const char *prev_digest,
-						 IwLandResult *res, MemoryContext keep);
+						 double latency_ms, IwLandResult *res, MemoryContext keep);
 extern void iw_mark_not_entitled(int64 run_id, const char *entity);
 extern void iw_run_step(int64 run_id, const char *sql, const char *activity);
 extern void iw_finish_run(int64 run_id);

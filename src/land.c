@@ -142,11 +142,12 @@ iw_next_task(int64 run_id, IwTask *task, MemoryContext keep)
  */
 void
 iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
-			 int attempts, const char *prev_digest, IwLandResult *res, MemoryContext keep)
+			 int attempts, const char *prev_digest, double latency_ms,
+			 IwLandResult *res, MemoryContext keep)
 {
-	Oid			types[7] = {INT8OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT4OID, TEXTOID};
-	Datum		values[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Oid			types[8] = {INT8OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT4OID, TEXTOID, FLOAT8OID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	char		label[128];
 	char	   *v;
 
@@ -159,12 +160,13 @@ iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
 	values[6] = prev_digest ? CStringGetTextDatum(prev_digest) : (Datum) 0;
 	if (prev_digest == NULL)
 		nulls[6] = 'n';
+	values[7] = Float8GetDatum(latency_ms);
 
 	snprintf(label, sizeof(label), "ironwod %s %s page %d", task->entity, task->window_key, page);
 	iw_txn_begin(label);
 	run_sql("SELECT outcome, http_code, message, has_more, n_records, n_new, digest "
-			"FROM ironwod.land_page($1, $2, $3, $4, $5::jsonb, $6, $7)",
-			7, types, values, nulls, SPI_OK_SELECT);
+			"FROM ironwod.land_page($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
+			8, types, values, nulls, SPI_OK_SELECT);
 	if (SPI_processed != 1)
 		elog(ERROR, "ironwod.land_page returned %llu rows", (unsigned long long) SPI_processed);
 	res->outcome = result_text(1, keep);

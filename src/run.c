@@ -263,7 +263,8 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 					}
 					run_phase = "land";
 					iw_land_page(run_id, task, page, resp.body, attempt + 1,
-								 prev_digest[0] ? prev_digest : NULL, &res, page_ctx);
+								 prev_digest[0] ? prev_digest : NULL, resp.elapsed_ms,
+								 &res, page_ctx);
 					MemoryContextSwitchTo(page_ctx);
 					if (strcmp(res.outcome, "landed") == 0)
 						break;

@@ -94,6 +94,10 @@ CREATE TABLE ironwod.sync_run_entities (
     new_versions  integer NOT NULL DEFAULT 0,
     unchanged     integer NOT NULL DEFAULT 0,
     deleted       integer NOT NULL DEFAULT 0,
+    -- API latency of the pages' successful requests: counts per bucket with upper
+    -- bounds 50, 100, 250, 500, 1000, 2500, 5000 ms and above (ironwod.latency_buckets())
+    latency_hist  integer[] NOT NULL DEFAULT '{0,0,0,0,0,0,0,0}',
+    latency_ms    double precision NOT NULL DEFAULT 0,
     cursor_start  timestamptz,
     cursor_end    timestamptz,
     started_at    timestamptz NOT NULL DEFAULT now(),

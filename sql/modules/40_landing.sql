@@ -46,6 +46,13 @@ LANGUAGE sql STABLE STRICT
 AS $$ SELECT to_char(p AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') $$;
 COMMENT ON FUNCTION ironwod.iso_utc(timestamptz) IS 'Timestamp in the YYYY-MM-DDTHH:MM:SSZ form Wodify search accepts';
 
+-- Upper bounds (ms) of the API latency histogram buckets in sync_run_entities;
+-- the eighth bucket holds everything slower.
+CREATE FUNCTION ironwod.latency_buckets() RETURNS double precision[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT '{50,100,250,500,1000,2500,5000}'::double precision[] $$;
+COMMENT ON FUNCTION ironwod.latency_buckets() IS 'Upper bounds in ms of the latency histogram buckets (the last bucket is unbounded)';
+
 -- The current version of every record of an entity in the scope: the latest by
 -- source_updated_at, then raw id (design.md §4) -- what "the vendor says now".
 CREATE FUNCTION ironwod.latest_raw_versions(p_entity text)
@@ -453,7 +460,7 @@ COMMENT ON FUNCTION ironwod.mark_not_entitled(bigint, text) IS 'Worker: record t
 -- re-lands nothing twice.
 CREATE FUNCTION ironwod.land_page(p_run_id bigint, p_entity text, p_window_key text,
                                   p_page integer, p_body jsonb, p_attempts integer,
-                                  p_prev_digest text DEFAULT NULL)
+                                  p_prev_digest text DEFAULT NULL, p_latency_ms double precision DEFAULT NULL)
 RETURNS TABLE (outcome text, http_code integer, message text, has_more boolean,
                n_records integer, n_new integer, digest text)
 LANGUAGE plpgsql
@@ -547,13 +554,20 @@ BEGIN
        AND v.wodify_id IN (SELECT (r ->> e.id_field)::bigint FROM jsonb_array_elements(v_records) r);
 
     INSERT INTO ironwod.sync_run_entities AS s
-        (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged, tasks_done)
-    VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 1, p_attempts,
-            v_n, v_new, v_n - v_new, CASE WHEN v_has_more THEN 0 ELSE 1 END)
+        (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged, tasks_done,
+         latency_hist, latency_ms)
+    SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 1, p_attempts,
+           v_n, v_new, v_n - v_new, CASE WHEN v_has_more THEN 0 ELSE 1 END,
+           ARRAY(SELECT (p_latency_ms IS NOT NULL AND b = width_bucket(p_latency_ms, ironwod.latency_buckets()) + 1)::int
+                 FROM generate_series(1, 8) b ORDER BY b),
+           coalesce(p_latency_ms, 0)
     ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
        SET pages = s.pages + 1, requests = s.requests + excluded.requests,
            pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
-           unchanged = s.unchanged + excluded.unchanged, tasks_done = s.tasks_done + excluded.tasks_done;
+           unchanged = s.unchanged + excluded.unchanged, tasks_done = s.tasks_done + excluded.tasks_done,
+           latency_hist = ARRAY(SELECT s.latency_hist[b] + excluded.latency_hist[b]
+                                FROM generate_series(1, 8) b ORDER BY b),
+           latency_ms = s.latency_ms + excluded.latency_ms;
 
     UPDATE ironwod.sync_runs r
        SET requests = r.requests + p_attempts, retries = r.retries + p_attempts - 1,
@@ -581,7 +595,7 @@ BEGIN
     RETURN QUERY SELECT 'landed'::text, 200, NULL::text, v_has_more, v_n, v_new, v_digest;
 END
 $$;
-COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, jsonb, integer, text) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
+COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
 
 -- A clean run: close entities that had nothing to fetch, clear the run's
 -- checkpoints (a backfill clears its campaign: the next one pulls everything

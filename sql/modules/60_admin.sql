@@ -19,3 +19,14 @@ SELECT r.tenant_id, r.gym_id, r.run_id, r.mode, r.status, r.requested_at, r.star
         WHERE s.tenant_id = r.tenant_id AND s.gym_id = r.gym_id AND s.run_id = r.run_id) AS entities
 FROM ironwod.sync_runs r;
 COMMENT ON VIEW ironwod.runs IS 'Sync runs with duration and per-entity counts';
+
+-- API latency per run and endpoint (entity): the histogram of design.md §6.
+CREATE VIEW ironwod.run_latency WITH (security_invoker = true) AS
+SELECT s.tenant_id, s.gym_id, s.run_id, s.entity, e.path AS endpoint, s.pages,
+       round((s.latency_ms / nullif(s.pages, 0))::numeric, 1) AS mean_ms,
+       (SELECT jsonb_object_agg(CASE WHEN b <= 7 THEN '<' || (ironwod.latency_buckets())[b] ELSE '>=5000' END,
+                                s.latency_hist[b] ORDER BY b)
+        FROM generate_series(1, 8) b) AS histogram_ms
+FROM ironwod.sync_run_entities s
+JOIN ironwod.entities e ON e.entity = s.entity;
+COMMENT ON VIEW ironwod.run_latency IS 'API latency per run and endpoint: mean and histogram of the successful page requests';

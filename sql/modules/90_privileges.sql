@@ -25,7 +25,7 @@ GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@
     @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid)
     TO ironwod_app, ironwod_admin;
 GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded(),
-    ironwod.latest_raw_versions(text)
+    ironwod.latest_raw_versions(text), ironwod.latency_buckets()
     TO ironwod_app, ironwod_admin, ironwod_worker;
 GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, connected_at,
               last_success_at, last_error_at, last_error, last_error_code, last_cursor_at,
@@ -39,7 +39,7 @@ GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.backfill_c
     ironwod.wodify_raw_locations, ironwod.wodify_raw_programs, ironwod.wodify_raw_clients,
     ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
     ironwod.wodify_raw_class_signins, ironwod.wodify_raw_invoices, ironwod.wodify_raw_transactions,
-    ironwod.connection_health, ironwod.runs
+    ironwod.connection_health, ironwod.runs, ironwod.run_latency
     TO ironwod_app, ironwod_admin;
 
 -- Operators: the registry and the master keys.
@@ -67,6 +67,7 @@ GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironw
     ironwod.plan_units(bigint, text), ironwod.entity_skipped(bigint, text),
     ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
     ironwod.mark_not_entitled(bigint, text),
-    ironwod.land_page(bigint, text, text, integer, jsonb, integer, text), ironwod.finish_run(bigint),
+    ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision),
+    ironwod.latency_buckets(), ironwod.finish_run(bigint),
     ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text)
     TO ironwod_worker;

@@ -1,7 +1,7 @@
 -- pgTAP: landing and work planning, against fixture pages, without any worker.
 -- Runs as the worker role under a fixture scope, so RLS applies as in a real run.
 BEGIN;
-SELECT plan(30);
+SELECT plan(32);
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
 VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001', 'connected', '\x00');
@@ -66,6 +66,12 @@ SELECT results_eq($$SELECT count(*), count(DISTINCT wodify_id) FROM ironwod.wodi
                   $$VALUES (4::bigint, 3::bigint)$$, 'four versions of three records');
 SELECT results_eq($$SELECT pages, pulled, new_versions, unchanged FROM ironwod.sync_run_entities$$,
                   $$VALUES (4, 6, 4, 2)$$, 'per-entity counters');
+SELECT lives_ok($$SELECT ironwod.land_page(current_setting('test.run')::bigint, 'clients', 'full', 2,
+    '{"clients": [{"id": 1003, "first_name": "Cyrus"}], "pagination": {"has_more": false}}', 1, NULL, 120)$$,
+    'land a page with its request latency');
+SELECT results_eq($$SELECT latency_hist, latency_ms FROM ironwod.sync_run_entities$$,
+                  $$VALUES ('{0,0,1,0,0,0,0,0}'::int[], 120::double precision)$$,
+                  'a 120 ms request lands in the 100-250 ms bucket');
 -- has_more is inferred from a full page when pagination is missing.
 SELECT results_eq($$SELECT has_more FROM pg_temp.land('programs', 'full', 1,
     (SELECT '{"programs": [' || string_agg(format('{"id": %s}', i), ',') || ']}' FROM generate_series(1, 100) i))$$,
