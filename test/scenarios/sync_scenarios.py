@@ -89,19 +89,24 @@ def wait(gym, run):
     return one(gym, f"SELECT ironwod_wait({run}, '5 minutes')")
 
 
+_set_values = {}
+
+
 def set_guc(name, value):
-    """Change a server setting and wait until this backend sees it (so the postmaster,
-    which forks the workers, has reloaded before we go on)."""
+    """Change a server setting (None: reset it) and wait until this backend sees the
+    change, so the postmaster, which forks the workers, has reloaded before we go on."""
     if value is None:
         psql(f"ALTER SYSTEM RESET {name}")
     else:
         psql(f"ALTER SYSTEM SET {name} = '{value}'")
     psql("SELECT pg_reload_conf()")
-    want = psql(f"SELECT boot_val FROM pg_settings WHERE name = '{name}'")[0] if value is None else str(value)
-    for _ in range(200):
-        if psql(f"SELECT current_setting('{name}')")[0].rstrip("ms") == want.rstrip("ms"):
+    for _ in range(250):
+        now = psql(f"SELECT setting FROM pg_settings WHERE name = '{name}'")[0]
+        if (value is None and now != _set_values.get(name)) or (value is not None and now == str(value)):
+            _set_values[name] = None if value is None else str(value)
             return
         time.sleep(0.02)
+    raise RuntimeError(f"{name} did not change to {value}")
 
 
 def latest_versions(gym):
@@ -239,6 +244,15 @@ def fault_scenarios():
     skipped = scoped(FAULT, "SELECT entity FROM ironwod.entity_entitlements")
     check(outcome == "succeeded" and skipped == [], "reconciliation retries it and clears the mark",
           f"{outcome} {skipped}")
+
+    # A run that makes no progress is stopped by the supervisor's watchdog.
+    set_guc("ironwod.watchdog_timeout", 10)
+    fault(kind="slow", delay_s=25, endpoint="/customers/locations", count=1)
+    run, outcome = sync(FAULT, "incremental")
+    code = one(FAULT, f"SELECT error_code FROM ironwod.sync_runs WHERE run_id = {run}")
+    check(outcome == "failed" and code == "watchdog", "a stalled run is stopped by the watchdog", f"{outcome} {code}")
+    set_guc("ironwod.watchdog_timeout", None)
+    sim("DELETE", "/_sim/faults")
 
     # Auth errors open the breaker at once, without retries.
     fault(kind="status", status=401, endpoint="/clients", count=1)
