@@ -74,6 +74,10 @@ SIM_URL=$SIM_URL python3 test/scenarios/sync_scenarios.py || rc=$?
 note $rc "fault, crash and 30-day drift scenarios against the simulator"
 
 rc=0
+python3 test/sim_selftest.py >"$WORK/sim_selftest.log" 2>&1 || { rc=$?; tail -20 "$WORK/sim_selftest.log"; }
+note $rc "the simulator's own self-test (wodify-api.md behaviours, determinism, faults)"
+
+rc=0
 PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
 note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
 
