@@ -5,7 +5,7 @@
  *
  * Who owns what:
  *	  ironwod.c    _PG_init, GUC definitions, worker registration
- *	  shmem.c      shared memory: supervisor pid, wake flag, run slots,
+ *	  shmem.c      shared memory: supervisor pid, wake at commit, run slots,
  *	               validation slots, condition variables
  *	  supervisor.c the static "ironwod supervisor" background worker
  *	  run.c        the dynamic "ironwod run" and "ironwod validate" workers
@@ -90,8 +90,6 @@ typedef struct IwValidationSlot
 	uint32		generation;		/* bumped on every claim; a late worker of an
 								 * earlier claim must not write into the slot */
 	int			backend_pid;	/* owner; slot is reclaimed if it is gone */
-	pg_uuid_t	tenant_id;
-	pg_uuid_t	gym_id;
 	int			sealed_len;
 	uint8		sealed[IW_MAX_SEALED_BYTES];
 	/* result, written by the worker before state becomes DONE */
@@ -111,7 +109,6 @@ typedef struct IwSharedState
 {
 	LWLock	   *lock;
 	int			supervisor_pid;
-	pg_atomic_uint32 wake_pending;
 	ConditionVariable run_cv;	/* broadcast whenever a run changes state */
 	ConditionVariable validation_cv;	/* broadcast when a verdict is written */
 	IwRunSlot	runs[IW_MAX_RUN_SLOTS];
@@ -144,6 +141,9 @@ extern PGDLLEXPORT void ironwod_supervisor_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_run_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_validate_main(Datum main_arg);
 extern void iw_register_supervisor(void);
+struct BackgroundWorker;
+extern void iw_prepare_dynamic_worker(struct BackgroundWorker *worker, const char *function,
+									  const char *type, const IwRunArgs *args);
 
 /* ---- HTTP (http.c) ---- */
 

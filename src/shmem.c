@@ -52,7 +52,6 @@ iw_shmem_startup(void)
 	{
 		memset(iw_shared, 0, sizeof(IwSharedState));
 		iw_shared->lock = &(GetNamedLWLockTranche("ironwod"))->lock;
-		pg_atomic_init_u32(&iw_shared->wake_pending, 0);
 		ConditionVariableInit(&iw_shared->run_cv);
 		ConditionVariableInit(&iw_shared->validation_cv);
 	}
@@ -81,7 +80,6 @@ iw_wake_supervisor_now(void)
 
 	if (iw_shared == NULL)
 		return;
-	pg_atomic_write_u32(&iw_shared->wake_pending, 1);
 	pid = iw_shared->supervisor_pid;
 	if (pid == 0)
 		return;

@@ -159,8 +159,7 @@ verdict_name(IwVerdict v)
  * the mercy of longjmp.
  */
 static pg_noinline int
-claim_validation_slot(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
-					  const bytea *sealed, uint32 *generation)
+claim_validation_slot(const bytea *sealed, uint32 *generation)
 {
 	int			i;
 	int			found = -1;
@@ -176,8 +175,6 @@ claim_validation_slot(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
 			s->state = IW_VSLOT_PENDING;
 			s->generation++;
 			s->backend_pid = MyProcPid;
-			s->tenant_id = *tenant_id;
-			s->gym_id = *gym_id;
 			s->sealed_len = VARSIZE_ANY_EXHDR(sealed);
 			memcpy(s->sealed, VARDATA_ANY(sealed), s->sealed_len);
 			s->verdict = IW_VERDICT_NONE;
@@ -237,16 +234,7 @@ await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
 	args.tenant_id = *tenant_id;
 	args.gym_id = *gym_id;
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = BGW_NEVER_RESTART;
-	strlcpy(worker.bgw_library_name, "ironwod", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "ironwod_validate_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "ironwod validate", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "ironwod validate", BGW_MAXLEN);
-	worker.bgw_notify_pid = MyProcPid;
-	memcpy(worker.bgw_extra, &args, sizeof(args));
+	iw_prepare_dynamic_worker(&worker, "ironwod_validate_main", "ironwod validate", &args);
 
 	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
 	{
@@ -324,7 +312,7 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("sealed API key is larger than %d bytes", IW_MAX_SEALED_BYTES)));
 
-	slot = claim_validation_slot(tenant_id, gym_id, sealed, &generation);
+	slot = claim_validation_slot(sealed, &generation);
 	if (slot < 0)
 		snprintf(message, sizeof(message), "all %d validation slots are busy", IW_MAX_VALIDATION_SLOTS);
 	else

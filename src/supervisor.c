@@ -61,6 +61,31 @@ iw_register_supervisor(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+/*
+ * A dynamic worker of ours ("ironwod run", "ironwod validate"): never restarted
+ * by the postmaster (a run is retried through the queue, not by respawning),
+ * reporting its exit to the registering process, with its arguments in
+ * bgw_extra (never a pointer: pitfall 17).
+ */
+void
+iw_prepare_dynamic_worker(BackgroundWorker *worker, const char *function,
+						  const char *type, const IwRunArgs *args)
+{
+	memset(worker, 0, sizeof(*worker));
+	worker->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker->bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker->bgw_restart_time = BGW_NEVER_RESTART;
+	strlcpy(worker->bgw_library_name, "ironwod", BGW_MAXLEN);
+	strlcpy(worker->bgw_function_name, function, BGW_MAXLEN);
+	if (args->run_id != 0)
+		snprintf(worker->bgw_name, BGW_MAXLEN, "%s " INT64_FORMAT, type, args->run_id);
+	else
+		strlcpy(worker->bgw_name, type, BGW_MAXLEN);
+	strlcpy(worker->bgw_type, type, BGW_MAXLEN);
+	worker->bgw_notify_pid = MyProcPid;
+	memcpy(worker->bgw_extra, args, sizeof(*args));
+}
+
 static int
 launched_count(void)
 {
@@ -251,16 +276,7 @@ launch(void)
 		args.gym_id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in,
 														 CStringGetDatum(SPI_getvalue(tup, tt->tupdesc, 2))));
 
-		memset(&worker, 0, sizeof(worker));
-		worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-		worker.bgw_restart_time = BGW_NEVER_RESTART;
-		strlcpy(worker.bgw_library_name, "ironwod", BGW_MAXLEN);
-		strlcpy(worker.bgw_function_name, "ironwod_run_main", BGW_MAXLEN);
-		snprintf(worker.bgw_name, BGW_MAXLEN, "ironwod run " INT64_FORMAT, run_id);
-		strlcpy(worker.bgw_type, "ironwod run", BGW_MAXLEN);
-		worker.bgw_notify_pid = MyProcPid;
-		memcpy(worker.bgw_extra, &args, sizeof(args));
+		iw_prepare_dynamic_worker(&worker, "ironwod_run_main", "ironwod run", &args);
 
 		/* the handle must outlive this tick's memory context */
 		{
@@ -364,7 +380,6 @@ ironwod_supervisor_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-		pg_atomic_write_u32(&iw_shared->wake_pending, 0);
 
 		old = MemoryContextSwitchTo(tick_ctx);
 		PG_TRY();

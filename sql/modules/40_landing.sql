@@ -56,12 +56,13 @@ COMMENT ON FUNCTION ironwod.latency_buckets() IS 'Upper bounds in ms of the late
 -- The current version of every record of an entity in the scope: the latest by
 -- source_updated_at, then raw id (design.md §4) -- what "the vendor says now".
 CREATE FUNCTION ironwod.latest_raw_versions(p_entity text)
-RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb, last_seen_run_id bigint)
+RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb,
+               ingest_run_id bigint, last_seen_run_id bigint)
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
     RETURN QUERY EXECUTE format(
-        'SELECT DISTINCT ON (wodify_id) wodify_id, raw_id, payload_hash, payload_json, last_seen_run_id
+        'SELECT DISTINCT ON (wodify_id) wodify_id, raw_id, payload_hash, payload_json, ingest_run_id, last_seen_run_id
          FROM ironwod.%I
          WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
          ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC',
@@ -173,10 +174,7 @@ BEGIN
             WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym()
               AND x.status = 'succeeded' AND x.mode <> 'validate' AND x.run_id < p_run_id
         ), cur AS (
-            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.ingest_run_id, c.payload_json
-            FROM ironwod.wodify_raw_clients c
-            WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
+            SELECT l.wodify_id, l.ingest_run_id, l.payload_json FROM ironwod.latest_raw_versions('clients') l
         ), base AS (
             SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.payload_json
             FROM ironwod.wodify_raw_clients c, last_clean lc
@@ -267,6 +265,20 @@ AS $$
 $$;
 COMMENT ON FUNCTION ironwod.entity_skipped(bigint, text) IS 'Worker: does this run skip the entity (not entitled)?';
 
+-- The units of an entity this run still has to fetch: planned, not checkpointed.
+CREATE FUNCTION ironwod.pending_units(p_run_id bigint, p_entity text)
+RETURNS TABLE (window_key text, url text, ord bigint)
+LANGUAGE sql STABLE
+AS $$
+    SELECT u.window_key, u.url, u.ord
+    FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
+                      WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
+                        AND b.run_scope = ironwod.run_scope(p_run_id) AND b.entity = p_entity
+                        AND b.window_key = u.window_key)
+$$;
+COMMENT ON FUNCTION ironwod.pending_units(bigint, text) IS 'Worker: the units of an entity a run has not checkpointed yet, in fetch order';
+
 -- The next unit not yet checkpointed, in entity order; no row means the run is done.
 CREATE FUNCTION ironwod.next_task(p_run_id bigint)
 RETURNS TABLE (entity text, window_key text, url text, page_size integer)
@@ -274,17 +286,12 @@ LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     e ironwod.entities;
-    v_scope text := ironwod.run_scope(p_run_id);
 BEGIN
     FOR e IN SELECT * FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
         CONTINUE WHEN ironwod.entity_skipped(p_run_id, e.entity);
         RETURN QUERY
             SELECT e.entity, u.window_key, u.url, e.page_size
-            FROM ironwod.plan_units(p_run_id, e.entity) WITH ORDINALITY AS u(window_key, url, ord)
-            WHERE NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
-                              WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-                                AND b.run_scope = v_scope AND b.entity = e.entity
-                                AND b.window_key = u.window_key)
+            FROM ironwod.pending_units(p_run_id, e.entity) u
             ORDER BY u.ord LIMIT 1;
         IF FOUND THEN
             RETURN;
@@ -339,12 +346,8 @@ BEGIN
         -- The gym's time zone: the first location's (by id), when PostgreSQL knows it.
         UPDATE ironwod.integrations_wodify_connection c
            SET time_zone = l.tz, updated_at = now()
-          FROM (SELECT DISTINCT ON (wodify_id) wodify_id, payload_json ->> 'time_zone_iana' AS tz
-                FROM ironwod.wodify_raw_locations
-                WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
-                  AND last_seen_run_id = p_run_id
-                ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC
-                LIMIT 1) l
+          FROM (SELECT x.payload_json ->> 'time_zone_iana' AS tz FROM ironwod.latest_raw_versions('locations') x
+                WHERE x.last_seen_run_id = p_run_id ORDER BY x.wodify_id LIMIT 1) l
          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
            AND EXISTS (SELECT 1 FROM pg_timezone_names z WHERE z.name = l.tz);
     END IF;
@@ -390,22 +393,15 @@ BEGIN
         ELSE format('ironwod.parse_ts(payload_json ->> %L) >= %L::timestamptz', e.window_field, v_from)
     END;
 
+    -- v_pred reads payload_json of the record's latest version.
     EXECUTE format($q$
-        WITH latest AS (
-            SELECT DISTINCT ON (wodify_id) wodify_id, last_seen_run_id, payload_json
-            FROM ironwod.%1$I
-            WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
-            ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC
-        ), seen AS (
-            SELECT DISTINCT wodify_id FROM ironwod.%1$I
-            WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND last_seen_run_id = $1
-        )
         SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
                                                   WHERE v.tenant_id = ironwod.scope_tenant()
                                                     AND v.gym_id = ironwod.scope_gym()
                                                     AND v.entity = $2 AND v.wodify_id = l.wodify_id)),
-               (SELECT count(*) FROM seen)
-        FROM latest l WHERE %2$s$q$, e.raw_table, v_pred)
+               (SELECT count(DISTINCT wodify_id) FROM ironwod.%1$I
+                WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND last_seen_run_id = $1)
+        FROM ironwod.latest_raw_versions($2) l WHERE %2$s$q$, e.raw_table, v_pred)
     INTO v_before, v_seen USING p_run_id, e.entity;
 
     IF v_seen < v_before * current_setting('ironwod.reconcile_sanity_share')::numeric THEN
@@ -414,13 +410,11 @@ BEGIN
         RETURN;
     END IF;
 
+    -- Vanished: inside the window, and no version of it seen by this run.
     EXECUTE format($q$
         INSERT INTO ironwod.vanished_records (tenant_id, gym_id, entity, wodify_id, vanished_by_run)
         SELECT ironwod.scope_tenant(), ironwod.scope_gym(), $2, l.wodify_id, $1
-        FROM (SELECT DISTINCT ON (wodify_id) wodify_id, payload_json
-              FROM ironwod.%1$I
-              WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
-              ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC) l
+        FROM ironwod.latest_raw_versions($2) l
         WHERE %2$s
           AND NOT EXISTS (SELECT 1 FROM ironwod.%1$I s
                           WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
@@ -473,7 +467,6 @@ DECLARE
     v_new integer;
     v_missing integer;
     v_digest text;
-    v_scope text;
 BEGIN
     PERFORM 1 FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
@@ -575,19 +568,14 @@ BEGIN
      WHERE r.run_id = p_run_id AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
 
     IF NOT v_has_more THEN
-        v_scope := ironwod.run_scope(p_run_id);
         INSERT INTO ironwod.backfill_checkpoints
             (tenant_id, gym_id, run_scope, entity, window_key, window_start, window_end, pages, records, completed_by)
-        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), v_scope, p_entity, p_window_key,
+        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.run_scope(p_run_id), p_entity, p_window_key,
                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
                p_page, 0, p_run_id
         ON CONFLICT DO NOTHING;
-        IF NOT EXISTS (SELECT 1 FROM ironwod.plan_units(p_run_id, p_entity) u
-                       WHERE NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
-                                         WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-                                           AND b.run_scope = v_scope AND b.entity = p_entity
-                                           AND b.window_key = u.window_key)) THEN
+        IF NOT EXISTS (SELECT 1 FROM ironwod.pending_units(p_run_id, p_entity)) THEN
             PERFORM ironwod.close_entity(p_run_id, p_entity);
         END IF;
     END IF;

@@ -295,14 +295,10 @@ LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     UPDATE ironwod.integrations_wodify_connection c
        SET status = 'disconnected', api_key_ciphertext = NULL, master_key_id = NULL, updated_at = now()
      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'gym % of tenant % has no Wodify connection', p_gym_id, p_tenant_id
-            USING ERRCODE = 'no_data_found';
-    END IF;
     UPDATE ironwod.sync_runs r
        SET status = 'cancelled', finished_at = clock_timestamp(), last_error = 'disconnected', phase = NULL
      WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');

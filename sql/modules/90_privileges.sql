@@ -64,7 +64,7 @@ GRANT USAGE ON SEQUENCE ironwod.sync_run_id_seq TO ironwod_worker;
 GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironwod.backfill_since(),
     ironwod.iso_utc(timestamptz), ironwod.emit_event(bigint, text, text, jsonb),
     ironwod.claim_run(bigint, integer), ironwod.next_task(bigint), ironwod.run_scope(bigint),
-    ironwod.plan_units(bigint, text), ironwod.entity_skipped(bigint, text),
+    ironwod.plan_units(bigint, text), ironwod.pending_units(bigint, text), ironwod.entity_skipped(bigint, text),
     ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
     ironwod.mark_not_entitled(bigint, text),
     ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision),
