@@ -41,6 +41,9 @@ include $(PGXS)
 CONTRIB_TESTDB = postgres
 ISOLATION_TESTDB = postgres
 
+# PGXS does not track header dependencies: every object depends on the shared header.
+$(OBJS): src/ironwod.h
+
 sql/ironwod--1.0.sql: $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@
 
