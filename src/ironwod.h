@@ -13,6 +13,7 @@
  *	  ratelimit.c  token buckets in shared memory: per connection and
  *	               cluster-wide, adapting to 429s
  *	  land.c       SPI calls that land pages and move run state
+ *	  wire.c       Wodify's wire formats: vendor datetimes, percent-encoding
  *	  crypto.c     sealed-box encryption of API keys, fingerprints
  *	  masterkey.c  loading private master keys from ironwod.master_key_command
  *	  loghook.c    emit_log_hook that scrubs API keys from the server log
@@ -258,6 +259,9 @@ extern void iw_finish_validate(int64 run_id, bool valid, const char *fingerprint
 							   const char *message);
 extern void iw_fail_run(int64 run_id, const char *code, const char *message,
 						const char *phase);
+
+/* ---- Wodify wire formats (wire.c) ---- */
+extern bool iw_parse_vendor_ts(const char *s, int len, TimestampTz *result);
 
 /* ---- log hook (loghook.c) ---- */
 extern void iw_install_log_hook(void);

@@ -87,7 +87,13 @@ CREATE TABLE ironwod.sync_run_entities (
     run_id        bigint NOT NULL,
     entity        text NOT NULL,
     status        text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'completed')),
-    tasks_done    integer NOT NULL DEFAULT 0,
+    -- the entity's units of work (ironwod.run_units): planned once when the
+    -- entity starts (NULL until then), done by this run, and skipped because
+    -- an earlier run of the backfill campaign had checkpointed them
+    units_total   integer,
+    units_done    integer NOT NULL DEFAULT 0,
+    units_skipped integer NOT NULL DEFAULT 0,
+    plan_ms       double precision,
     pages         integer NOT NULL DEFAULT 0,
     requests      integer NOT NULL DEFAULT 0,
     pulled        integer NOT NULL DEFAULT 0,
@@ -98,6 +104,9 @@ CREATE TABLE ironwod.sync_run_entities (
     -- bounds 50, 100, 250, 500, 1000, 2500, 5000 ms and above (ironwod.latency_buckets())
     latency_hist  integer[] NOT NULL DEFAULT '{0,0,0,0,0,0,0,0}',
     latency_ms    double precision NOT NULL DEFAULT 0,
+    -- newest vendor timestamp (entities.watermark_path) of the records this run
+    -- landed: the entity's next watermark when its pull completes
+    max_watermark timestamptz,
     cursor_start  timestamptz,
     cursor_end    timestamptz,
     started_at    timestamptz NOT NULL DEFAULT now(),
@@ -107,15 +116,43 @@ CREATE TABLE ironwod.sync_run_entities (
 );
 COMMENT ON TABLE ironwod.sync_run_entities IS 'Per-run, per-entity counts: pulled, new payload versions, unchanged';
 
--- Completed work units ([window_start, window_end) months, one client's sign-ins,
--- or a full list).  run_scope is 'backfill' for the backfill campaign: a restarted
--- backfill skips its units, and a backfill that finishes clears them so the next
--- one pulls everything again.  Incremental and reconciliation runs use
--- 'run:<run_id>' and clear theirs when they end.
+-- The units of work of a run, planned once per entity when the entity starts
+-- (ironwod.plan_entity) and consumed in ordinal order: a month of invoices, one
+-- client's sign-ins, a full list.  A unit is done in the transaction that lands
+-- its last page.  Units a backfill campaign had already checkpointed are planned
+-- as 'skipped', so the counts of a resumed backfill stay complete.
+CREATE TABLE ironwod.run_units (
+    tenant_id      uuid NOT NULL,
+    gym_id         uuid NOT NULL,
+    run_id         bigint NOT NULL,
+    entity         text NOT NULL,
+    ordinal        integer NOT NULL,
+    entity_ordinal integer NOT NULL,
+    window_key     text NOT NULL,
+    url            text NOT NULL,
+    -- skipped: checkpointed by an earlier run of the backfill campaign;
+    -- not_entitled: Wodify refused the entity (403) while this run fetched it
+    status         text NOT NULL DEFAULT 'pending'
+                   CHECK (status IN ('pending', 'done', 'skipped', 'not_entitled')),
+    pages          integer NOT NULL DEFAULT 0,
+    done_at        timestamptz,
+    PRIMARY KEY (tenant_id, gym_id, run_id, entity, ordinal),
+    UNIQUE (tenant_id, gym_id, run_id, entity, window_key),
+    FOREIGN KEY (tenant_id, gym_id, run_id) REFERENCES ironwod.sync_runs ON DELETE CASCADE
+);
+COMMENT ON TABLE ironwod.run_units IS 'Units of work of a run (window key, relative URL), planned once per entity and consumed in order';
+-- The next unit of a run is one probe of this index, however many are done.
+CREATE INDEX run_units_pending ON ironwod.run_units (tenant_id, gym_id, run_id, entity_ordinal, ordinal)
+    WHERE status = 'pending';
+
+-- Completed work units of the backfill campaign ([window_start, window_end)
+-- months, one client's sign-ins, or a full list): a restarted backfill skips
+-- them, and a backfill that finishes clears them so the next one pulls
+-- everything again.  Incremental and reconciliation runs are not resumed (the
+-- next one plans afresh), so they keep no checkpoints.
 CREATE TABLE ironwod.backfill_checkpoints (
     tenant_id      uuid NOT NULL,
     gym_id         uuid NOT NULL,
-    run_scope      text NOT NULL,
     entity         text NOT NULL,
     window_key     text NOT NULL,
     window_start   timestamptz,
@@ -124,7 +161,7 @@ CREATE TABLE ironwod.backfill_checkpoints (
     records        integer NOT NULL,
     completed_by   bigint NOT NULL,
     completed_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, gym_id, run_scope, entity, window_key),
+    PRIMARY KEY (tenant_id, gym_id, entity, window_key),
     FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
 );
 COMMENT ON TABLE ironwod.backfill_checkpoints IS 'Backfill work units already landed; makes a killed backfill resumable';

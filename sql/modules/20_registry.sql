@@ -77,7 +77,8 @@ BEGIN
                 UNIQUE (tenant_id, gym_id, wodify_id, payload_hash),
                 FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
             )$ddl$, t);
-        EXECUTE format('CREATE INDEX ON ironwod.%I (tenant_id, gym_id, wodify_id, source_updated_at DESC, raw_id DESC)', t);
+        -- In the order of "latest version" (design.md §4), so DISTINCT ON needs no sort.
+        EXECUTE format('CREATE INDEX ON ironwod.%I (tenant_id, gym_id, wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC)', t);
         EXECUTE format('COMMENT ON TABLE ironwod.%I IS %L', t,
                        'Raw Wodify payloads, one row per distinct version of a record');
     END LOOP;

@@ -4,33 +4,30 @@
 -- so RLS binds them like any other caller.
 
 -- Wodify writes datetimes with or without a trailing Z and uses 1900-01-01 for
--- "no value"; a zone-less datetime is UTC.  Anything unparsable is NULL here rather
--- than an error: source_updated_at is bookkeeping, the payload keeps the truth.
+-- "no value"; a zone-less datetime is UTC.  Anything unparsable (another shape,
+-- month 13) is NULL rather than an error: one odd field must not stop a page.
+-- In C (src/wire.c) because it runs for every landed record and every transformed
+-- row; the landing code calls the same parser directly.
 CREATE FUNCTION ironwod.parse_ts(p text) RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$
-    SELECT CASE
-        WHEN p IS NULL OR p !~ '^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$'
-             OR p LIKE '1900-01-01%' THEN NULL
-        WHEN p ~ '(Z|[+-]\d{2}(:?\d{2})?)$' THEN p::timestamptz
-        ELSE p::timestamp AT TIME ZONE 'UTC'
-    END
-$$;
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_parse_ts';
 COMMENT ON FUNCTION ironwod.parse_ts(text) IS 'Wodify datetime text to timestamptz; sentinels and garbage become NULL, zone-less means UTC';
 
 -- Percent-encode a query value once (wodify-api.md §5): everything but unreserved
 -- characters, so |, ;, :, ' and spaces are safe inside q=.
 CREATE FUNCTION ironwod.urlencode(p text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$
-    SELECT string_agg(
-        CASE WHEN b BETWEEN 48 AND 57 OR b BETWEEN 65 AND 90 OR b BETWEEN 97 AND 122
-                  OR b IN (45, 46, 95, 126)
-             THEN chr(b) ELSE '%' || upper(lpad(to_hex(b), 2, '0')) END, '' ORDER BY i)
-    FROM (SELECT i, get_byte(convert_to(p, 'UTF8'), i) AS b
-          FROM generate_series(0, octet_length(convert_to(p, 'UTF8')) - 1) AS i) s
-$$;
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_urlencode';
 COMMENT ON FUNCTION ironwod.urlencode(text) IS 'Percent-encode a URL query value (RFC 3986 unreserved characters pass)';
+
+-- The per-client change detectors as typed columns of the raw client versions,
+-- so planning compares them without de-TOASTing any payload.
+ALTER TABLE ironwod.wodify_raw_clients
+    ADD COLUMN last_class_sign_in timestamptz
+        GENERATED ALWAYS AS (ironwod.parse_ts(payload_json ->> 'last_class_sign_in')) STORED,
+    ADD COLUMN total_class_sign_ins bigint
+        GENERATED ALWAYS AS (CASE WHEN (payload_json ->> 'total_class_sign_ins') ~ '^\d{1,18}$'
+                                  THEN (payload_json ->> 'total_class_sign_ins')::bigint END) STORED;
+COMMENT ON COLUMN ironwod.wodify_raw_clients.last_class_sign_in IS 'Change detector: the version''s last_class_sign_in (NULL when absent or a sentinel)';
+COMMENT ON COLUMN ironwod.wodify_raw_clients.total_class_sign_ins IS 'Change detector: the version''s total_class_sign_ins (NULL when absent or not an integer)';
 
 -- First day of the UTC month that opens the backfill horizon (24 months by default).
 CREATE FUNCTION ironwod.backfill_since() RETURNS timestamptz
@@ -112,17 +109,6 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.claim_run(bigint, integer) IS 'Worker: move a queued run to running and hand back its mode and sealed key';
 
--- The checkpoint scope of a run: the backfill campaign shares one (so a new
--- backfill resumes a killed one), every other run has its own.
-CREATE FUNCTION ironwod.run_scope(p_run_id bigint) RETURNS text
-LANGUAGE sql STABLE
-AS $$
-    SELECT CASE WHEN r.mode = 'backfill' THEN 'backfill' ELSE 'run:' || r.run_id END
-    FROM ironwod.sync_runs r
-    WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id
-$$;
-COMMENT ON FUNCTION ironwod.run_scope(bigint) IS 'Checkpoint scope of a run: ''backfill'' for the backfill campaign, ''run:<id>'' otherwise';
-
 -- Every unit of work an entity needs in this run, in fetch order, per the table of
 -- design.md §4:
 --   full lists                     every mode
@@ -136,12 +122,15 @@ COMMENT ON FUNCTION ironwod.run_scope(bigint) IS 'Checkpoint scope of a run: ''b
 --                                  incremental: from the watermark minus the
 --                                  lookback, plus the due-date window; reconcile:
 --                                  the last sync_window_days (by due date if any)
--- Times come from the run's start, so repeated calls within a run agree.
+-- Times come from the run's start.  Called once per entity and run, by
+-- plan_entity, which persists the result; linear in the entity's clients.
 CREATE FUNCTION ironwod.plan_units(p_run_id bigint, p_entity text)
 RETURNS TABLE (window_key text, url text)
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     e ironwod.entities;
     r ironwod.sync_runs;
     v_now timestamptz;
@@ -150,15 +139,16 @@ DECLARE
     v_window interval;
     v_from timestamptz;
     v_sort text;
+    v_last_clean bigint;
 BEGIN
     SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
     SELECT * INTO STRICT r FROM ironwod.sync_runs x
-    WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym() AND x.run_id = p_run_id;
+    WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id;
     v_now := coalesce(r.started_at, now());
     v_sort := coalesce('&sort=' || ironwod.urlencode(e.sort), '');
     SELECT make_interval(days => c.sync_window_days) INTO STRICT v_window
     FROM ironwod.integrations_wodify_connection c
-    WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g;
 
     IF e.backfill_strategy = 'full' THEN
         RETURN QUERY SELECT 'full'::text, e.path || coalesce('?sort=' || ironwod.urlencode(e.sort), '');
@@ -167,36 +157,39 @@ BEGIN
         -- The current version of every client, and its version as of the last
         -- clean run (the baseline the change detectors are compared with), by the
         -- version order of design.md §4.  A version landed by a failed run since
-        -- then still counts as a change, so nothing is lost to a crash.
+        -- then still counts as a change, so nothing is lost to a crash.  Only the
+        -- typed detector columns are read, never a payload.
+        SELECT coalesce(max(x.run_id), 0) INTO v_last_clean FROM ironwod.sync_runs x
+        WHERE x.tenant_id = v_t AND x.gym_id = v_g
+          AND x.status = 'succeeded' AND x.mode <> 'validate' AND x.run_id < p_run_id;
         RETURN QUERY
-        WITH last_clean AS (
-            SELECT coalesce(max(x.run_id), 0) AS run_id FROM ironwod.sync_runs x
-            WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym()
-              AND x.status = 'succeeded' AND x.mode <> 'validate' AND x.run_id < p_run_id
-        ), cur AS (
-            SELECT l.wodify_id, l.ingest_run_id, l.payload_json FROM ironwod.latest_raw_versions('clients') l
+        WITH cur AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.ingest_run_id, c.last_class_sign_in, c.total_class_sign_ins
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = v_t AND c.gym_id = v_g
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
         ), base AS (
-            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.payload_json
-            FROM ironwod.wodify_raw_clients c, last_clean lc
-            WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-              AND c.ingest_run_id <= lc.run_id
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.last_class_sign_in, c.total_class_sign_ins
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.ingest_run_id <= v_last_clean
+              AND r.mode = 'incremental'
             ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
         ), picked AS (
             SELECT v.wodify_id,
                    CASE r.mode
                        WHEN 'backfill' THEN v_since
                        WHEN 'reconcile' THEN greatest(v_since, v_now - v_window)
-                       ELSE greatest(v_since, coalesce(ironwod.parse_ts(b.payload_json ->> 'last_class_sign_in') - v_lookback, v_since))
+                       ELSE greatest(v_since, coalesce(b.last_class_sign_in - v_lookback, v_since))
                    END AS since
-            FROM cur v CROSS JOIN last_clean lc
+            FROM cur v
             LEFT JOIN base b ON b.wodify_id = v.wodify_id
             WHERE CASE r.mode
-                      WHEN 'backfill' THEN ironwod.parse_ts(v.payload_json ->> 'last_class_sign_in') >= v_since
-                      WHEN 'reconcile' THEN ironwod.parse_ts(v.payload_json ->> 'last_class_sign_in') >= greatest(v_since, v_now - v_window)
-                      ELSE v.ingest_run_id > lc.run_id
-                           AND ironwod.parse_ts(v.payload_json ->> 'last_class_sign_in') IS NOT NULL
-                           AND ((v.payload_json ->> 'last_class_sign_in') IS DISTINCT FROM (b.payload_json ->> 'last_class_sign_in')
-                                OR (v.payload_json ->> 'total_class_sign_ins') IS DISTINCT FROM (b.payload_json ->> 'total_class_sign_ins'))
+                      WHEN 'backfill' THEN v.last_class_sign_in >= v_since
+                      WHEN 'reconcile' THEN v.last_class_sign_in >= greatest(v_since, v_now - v_window)
+                      ELSE v.ingest_run_id > v_last_clean
+                           AND v.last_class_sign_in IS NOT NULL
+                           AND (v.last_class_sign_in IS DISTINCT FROM b.last_class_sign_in
+                                OR v.total_class_sign_ins IS DISTINCT FROM b.total_class_sign_ins)
                   END
         )
         SELECT 'client:' || p.wodify_id,
@@ -226,8 +219,7 @@ BEGIN
                 SELECT greatest(v_since, coalesce(c.watermark - v_lookback, v_since)) INTO v_from
                 FROM (SELECT NULL::int) x
                 LEFT JOIN ironwod.entity_cursors c
-                       ON c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                      AND c.entity = e.entity;
+                       ON c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = e.entity;
             ELSE
                 v_from := greatest(v_since, v_now - v_window);
             END IF;
@@ -250,56 +242,113 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION ironwod.plan_units(bigint, text) IS 'Worker: the units of work (window key, relative URL) an entity needs in a run, per its mode';
+COMMENT ON FUNCTION ironwod.plan_units(bigint, text) IS 'Worker: derive the units of work (window key, relative URL) an entity needs in a run, per its mode';
 
 -- Entities a run skips: those the gym's plan does not include, except in a
 -- reconciliation, which asks again.
 CREATE FUNCTION ironwod.entity_skipped(p_run_id bigint, p_entity text) RETURNS boolean
-LANGUAGE sql STABLE
-AS $$
-    SELECT EXISTS (
-        SELECT 1 FROM ironwod.entity_entitlements n
-        JOIN ironwod.sync_runs r ON r.tenant_id = n.tenant_id AND r.gym_id = n.gym_id AND r.run_id = p_run_id
-        WHERE n.tenant_id = ironwod.scope_tenant() AND n.gym_id = ironwod.scope_gym() AND n.entity = p_entity
-          AND (r.mode <> 'reconcile' OR n.last_checked_run = p_run_id))
-$$;
-COMMENT ON FUNCTION ironwod.entity_skipped(bigint, text) IS 'Worker: does this run skip the entity (not entitled)?';
-
--- The units of an entity this run still has to fetch: planned, not checkpointed.
-CREATE FUNCTION ironwod.pending_units(p_run_id bigint, p_entity text)
-RETURNS TABLE (window_key text, url text, ord bigint)
-LANGUAGE sql STABLE
-AS $$
-    SELECT u.window_key, u.url, u.ord
-    FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord)
-    WHERE NOT EXISTS (SELECT 1 FROM ironwod.backfill_checkpoints b
-                      WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-                        AND b.run_scope = ironwod.run_scope(p_run_id) AND b.entity = p_entity
-                        AND b.window_key = u.window_key)
-$$;
-COMMENT ON FUNCTION ironwod.pending_units(bigint, text) IS 'Worker: the units of an entity a run has not checkpointed yet, in fetch order';
-
--- The next unit not yet checkpointed, in entity order; no row means the run is done.
-CREATE FUNCTION ironwod.next_task(p_run_id bigint)
-RETURNS TABLE (entity text, window_key text, url text, page_size integer)
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-    e ironwod.entities;
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
-    FOR e IN SELECT * FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
+    RETURN EXISTS (
+        SELECT 1 FROM ironwod.entity_entitlements n
+        JOIN ironwod.sync_runs r ON r.tenant_id = n.tenant_id AND r.gym_id = n.gym_id AND r.run_id = p_run_id
+        WHERE n.tenant_id = v_t AND n.gym_id = v_g AND r.tenant_id = v_t AND r.gym_id = v_g
+          AND n.entity = p_entity AND (r.mode <> 'reconcile' OR n.last_checked_run = p_run_id));
+END
+$$;
+COMMENT ON FUNCTION ironwod.entity_skipped(bigint, text) IS 'Worker: does this run skip the entity (not entitled)?';
+
+-- The entity starts: derive its units once and persist them with the run, in
+-- fetch order.  In a backfill, units the campaign already checkpointed (a
+-- killed run's) are planned as skipped.  Records the plan's size and how long
+-- deriving it took.  Returns the number of units left to fetch.
+CREATE FUNCTION ironwod.plan_entity(p_run_id bigint, p_entity text)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_t0 timestamptz := clock_timestamp();
+    v_mode text;
+    v_ordinal integer;
+    v_keys text[];
+    v_urls text[];
+    v_total integer;
+    v_skipped integer;
+    v_ms double precision;
+BEGIN
+    SELECT r.mode INTO STRICT v_mode FROM ironwod.sync_runs r
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+    SELECT x.ordinal INTO STRICT v_ordinal FROM ironwod.entities x WHERE x.entity = p_entity;
+    SELECT coalesce(array_agg(u.window_key ORDER BY u.ord), '{}'), coalesce(array_agg(u.url ORDER BY u.ord), '{}')
+    INTO v_keys, v_urls
+    FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord);
+
+    INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
+    SELECT v_t, v_g, p_run_id, p_entity, u.ord, v_ordinal, u.window_key, u.url,
+           CASE WHEN b.window_key IS NULL THEN 'pending' ELSE 'skipped' END
+    FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
+    LEFT JOIN ironwod.backfill_checkpoints b
+           ON b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity
+          AND b.window_key = u.window_key AND v_mode = 'backfill';
+    GET DIAGNOSTICS v_total = ROW_COUNT;
+    SELECT count(*) INTO v_skipped FROM ironwod.run_units u
+    WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+      AND u.status = 'skipped';
+    v_ms := extract(epoch FROM clock_timestamp() - v_t0) * 1000;
+
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, units_total, units_skipped, plan_ms)
+    VALUES (v_t, v_g, p_run_id, p_entity, v_total, v_skipped, v_ms)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET units_total = excluded.units_total, units_skipped = excluded.units_skipped, plan_ms = excluded.plan_ms;
+    RETURN v_total - v_skipped;
+END
+$$;
+COMMENT ON FUNCTION ironwod.plan_entity(bigint, text) IS 'Worker: derive an entity''s units of work once and persist them with the run (run_units); returns how many are left to fetch';
+
+-- The next unit of the run, in entity order then unit order; no row means the
+-- run is done.  Entities are planned one at a time, when the previous one has
+-- nothing left, so the first pending unit is one index probe.
+CREATE FUNCTION ironwod.next_task(p_run_id bigint)
+RETURNS TABLE (entity text, window_key text, url text, page_size integer)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    e record;
+BEGIN
+    RETURN QUERY
+        SELECT u.entity, u.window_key, u.url, x.page_size
+        FROM ironwod.run_units u JOIN ironwod.entities x ON x.entity = u.entity
+        WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.status = 'pending'
+        ORDER BY u.entity_ordinal, u.ordinal LIMIT 1;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    -- Nothing pending: start the next entity not yet planned.
+    FOR e IN SELECT x.entity, x.page_size FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
+        CONTINUE WHEN EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
+                              WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
+                                AND s.entity = e.entity AND s.units_total IS NOT NULL);
         CONTINUE WHEN ironwod.entity_skipped(p_run_id, e.entity);
+        CONTINUE WHEN ironwod.plan_entity(p_run_id, e.entity) = 0;
         RETURN QUERY
-            SELECT e.entity, u.window_key, u.url, e.page_size
-            FROM ironwod.pending_units(p_run_id, e.entity) u
-            ORDER BY u.ord LIMIT 1;
-        IF FOUND THEN
-            RETURN;
-        END IF;
+            SELECT u.entity, u.window_key, u.url, e.page_size
+            FROM ironwod.run_units u
+            WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = e.entity
+              AND u.status = 'pending'
+            ORDER BY u.entity_ordinal, u.ordinal LIMIT 1;
+        RETURN;
     END LOOP;
 END
 $$;
-COMMENT ON FUNCTION ironwod.next_task(bigint) IS 'Worker: next unit of work (entity, window key, relative URL) not yet checkpointed';
+COMMENT ON FUNCTION ironwod.next_task(bigint) IS 'Worker: next unit of work (entity, window key, relative URL) of the run, planning the next entity when the current one is done';
 
 -- An entity's pull finished cleanly: record it and advance its watermark to the
 -- newest vendor timestamp this run saw (never past now: a bad clock at the vendor
@@ -314,10 +363,9 @@ DECLARE
     v_max timestamptz;
 BEGIN
     SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
-    EXECUTE format('SELECT max(ironwod.parse_ts(payload_json #>> $1)) FROM ironwod.%I
-                    WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
-                      AND last_seen_run_id = $2', e.raw_table)
-    INTO v_max USING e.watermark_path, p_run_id;
+    SELECT s.max_watermark INTO v_max FROM ironwod.sync_run_entities s
+     WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+       AND s.run_id = p_run_id AND s.entity = p_entity;
     v_max := least(v_max, clock_timestamp());
 
     INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, status, completed_at, cursor_start, cursor_end)
@@ -439,10 +487,95 @@ BEGIN
     INSERT INTO ironwod.entity_entitlements AS n (tenant_id, gym_id, entity, last_checked_run)
     VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_entity, p_run_id)
     ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET last_checked_run = p_run_id;
+    UPDATE ironwod.run_units u SET status = 'not_entitled'
+     WHERE u.tenant_id = ironwod.scope_tenant() AND u.gym_id = ironwod.scope_gym() AND u.run_id = p_run_id
+       AND u.entity = p_entity AND u.status = 'pending';
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.not_entitled', p_entity, '{}');
 END
 $$;
 COMMENT ON FUNCTION ironwod.mark_not_entitled(bigint, text) IS 'Worker: record that the gym''s plan does not include an entity';
+
+-- The bookkeeping of one landed page, in the page's transaction: the run's
+-- heartbeat and request counters (and a check that it is still running: a
+-- disconnect stops it here), records seen again leave vanished_records, the
+-- entity's counters, latency histogram and newest watermark.  On the unit's last
+-- page the unit is done (and checkpointed, in a backfill); when that was the
+-- entity's last unit, the entity is closed.  Constant time: nothing here looks
+-- at more than one unit.
+CREATE FUNCTION ironwod.page_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer,
+                                    p_records integer, p_new integer, p_ids bigint[], p_attempts integer,
+                                    p_latency_ms double precision, p_has_more boolean, p_watermark timestamptz)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_now timestamptz := clock_timestamp();
+    v_mode text;
+    v_unit_done boolean := false;
+    v_entity_done boolean;
+    v_bucket integer := coalesce(width_bucket(p_latency_ms, ironwod.latency_buckets()) + 1, 1);
+    v_seen integer := CASE WHEN p_latency_ms IS NULL THEN 0 ELSE 1 END;
+    v_hist integer[] := '{0,0,0,0,0,0,0,0}';
+BEGIN
+    UPDATE ironwod.sync_runs r
+       SET requests = r.requests + p_attempts, retries = r.retries + p_attempts - 1,
+           heartbeat_at = v_now, phase = 'land'
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id AND r.status = 'running'
+    RETURNING r.mode INTO v_mode;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % is no longer running', p_run_id
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'It was cancelled or disconnected.';
+    END IF;
+
+    -- A record seen again is no longer vanished.
+    DELETE FROM ironwod.vanished_records v
+     WHERE v.tenant_id = v_t AND v.gym_id = v_g AND v.entity = p_entity AND v.wodify_id = ANY (p_ids);
+
+    IF NOT p_has_more THEN
+        UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
+         WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+           AND u.window_key = p_window_key AND u.status = 'pending';
+        v_unit_done := FOUND;
+        IF NOT v_unit_done AND NOT EXISTS (SELECT 1 FROM ironwod.run_units u
+                                           WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id
+                                             AND u.entity = p_entity AND u.window_key = p_window_key) THEN
+            RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
+                USING ERRCODE = 'internal_error';
+        END IF;
+        IF v_unit_done AND v_mode = 'backfill' THEN
+            INSERT INTO ironwod.backfill_checkpoints
+                (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
+            VALUES (v_t, v_g, p_entity, p_window_key,
+                    CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
+                    CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
+                    p_page, 0, p_run_id)
+            ON CONFLICT DO NOTHING;
+        END IF;
+    END IF;
+
+    v_hist[v_bucket] := v_seen;
+    INSERT INTO ironwod.sync_run_entities AS s
+        (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged, units_done,
+         latency_hist, latency_ms, max_watermark)
+    VALUES (v_t, v_g, p_run_id, p_entity, 1, p_attempts, p_records, p_new, p_records - p_new,
+            v_unit_done::int, v_hist, coalesce(p_latency_ms, 0), p_watermark)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET pages = s.pages + 1, requests = s.requests + excluded.requests,
+           pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
+           unchanged = s.unchanged + excluded.unchanged, units_done = s.units_done + excluded.units_done,
+           latency_hist[v_bucket] = s.latency_hist[v_bucket] + v_seen,
+           latency_ms = s.latency_ms + excluded.latency_ms,
+           max_watermark = greatest(s.max_watermark, excluded.max_watermark)
+    RETURNING s.units_done + s.units_skipped >= s.units_total INTO v_entity_done;
+
+    IF v_unit_done AND v_entity_done THEN
+        PERFORM ironwod.close_entity(p_run_id, p_entity);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.page_landed(bigint, text, text, integer, integer, integer, bigint[], integer, double precision, boolean, timestamptz) IS 'Worker: the bookkeeping of one landed page (counters, heartbeat, unit done, entity closed on its last unit)';
 
 -- Land one response page in one transaction.  Classifies the body first (Wodify
 -- reports errors as HTTP 200 with an HTTPCode envelope) and checks the pagination
@@ -467,6 +600,8 @@ DECLARE
     v_new integer;
     v_missing integer;
     v_digest text;
+    v_watermark timestamptz;
+    v_ids bigint[];
 BEGIN
     PERFORM 1 FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
@@ -541,52 +676,18 @@ BEGIN
         SELECT count(*) FILTER (WHERE inserted) FROM ins$ins$, e.id_field, e.raw_table)
     INTO v_new USING v_records, e.updated_at_path, e.created_at_path, p_run_id;
 
-    -- A record seen again is no longer vanished.
-    DELETE FROM ironwod.vanished_records v
-     WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym() AND v.entity = p_entity
-       AND v.wodify_id IN (SELECT (r ->> e.id_field)::bigint FROM jsonb_array_elements(v_records) r);
-
-    INSERT INTO ironwod.sync_run_entities AS s
-        (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged, tasks_done,
-         latency_hist, latency_ms)
-    SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 1, p_attempts,
-           v_n, v_new, v_n - v_new, CASE WHEN v_has_more THEN 0 ELSE 1 END,
-           ARRAY(SELECT (p_latency_ms IS NOT NULL AND b = width_bucket(p_latency_ms, ironwod.latency_buckets()) + 1)::int
-                 FROM generate_series(1, 8) b ORDER BY b),
-           coalesce(p_latency_ms, 0)
-    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
-       SET pages = s.pages + 1, requests = s.requests + excluded.requests,
-           pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
-           unchanged = s.unchanged + excluded.unchanged, tasks_done = s.tasks_done + excluded.tasks_done,
-           latency_hist = ARRAY(SELECT s.latency_hist[b] + excluded.latency_hist[b]
-                                FROM generate_series(1, 8) b ORDER BY b),
-           latency_ms = s.latency_ms + excluded.latency_ms;
-
-    UPDATE ironwod.sync_runs r
-       SET requests = r.requests + p_attempts, retries = r.retries + p_attempts - 1,
-           heartbeat_at = clock_timestamp(), phase = 'land'
-     WHERE r.run_id = p_run_id AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
-
-    IF NOT v_has_more THEN
-        INSERT INTO ironwod.backfill_checkpoints
-            (tenant_id, gym_id, run_scope, entity, window_key, window_start, window_end, pages, records, completed_by)
-        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.run_scope(p_run_id), p_entity, p_window_key,
-               CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
-               CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
-               p_page, 0, p_run_id
-        ON CONFLICT DO NOTHING;
-        IF NOT EXISTS (SELECT 1 FROM ironwod.pending_units(p_run_id, p_entity)) THEN
-            PERFORM ironwod.close_entity(p_run_id, p_entity);
-        END IF;
-    END IF;
+    SELECT max(ironwod.parse_ts(r #>> e.watermark_path)), array_agg((r ->> e.id_field)::bigint)
+      INTO v_watermark, v_ids FROM jsonb_array_elements(v_records) r;
+    PERFORM ironwod.page_landed(p_run_id, p_entity, p_window_key, p_page, v_n, v_new, coalesce(v_ids, '{}'),
+                                p_attempts, p_latency_ms, v_has_more, v_watermark);
 
     RETURN QUERY SELECT 'landed'::text, 200, NULL::text, v_has_more, v_n, v_new, v_digest;
 END
 $$;
 COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
 
--- A clean run: close entities that had nothing to fetch, clear the run's
--- checkpoints (a backfill clears its campaign: the next one pulls everything
+-- A clean run: close entities that had nothing to fetch, clear the backfill
+-- campaign's checkpoints after a backfill (the next one pulls everything
 -- again), close the breaker, and record the completion.
 CREATE FUNCTION ironwod.finish_run(p_run_id bigint)
 RETURNS void
@@ -610,9 +711,10 @@ BEGIN
                  ORDER BY x.ordinal LOOP
             PERFORM ironwod.close_entity(p_run_id, e.entity);
         END LOOP;
-        DELETE FROM ironwod.backfill_checkpoints b
-         WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-           AND b.run_scope = ironwod.run_scope(p_run_id);
+        IF v_mode = 'backfill' THEN
+            DELETE FROM ironwod.backfill_checkpoints b
+             WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym();
+        END IF;
     END IF;
     UPDATE ironwod.sync_runs r
        SET status = 'succeeded', finished_at = clock_timestamp(), phase = NULL,
@@ -689,12 +791,6 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    IF v_mode <> 'backfill' THEN
-        DELETE FROM ironwod.backfill_checkpoints b
-         WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym()
-           AND b.run_scope = 'run:' || p_run_id;
-    END IF;
-
     IF p_code = 'quota' THEN
         UPDATE ironwod.integrations_wodify_connection c
            SET next_retry_at = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC',

@@ -33,7 +33,7 @@ GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, con
               nightly_local_time, reconcile_weekday, time_zone, backfill_completed_at,
               created_at, updated_at)
     ON ironwod.integrations_wodify_connection TO ironwod_app, ironwod_admin;
-GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.backfill_checkpoints,
+GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.run_units, ironwod.backfill_checkpoints,
     ironwod.entity_cursors, ironwod.sync_events, ironwod.entities, ironwod.master_keys,
     ironwod.entity_entitlements, ironwod.vanished_records,
     ironwod.wodify_raw_locations, ironwod.wodify_raw_programs, ironwod.wodify_raw_clients,
@@ -52,6 +52,7 @@ GRANT SELECT, UPDATE ON ironwod.integrations_wodify_connection TO ironwod_worker
 GRANT SELECT, INSERT, UPDATE ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.entity_cursors
     TO ironwod_worker;
 GRANT SELECT, INSERT, DELETE ON ironwod.backfill_checkpoints TO ironwod_worker;
+GRANT SELECT, INSERT, UPDATE ON ironwod.run_units TO ironwod_worker;
 GRANT SELECT, INSERT ON ironwod.sync_events TO ironwod_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ironwod.entity_entitlements TO ironwod_worker;
 GRANT SELECT, INSERT, DELETE ON ironwod.vanished_records TO ironwod_worker;
@@ -63,8 +64,9 @@ GRANT SELECT, INSERT, UPDATE ON ironwod.wodify_raw_locations, ironwod.wodify_raw
 GRANT USAGE ON SEQUENCE ironwod.sync_run_id_seq TO ironwod_worker;
 GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironwod.backfill_since(),
     ironwod.iso_utc(timestamptz), ironwod.emit_event(bigint, text, text, jsonb),
-    ironwod.claim_run(bigint, integer), ironwod.next_task(bigint), ironwod.run_scope(bigint),
-    ironwod.plan_units(bigint, text), ironwod.pending_units(bigint, text), ironwod.entity_skipped(bigint, text),
+    ironwod.claim_run(bigint, integer), ironwod.next_task(bigint),
+    ironwod.plan_units(bigint, text), ironwod.plan_entity(bigint, text), ironwod.entity_skipped(bigint, text),
+    ironwod.page_landed(bigint, text, text, integer, integer, integer, bigint[], integer, double precision, boolean, timestamptz),
     ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
     ironwod.mark_not_entitled(bigint, text),
     ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision),

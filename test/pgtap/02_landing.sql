@@ -1,7 +1,7 @@
 -- pgTAP: landing and work planning, against fixture pages, without any worker.
 -- Runs as the worker role under a fixture scope, so RLS applies as in a real run.
 BEGIN;
-SELECT plan(32);
+SELECT plan(51);
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
 VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001', 'connected', '\x00');
@@ -21,6 +21,10 @@ $$;
 -- The first unit of a fresh backfill is the locations list.
 SELECT results_eq($$SELECT entity, window_key, url FROM ironwod.next_task(current_setting('test.run')::bigint)$$,
                   $$VALUES ('locations', 'full', '/customers/locations?sort=id')$$, 'backfill starts with locations');
+SELECT results_eq($$SELECT entity, units_total, units_done FROM ironwod.sync_run_entities$$,
+                  $$VALUES ('locations', 1, 0)$$, 'only the entity that started is planned');
+-- The landing checks below use the clients list's unit.
+SELECT is(ironwod.plan_entity(current_setting('test.run')::bigint, 'clients'), 1, 'the clients list is one unit');
 
 -- Error envelopes inside HTTP 200, missing records key, ids missing, non-objects.
 SELECT results_eq($$SELECT outcome, http_code FROM pg_temp.land('clients', 'full', 1,
@@ -64,12 +68,12 @@ SELECT results_eq($$SELECT n_new FROM pg_temp.land('clients', 'full', 2,
     $$VALUES (1)$$, 'an edited payload is a new version');
 SELECT results_eq($$SELECT count(*), count(DISTINCT wodify_id) FROM ironwod.wodify_raw_clients$$,
                   $$VALUES (4::bigint, 3::bigint)$$, 'four versions of three records');
-SELECT results_eq($$SELECT pages, pulled, new_versions, unchanged FROM ironwod.sync_run_entities$$,
+SELECT results_eq($$SELECT pages, pulled, new_versions, unchanged FROM ironwod.sync_run_entities WHERE entity = 'clients'$$,
                   $$VALUES (4, 6, 4, 2)$$, 'per-entity counters');
 SELECT lives_ok($$SELECT ironwod.land_page(current_setting('test.run')::bigint, 'clients', 'full', 2,
     '{"clients": [{"id": 1003, "first_name": "Cyrus"}], "pagination": {"has_more": false}}', 1, NULL, 120)$$,
     'land a page with its request latency');
-SELECT results_eq($$SELECT latency_hist, latency_ms FROM ironwod.sync_run_entities$$,
+SELECT results_eq($$SELECT latency_hist, latency_ms FROM ironwod.sync_run_entities WHERE entity = 'clients'$$,
                   $$VALUES ('{0,0,1,0,0,0,0,0}'::int[], 120::double precision)$$,
                   'a 120 ms request lands in the 100-250 ms bucket');
 -- has_more is inferred from a full page when pagination is missing.
@@ -89,33 +93,104 @@ SELECT results_eq($$SELECT outcome FROM ironwod.land_page(current_setting('test.
     $$VALUES ('pagination')$$, 'an empty page that claims more');
 SELECT is((SELECT count(*) FROM ironwod.wodify_raw_memberships), 0::bigint, 'broken pages land nothing');
 
--- Work planning skips completed units, then reaches the monthly windows, newest first.
-INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, run_scope, entity, window_key, pages, records, completed_by)
-SELECT ironwod.scope_tenant(), ironwod.scope_gym(), 'backfill', e, 'full', 1, 0, current_setting('test.run')::bigint
+-- Work planning, in a second gym whose backfill campaign had checkpointed some
+-- units: each entity is planned once, when it starts; checkpointed units are
+-- planned as skipped.
+RESET ROLE;
+INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
+VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000002', 'connected', '\x00');
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status)
+VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000002', 'backfill', 'running');
+SELECT set_config('test.run2', currval('ironwod.sync_run_id_seq')::text, true);
+SELECT set_config('ironwod.gym_id', '99999999-0000-0000-0000-000000000002', true);
+SET LOCAL ROLE ironwod_worker;
+CREATE FUNCTION pg_temp.land2(p_entity text, p_key text, p_body text) RETURNS text
+LANGUAGE sql AS $$
+    SELECT outcome FROM ironwod.land_page(current_setting('test.run2')::bigint, p_entity, p_key, 1, p_body::jsonb, 1)
+$$;
+INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, entity, window_key, pages, records, completed_by)
+SELECT ironwod.scope_tenant(), ironwod.scope_gym(), e, 'full', 1, 0, 1
 FROM unnest(ARRAY['locations', 'programs', 'memberships', 'membership_holds']) e;
-SELECT results_eq($$SELECT entity FROM ironwod.next_task(current_setting('test.run')::bigint)$$,
-                  $$VALUES ('invoices')$$, 'no client has recent sign-ins: straight to invoices');
-SELECT is((SELECT window_key FROM ironwod.next_task(current_setting('test.run')::bigint)),
-          to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'), 'newest window first');
-SELECT matches((SELECT url FROM ironwod.next_task(current_setting('test.run')::bigint)),
+SELECT results_eq($$SELECT entity, window_key FROM ironwod.next_task(current_setting('test.run2')::bigint)$$,
+                  $$VALUES ('clients', 'full')$$, 'checkpointed lists are skipped');
+SELECT results_eq($$SELECT entity, status FROM ironwod.run_units ORDER BY entity_ordinal$$,
+                  $$VALUES ('locations', 'skipped'), ('programs', 'skipped'), ('clients', 'pending')$$,
+                  'skipped units are planned too, so the counts stay complete');
+SELECT results_eq($$SELECT entity, units_total, units_skipped FROM ironwod.sync_run_entities ORDER BY entity$$,
+                  $$VALUES ('clients', 1, 0), ('locations', 1, 1), ('programs', 1, 1)$$, 'units per entity');
+-- Asking again hands out the same unit: nothing is re-planned.
+SELECT results_eq($$SELECT entity, window_key FROM ironwod.next_task(current_setting('test.run2')::bigint)$$,
+                  $$VALUES ('clients', 'full')$$, 'the next unit is stable until it lands');
+-- Clients: one with a recent sign-in, one without.
+SELECT is(pg_temp.land2('clients', 'full',
+    format('{"clients": [{"id": 1004, "last_class_sign_in": "%s", "total_class_sign_ins": 12},
+                         {"id": 1005, "last_class_sign_in": "2001-01-01T00:00:00Z"}],
+            "pagination": {"has_more": false}}', ironwod.iso_utc(now() - interval '3 days'))),
+    'landed', 'land the client list');
+SELECT results_eq($$SELECT wodify_id, total_class_sign_ins, last_class_sign_in > now() - interval '4 days'
+                    FROM ironwod.wodify_raw_clients ORDER BY wodify_id$$,
+                  $$VALUES (1004::bigint, 12::bigint, true), (1005, NULL, false)$$,
+                  'the change detectors are typed columns of the raw version');
+SELECT results_eq($$SELECT status, completed_at IS NOT NULL FROM ironwod.sync_run_entities WHERE entity = 'clients'$$,
+                  $$VALUES ('completed', true)$$, 'the entity closes with its last unit');
+SELECT results_eq($$SELECT entity, window_key FROM ironwod.next_task(current_setting('test.run2')::bigint)$$,
+                  $$VALUES ('class_signins', 'client:1004')$$, 'a client with a recent sign-in gets its own sign-in unit');
+SELECT is((SELECT count(*) FROM ironwod.run_units WHERE entity = 'class_signins'), 1::bigint,
+          'only clients active inside the horizon');
+SELECT is(pg_temp.land2('class_signins', 'client:1004', '{"class_sign_ins": [], "pagination": {"has_more": false}}'),
+          'landed', 'land the client''s sign-ins');
+SELECT is((SELECT window_key FROM ironwod.next_task(current_setting('test.run2')::bigint)),
+          to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'), 'then invoices, newest window first');
+SELECT matches((SELECT url FROM ironwod.next_task(current_setting('test.run2')::bigint)),
                '^/financials/invoices/search\?q=created_on_datetime%7Cgte%7C\d{4}-\d\d-01T00%3A00%3A00Z&sort=desc_created_on_datetime$',
                'the newest window is open-ended');
-SELECT matches((SELECT url FROM ironwod.plan_units(current_setting('test.run')::bigint, 'invoices') OFFSET 1 LIMIT 1),
+SELECT matches((SELECT url FROM ironwod.run_units WHERE entity = 'invoices' AND ordinal = 2),
                '^/financials/invoices/search\?q=created_on_datetime%7Cgte%7C\d{4}-\d\d-01T00%3A00%3A00Z%3Bcreated_on_datetime%7Clt%7C\d{4}-\d\d-01T00%3A00%3A00Z&sort=desc_created_on_datetime$',
                'older windows are URL-encoded q with a half-open month');
-SELECT is((SELECT count(*) FROM ironwod.plan_units(current_setting('test.run')::bigint, 'invoices')), 25::bigint,
+SELECT is((SELECT count(*) FROM ironwod.run_units WHERE entity = 'invoices'), 25::bigint,
           '24 months plus the current one');
+-- Units are consumed in order: landing the first window hands out the second.
+SELECT is(pg_temp.land2('invoices', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM'),
+                        '{"invoices": [{"id": 7}], "pagination": {"has_more": false}}'), 'landed', 'land the newest window');
+SELECT is((SELECT window_key FROM ironwod.next_task(current_setting('test.run2')::bigint)),
+          to_char((now() AT TIME ZONE 'UTC') - interval '1 month', 'YYYY-MM'), 'the next window');
+SELECT results_eq($$SELECT units_total, units_done, status FROM ironwod.sync_run_entities WHERE entity = 'invoices'$$,
+                  $$VALUES (25, 1, 'running')$$, 'one of 25 invoice units done; the entity is still open');
+-- A 403 on an entity's endpoint: its units are not entitled, and the run moves on.
+SELECT lives_ok($$SELECT ironwod.mark_not_entitled(current_setting('test.run2')::bigint, 'invoices')$$, 'invoices not entitled');
+SELECT is((SELECT count(*) FROM ironwod.run_units WHERE entity = 'invoices' AND status = 'not_entitled'), 24::bigint,
+          'its pending units are marked');
+SELECT is((SELECT entity FROM ironwod.next_task(current_setting('test.run2')::bigint)), 'transactions',
+          'the run goes on with the next entity');
 
--- A client with a recent sign-in gets its own sign-in unit.
-SELECT lives_ok($$SELECT pg_temp.land('clients', 'full', 1,
-    format('{"clients": [{"id": 1004, "last_class_sign_in": "%s"}], "pagination": {"has_more": false}}',
-           ironwod.iso_utc(now() - interval '3 days')))$$, 'land a recent attendee');
-SELECT results_eq($$SELECT entity, window_key FROM ironwod.next_task(current_setting('test.run')::bigint)$$,
-                  $$VALUES ('class_signins', 'client:1004')$$, 'per-client sign-in unit');
+-- An incremental run plans sign-ins only for clients whose detectors moved since
+-- the last clean run, from their previous last sign-in minus the lookback.
+RESET ROLE;
+UPDATE ironwod.sync_runs SET status = 'succeeded' WHERE run_id = current_setting('test.run2')::bigint;
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status)
+VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000002', 'incremental', 'running');
+SELECT set_config('test.run2', currval('ironwod.sync_run_id_seq')::text, true);
+SET LOCAL ROLE ironwod_worker;
+SELECT is(ironwod.plan_entity(current_setting('test.run2')::bigint, 'clients'), 1, 'plan the client list');
+SELECT is(pg_temp.land2('clients', 'full',
+    format('{"clients": [{"id": 1004, "last_class_sign_in": "%s", "total_class_sign_ins": 13},
+                         {"id": 1005, "last_class_sign_in": "2001-01-01T00:00:00Z", "note": "edited"}],
+            "pagination": {"has_more": false}}', ironwod.iso_utc(now() - interval '1 day'))),
+    'landed', 'land changed versions of both clients');
+SELECT is(ironwod.plan_entity(current_setting('test.run2')::bigint, 'class_signins'), 1,
+          'a new version whose detectors did not move plans nothing');
+SELECT matches((SELECT url FROM ironwod.run_units WHERE entity = 'class_signins'
+                 AND run_id = current_setting('test.run2')::bigint),
+               '^/clients/1004/classes/sign-ins/search\?q=utc_class_start_datetime%7Cgte%7C'
+               || ironwod.urlencode(ironwod.iso_utc((SELECT last_class_sign_in FROM ironwod.wodify_raw_clients
+                                                     WHERE wodify_id = 1004 AND total_class_sign_ins = 12)
+                                                    - interval '3 days')),
+               'from the previous last sign-in minus the lookback');
 
 -- A cancelled run cannot land anything more.
 RESET ROLE;
 UPDATE ironwod.sync_runs SET status = 'cancelled' WHERE run_id = current_setting('test.run')::bigint;
+SELECT set_config('ironwod.gym_id', '99999999-0000-0000-0000-000000000001', true);
 SET LOCAL ROLE ironwod_worker;
 SELECT throws_ok($$SELECT * FROM pg_temp.land('clients', 'full', 1, '{"clients": []}')$$, '55000');
 -- Another tenant's scope sees none of this.

@@ -17,6 +17,7 @@ BEGIN
     INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at)
     VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_mode, 'running', now())
     RETURNING run_id INTO v_run;
+    PERFORM ironwod.plan_entity(v_run, 'clients');
     PERFORM ironwod.land_page(v_run, 'clients', 'full', 1,
         jsonb_build_object('clients', (SELECT jsonb_agg(jsonb_build_object('id', i, 'first_name', 'n' || i)) FROM unnest(p_ids) i),
                            'pagination', jsonb_build_object('page', 1, 'has_more', false)), 1);

@@ -1,0 +1,178 @@
+/*-------------------------------------------------------------------------
+ *
+ * wire.c
+ *	  Wodify's wire formats, read and written without SPI: vendor datetimes
+ *	  (ironwod.parse_ts) and percent-encoded search values
+ *	  (ironwod.urlencode).
+ *
+ *	  Both run once per record or per planned unit, so they are plain C: the
+ *	  SQL versions they replace cost a regular expression and a cast per
+ *	  value, and a convert_to() per byte.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "ironwod.h"
+
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(ironwod_parse_ts);
+PG_FUNCTION_INFO_V1(ironwod_urlencode);
+
+static inline bool
+digits(const char *s, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (s[i] < '0' || s[i] > '9')
+			return false;
+	return true;
+}
+
+/*
+ * Is s[0..len) one of the datetime shapes Wodify sends?
+ *
+ *	 YYYY-MM-DD[(T| )HH:MM[:SS[.f+]]][Z|(+|-)HH[[:]MM]]
+ *
+ * *has_zone says whether a zone was given; a datetime without one is UTC.
+ */
+static bool
+vendor_ts_shape(const char *s, int len, bool *has_zone)
+{
+	int			p = 10;
+
+	*has_zone = false;
+	if (len < 10 || !digits(s, 4) || s[4] != '-' || !digits(s + 5, 2) || s[7] != '-' ||
+		!digits(s + 8, 2))
+		return false;
+	if (p < len && (s[p] == 'T' || s[p] == ' '))
+	{
+		if (p + 6 > len || !digits(s + p + 1, 2) || s[p + 3] != ':' || !digits(s + p + 4, 2))
+			return false;
+		p += 6;
+		if (p < len && s[p] == ':')
+		{
+			if (p + 3 > len || !digits(s + p + 1, 2))
+				return false;
+			p += 3;
+			if (p < len && s[p] == '.')
+			{
+				int			start = ++p;
+
+				while (p < len && s[p] >= '0' && s[p] <= '9')
+					p++;
+				if (p == start)
+					return false;
+			}
+		}
+	}
+	if (p < len && s[p] == 'Z')
+	{
+		*has_zone = true;
+		p++;
+	}
+	else if (p < len && (s[p] == '+' || s[p] == '-'))
+	{
+		if (p + 3 > len || !digits(s + p + 1, 2))
+			return false;
+		*has_zone = true;
+		p += 3;
+		if (p < len)
+		{
+			if (s[p] == ':')
+				p++;
+			if (p + 2 > len || !digits(s + p, 2))
+				return false;
+			p += 2;
+		}
+	}
+	return p == len;
+}
+
+/*
+ * A Wodify datetime as a timestamptz, or false: the sentinel 1900-01-01
+ * ("no value"), any other shape, and impossible dates (month 13) are all "no
+ * value" rather than errors, because one odd field must not stop a page.
+ * Parsing is PostgreSQL's own (ParseDateTime, DecodeDateTime), exactly as
+ * timestamptz_in does it, minus the ereport; a datetime without a zone is
+ * UTC, whatever the session's TimeZone, so the result is immutable.
+ */
+bool
+iw_parse_vendor_ts(const char *s, int len, TimestampTz *result)
+{
+	char		buf[MAXDATELEN + 1];
+	char		workbuf[MAXDATELEN + MAXDATEFIELDS];
+	char	   *field[MAXDATEFIELDS];
+	int			ftype[MAXDATEFIELDS];
+	int			nf;
+	int			dtype;
+	int			tz = 0;
+	fsec_t		fsec;
+	struct pg_tm tt;
+	bool		has_zone;
+
+	if (len > MAXDATELEN || !vendor_ts_shape(s, len, &has_zone))
+		return false;
+	if (strncmp(s, "1900-01-01", 10) == 0)
+		return false;
+	memcpy(buf, s, len);
+	buf[len] = '\0';
+	if (ParseDateTime(buf, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf) != 0)
+		return false;
+	if (DecodeDateTime(field, ftype, nf, &dtype, &tt, &fsec, &tz) != 0 || dtype != DTK_DATE)
+		return false;
+	/* without a zone the broken-down time is UTC: convert it as timestamp */
+	if (tm2timestamp(&tt, fsec, has_zone ? &tz : NULL, result) != 0)
+		return false;
+	return IS_VALID_TIMESTAMP(*result);
+}
+
+Datum
+ironwod_parse_ts(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	TimestampTz ts;
+
+	if (!iw_parse_vendor_ts(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), &ts))
+		PG_RETURN_NULL();
+	PG_RETURN_TIMESTAMPTZ(ts);
+}
+
+/*
+ * Percent-encode a search value (wodify-api.md §5): everything but RFC 3986's
+ * unreserved characters, over the value's UTF-8 bytes.
+ */
+Datum
+ironwod_urlencode(PG_FUNCTION_ARGS)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	int			len = VARSIZE_ANY_EXHDR(t);
+	const unsigned char *s;
+	StringInfoData out;
+
+	s = (const unsigned char *) pg_server_to_any(VARDATA_ANY(t), len, PG_UTF8);
+	if ((const char *) s != VARDATA_ANY(t))
+		len = strlen((const char *) s);
+	initStringInfo(&out);
+	enlargeStringInfo(&out, len * 3);
+	for (int i = 0; i < len; i++)
+	{
+		unsigned char c = s[i];
+
+		if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+			c == '-' || c == '.' || c == '_' || c == '~')
+			out.data[out.len++] = (char) c;
+		else
+		{
+			out.data[out.len++] = '%';
+			out.data[out.len++] = hex[c >> 4];
+			out.data[out.len++] = hex[c & 0xF];
+		}
+	}
+	out.data[out.len] = '\0';
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(out.data, out.len));
+}
