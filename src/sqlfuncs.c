@@ -31,6 +31,8 @@ PG_FUNCTION_INFO_V1(ironwod_seal_key);
 PG_FUNCTION_INFO_V1(ironwod_validate_sealed_key);
 PG_FUNCTION_INFO_V1(ironwod_worker_status);
 PG_FUNCTION_INFO_V1(ironwod_rate_limits);
+PG_FUNCTION_INFO_V1(ironwod_note_queued_run);
+PG_FUNCTION_INFO_V1(ironwod_run_queued_here);
 
 static void
 require_shmem(void)
@@ -74,6 +76,49 @@ ironwod_wait_for_change(PG_FUNCTION_ARGS)
 	(void) ConditionVariableTimedSleep(&iw_shared->run_cv, timeout_ms, PG_WAIT_EXTENSION);
 	ConditionVariableCancelSleep();
 	PG_RETURN_VOID();
+}
+
+/*
+ * Runs queued by the current transaction of this backend.  A run row is
+ * invisible to the supervisor until the transaction that inserted it commits,
+ * so ironwod_wait() on such a run could only time out; it asks here first.
+ * The list belongs to one local transaction id and is ignored (and reset) as
+ * soon as another transaction runs, so no end-of-transaction callback is
+ * needed.  Backend-local on purpose: on Citus a row's xmin comes from a worker
+ * node's transaction, so it cannot tell whether this transaction wrote it.
+ */
+#define IW_MAX_NOTED_RUNS 16
+
+static LocalTransactionId noted_lxid = InvalidLocalTransactionId;
+static int	noted_count = 0;
+static int64 noted_runs[IW_MAX_NOTED_RUNS];
+
+Datum
+ironwod_note_queued_run(PG_FUNCTION_ARGS)
+{
+	if (noted_lxid != MyProc->lxid)
+	{
+		noted_lxid = MyProc->lxid;
+		noted_count = 0;
+	}
+	/* a transaction queuing more runs than this is not waiting on one */
+	if (noted_count < IW_MAX_NOTED_RUNS)
+		noted_runs[noted_count++] = PG_GETARG_INT64(0);
+	PG_RETURN_VOID();
+}
+
+Datum
+ironwod_run_queued_here(PG_FUNCTION_ARGS)
+{
+	int64		run_id = PG_GETARG_INT64(0);
+	int			i;
+
+	if (noted_lxid != MyProc->lxid)
+		PG_RETURN_BOOL(false);
+	for (i = 0; i < noted_count; i++)
+		if (noted_runs[i] == run_id)
+			PG_RETURN_BOOL(true);
+	PG_RETURN_BOOL(false);
 }
 
 Datum

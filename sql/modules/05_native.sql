@@ -12,6 +12,14 @@ CREATE FUNCTION ironwod.wait_for_change(p_timeout_ms integer) RETURNS void
 LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'ironwod_wait_for_change';
 COMMENT ON FUNCTION ironwod.wait_for_change(integer) IS 'Sleep until some run changes state or the timeout passes (at most the given milliseconds)';
 
+CREATE FUNCTION ironwod.note_queued_run(p_run_id bigint) RETURNS void
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_note_queued_run';
+COMMENT ON FUNCTION ironwod.note_queued_run(bigint) IS 'Remember, for the rest of this transaction, that it queued the run (ironwod_wait refuses to wait for it)';
+
+CREATE FUNCTION ironwod.run_queued_here(p_run_id bigint) RETURNS boolean
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_run_queued_here';
+COMMENT ON FUNCTION ironwod.run_queued_here(bigint) IS 'True when the current transaction queued the run, so it cannot start before this transaction commits';
+
 CREATE FUNCTION ironwod.sealed_key_id(p_sealed bytea) RETURNS text
 LANGUAGE c STRICT IMMUTABLE AS 'MODULE_PATHNAME', 'ironwod_sealed_key_id';
 COMMENT ON FUNCTION ironwod.sealed_key_id(bytea) IS 'Master key id a sealed API key was sealed to; raises 22023 when the blob is malformed';

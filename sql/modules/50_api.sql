@@ -63,6 +63,7 @@ DECLARE
     v record;
     v_status text;
     v_old text;
+    v_run bigint;
 BEGIN
     PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
     IF p_sealed_key IS NULL THEN
@@ -124,11 +125,16 @@ BEGIN
             INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
             SELECT p_tenant_id, p_gym_id, 'backfill'
             FROM ironwod.integrations_wodify_connection c
-            WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.backfill_completed_at IS NULL;
+            WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.backfill_completed_at IS NULL
+            RETURNING run_id INTO v_run;
         ELSE
-            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, 'validate');
+            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, 'validate')
+            RETURNING run_id INTO v_run;
             RAISE WARNING 'could not validate the API key now: %', v.message
                 USING HINT = 'The connection is pending; a worker will validate it. Watch ironwod_status().';
+        END IF;
+        IF v_run IS NOT NULL THEN
+            PERFORM ironwod.note_queued_run(v_run);
         END IF;
         PERFORM ironwod.wake();
     END IF;
@@ -190,6 +196,7 @@ BEGIN
         BEGIN
             INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode) VALUES (p_tenant_id, p_gym_id, p_mode)
             RETURNING run_id INTO v_run;
+            PERFORM ironwod.note_queued_run(v_run);
             PERFORM ironwod.wake();
             RETURN v_run;
         EXCEPTION WHEN unique_violation THEN
@@ -230,6 +237,12 @@ BEGIN
     IF NOT FOUND OR (v_tenant, v_gym) IS DISTINCT FROM (ironwod.scope_tenant(), ironwod.scope_gym()) THEN
         RAISE EXCEPTION 'run % does not exist in the current ironwod scope', p_run_id
             USING ERRCODE = 'no_data_found', HINT = 'Call ironwod_set_scope(tenant, gym) for the run''s gym first.';
+    END IF;
+    -- The supervisor cannot see a run this transaction queued before COMMIT.
+    IF ironwod.run_queued_here(p_run_id) THEN
+        RAISE EXCEPTION 'run % was queued by the current transaction and cannot start before it commits', p_run_id
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'COMMIT the transaction that called ironwod_sync() or ironwod_connect(), then call ironwod_wait() in a new one.';
     END IF;
     LOOP
         SELECT r.status INTO v_status FROM ironwod.sync_runs r

@@ -48,4 +48,22 @@ SELECT ironwod_wait(last_run('backfill'),
 SELECT bool_and(r.n_records = (g.expected->>r.entity)::int) AS all_entities_match
 FROM raw_counts() r, sim_gyms g WHERE g.idx = 1;
 COMMIT;
+
+-- ironwod_wait in the transaction that queued the run fails at once (the run
+-- cannot start before that transaction commits) and says to commit first.
+BEGIN;
+SELECT ironwod_set_scope(:ta, :g1) \g /dev/null
+SELECT ironwod_sync(:ta, :g1, 'incremental') AS queued \gset
+DO $$
+DECLARE
+    v_hint text;
+BEGIN
+    PERFORM ironwod_wait(last_run('incremental'), '3 seconds');
+    RAISE NOTICE 'ironwod_wait returned';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_hint = PG_EXCEPTION_HINT;
+    RAISE NOTICE '%: % (hint: %)', SQLSTATE, regexp_replace(SQLERRM, 'run \d+', 'run N'), v_hint;
+END
+$$;
+ROLLBACK;
 RESET ROLE;
