@@ -365,6 +365,8 @@ def test_faults_and_stats(sim):
 
 
 def test_throttle():
+    """Exact throttle counts: the test owns the bucket clock, so how fast this machine
+    starts threads or answers requests changes nothing."""
     s = Sim("--retry-after", "3")
     key = s.gyms["gyms"][0]["api_key"]
     codes, hdrs = [], []
@@ -375,24 +377,59 @@ def test_throttle():
         with lock:
             codes.append(st)
             hdrs.append((st, hd.get("Retry-After"), b))
+    clock = s.sim("POST", "/_sim/clock", {"freeze": True})
+    check("clock frozen", clock["frozen"] is True, json.dumps(clock))
     ts = [threading.Thread(target=hit) for _ in range(40)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
     n429 = codes.count(429)
-    check("burst throttled", 15 <= codes.count(200) <= 25 and n429 >= 15, str(sorted(codes)))
+    check("burst throttled", codes.count(200) == 20 and n429 == 20, str(sorted(codes)))
     check("throttle body + Retry-After", all(json.loads(b) == {"message": "Too Many Requests"} and ra == "3"
                                               for st, ra, b in hdrs if st == 429))
     other = s.raw("GET", "/customers/locations", s.gyms["gyms"][1]["api_key"])[0]
     check("bucket is per key", other == 200)
-    time.sleep(1.0)
-    check("bucket refills", s.raw("GET", "/customers/locations", key)[0] == 200)
+    one = lambda: s.raw("GET", "/customers/locations", key)[0]
+    check("frozen bucket never refills", [one() for _ in range(3)] == [429] * 3)
+    s.sim("POST", "/_sim/clock", {"advance_s": 1.0})
+    got = [one() for _ in range(6)]
+    check("one second refills exactly --rate tokens", got == [200] * 5 + [429], str(got))
+    s.sim("POST", "/_sim/clock", {"advance_s": 3600})
+    got = [one() for _ in range(21)]
+    check("refill stops at --burst", got == [200] * 20 + [429], str(got))
+    b = s.sim("POST", "/_sim/buckets", {"api_key": key, "tokens": 2})
+    mine = [x["tokens"] for x in b["buckets"] if x["api_key"] == key]
+    got = [one() for _ in range(3)]
+    check("bucket set by the test", mine == [2.0] and got == [200, 200, 429], f"{mine} {got}")
+    s.sim("POST", "/_sim/buckets", {"api_key": key, "tokens": 0})
+    s.sim("POST", "/_sim/clock", {"resume_after_throttled": 2})
+    got = [one() for _ in range(2)]
+    clock = s.sim("GET", "/_sim/clock")
+    check("clock resumes after N throttled answers", got == [429, 429] and clock["frozen"] is False,
+          f"{got} {json.dumps(clock)}")
+    s.sim("POST", "/_sim/clock", {"freeze": True})
+    s.sim("POST", "/_sim/buckets", {"tokens": 1})
+    got = [one(), one(), s.raw("GET", "/customers/locations", s.gyms["gyms"][1]["api_key"])[0]]
+    check("every key's bucket set at once", got == [200, 429, 200], str(got))
+    bad = [s.raw("POST", "/_sim/clock", body=b)[0] for b in ({"advance_s": -1}, {"freeze": "yes"},
+                                                            {"resume_after_throttled": 0})]
+    bad.append(s.raw("POST", "/_sim/buckets", body={"tokens": 21})[0])
+    check("clock and bucket controls validate their input", bad == [400] * 4, str(bad))
+    s.sim("POST", "/_sim/clock", {"freeze": False})
     check("_sim never throttled", all(s.raw("GET", "/_sim/gyms")[0] == 200 for _ in range(30)))
     st = s.sim("GET", "/_sim/stats")
-    check("throttle stats", st["throttled_429"] == n429, json.dumps(st))
+    throttled = n429 + 3 + 1 + 1 + 1 + 2 + 1
+    check("throttle stats", st["throttled_429"] == throttled, f"want {throttled}: {json.dumps(st)}")
     rc, err = s.stop()
     check("SIGTERM clean exit", rc == 0 and not err.strip(), f"rc={rc} err={err[-300:]}")
+
+    s = Sim()
+    key = s.gyms["gyms"][0]["api_key"]
+    s.sim("POST", "/_sim/faults", {"api_key": key, "kind": "status", "status": 503, "after": 2, "count": 1})
+    got = [s.raw("GET", "/programs", key)[0] for _ in range(4)]
+    check("fault fires after N matching requests", got == [200, 200, 503, 200], str(got))
+    s.stop()
 
     s = Sim("--quota", "3")
     key = s.gyms["gyms"][0]["api_key"]

@@ -22,6 +22,23 @@ of already-visible records never change when today moves forward.  Consequently
 POST /_sim/advance?days=N gives exactly the model that --today +N would give, as long as
 the history anchor (first day of the month 30 months before the *start-up* today) is the
 same; advance keeps the start-up anchor, and --history-start pins it for a fresh start.
+
+Driving the throttle from a test
+--------------------------------
+The per-key token buckets (--rate, --burst) run on their own clock, which follows the
+monotonic clock until a test takes it over:
+
+    POST /_sim/clock   {"freeze": true}              stop it; buckets no longer refill
+                       {"advance_s": 1.5}            move it forward (frozen or not)
+                       {"freeze": false}             run again, from the frozen reading
+                       {"resume_after_throttled": N} run again by itself after N more 429s
+    GET  /_sim/clock   {"frozen", "now", "resume_after_throttled"}
+    POST /_sim/buckets {"api_key": K, "tokens": T}   set K's bucket (every key's without K)
+    GET  /_sim/buckets the tokens of every key's bucket at the clock's reading
+
+With the clock frozen, 40 concurrent requests against a burst of 20 see exactly 20
+answers, however slowly the threads start.  A fault with "after": N lets N matching
+requests through before it fires.
 """
 
 import argparse
@@ -1345,6 +1362,12 @@ class Sim:
         self.model = Model(self.seed, self.ngyms, self.scale, self.anchor, self.today)
         self.keys = [g.api_key for g in self.model.gyms]
         self.buckets = {}
+        # The token buckets' clock (seconds).  It follows time.monotonic() until a test
+        # freezes it through POST /_sim/clock; then only the test moves it, so what the
+        # throttle answers no longer depends on how fast this machine happens to be.
+        self.clock_frozen_at = None     # the frozen reading, or None while running
+        self.clock_offset = 0.0         # running reading = monotonic() + offset
+        self.resume_after_throttled = None
         self.quota_used = {}
         self.faults, self.fault_seq = [], 0
         self.entitlements = []          # (api_key or None, prefix)
@@ -1365,6 +1388,34 @@ class Sim:
             elif kind == "quota":
                 self.stats["quota_429"] += 1
 
+    def clock(self):
+        """The bucket clock's reading; call with self.lock held."""
+        if self.clock_frozen_at is not None:
+            return self.clock_frozen_at
+        return time.monotonic() + self.clock_offset
+
+    def set_clock(self, freeze=None, advance_s=0.0, resume_after_throttled=None):
+        """Freeze or resume the bucket clock (resuming continues from the frozen reading,
+        without a jump), move it forward, and optionally let it resume by itself after
+        the next N throttled answers.  Call with self.lock held."""
+        if freeze is True and self.clock_frozen_at is None:
+            self.clock_frozen_at = self.clock()
+        elif freeze is False and self.clock_frozen_at is not None:
+            self.clock_offset = self.clock_frozen_at - time.monotonic()
+            self.clock_frozen_at = None
+            self.resume_after_throttled = None
+        if advance_s:
+            if self.clock_frozen_at is not None:
+                self.clock_frozen_at += advance_s
+            else:
+                self.clock_offset += advance_s
+        if resume_after_throttled is not None:
+            self.resume_after_throttled = resume_after_throttled
+
+    def bucket_tokens(self, key, now):
+        tokens, last = self.buckets.get(key, (float(self.args.burst), now))
+        return min(float(self.args.burst), tokens + max(0.0, now - last) * self.args.rate)
+
     def admit(self, key):
         """Monthly quota, then the per-key token bucket.  Returns None or 'quota'/'throttle'."""
         with self.lock:
@@ -1372,11 +1423,14 @@ class Sim:
             used = self.quota_used.get((key, month), 0)
             if used >= self.args.quota:
                 return "quota"
-            now = time.monotonic()
-            tokens, last = self.buckets.get(key, (float(self.args.burst), now))
-            tokens = min(float(self.args.burst), tokens + (now - last) * self.args.rate)
+            now = self.clock()
+            tokens = self.bucket_tokens(key, now)
             if tokens < 1.0:
                 self.buckets[key] = (tokens, now)
+                if self.resume_after_throttled is not None:
+                    self.resume_after_throttled -= 1
+                    if self.resume_after_throttled <= 0:
+                        self.set_clock(freeze=False)
                 return "throttle"
             self.buckets[key] = (tokens - 1.0, now)
             self.quota_used[(key, month)] = used + 1
@@ -1391,6 +1445,11 @@ class Sim:
                     continue
                 ep = f.get("endpoint")
                 if ep and ep != tpl and not path.startswith(ep):
+                    continue
+                # "after": N lets N matching requests through first, so a test can stop
+                # a run at an exact page without racing it.
+                if f.get("after", 0) > 0:
+                    f["after"] -= 1
                     continue
                 f["remaining"] -= 1
                 return dict(f)
@@ -1682,6 +1741,44 @@ class Handler(BaseHTTPRequestHandler):
             with sim.lock:
                 ents = [{"api_key": k, "endpoint_prefix": p} for k, p in sim.entitlements]
             return self.send_json(200, {"not_entitled": ents})
+        if path == "/_sim/clock":
+            if method == "POST":
+                try:
+                    freeze = data.get("freeze")
+                    advance = float(data.get("advance_s", 0))
+                    resume = data.get("resume_after_throttled")
+                    if freeze not in (None, True, False) or advance < 0 or \
+                            (resume is not None and (not isinstance(resume, int) or resume < 1)):
+                        raise ValueError
+                except (TypeError, ValueError):
+                    return self.send_json(400, {"error": "freeze is a boolean, advance_s a non-negative "
+                                                         "number, resume_after_throttled a positive integer"})
+                with sim.lock:
+                    sim.set_clock(freeze, advance, resume)
+            if method in ("GET", "POST"):
+                with sim.lock:
+                    return self.send_json(200, {"frozen": sim.clock_frozen_at is not None, "now": sim.clock(),
+                                                "resume_after_throttled": sim.resume_after_throttled})
+        if path == "/_sim/buckets":
+            if method == "POST":
+                key = data.get("api_key")
+                try:
+                    tokens = float(data["tokens"])
+                    if not 0 <= tokens <= sim.args.burst:
+                        raise ValueError
+                except (KeyError, TypeError, ValueError):
+                    return self.send_json(400, {"error": f"tokens must be a number from 0 to {sim.args.burst}"})
+                if key is not None and key not in sim.keys:
+                    return self.send_json(400, {"error": "unknown api_key"})
+                with sim.lock:
+                    now = sim.clock()
+                    for k in ([key] if key is not None else sim.keys):
+                        sim.buckets[k] = (tokens, now)
+            if method in ("GET", "POST"):
+                with sim.lock:
+                    now = sim.clock()
+                    return self.send_json(200, {"buckets": [{"api_key": k, "tokens": sim.bucket_tokens(k, now)}
+                                                            for k in sim.keys]})
         if path == "/_sim/truth" and method == "GET":
             try:
                 idx = int(params.get("gym", 0))

@@ -100,7 +100,8 @@ def set_guc(name, value):
     else:
         psql(f"ALTER SYSTEM SET {name} = '{value}'")
     psql("SELECT pg_reload_conf()")
-    for _ in range(250):
+    deadline = time.time() + 120          # a bound for a broken reload, not a pace
+    while time.time() < deadline:
         now = psql(f"SELECT setting FROM pg_settings WHERE name = '{name}'")[0]
         if (value is None and now != _set_values.get(name)) or (value is not None and now == str(value)):
             _set_values[name] = None if value is None else str(value)
@@ -182,10 +183,12 @@ def fault_scenarios():
               f"outcome {outcome}, retries {retries}")
         same_data(FAULT, reference, f"{name}: nothing lost, nothing duplicated")
 
-    # A slow body past the request timeout is a retryable timeout.
+    # A slow body past the request timeout is a retryable timeout.  The fault's
+    # delay is far past the timeout and the timeout far past a normal answer, so a
+    # busy machine cannot turn one into the other.
     sim("DELETE", "/_sim/faults")
-    set_guc("ironwod.request_timeout_ms", 1000)
-    fault(kind="slow", delay_s=3, endpoint="/clients", count=2)
+    set_guc("ironwod.request_timeout_ms", 3000)
+    fault(kind="slow", delay_s=600, endpoint="/clients", count=2)
     run, outcome = sync(FAULT, "incremental")
     set_guc("ironwod.request_timeout_ms", None)
     check(outcome == "succeeded", "slow bodies past the timeout: retried and succeeded", outcome)
@@ -245,9 +248,11 @@ def fault_scenarios():
     check(outcome == "succeeded" and skipped == [], "reconciliation retries it and clears the mark",
           f"{outcome} {skipped}")
 
-    # A run that makes no progress is stopped by the supervisor's watchdog.
+    # A run that makes no progress is stopped by the supervisor's watchdog.  Every
+    # request hangs (each is cut off after low_speed_time and retried), so without
+    # the watchdog the run would end as retries_exhausted minutes later.
     set_guc("ironwod.watchdog_timeout", 10)
-    fault(kind="slow", delay_s=25, endpoint="/customers/locations", count=1)
+    fault(kind="slow", delay_s=600, endpoint="/customers/locations", count=100)
     run, outcome = sync(FAULT, "incremental")
     code = one(FAULT, f"SELECT error_code FROM ironwod.sync_runs WHERE run_id = {run}")
     check(outcome == "failed" and code == "watchdog", "a stalled run is stopped by the watchdog", f"{outcome} {code}")
@@ -271,35 +276,46 @@ def connect_again(gym):
                     f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
 
 
+def fault_fired():
+    return all(f["remaining"] == 0 for f in sim("GET", "/_sim/faults")["faults"])
+
+
 def crash_scenarios(reference, reference_canonical):
     """Kill the run worker after k landed pages for ten values of k; every retry ends
-    with the same raw and canonical contents as an uninterrupted backfill."""
+    with the same raw and canonical contents as an uninterrupted backfill.  The
+    simulator holds the run's request k+1 (a slow fault that lets k requests through),
+    so the worker is stopped at exactly k pages however fast the machine is."""
     check(connect(CRASH) == "succeeded", "crash gym: initial backfill succeeds")
-    set_guc("ironwod.requests_per_second", 40)
-    set_guc("ironwod.burst", 1)
+    # The held request must outlast the kill, not time out and be retried.
+    set_guc("ironwod.request_timeout_ms", 600000)
+    set_guc("ironwod.low_speed_time", 600)
     for k in (1, 2, 4, 7, 11, 17, 26, 40, 61, 93):
+        sim("DELETE", "/_sim/faults")
+        fault(kind="slow", delay_s=900, after=k, count=1)
         run = one(CRASH, f"SELECT ironwod_sync('{CRASH[0]}', '{CRASH[1]}', 'backfill')")
-        killed = False
-        deadline = time.time() + 120
+        killed, pages = False, None
+        deadline = time.time() + 600
         while time.time() < deadline:
-            pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
-                                   f"WHERE run_id = {run}"))
             state = one(CRASH, f"SELECT status FROM ironwod.sync_runs WHERE run_id = {run}")
             if state != "running" and state != "queued":
                 break
-            if pages >= k:
+            if fault_fired():
+                # page k landed (committed) before request k+1 was sent
+                pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
+                                       f"WHERE run_id = {run}"))
                 killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
                               f"WHERE run_id = {run}") == ["t"]
                 break
-            time.sleep(0.02)
+            time.sleep(0.05)
         first = wait(CRASH, run)
+        sim("DELETE", "/_sim/faults")
         retry_run, outcome = sync(CRASH, "backfill")
-        check(killed and first == "failed" and outcome == "succeeded",
-              f"worker killed after {k} pages: run failed, retry succeeded", f"{killed} {first} {outcome}")
+        check(killed and pages == k and first == "failed" and outcome == "succeeded",
+              f"worker killed after {k} pages: run failed, retry succeeded", f"{killed} {pages} {first} {outcome}")
         same_data(CRASH, reference, f"killed after {k} pages: raw equals an uninterrupted backfill")
         same_canonical(CRASH, reference_canonical, f"killed after {k} pages: canonical tables equal too")
-    set_guc("ironwod.requests_per_second", None)
-    set_guc("ironwod.burst", None)
+    set_guc("ironwod.request_timeout_ms", None)
+    set_guc("ironwod.low_speed_time", None)
 
 
 def drift_scenario():

@@ -6,45 +6,40 @@
 \set tc '''33333333-3333-3333-3333-333333333333'''
 \set gc '''cccccccc-0000-0000-0000-000000000001'''
 
--- Slow the workers down so the backfill is still running when we stop it.
-ALTER SYSTEM SET ironwod.requests_per_second = 25;
-ALTER SYSTEM SET ironwod.burst = 1;
-SELECT pg_reload_conf();
-DO $$
-BEGIN
-    FOR i IN 1..200 LOOP
-        EXIT WHEN current_setting('ironwod.requests_per_second') = '25' AND current_setting('ironwod.burst') = '1';
-        PERFORM pg_sleep(0.05);
-    END LOOP;
-END
-$$;
-SELECT current_setting('ironwod.requests_per_second') AS slow_rate;
+-- Hold back the landing of memberships with a lock that outlives this session's
+-- transaction (a prepared transaction), so the backfill stops at a known point
+-- however fast or slow the machine is: the full lists before memberships land,
+-- then the worker waits on the lock, and is killed there.
+BEGIN;
+LOCK TABLE ironwod.wodify_raw_memberships IN SHARE MODE;
+PREPARE TRANSACTION 'ironwod_test_hold_memberships';
 
 SET ROLE ironwod_app;
 BEGIN;
-SELECT ironwod_set_scope(:tc, :gc);
+SELECT ironwod_set_scope(:tc, :gc) \g /dev/null
 SELECT ironwod_connect(:tc, :gc, (SELECT api_key FROM sim_gyms WHERE idx = 0));
 SELECT last_run('backfill') AS first_run \gset
 COMMIT;
 
 RESET ROLE;
 
--- Wait (on run-change notifications) until 15 pages have landed.
+-- Wait until the run's worker waits on that lock.
 BEGIN;
 SELECT set_config('test.first_run', :'first_run', true) IS NOT NULL AS waiting;
 DO $$
-DECLARE
-    pages integer;
 BEGIN
-    FOR i IN 1..600 LOOP
-        SELECT coalesce(sum(s.pages), 0) INTO pages FROM ironwod.sync_run_entities s
-        WHERE s.run_id = current_setting('test.first_run')::bigint;
-        EXIT WHEN pages >= 15;
+    FOR i IN 1..3000 LOOP
+        EXIT WHEN EXISTS (SELECT 1 FROM ironwod.worker_status() w JOIN pg_stat_activity a ON a.pid = w.pid
+                          WHERE w.run_id = current_setting('test.first_run')::bigint
+                            AND a.wait_event_type = 'Lock');
         PERFORM ironwod.wait_for_change(100);
     END LOOP;
 END
 $$;
 SELECT status FROM ironwod.sync_runs WHERE run_id = :first_run;
+SELECT bool_and(status = 'completed') AS lists_before_memberships_landed
+FROM ironwod.sync_run_entities
+WHERE run_id = :first_run AND entity IN ('locations', 'programs', 'clients');
 COMMIT;
 
 -- The run worker is connected as the non-superuser worker role.
@@ -52,6 +47,7 @@ SELECT a.usename, u.usesuper FROM pg_stat_activity a JOIN pg_user u ON u.usesysi
 WHERE a.pid = (SELECT pid FROM ironwod.worker_status() WHERE run_id = :first_run);
 -- Kill it, as an operator (or the OOM killer) would.
 SELECT pg_terminate_backend(pid) AS terminated FROM ironwod.worker_status() WHERE run_id = :first_run;
+ROLLBACK PREPARED 'ironwod_test_hold_memberships';
 
 SET ROLE ironwod_app;
 BEGIN;
@@ -61,10 +57,6 @@ SELECT error_code, failed_phase FROM ironwod.sync_runs WHERE run_id = :first_run
 SELECT count(*) > 0 AS has_checkpoints FROM ironwod.backfill_checkpoints;
 COMMIT;
 RESET ROLE;
-
-ALTER SYSTEM RESET ironwod.requests_per_second;
-ALTER SYSTEM RESET ironwod.burst;
-SELECT pg_reload_conf();
 
 SET ROLE ironwod_app;
 BEGIN;
