@@ -92,6 +92,10 @@ fi
 
 if want shell; then
     rc=0
+    bash test/shell/metadata.sh || rc=$?
+    note $rc "release metadata: META.json, license, changelog, fixed top level"
+
+    rc=0
     PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
     note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
 
