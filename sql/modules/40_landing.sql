@@ -50,20 +50,40 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT '{50,100,250,500,1000,2500,5000}'::double precision[] $$;
 COMMENT ON FUNCTION ironwod.latency_buckets() IS 'Upper bounds in ms of the latency histogram buckets (the last bucket is unbounded)';
 
--- The current version of every record of an entity in the scope: the latest by
--- source_updated_at, then raw id (design.md §4) -- what "the vendor says now".
+-- The current version of records of an entity: the latest by source_updated_at,
+-- then raw id (design.md §4) -- what "the vendor says now".  For one gym, and for
+-- the given Wodify ids only (all of the gym's records when p_ids is NULL);
+-- payload_json is NULL unless p_payload (callers that need only ids skip the cost).
+CREATE FUNCTION ironwod.latest_raw_versions(p_entity text, p_tenant_id uuid, p_gym_id uuid,
+                                            p_ids bigint[] DEFAULT NULL, p_payload boolean DEFAULT true)
+RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb,
+               ingest_run_id bigint, last_seen_run_id bigint)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    -- A join, not "= ANY": a plan that fits both a few ids (index probes) and a
+    -- whole backfill's (one scan).
+    RETURN QUERY EXECUTE format(
+        'SELECT DISTINCT ON (r.wodify_id) r.wodify_id, r.raw_id, r.payload_hash, %s,
+                r.ingest_run_id, r.last_seen_run_id
+         FROM ironwod.%I r %s
+         WHERE r.tenant_id = $1 AND r.gym_id = $2
+         ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC',
+        CASE WHEN p_payload THEN 'r.payload_json' ELSE 'NULL::jsonb' END,
+        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
+        CASE WHEN p_ids IS NOT NULL THEN 'JOIN unnest($3) AS i(id) ON i.id = r.wodify_id' ELSE '' END)
+    USING p_tenant_id, p_gym_id, p_ids;
+END
+$$;
+COMMENT ON FUNCTION ironwod.latest_raw_versions(text, uuid, uuid, bigint[], boolean) IS 'Latest raw version of records of an entity of one gym: the given Wodify ids, or all when NULL (payload only when asked for)';
+
 CREATE FUNCTION ironwod.latest_raw_versions(p_entity text)
 RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb,
                ingest_run_id bigint, last_seen_run_id bigint)
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-    RETURN QUERY EXECUTE format(
-        'SELECT DISTINCT ON (wodify_id) wodify_id, raw_id, payload_hash, payload_json, ingest_run_id, last_seen_run_id
-         FROM ironwod.%I
-         WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()
-         ORDER BY wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC',
-        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity));
+    RETURN QUERY SELECT * FROM ironwod.latest_raw_versions(p_entity, ironwod.scope_tenant(), ironwod.scope_gym());
 END
 $$;
 COMMENT ON FUNCTION ironwod.latest_raw_versions(text) IS 'Latest raw version of every record of an entity in the current scope';

@@ -4,6 +4,8 @@
 -- (1900-01-01, 0, "") as NULL, money as numeric, civil dates as date, instants as
 -- timestamptz, the raw row they came from (raw_id) and soft-delete columns.
 -- tenant_id and gym_id lead every key; RLS is applied below, as in 30_tenancy.
+-- No foreign key to the connection: every row here is derived from raw rows (which
+-- have one), and a per-row RI check would cost a fifth of a backfill's transform.
 
 -- The tenancy policies of 30_tenancy for one table created after it.
 CREATE FUNCTION ironwod.apply_tenant_policies(p_table regclass)
@@ -37,8 +39,7 @@ CREATE TABLE ironwod.locations (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, location_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, location_id)
 );
 COMMENT ON TABLE ironwod.locations IS 'Canonical Wodify locations; time_zone is the IANA zone (the gym''s zone is that of its first location by id)';
 
@@ -53,8 +54,7 @@ CREATE TABLE ironwod.programs (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, program_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, program_id)
 );
 COMMENT ON TABLE ironwod.programs IS 'Canonical Wodify programs';
 
@@ -74,8 +74,7 @@ CREATE TABLE ironwod.members (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, member_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, member_id)
 );
 COMMENT ON TABLE ironwod.members IS 'Canonical Wodify clients (people); member_id is the Wodify client id';
 
@@ -101,8 +100,7 @@ CREATE TABLE ironwod.memberships (
     source_updated_at     timestamptz,
     deleted_at            timestamptz,
     deleted_by_run        bigint,
-    PRIMARY KEY (tenant_id, gym_id, membership_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, membership_id)
 );
 COMMENT ON TABLE ironwod.memberships IS 'Canonical memberships: end_date is the last day of access (inclusive, NULL = open-ended); price and billing period from payment_plan';
 CREATE INDEX ON ironwod.memberships (tenant_id, gym_id, member_id);
@@ -120,8 +118,7 @@ CREATE TABLE ironwod.membership_holds (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, hold_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, hold_id)
 );
 COMMENT ON TABLE ironwod.membership_holds IS 'Canonical membership holds; hold_end_date is inclusive';
 
@@ -140,8 +137,7 @@ CREATE TABLE ironwod.attendance_events (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, signin_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, signin_id)
 );
 COMMENT ON TABLE ironwod.attendance_events IS 'Canonical class sign-ins (one visit per person per class instance)';
 
@@ -162,8 +158,7 @@ CREATE TABLE ironwod.invoices (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, invoice_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, invoice_id)
 );
 COMMENT ON TABLE ironwod.invoices IS 'Canonical invoices: due and paid-on civil dates, final charge, status';
 
@@ -182,8 +177,7 @@ CREATE TABLE ironwod.transactions (
     source_updated_at  timestamptz,
     deleted_at         timestamptz,
     deleted_by_run     bigint,
-    PRIMARY KEY (tenant_id, gym_id, transaction_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, transaction_id)
 );
 COMMENT ON TABLE ironwod.transactions IS 'Canonical transactions: Payment, Refund or Failed Payment at an instant';
 
@@ -226,8 +220,7 @@ CREATE TABLE ironwod.metric_dirty (
     entity      text NOT NULL,
     dirty_from  date NOT NULL,
     changed     integer NOT NULL DEFAULT 0,
-    PRIMARY KEY (tenant_id, gym_id, run_id, entity),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, run_id, entity)
 );
 COMMENT ON TABLE ironwod.metric_dirty IS 'Per run and entity: the earliest civil date a canonical change touched (the backdated-change input of the recompute policy, metrics.md §5.4)';
 
@@ -244,8 +237,7 @@ CREATE TABLE ironwod.member_spell (
     rescinded      boolean NOT NULL,
     net_revenue    numeric(12,2) NOT NULL,
     membership_ids bigint[] NOT NULL,
-    PRIMARY KEY (tenant_id, gym_id, location_key, member_id, spell_start),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, location_key, member_id, spell_start)
 );
 COMMENT ON TABLE ironwod.member_spell IS 'Merged member-qualifying coverage spells (metrics.md §2.3); rescinded spells are kept for audit but count nowhere';
 
@@ -284,8 +276,7 @@ CREATE TABLE ironwod.member_month_fact (
     is_declining         boolean NOT NULL,
     is_paying            boolean NOT NULL,
     cohort_retained_90d  boolean,               -- set for new_events > 0
-    PRIMARY KEY (tenant_id, gym_id, location_key, month_start, member_id),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, location_key, month_start, member_id)
 );
 COMMENT ON TABLE ironwod.member_month_fact IS 'Member-month facts (metrics.md §5.3): state and MRR at both snapshots, movement, flows, visits, active days and risk flags';
 
@@ -359,8 +350,7 @@ CREATE TABLE ironwod.gym_monthly_metrics_cache (
     cohort_retained_90d           integer,
     cohort_90d_retention_rate     numeric(7,5),
     cohort_90d_is_final           boolean,
-    PRIMARY KEY (tenant_id, gym_id, location_key, program_key, month_start),
-    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+    PRIMARY KEY (tenant_id, gym_id, location_key, program_key, month_start)
 );
 COMMENT ON TABLE ironwod.gym_monthly_metrics_cache IS 'Monthly gym metrics (metrics.md §5.2, v1 scope): per location and ALL (distinct people), program_key ALL; flows are NULL in the history-start month; retail_revenue_net is omitted in v1 (no revenue categories)';
 

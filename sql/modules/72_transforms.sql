@@ -1,11 +1,13 @@
--- 72_transforms: raw -> canonical, set-based and idempotent (design.md §4).
--- The canonical row of a record is built from its latest raw version (by
--- source_updated_at, then raw_id).  transform_run(run) rebuilds exactly the records
--- that got a new payload version in that run; transform_all() rebuilds every record
--- of the scope.  An upsert writes a row only when something in it changed, so a
--- second call, or a re-landed page, changes nothing.  Each changed record also
--- reports the earliest civil date it touched (old and new version), which the
--- metrics refresh uses to recompute backdated months (metrics.md §5.4).
+-- 72_transforms: raw -> canonical, set-based and idempotent (design.md §4), one
+-- generic path driven by the entity registry.  Each entity has one mapping (its
+-- canonical table and a jsonb -> typed column expression per column, below); the
+-- canonical row of a record is built from its latest raw version
+-- (latest_raw_versions).  transform_run(run) rebuilds exactly the records that got a
+-- new payload version in that run; transform_all() rebuilds every record of the
+-- scope.  An upsert writes a row only when something in it changed, so a second
+-- call, or a re-landed page, changes nothing.  Each changed record also reports the
+-- earliest civil date it touched (old and new version), which the metrics refresh
+-- uses to recompute backdated months (metrics.md §5.4).
 
 -- Runs whose landed versions have been transformed.  transform_run(run) takes the
 -- versions of that run and of every earlier run not yet transformed: a run that
@@ -66,9 +68,14 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT nullif(p, '') $$;
 COMMENT ON FUNCTION ironwod.j_text(text) IS 'Wodify text; the "" sentinel becomes NULL';
 
+CREATE FUNCTION ironwod.j_plan(p jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT coalesce(p -> 'payment_plan', p -> 'payload_plan', '{}') $$;
+COMMENT ON FUNCTION ironwod.j_plan(jsonb) IS 'The payment plan object of a Wodify membership (payment_plan, or the misspelt payload_plan some payloads carry)';
+
 -- The gym's zone: the first Wodify location by id that names a valid IANA zone, else
 -- the connection's time_zone, else UTC.
-CREATE FUNCTION ironwod.gym_time_zone() RETURNS text
+CREATE FUNCTION ironwod.gym_time_zone(p_tenant_id uuid, p_gym_id uuid) RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
@@ -76,11 +83,11 @@ DECLARE
 BEGIN
     SELECT coalesce(
         (SELECT l.time_zone FROM ironwod.locations l
-         WHERE l.tenant_id = ironwod.scope_tenant() AND l.gym_id = ironwod.scope_gym()
+         WHERE l.tenant_id = p_tenant_id AND l.gym_id = p_gym_id
            AND l.deleted_at IS NULL AND l.time_zone IS NOT NULL
          ORDER BY l.location_id LIMIT 1),
         (SELECT c.time_zone FROM ironwod.integrations_wodify_connection c
-         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()),
+         WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id),
         'UTC') INTO v_tz;
     BEGIN
         PERFORM now() AT TIME ZONE v_tz;
@@ -90,22 +97,264 @@ BEGIN
     RETURN v_tz;
 END
 $$;
-COMMENT ON FUNCTION ironwod.gym_time_zone() IS 'IANA zone of the scoped gym: its first Wodify location by id, else the connection''s time_zone, else UTC';
+COMMENT ON FUNCTION ironwod.gym_time_zone(uuid, uuid) IS 'IANA zone of a gym: its first Wodify location by id, else the connection''s time_zone, else UTC';
+
+-- ---------------------------------------------------------------------------------
+-- The mapping: one row per entity, one row per canonical column
+-- ---------------------------------------------------------------------------------
+
+-- dirty_from is SQL over o and u, the canonical row before and after a change (o
+-- is all NULL for a new record), row_day over c, a canonical row; $3 is the gym's
+-- zone in both.
+CREATE TABLE ironwod.canonical_maps (
+    entity      text PRIMARY KEY REFERENCES ironwod.entities,
+    canonical   name NOT NULL UNIQUE,
+    key_column  name NOT NULL,
+    -- the earliest civil date a change touched (NULL: no metric depends on it)
+    dirty_from  text,
+    -- the earliest civil date a row affects (for soft deletes and restores)
+    row_day     text
+);
+COMMENT ON TABLE ironwod.canonical_maps IS 'Raw -> canonical mapping per entity: canonical table, key, and the earliest civil date a change touches';
+
+-- Expressions are SQL over p (the payload jsonb) and l (the raw row).
+CREATE TABLE ironwod.canonical_columns (
+    entity       text NOT NULL REFERENCES ironwod.canonical_maps,
+    ord          integer NOT NULL,
+    column_name  name NOT NULL,
+    expr         text NOT NULL,
+    PRIMARY KEY (entity, ord),
+    UNIQUE (entity, column_name)
+);
+COMMENT ON TABLE ironwod.canonical_columns IS 'Raw -> canonical mapping per entity: the jsonb -> typed expression of each canonical column (besides tenant_id, gym_id, key, raw_id and source_updated_at)';
+
+INSERT INTO ironwod.canonical_maps (entity, canonical, key_column, dirty_from, row_day) VALUES
+    -- a new location, or one whose zone or deletion changed: everything
+    ('locations', 'locations', 'location_id',
+     $$CASE WHEN o.location_id IS NULL OR (o.time_zone, o.deleted_at) IS DISTINCT FROM (u.time_zone, u.deleted_at)
+            THEN date '0001-01-01' END$$, NULL),
+    ('programs', 'programs', 'program_id', NULL, NULL),
+    ('clients', 'members', 'member_id', NULL, NULL),
+    -- from the start when coverage, price or location moved, else from the end
+    ('memberships', 'memberships', 'membership_id',
+     $$CASE WHEN o.membership_id IS NULL
+                 OR (o.member_id, o.start_date, o.price, o.membership_type, o.is_deleted, o.location_id,
+                     o.billing_period_length, o.billing_period_unit)
+                    IS DISTINCT FROM
+                    (u.member_id, u.start_date, u.price, u.membership_type, u.is_deleted, u.location_id,
+                     u.billing_period_length, u.billing_period_unit)
+            THEN least(o.start_date, u.start_date)
+            ELSE least(o.end_date + 1, u.end_date + 1, o.cancellation_requested_on, u.cancellation_requested_on)
+       END$$, 'c.start_date'),
+    ('membership_holds', 'membership_holds', 'hold_id',
+     $$CASE WHEN o.hold_id IS NULL
+                 OR (o.membership_id, o.hold_start_date) IS DISTINCT FROM (u.membership_id, u.hold_start_date)
+            THEN least(o.hold_start_date, u.hold_start_date)
+            ELSE least(o.hold_end_date, u.hold_end_date) + 1
+       END$$, 'c.hold_start_date'),
+    ('class_signins', 'attendance_events', 'signin_id',
+     'least((o.class_start_at AT TIME ZONE $3)::date, (u.class_start_at AT TIME ZONE $3)::date)',
+     '(c.class_start_at AT TIME ZONE $3)::date'),
+    ('invoices', 'invoices', 'invoice_id', 'least(o.due_date, u.due_date, o.paid_on, u.paid_on)', 'c.due_date'),
+    ('transactions', 'transactions', 'transaction_id',
+     'least((o.processed_at AT TIME ZONE $3)::date, (u.processed_at AT TIME ZONE $3)::date)',
+     '(c.processed_at AT TIME ZONE $3)::date');
+
+INSERT INTO ironwod.canonical_columns (entity, ord, column_name, expr)
+SELECT x.entity, x.ord, x.col, x.expr FROM (VALUES
+    ('locations', 1, 'name', $$ironwod.j_text(p ->> 'name')$$),
+    ('locations', 2, 'time_zone', $$ironwod.j_text(p ->> 'time_zone_iana')$$),
+    ('locations', 3, 'customer_id', $$ironwod.j_id(p -> 'customer_id')$$),
+    ('locations', 4, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
+    ('programs', 1, 'name', $$ironwod.j_text(p ->> 'name')$$),
+    ('programs', 2, 'is_active', $$(p ->> 'is_active')::boolean$$),
+    ('programs', 3, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
+    ('clients', 1, 'first_name', $$ironwod.j_text(p ->> 'first_name')$$),
+    ('clients', 2, 'last_name', $$ironwod.j_text(p ->> 'last_name')$$),
+    ('clients', 3, 'email', $$ironwod.j_text(p ->> 'email')$$),
+    ('clients', 4, 'client_status', $$ironwod.j_text(p ->> 'client_status')$$),
+    ('clients', 5, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
+    ('clients', 6, 'member_since', $$ironwod.j_date(p ->> 'member_since')$$),
+    ('clients', 7, 'created_at',
+     $$ironwod.parse_ts(coalesce(p #>> '{created_on,created_on_datetime}', p #>> '{created,created_on_datetime}'))$$),
+    ('clients', 8, 'last_class_sign_in', $$ironwod.parse_ts(p ->> 'last_class_sign_in')$$),
+    ('memberships', 1, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
+    ('memberships', 2, 'name', $$ironwod.j_text(p ->> 'name')$$),
+    ('memberships', 3, 'membership_type', $$ironwod.j_text(p ->> 'membership_type')$$),
+    ('memberships', 4, 'is_deleted', $$coalesce((p ->> 'is_deleted')::boolean, false)$$),
+    ('memberships', 5, 'start_date', $$ironwod.j_date(p ->> 'start_date')$$),
+    ('memberships', 6, 'end_date', $$ironwod.j_date(p ->> 'end_date')$$),
+    ('memberships', 7, 'cancellation_requested_on', $$ironwod.j_date(p ->> 'cancellation_requested_on')$$),
+    ('memberships', 8, 'does_expire', $$(p ->> 'does_membership_expire')::boolean$$),
+    ('memberships', 9, 'is_auto_renew', $$(ironwod.j_plan(p) ->> 'is_auto_renew')::boolean$$),
+    ('memberships', 10, 'price', $$ironwod.j_num(ironwod.j_plan(p) -> 'price')$$),
+    ('memberships', 11, 'billing_period_length', $$ironwod.j_num(ironwod.j_plan(p) -> 'billing_period_length')::integer$$),
+    ('memberships', 12, 'billing_period_unit', $$ironwod.j_text(ironwod.j_plan(p) ->> 'billing_period_unit')$$),
+    ('memberships', 13, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
+    ('memberships', 14, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
+    -- Wodify's is_deleted is a soft delete: at the version's update time, by the run that landed it
+    ('memberships', 15, 'deleted_at',
+     $$CASE WHEN (p ->> 'is_deleted')::boolean THEN coalesce(l.source_updated_at, l.ingested_at) END$$),
+    ('memberships', 16, 'deleted_by_run', $$CASE WHEN (p ->> 'is_deleted')::boolean THEN l.ingest_run_id END$$),
+    ('membership_holds', 1, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
+    ('membership_holds', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
+    ('membership_holds', 3, 'hold_start_date', $$ironwod.j_date(p ->> 'hold_start_date')$$),
+    ('membership_holds', 4, 'hold_end_date', $$ironwod.j_date(p ->> 'hold_end_date')$$),
+    ('membership_holds', 5, 'hold_reason', $$ironwod.j_text(p ->> 'hold_reason')$$),
+    ('class_signins', 1, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
+    ('class_signins', 2, 'class_id', $$ironwod.j_id(p -> 'class_id')$$),
+    ('class_signins', 3, 'class_start_at', $$ironwod.parse_ts(p ->> 'utc_class_start_datetime')$$),
+    ('class_signins', 4, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
+    ('class_signins', 5, 'program_id', $$ironwod.j_id(p -> 'program_id')$$),
+    ('class_signins', 6, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
+    ('class_signins', 7, 'is_drop_in', $$(p ->> 'is_drop_in')::boolean$$),
+    ('invoices', 1, 'invoice_number', $$ironwod.j_text(p ->> 'invoice_number')$$),
+    ('invoices', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
+    ('invoices', 3, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
+    ('invoices', 4, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
+    ('invoices', 5, 'status', $$ironwod.j_text(p ->> 'invoice_header_status')$$),
+    ('invoices', 6, 'due_date', $$ironwod.j_date(p ->> 'payment_due')$$),
+    ('invoices', 7, 'paid_on', $$ironwod.j_date(p ->> 'paid_on_date')$$),
+    ('invoices', 8, 'amount', $$ironwod.j_num(p -> 'final_charge')$$),
+    ('invoices', 9, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
+    ('transactions', 1, 'invoice_id', $$ironwod.j_id(p -> 'invoice_id')$$),
+    ('transactions', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
+    ('transactions', 3, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
+    ('transactions', 4, 'processed_at', $$ironwod.parse_ts(p ->> 'transaction_date_time')$$),
+    ('transactions', 5, 'amount', $$ironwod.j_num(p -> 'amount')$$),
+    ('transactions', 6, 'transaction_type', $$ironwod.j_text(p ->> 'transaction_type')$$),
+    ('transactions', 7, 'payment_method', $$ironwod.j_text(p ->> 'payment_method')$$)
+) AS x(entity, ord, col, expr);
+
+-- Install-time check: every canonical column is either common lineage or mapped.
+DO $check$
+DECLARE
+    v_bad text;
+BEGIN
+    SELECT string_agg(m.canonical || '.' || a.attname, ', ') INTO v_bad
+    FROM ironwod.canonical_maps m
+    JOIN pg_attribute a ON a.attrelid = ('ironwod.' || quote_ident(m.canonical))::regclass
+                       AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE a.attname NOT IN ('tenant_id', 'gym_id', 'raw_id', 'source_updated_at', 'deleted_at', 'deleted_by_run')
+      AND a.attname <> m.key_column
+      AND NOT EXISTS (SELECT 1 FROM ironwod.canonical_columns c
+                      WHERE c.entity = m.entity AND c.column_name = a.attname);
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'canonical columns without a mapping: %', v_bad;
+    END IF;
+END
+$check$;
+
+-- The upsert of one entity, from its mapping: the canonical rows of the raw
+-- versions $4 (raw ids), written only where they differ from the stored ones.  It
+-- returns the rows written and, with change tracking, the earliest civil date the
+-- changes touched (the join reads the rows as they were before the statement).
+CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean) RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    m ironwod.canonical_maps;
+    v_raw name;
+    v_col name[];
+    v_expr text[];
+BEGIN
+    SELECT * INTO STRICT m FROM ironwod.canonical_maps x WHERE x.entity = p_entity;
+    SELECT e.raw_table INTO STRICT v_raw FROM ironwod.entities e WHERE e.entity = p_entity;
+    SELECT array_agg(c.column_name ORDER BY c.ord), array_agg(c.expr ORDER BY c.ord)
+      INTO v_col, v_expr FROM ironwod.canonical_columns c WHERE c.entity = p_entity;
+    -- lineage; deleted_at / deleted_by_run are NULL unless the mapping says otherwise
+    SELECT v_col || array_agg(x.col ORDER BY x.n), v_expr || array_agg(x.expr ORDER BY x.n)
+      INTO v_col, v_expr
+      FROM (VALUES (1, 'deleted_at'::name, 'NULL'), (2, 'deleted_by_run', 'NULL'),
+                   (3, 'raw_id', 'l.raw_id'), (4, 'source_updated_at', 'l.source_updated_at')) x(n, col, expr)
+     WHERE x.col <> ALL (v_col);
+    RETURN format($q$
+        WITH up AS (
+            INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
+            SELECT $1, $2, l.wodify_id, %4$s
+            FROM ironwod.%2$I l, LATERAL (SELECT l.payload_json AS p) x
+            WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)
+            ON CONFLICT (tenant_id, gym_id, %3$I) DO UPDATE SET %6$s
+            WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
+            RETURNING c.*
+        )
+        SELECT count(*)::integer, min(%7$s)
+        FROM up u LEFT JOIN ironwod.%1$I o ON %8$s AND o.tenant_id = $1 AND o.gym_id = $2 AND o.%3$I = u.%3$I$q$,
+        m.canonical, v_raw, m.key_column,
+        (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
+        (SELECT string_agg(quote_ident(c), ', ') FROM unnest(v_col) c),
+        (SELECT string_agg(format('%1$I = excluded.%1$I', c), ', ') FROM unnest(v_col) c),
+        CASE WHEN p_track THEN coalesce(m.dirty_from, 'NULL::date') ELSE 'NULL::date' END,
+        p_track::text);
+END
+$$;
+COMMENT ON FUNCTION ironwod.transform_sql(text, boolean) IS 'The upsert statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
+
+CREATE FUNCTION ironwod.note_dirty(p_tenant_id uuid, p_gym_id uuid, p_run_id bigint, p_entity text,
+                                   p_dirty_from date, p_changed integer)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_run_id IS NULL OR p_dirty_from IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO ironwod.metric_dirty AS d (tenant_id, gym_id, run_id, entity, dirty_from, changed)
+    VALUES (p_tenant_id, p_gym_id, p_run_id, p_entity, p_dirty_from, p_changed)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET dirty_from = least(d.dirty_from, excluded.dirty_from), changed = d.changed + excluded.changed;
+END
+$$;
+COMMENT ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer) IS 'Record the earliest civil date a run''s canonical changes to an entity touched';
+
+-- Statistics before the planner sees landed or rebuilt rows: ANALYZE an ironwod
+-- table that never was analyzed, or whose rows changed (by its statistics, or by
+-- the caller's count of rows it just wrote) by more than a fifth of the row count
+-- it was last analyzed at.  The worker role does not own the tables, hence
+-- SECURITY DEFINER; only ironwod's raw and canonical tables can be named.
+-- SKIP_LOCKED: another worker analyzing the table right now makes it fresh anyway.
+CREATE FUNCTION ironwod.analyze_if_stale(p_table name, p_changed bigint DEFAULT 0)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace AND s.nspname = 'ironwod'
+        LEFT JOIN pg_stat_all_tables st ON st.relid = c.oid
+        WHERE c.relname = p_table
+          AND (c.relname IN (SELECT e.raw_table FROM ironwod.entities e)
+               OR c.relname IN (SELECT m.canonical FROM ironwod.canonical_maps m))
+          AND (c.reltuples < 0
+               OR greatest(coalesce(p_changed, 0), coalesce(st.n_mod_since_analyze, 0)) > 0.2 * c.reltuples)) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('ANALYZE (SKIP_LOCKED) ironwod.%I', p_table);
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE an ironwod raw or canonical table that was never analyzed or whose rows changed by more than 20 % since';
 
 -- Rebuild canonical rows from raw.  p_run_id NULL = every record of the scope (and no
--- change tracking); otherwise the records with a new version landed in that run.
+-- change tracking); otherwise the records with a new version landed in that run and
+-- in earlier runs not yet transformed.
 CREATE FUNCTION ironwod.transform_records(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
+SET jit = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
     v_tz text;
     v_out jsonb := '{}';
-    v_c integer;
-    v_dirty date;
     v_runs bigint[];
+    v_ids bigint[];
+    v_raw bigint[];
+    v_n integer;
+    v_dirty date;
+    e record;
 BEGIN
     IF v_t IS NULL OR v_g IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
@@ -122,309 +371,33 @@ BEGIN
                               WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = x.run_id)
             ORDER BY 1);
     END IF;
-
-    -- locations (first: they decide the time zone)
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_locations r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_locations r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), old AS (
-        SELECT c.* FROM ironwod.locations c JOIN ids ON c.location_id = ids.wodify_id
-        WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    ), up AS (
-        INSERT INTO ironwod.locations AS c
-            (tenant_id, gym_id, location_id, name, time_zone, customer_id, created_at,
-             raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_text(p->>'name'), ironwod.j_text(p->>'time_zone_iana'),
-               ironwod.j_id(p->'customer_id'), ironwod.parse_ts(p #>> '{created,created_on_datetime}'),
-               l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, location_id) DO UPDATE
-           SET (name, time_zone, customer_id, created_at, raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.name, excluded.time_zone, excluded.customer_id, excluded.created_at, excluded.raw_id,
-                excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING c.*
-    )
-    SELECT count(*), min(CASE WHEN o.location_id IS NULL
-                                   OR (o.time_zone, o.deleted_at) IS DISTINCT FROM (u.time_zone, u.deleted_at)
-                              THEN date '0001-01-01' END)
-    INTO v_c, v_dirty
-    FROM up u LEFT JOIN old o ON o.location_id = u.location_id;
-    PERFORM ironwod.note_dirty(p_run_id, 'locations', v_dirty, v_c);
-    v_out := v_out || jsonb_build_object('locations', v_c);
-    v_tz := ironwod.gym_time_zone();
-
-    -- programs (no metric depends on them in v1)
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_programs r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_programs r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), up AS (
-        INSERT INTO ironwod.programs AS c
-            (tenant_id, gym_id, program_id, name, is_active, created_at,
-             raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_text(p->>'name'), (p->>'is_active')::boolean,
-               ironwod.parse_ts(p #>> '{created,created_on_datetime}'),
-               l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, program_id) DO UPDATE
-           SET (name, is_active, created_at, raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.name, excluded.is_active, excluded.created_at, excluded.raw_id,
-                excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING 1
-    )
-    SELECT count(*) INTO v_c FROM up;
-    v_out := v_out || jsonb_build_object('programs', v_c);
-
-    -- clients -> members (no metric depends on their fields in v1)
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_clients r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_clients r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), up AS (
-        INSERT INTO ironwod.members AS c
-            (tenant_id, gym_id, member_id, first_name, last_name, email, client_status, location_id,
-             member_since, created_at, last_class_sign_in, raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_text(p->>'first_name'), ironwod.j_text(p->>'last_name'),
-               ironwod.j_text(p->>'email'), ironwod.j_text(p->>'client_status'), ironwod.j_id(p->'location_id'),
-               ironwod.j_date(p->>'member_since'),
-               ironwod.parse_ts(coalesce(p #>> '{created_on,created_on_datetime}', p #>> '{created,created_on_datetime}')),
-               ironwod.parse_ts(p->>'last_class_sign_in'),
-               l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, member_id) DO UPDATE
-           SET (first_name, last_name, email, client_status, location_id, member_since, created_at,
-                last_class_sign_in, raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.first_name, excluded.last_name, excluded.email, excluded.client_status,
-                excluded.location_id, excluded.member_since, excluded.created_at, excluded.last_class_sign_in,
-                excluded.raw_id, excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING 1
-    )
-    SELECT count(*) INTO v_c FROM up;
-    v_out := v_out || jsonb_build_object('clients', v_c);
-
-    -- memberships.  Wodify's is_deleted becomes a soft delete (deleted_at = the
-    -- version's update time, deleted_by_run = the run that landed it).
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_memberships r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_memberships r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), old AS (
-        SELECT c.* FROM ironwod.memberships c JOIN ids ON c.membership_id = ids.wodify_id
-        WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    ), up AS (
-        INSERT INTO ironwod.memberships AS c
-            (tenant_id, gym_id, membership_id, member_id, name, membership_type, is_deleted, start_date,
-             end_date, cancellation_requested_on, does_expire, is_auto_renew, price, billing_period_length,
-             billing_period_unit, location_id, created_at, raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_id(p->'client_id'), ironwod.j_text(p->>'name'),
-               ironwod.j_text(p->>'membership_type'), coalesce((p->>'is_deleted')::boolean, false),
-               ironwod.j_date(p->>'start_date'), ironwod.j_date(p->>'end_date'),
-               ironwod.j_date(p->>'cancellation_requested_on'), (p->>'does_membership_expire')::boolean,
-               (pp->>'is_auto_renew')::boolean, ironwod.j_num(pp->'price'),
-               ironwod.j_num(pp->'billing_period_length')::integer, ironwod.j_text(pp->>'billing_period_unit'),
-               ironwod.j_id(p->'location_id'), ironwod.parse_ts(p #>> '{created,created_on_datetime}'),
-               l.raw_id, l.source_updated_at,
-               CASE WHEN (p->>'is_deleted')::boolean THEN coalesce(l.source_updated_at, l.ingested_at) END,
-               CASE WHEN (p->>'is_deleted')::boolean THEN l.ingest_run_id END
-        FROM latest l,
-             LATERAL (SELECT l.payload_json AS p,
-                             coalesce(l.payload_json->'payment_plan', l.payload_json->'payload_plan', '{}') AS pp) x
-        ON CONFLICT (tenant_id, gym_id, membership_id) DO UPDATE
-           SET (member_id, name, membership_type, is_deleted, start_date, end_date, cancellation_requested_on,
-                does_expire, is_auto_renew, price, billing_period_length, billing_period_unit, location_id,
-                created_at, raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.member_id, excluded.name, excluded.membership_type, excluded.is_deleted,
-                excluded.start_date, excluded.end_date, excluded.cancellation_requested_on, excluded.does_expire,
-                excluded.is_auto_renew, excluded.price, excluded.billing_period_length,
-                excluded.billing_period_unit, excluded.location_id, excluded.created_at, excluded.raw_id,
-                excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING c.*
-    )
-    SELECT count(*), min(CASE
-               WHEN o.membership_id IS NULL
-                    OR (o.member_id, o.start_date, o.price, o.membership_type, o.is_deleted, o.location_id,
-                        o.billing_period_length, o.billing_period_unit)
-                       IS DISTINCT FROM
-                       (u.member_id, u.start_date, u.price, u.membership_type, u.is_deleted, u.location_id,
-                        u.billing_period_length, u.billing_period_unit)
-               THEN least(o.start_date, u.start_date)
-               ELSE least(o.end_date + 1, u.end_date + 1, o.cancellation_requested_on, u.cancellation_requested_on)
-           END)
-    INTO v_c, v_dirty
-    FROM up u LEFT JOIN old o ON o.membership_id = u.membership_id;
-    PERFORM ironwod.note_dirty(p_run_id, 'memberships', v_dirty, v_c);
-    v_out := v_out || jsonb_build_object('memberships', v_c);
-
-    -- membership holds
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_membership_holds r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_membership_holds r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), old AS (
-        SELECT c.* FROM ironwod.membership_holds c JOIN ids ON c.hold_id = ids.wodify_id
-        WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    ), up AS (
-        INSERT INTO ironwod.membership_holds AS c
-            (tenant_id, gym_id, hold_id, membership_id, member_id, hold_start_date, hold_end_date, hold_reason,
-             raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_id(p->'membership_id'), ironwod.j_id(p->'client_id'),
-               ironwod.j_date(p->>'hold_start_date'), ironwod.j_date(p->>'hold_end_date'),
-               ironwod.j_text(p->>'hold_reason'), l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, hold_id) DO UPDATE
-           SET (membership_id, member_id, hold_start_date, hold_end_date, hold_reason, raw_id,
-                source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.membership_id, excluded.member_id, excluded.hold_start_date, excluded.hold_end_date,
-                excluded.hold_reason, excluded.raw_id, excluded.source_updated_at, excluded.deleted_at,
-                excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING c.*
-    )
-    SELECT count(*), min(CASE
-               WHEN o.hold_id IS NULL
-                    OR (o.membership_id, o.hold_start_date) IS DISTINCT FROM (u.membership_id, u.hold_start_date)
-               THEN least(o.hold_start_date, u.hold_start_date)
-               ELSE least(o.hold_end_date, u.hold_end_date) + 1
-           END)
-    INTO v_c, v_dirty
-    FROM up u LEFT JOIN old o ON o.hold_id = u.hold_id;
-    PERFORM ironwod.note_dirty(p_run_id, 'membership_holds', v_dirty, v_c);
-    v_out := v_out || jsonb_build_object('membership_holds', v_c);
-
-    -- class sign-ins -> attendance events
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_class_signins r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_class_signins r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), old AS (
-        SELECT c.* FROM ironwod.attendance_events c JOIN ids ON c.signin_id = ids.wodify_id
-        WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    ), up AS (
-        INSERT INTO ironwod.attendance_events AS c
-            (tenant_id, gym_id, signin_id, member_id, class_id, class_start_at, location_id, program_id,
-             membership_id, is_drop_in, raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_id(p->'client_id'), ironwod.j_id(p->'class_id'),
-               ironwod.parse_ts(p->>'utc_class_start_datetime'), ironwod.j_id(p->'location_id'),
-               ironwod.j_id(p->'program_id'), ironwod.j_id(p->'membership_id'), (p->>'is_drop_in')::boolean,
-               l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, signin_id) DO UPDATE
-           SET (member_id, class_id, class_start_at, location_id, program_id, membership_id, is_drop_in,
-                raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.member_id, excluded.class_id, excluded.class_start_at, excluded.location_id,
-                excluded.program_id, excluded.membership_id, excluded.is_drop_in, excluded.raw_id,
-                excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING c.*
-    )
-    SELECT count(*), min(least((o.class_start_at AT TIME ZONE v_tz)::date, (u.class_start_at AT TIME ZONE v_tz)::date))
-    INTO v_c, v_dirty
-    FROM up u LEFT JOIN old o ON o.signin_id = u.signin_id;
-    PERFORM ironwod.note_dirty(p_run_id, 'class_signins', v_dirty, v_c);
-    v_out := v_out || jsonb_build_object('class_signins', v_c);
-
-    -- invoices
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_invoices r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_invoices r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), old AS (
-        SELECT c.* FROM ironwod.invoices c JOIN ids ON c.invoice_id = ids.wodify_id
-        WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    ), up AS (
-        INSERT INTO ironwod.invoices AS c
-            (tenant_id, gym_id, invoice_id, invoice_number, member_id, membership_id, location_id, status,
-             due_date, paid_on, amount, created_at, raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_text(p->>'invoice_number'), ironwod.j_id(p->'client_id'),
-               ironwod.j_id(p->'membership_id'), ironwod.j_id(p->'location_id'),
-               ironwod.j_text(p->>'invoice_header_status'), ironwod.j_date(p->>'payment_due'),
-               ironwod.j_date(p->>'paid_on_date'), ironwod.j_num(p->'final_charge'),
-               ironwod.parse_ts(p #>> '{created,created_on_datetime}'),
-               l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, invoice_id) DO UPDATE
-           SET (invoice_number, member_id, membership_id, location_id, status, due_date, paid_on, amount,
-                created_at, raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.invoice_number, excluded.member_id, excluded.membership_id, excluded.location_id,
-                excluded.status, excluded.due_date, excluded.paid_on, excluded.amount, excluded.created_at,
-                excluded.raw_id, excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING c.*
-    )
-    SELECT count(*), min(least(o.due_date, u.due_date, o.paid_on, u.paid_on))
-    INTO v_c, v_dirty
-    FROM up u LEFT JOIN old o ON o.invoice_id = u.invoice_id;
-    PERFORM ironwod.note_dirty(p_run_id, 'invoices', v_dirty, v_c);
-    v_out := v_out || jsonb_build_object('invoices', v_c);
-
-    -- transactions
-    WITH ids AS (
-        SELECT DISTINCT r.wodify_id FROM ironwod.wodify_raw_transactions r
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND (p_run_id IS NULL OR r.ingest_run_id = ANY (v_runs))
-    ), latest AS (
-        SELECT DISTINCT ON (r.wodify_id) r.*
-        FROM ironwod.wodify_raw_transactions r JOIN ids USING (wodify_id)
-        WHERE r.tenant_id = v_t AND r.gym_id = v_g
-        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC
-    ), old AS (
-        SELECT c.* FROM ironwod.transactions c JOIN ids ON c.transaction_id = ids.wodify_id
-        WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    ), up AS (
-        INSERT INTO ironwod.transactions AS c
-            (tenant_id, gym_id, transaction_id, invoice_id, member_id, location_id, processed_at, amount,
-             transaction_type, payment_method, raw_id, source_updated_at, deleted_at, deleted_by_run)
-        SELECT v_t, v_g, l.wodify_id, ironwod.j_id(p->'invoice_id'), ironwod.j_id(p->'client_id'),
-               ironwod.j_id(p->'location_id'), ironwod.parse_ts(p->>'transaction_date_time'),
-               ironwod.j_num(p->'amount'), ironwod.j_text(p->>'transaction_type'),
-               ironwod.j_text(p->>'payment_method'), l.raw_id, l.source_updated_at, NULL, NULL
-        FROM latest l, LATERAL (SELECT l.payload_json AS p) x
-        ON CONFLICT (tenant_id, gym_id, transaction_id) DO UPDATE
-           SET (invoice_id, member_id, location_id, processed_at, amount, transaction_type, payment_method,
-                raw_id, source_updated_at, deleted_at, deleted_by_run)
-             = (excluded.invoice_id, excluded.member_id, excluded.location_id, excluded.processed_at,
-                excluded.amount, excluded.transaction_type, excluded.payment_method, excluded.raw_id,
-                excluded.source_updated_at, excluded.deleted_at, excluded.deleted_by_run)
-           WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
-        RETURNING c.*
-    )
-    SELECT count(*), min(least((o.processed_at AT TIME ZONE v_tz)::date, (u.processed_at AT TIME ZONE v_tz)::date))
-    INTO v_c, v_dirty
-    FROM up u LEFT JOIN old o ON o.transaction_id = u.transaction_id;
-    PERFORM ironwod.note_dirty(p_run_id, 'transactions', v_dirty, v_c);
-    v_out := v_out || jsonb_build_object('transactions', v_c);
+    -- In registry order: locations first, they decide the time zone.
+    FOR e IN SELECT x.entity, x.raw_table, m.canonical FROM ironwod.entities x
+             JOIN ironwod.canonical_maps m USING (entity) ORDER BY x.ordinal LOOP
+        IF e.entity <> 'locations' AND v_tz IS NULL THEN
+            v_tz := ironwod.gym_time_zone(v_t, v_g);
+        END IF;
+        IF p_run_id IS NULL THEN
+            PERFORM ironwod.analyze_if_stale(e.raw_table);
+            v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
+            EXECUTE ironwod.transform_sql(e.entity, false) INTO v_n, v_dirty USING v_t, v_g, v_tz, v_raw;
+        ELSE
+            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id) FROM ironwod.%I r
+                            WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
+            INTO v_ids USING v_t, v_g, v_runs;
+            v_n := 0;
+            IF v_ids IS NOT NULL THEN
+                PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
+                v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_ids, false) l);
+                EXECUTE ironwod.transform_sql(e.entity, true) INTO v_n, v_dirty USING v_t, v_g, v_tz, v_raw;
+                PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n);
+            END IF;
+        END IF;
+        IF v_n > 0 THEN
+            PERFORM ironwod.analyze_if_stale(e.canonical, v_n);
+        END IF;
+        v_out := v_out || jsonb_build_object(e.entity, v_n);
+    END LOOP;
 
     INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
     SELECT v_t, v_g, x, p_run_id FROM unnest(v_runs) AS x
@@ -433,18 +406,6 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.transform_records(bigint) IS 'Rebuild canonical rows from their latest raw version: the records with a new version in the given run, or all records of the scope when NULL; returns rows written per entity';
-
-CREATE FUNCTION ironwod.note_dirty(p_run_id bigint, p_entity text, p_dirty_from date, p_changed integer)
-RETURNS void
-LANGUAGE sql
-AS $$
-    INSERT INTO ironwod.metric_dirty AS d (tenant_id, gym_id, run_id, entity, dirty_from, changed)
-    SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, p_dirty_from, p_changed
-    WHERE p_run_id IS NOT NULL AND p_dirty_from IS NOT NULL
-    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
-       SET dirty_from = least(d.dirty_from, excluded.dirty_from), changed = d.changed + excluded.changed
-$$;
-COMMENT ON FUNCTION ironwod.note_dirty(bigint, text, date, integer) IS 'Record the earliest civil date a run''s canonical changes to an entity touched';
 
 CREATE FUNCTION ironwod.transform_run(p_run_id bigint)
 RETURNS jsonb
@@ -463,11 +424,24 @@ COMMENT ON FUNCTION ironwod.transform_run(bigint) IS 'Worker, after the last pag
 
 CREATE FUNCTION ironwod.transform_all()
 RETURNS jsonb
-LANGUAGE sql
-AS $$ SELECT ironwod.transform_records(NULL) || jsonb_build_object('vanished', ironwod.apply_vanished(NULL)) $$;
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN ironwod.transform_records(NULL) || jsonb_build_object('vanished', ironwod.apply_vanished(NULL));
+END
+$$;
 COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of every record of the current scope from raw (used by replay)';
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
-    ironwod.gym_time_zone(), ironwod.transform_records(bigint), ironwod.note_dirty(bigint, text, date, integer),
-    ironwod.transform_run(bigint), ironwod.transform_all()
+    ironwod.j_plan(jsonb), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean),
+    ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer),
+    ironwod.analyze_if_stale(name, bigint), ironwod.transform_run(bigint), ironwod.transform_all()
     TO ironwod_worker;
+-- Global configuration like the entity registry: everyone reads it, nobody writes it.
+ALTER TABLE ironwod.canonical_maps ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ironwod.canonical_maps FORCE ROW LEVEL SECURITY;
+CREATE POLICY read_maps ON ironwod.canonical_maps FOR SELECT TO ironwod_app, ironwod_worker, ironwod_admin USING (true);
+ALTER TABLE ironwod.canonical_columns ENABLE ROW LEVEL SECURITY;
+ALTER TABLE ironwod.canonical_columns FORCE ROW LEVEL SECURITY;
+CREATE POLICY read_columns ON ironwod.canonical_columns FOR SELECT TO ironwod_app, ironwod_worker, ironwod_admin USING (true);
+GRANT SELECT ON ironwod.canonical_maps, ironwod.canonical_columns TO ironwod_worker, ironwod_app, ironwod_admin;

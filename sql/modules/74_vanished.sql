@@ -1,60 +1,65 @@
 -- 74_vanished: carry reconciliation soft deletes (ironwod.vanished_records) into the
--- canonical tables, and take them back when a record is seen again.  Every change
--- marks the months it touches dirty, so refresh_metrics recomputes them.
+-- canonical tables, and take them back when a record is seen again.  Driven by the
+-- same mapping as the transforms (canonical_maps); every change marks the months it
+-- touches dirty, so refresh_metrics recomputes them.
 
 CREATE FUNCTION ironwod.apply_vanished(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     m record;
-    v_tz text := ironwod.gym_time_zone();
+    v_tz text := ironwod.gym_time_zone(v_t, v_g);
     v_changed integer;
     v_dirty date;
+    v_cand bigint[];
+    v_seen_ids bigint[];
+    v_seen_runs bigint[];
     v_out jsonb := '{}';
 BEGIN
-    -- entity -> canonical table, its key, and the civil date a change affects
-    FOR m IN
-        SELECT * FROM (VALUES
-            ('locations', 'locations', 'location_id', 'NULL::date'),
-            ('programs', 'programs', 'program_id', 'NULL::date'),
-            ('clients', 'members', 'member_id', 'NULL::date'),
-            ('memberships', 'memberships', 'membership_id', 'c.start_date'),
-            ('membership_holds', 'membership_holds', 'hold_id', 'c.hold_start_date'),
-            ('class_signins', 'attendance_events', 'signin_id', '(c.class_start_at AT TIME ZONE $2)::date'),
-            ('invoices', 'invoices', 'invoice_id', 'c.due_date'),
-            ('transactions', 'transactions', 'transaction_id', '(c.processed_at AT TIME ZONE $2)::date')
-        ) AS x(entity, tbl, key, day)
-    LOOP
+    FOR m IN SELECT x.* FROM ironwod.canonical_maps x JOIN ironwod.entities e USING (entity) ORDER BY e.ordinal LOOP
+        -- Soft-deleted rows that may be back: their latest version, when not deleted by Wodify itself.
+        EXECUTE format('SELECT array_agg(c.%2$I) FROM ironwod.%1$I c
+                        WHERE c.tenant_id = $1 AND c.gym_id = $2 AND c.deleted_by_run IS NOT NULL',
+                       m.canonical, m.key_column)
+        INTO v_cand USING v_t, v_g;
+        v_seen_ids := NULL;
+        v_seen_runs := NULL;
+        IF v_cand IS NOT NULL THEN
+            SELECT array_agg(l.wodify_id), array_agg(l.last_seen_run_id) INTO v_seen_ids, v_seen_runs
+            FROM ironwod.latest_raw_versions(m.entity, v_t, v_g, v_cand) l
+            WHERE coalesce((l.payload_json ->> 'is_deleted')::boolean, false) = false;
+        END IF;
         EXECUTE format($q$
             WITH gone AS (
                 UPDATE ironwod.%1$I c
                    SET deleted_at = v.vanished_at, deleted_by_run = v.vanished_by_run
                   FROM ironwod.vanished_records v
-                 WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                   AND v.tenant_id = c.tenant_id AND v.gym_id = c.gym_id AND v.entity = $3
+                 WHERE c.tenant_id = $1 AND c.gym_id = $2
+                   AND v.tenant_id = $1 AND v.gym_id = $2 AND v.entity = $4
                    AND v.wodify_id = c.%2$I AND c.deleted_at IS NULL
-                RETURNING %3$s AS day
+                RETURNING c.*
             ), back AS (
-                -- Seen again after it vanished (and not deleted by Wodify itself).
+                -- Seen again after it vanished.
                 UPDATE ironwod.%1$I c
                    SET deleted_at = NULL, deleted_by_run = NULL
-                  FROM ironwod.latest_raw_versions($3) l
-                 WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+                  FROM unnest($5::bigint[], $6::bigint[]) AS l(wodify_id, last_seen_run_id)
+                 WHERE c.tenant_id = $1 AND c.gym_id = $2
                    AND l.wodify_id = c.%2$I AND c.deleted_by_run IS NOT NULL
                    AND l.last_seen_run_id > c.deleted_by_run
-                   AND coalesce((l.payload_json ->> 'is_deleted')::boolean, false) = false
                    AND NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
-                                   WHERE v.tenant_id = c.tenant_id AND v.gym_id = c.gym_id
-                                     AND v.entity = $3 AND v.wodify_id = c.%2$I)
-                RETURNING %3$s AS day
+                                   WHERE v.tenant_id = $1 AND v.gym_id = $2
+                                     AND v.entity = $4 AND v.wodify_id = c.%2$I)
+                RETURNING c.*
             )
-            SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM back),
-                   least((SELECT min(day) FROM gone), (SELECT min(day) FROM back))$q$,
-            m.tbl, m.key, m.day)
-        INTO v_changed, v_dirty USING p_run_id, v_tz, m.entity;
+            SELECT (SELECT count(*) FROM gone)::integer + (SELECT count(*) FROM back)::integer,
+                   (SELECT min(%3$s) FROM (SELECT * FROM gone UNION ALL SELECT * FROM back) c)$q$,
+            m.canonical, m.key_column, coalesce(m.row_day, 'NULL::date'))
+        INTO v_changed, v_dirty USING v_t, v_g, v_tz, m.entity, v_seen_ids, v_seen_runs;
         IF v_changed > 0 THEN
-            PERFORM ironwod.note_dirty(p_run_id, m.entity, v_dirty, v_changed);
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, m.entity, v_dirty, v_changed);
             v_out := v_out || jsonb_build_object(m.entity, v_changed);
         END IF;
     END LOOP;

@@ -121,7 +121,7 @@ BEGIN
     END IF;
     s := ironwod.metric_config();
     v_hash := ironwod.config_hash(s);
-    v_tz := ironwod.gym_time_zone();
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
     v_today := ironwod.metrics_today(v_tz);
     v_cur := date_trunc('month', v_today)::date;
     v_hist := least(ironwod.history_start(v_tz), v_cur);
@@ -653,7 +653,7 @@ BEGIN
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
     s := ironwod.metric_config();
-    v_tz := ironwod.gym_time_zone();
+    v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
     v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
     SELECT min(d.dirty_from) INTO v_dirty FROM ironwod.metric_dirty d
     WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;

@@ -25,7 +25,8 @@ GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@
     @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid)
     TO ironwod_app, ironwod_admin;
 GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded(),
-    ironwod.latest_raw_versions(text), ironwod.latency_buckets()
+    ironwod.latest_raw_versions(text), ironwod.latest_raw_versions(text, uuid, uuid, bigint[], boolean),
+    ironwod.latency_buckets()
     TO ironwod_app, ironwod_admin, ironwod_worker;
 GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, connected_at,
               last_success_at, last_error_at, last_error, last_error_code, last_cursor_at,
