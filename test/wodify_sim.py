@@ -1343,8 +1343,10 @@ class Model:
     def __init__(self, seed, ngyms, scale, anchor, today):
         self.today = today
         self.gyms = []
+        scales = scale.split(",")
         for i in range(ngyms):
-            g = Gym(seed, i, scale, anchor, today)
+            # one scale for every gym, or one per gym with the last repeated
+            g = Gym(seed, i, scales[min(i, len(scales) - 1)], anchor, today)
             g.render()
             self.gyms.append(g)
         self.by_key = {g.api_key: g for g in self.gyms}
@@ -1372,6 +1374,8 @@ class Sim:
         self.faults, self.fault_seq = [], 0
         self.entitlements = []          # (api_key or None, prefix)
         self.cache = {}                 # (model id, gym, kind, client, q, sort) -> list
+        self.pages = {}                 # cache key + (page, size) -> rendered body bytes
+        self.pages_bytes = 0
         self.reset_stats()
 
     def reset_stats(self):
@@ -1465,6 +1469,8 @@ class Sim:
         with self.lock:
             self.model, self.today = model, new_today
             self.cache.clear()
+            self.pages.clear()
+            self.pages_bytes = 0
         return new_today
 
     def gyms_json(self):
@@ -1502,6 +1508,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
+    def setup(self):
+        super().setup()
+        # Without TCP_NODELAY a response that leaves in two segments waits for the
+        # client's delayed ACK (about 40 ms on Linux) before its second segment.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def handle(self):
         try:
             super().handle()
@@ -1526,7 +1538,8 @@ class Handler(BaseHTTPRequestHandler):
     # ---- output -------------------------------------------------------------------------
 
     def send_json(self, status, obj, headers=None, fault=None):
-        body = json.dumps(obj, separators=(",", ":")).encode()
+        """Send obj (or a pre-rendered JSON body, as bytes) with its headers in one write."""
+        body = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode()
         kind = fault["kind"] if fault else None
         if kind == "slow" and not fault.get("trickle"):
             time.sleep(float(fault.get("delay_s", 5)))
@@ -1535,6 +1548,12 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if kind != "truncate" and not (kind == "slow" and fault.get("trickle")):
+            # Head and body in one write: one segment train, no wait for an ACK.
+            self._headers_buffer.append(b"\r\n")
+            self._headers_buffer.append(body)
+            self.flush_headers()
+            return
         self.end_headers()
         if kind == "truncate":
             self.wfile.write(body[: len(body) // 2])
@@ -1549,7 +1568,6 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(float(fault.get("delay_s", 5)) / chunks)
             return
-        self.wfile.write(body)
 
     def reset_connection(self):
         # SO_LINGER 0 turns close() into a TCP RST; the makefile objects hold references, so
@@ -1663,8 +1681,22 @@ class Handler(BaseHTTPRequestHandler):
         q = params.get("q", "") if self.path.split("?")[0].rstrip("/").endswith("/search") else ""
         sort = params.get("sort", "")
         ck = (id(model), gym.index, kind, rid, q, sort)
+        try:
+            page = max(1, int(params.get("page", 1)))
+        except ValueError:
+            page = 1
+        try:
+            size = min(100, max(1, int(params.get("page_size", 100))))
+        except ValueError:
+            size = 100
+        # A page is rendered once: serving it again costs no JSON encoding, so the
+        # simulator is not what a fast client waits for.
+        pk = ck + (page, size)
         with sim.lock:
-            rows = sim.cache.get(ck)
+            rendered = sim.pages.get(pk)
+            rows = sim.cache.get(ck) if rendered is None else None
+        if rendered is not None:
+            return 200, rendered
         if rows is None:
             try:
                 rows = loader()
@@ -1680,19 +1712,19 @@ class Handler(BaseHTTPRequestHandler):
                 if len(sim.cache) > 512:
                     sim.cache.clear()
                 sim.cache[ck] = rows
-        try:
-            page = max(1, int(params.get("page", 1)))
-        except ValueError:
-            page = 1
-        try:
-            size = min(100, max(1, int(params.get("page_size", 100))))
-        except ValueError:
-            size = 100
         chunk = rows[(page - 1) * size: page * size]
-        return 200, {LIST_KEYS[kind]: chunk,
-                     "pagination": {"page": page, "page_size": size,
-                                    "has_more": page * size < len(rows)},
-                     "wodify_validation_result": ""}
+        rendered = json.dumps({LIST_KEYS[kind]: chunk,
+                               "pagination": {"page": page, "page_size": size,
+                                              "has_more": page * size < len(rows)},
+                               "wodify_validation_result": ""}, separators=(",", ":")).encode()
+        with sim.lock:
+            if sim.pages_bytes + len(rendered) > sim.args.page_cache_mb * 1048576:
+                sim.pages.clear()
+                sim.pages_bytes = 0
+            if pk not in sim.pages:
+                sim.pages[pk] = rendered
+                sim.pages_bytes += len(rendered)
+        return 200, rendered
 
     # ---- /_sim ----------------------------------------------------------------------------
 
@@ -1811,17 +1843,23 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--gyms", type=int, default=1)
-    ap.add_argument("--scale", choices=sorted(SCALES), default="small")
+    ap.add_argument("--scale", default="small",
+                    help=f"one of {', '.join(sorted(SCALES))}, or a comma list: gym i gets the "
+                         "i-th scale, the last one repeating")
     ap.add_argument("--rate", type=float, default=5.0)
     ap.add_argument("--burst", type=int, default=20)
     ap.add_argument("--quota", type=int, default=500000)
     ap.add_argument("--today", default=None, help="YYYY-MM-DD (default: current UTC date)")
     ap.add_argument("--retry-after", dest="retry_after", type=int, default=None)
+    ap.add_argument("--page-cache-mb", dest="page_cache_mb", type=int, default=1024,
+                    help="memory for rendered pages, served again without re-encoding")
     ap.add_argument("--history-start", dest="history_start", default=None,
                     help="YYYY-MM-DD; pins the model's first day (default: 1st of the month "
                          "30 months before --today).  Lets a fresh start reproduce an "
                          "advanced model even when advance crossed a month boundary.")
     args = ap.parse_args(argv)
+    if any(x not in SCALES for x in args.scale.split(",")):
+        ap.error(f"--scale: choose from {', '.join(sorted(SCALES))}")
 
     sim = Sim(args)
     srv = Server(("127.0.0.1", args.port), Handler)
