@@ -43,6 +43,7 @@ double		ironwod_reconcile_sanity_share = 0.5;
 int			ironwod_breaker_threshold = 5;
 int			ironwod_run_timeout_min = 360;
 int			ironwod_watchdog_timeout_s = 900;
+int			ironwod_max_record_bytes = 4 * 1024 * 1024;
 
 static char *ironwod_scope_tenant = NULL;
 static char *ironwod_scope_gym = NULL;
@@ -123,6 +124,11 @@ define_gucs(void)
 							"Largest response body accepted.",
 							NULL, &ironwod_max_response_bytes, 64 * 1024 * 1024,
 							1024, 512 * 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.max_record_bytes",
+							"Largest single record landed; a larger one is quarantined.",
+							NULL, &ironwod_max_record_bytes, 4 * 1024 * 1024,
+							1024, 64 * 1024 * 1024,
 							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
 	DefineCustomIntVariable("ironwod.max_retries",
 							"Retries of one request on 429, 5xx and transport errors.",

@@ -13,6 +13,7 @@
  *	  ratelimit.c  token buckets in shared memory: per connection and
  *	               cluster-wide, adapting to 429s
  *	  land.c       SPI calls that land pages and move run state
+ *	  page.c       a response page split into records (jsonb, id, hash)
  *	  wire.c       Wodify's wire formats: vendor datetimes, percent-encoding
  *	  crypto.c     sealed-box encryption of API keys, fingerprints
  *	  masterkey.c  loading private master keys from ironwod.master_key_command
@@ -29,6 +30,7 @@
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/lwlock.h"
+#include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -60,6 +62,7 @@ extern double ironwod_reconcile_sanity_share;
 extern int	ironwod_breaker_threshold;
 extern int	ironwod_run_timeout_min;
 extern int	ironwod_watchdog_timeout_s;
+extern int	ironwod_max_record_bytes;
 
 /* ---- shared memory (shmem.c) ---- */
 
@@ -235,7 +238,8 @@ typedef struct IwTask
 
 typedef struct IwLandResult
 {
-	char	   *outcome;		/* landed, envelope, bad_body or pagination */
+	char	   *outcome;		/* landed, envelope, bad_body, bad_record,
+								 * not_json or pagination */
 	int			http_code;		/* HTTPCode of an error envelope */
 	char	   *message;
 	bool		has_more;
@@ -250,7 +254,7 @@ extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
 extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
 extern void iw_land_page(int64 run_id, const IwTask *task, int page,
-						 const char *body, int attempts, const char *prev_digest,
+						 char *body, size_t body_len, int attempts, const char *prev_digest,
 						 double latency_ms, IwLandResult *res, MemoryContext keep);
 extern void iw_mark_not_entitled(int64 run_id, const char *entity);
 extern void iw_run_step(int64 run_id, const char *sql, const char *activity);
@@ -262,6 +266,74 @@ extern void iw_fail_run(int64 run_id, const char *code, const char *message,
 
 /* ---- Wodify wire formats (wire.c) ---- */
 extern bool iw_parse_vendor_ts(const char *s, int len, TimestampTz *result);
+
+/* ---- response pages (page.c) ---- */
+
+#define IW_PAYLOAD_HASH_LEN 32	/* SHA-256 */
+
+/* What landing needs to know about an entity, from ironwod.entities. */
+typedef struct IwEntitySpec
+{
+	char	   *entity;
+	char	   *records_key;
+	char	   *id_field;
+	char	  **updated_path;
+	int			n_updated;
+	char	  **created_path;
+	int			n_created;
+	char	  **watermark_path;
+	int			n_watermark;
+	int			page_size;
+} IwEntitySpec;
+
+/* One element of a page's records array. */
+typedef struct IwRecord
+{
+	const char *fault;			/* NULL, or why it cannot be stored */
+	const char *detail;
+	bool		has_id;
+	int64		id;
+	Jsonb	   *payload;		/* good records only */
+	uint8		hash[IW_PAYLOAD_HASH_LEN];
+	bool		has_updated_at;
+	TimestampTz updated_at;		/* source_updated_at */
+	bool		has_watermark;
+	TimestampTz watermark;
+	bool		duplicate;		/* the same version earlier in the page */
+	char	   *raw;			/* the record's bytes in the body */
+	int			raw_len;
+} IwRecord;
+
+typedef enum IwPageOutcome
+{
+	IW_PAGE_RECORDS,			/* an object with the records array */
+	IW_PAGE_NOT_JSON,			/* not JSON at all: worth a retry */
+	IW_PAGE_NOT_OBJECT,
+	IW_PAGE_ENVELOPE,			/* Wodify's HTTPCode error envelope */
+	IW_PAGE_NO_RECORDS
+} IwPageOutcome;
+
+typedef struct IwPage
+{
+	IwPageOutcome outcome;
+	bool		is_envelope;
+	int			http_code;		/* of the envelope */
+	char	   *error_code;
+	char	   *developer_message;
+	bool		has_records;
+	int			has_more;		/* pagination.has_more: -1 absent, 0, 1 */
+	char	   *page_number;	/* pagination.page when it is all digits */
+	int			n_records;
+	IwRecord   *records;
+	int			n_faulty;
+	bool		has_watermark;	/* newest watermark of the good records */
+	TimestampTz watermark;
+	bool		has_digest;		/* md5 of the ids in page order */
+	char		digest[33];
+} IwPage;
+
+extern void iw_parse_page(char *body, size_t len, const IwEntitySpec *spec, IwPage *page);
+extern void iw_payload_hash(const Jsonb *jb, uint8 *out);
 
 /* ---- log hook (loghook.c) ---- */
 extern void iw_install_log_hook(void);

@@ -4,7 +4,13 @@
  *	  The run worker's SQL side: short transactions that claim a run, ask for
  *	  the next unit of work, land one page, and finish or fail the run.  The
  *	  data logic itself lives in SQL (sql/modules/40_landing.sql); this file
- *	  only opens transactions, binds parameters and copies results out.
+ *	  opens transactions, binds parameters and copies results out.
+ *
+ *	  Landing a page is the hot path, so it is done here with statements
+ *	  prepared once per process (SPI_keepplan): the page parsed by page.c,
+ *	  its records inserted as arrays in one statement, the bookkeeping in
+ *	  one more (ironwod.page_statement; ironwod.unit_landed on a unit's last
+ *	  page).  ironwod.land_page exposes the same code to SQL for tests.
  *
  *	  No transaction is ever open while HTTP runs: each function here starts
  *	  and commits its own.
@@ -13,13 +19,25 @@
  */
 #include "ironwod.h"
 
+#include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "pgstat.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
+
+PG_FUNCTION_INFO_V1(ironwod_land_page);
+PG_FUNCTION_INFO_V1(ironwod_payload_hash);
+PG_FUNCTION_INFO_V1(ironwod_split_page);
 
 void
 iw_txn_begin(const char *activity)
@@ -135,50 +153,657 @@ iw_next_task(int64 run_id, IwTask *task, MemoryContext keep)
 	return found;
 }
 
+/* ---- landing a page ---- */
+
 /*
- * One page, one transaction.  The body is passed as text and cast to jsonb by
- * the SQL function's parameter, so PostgreSQL's own parser validates it; the
- * caller has already checked it is well-formed JSON.
+ * Per entity, what landing needs from the registry and the prepared upsert
+ * into its raw table.  Read and prepared once per process: a run worker lives
+ * for one run, so a registry edit is seen by the next run.
  */
+typedef struct IwLanding
+{
+	IwEntitySpec spec;
+	SPIPlanPtr	insert;			/* plain INSERT: versions never seen before */
+	SPIPlanPtr	upsert;			/* INSERT ... ON CONFLICT */
+	int64		run_id;			/* the run the flags below are about */
+	bool		seen_versions;	/* a page of this run held a stored version */
+	bool		has_vanished;	/* records of the entity in vanished_records */
+} IwLanding;
+
+static MemoryContext landing_cxt = NULL;
+static IwLanding *landings = NULL;
+static int	n_landings = 0;
+
+/* Records per raw upsert, and the payload bytes one may carry. */
+#define IW_UPSERT_MAX_ROWS	1000
+#define IW_UPSERT_MAX_BYTES (8 * 1024 * 1024)
+
+static SPIPlanPtr
+prepare_kept(const char *sql, int nargs, Oid *types)
+{
+	/*
+	 * Generic plans: these statements take ids and arrays as parameters and
+	 * have one good plan, so planning them again for every page is waste.
+	 */
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+
+	if (plan == NULL)
+		elog(ERROR, "ironwod: SPI_prepare failed (%d) for %s", SPI_result, sql);
+	if (SPI_keepplan(plan) != 0)
+		elog(ERROR, "ironwod: SPI_keepplan failed");
+	return plan;
+}
+
+static char **
+text_array_to_cstrings(Datum d, int *n)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	char	  **out;
+
+	deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, n);
+	out = palloc(sizeof(char *) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+		out[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
+	return out;
+}
+
+static IwLanding *
+landing_for(const char *entity, int64 run_id)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	Oid			upsert_types[8] = {UUIDOID, UUIDOID, INT8OID, TIMESTAMPTZOID,
+	INT8ARRAYOID, JSONBARRAYOID, BYTEAARRAYOID, TIMESTAMPTZARRAYOID};
+	HeapTuple	tup;
+	TupleDesc	desc;
+	IwLanding  *l;
+	MemoryContext old;
+	bool		isnull;
+
+	for (int i = 0; i < n_landings; i++)
+		if (strcmp(landings[i].spec.entity, entity) == 0)
+		{
+			l = &landings[i];
+			goto found;
+		}
+
+	if (landing_cxt == NULL)
+		landing_cxt = AllocSetContextCreate(TopMemoryContext, "ironwod landing",
+											ALLOCSET_SMALL_SIZES);
+	values[0] = CStringGetTextDatum(entity);
+	run_sql("SELECT records_key, id_field, updated_at_path, created_at_path, watermark_path, page_size, "
+			"ironwod.landing_statement(entity, false), ironwod.landing_statement(entity, true) "
+			"FROM ironwod.entities WHERE entity = $1",
+			1, types, values, NULL, SPI_OK_SELECT);
+	if (SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("ironwod has no entity \"%s\"", entity)));
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+
+	old = MemoryContextSwitchTo(landing_cxt);
+	landings = landings == NULL ? palloc(sizeof(IwLanding))
+		: repalloc(landings, sizeof(IwLanding) * (n_landings + 1));
+	l = &landings[n_landings];
+	memset(l, 0, sizeof(IwLanding));
+	l->spec.entity = pstrdup(entity);
+	l->spec.records_key = SPI_getvalue(tup, desc, 1);
+	l->spec.id_field = SPI_getvalue(tup, desc, 2);
+	l->spec.updated_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 3, &isnull), &l->spec.n_updated);
+	l->spec.created_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 4, &isnull), &l->spec.n_created);
+	l->spec.watermark_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 5, &isnull), &l->spec.n_watermark);
+	l->spec.page_size = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
+	MemoryContextSwitchTo(old);
+	l->insert = prepare_kept(SPI_getvalue(tup, desc, 7), 8, upsert_types);
+	l->upsert = prepare_kept(SPI_getvalue(tup, desc, 8), 8, upsert_types);
+	n_landings++;
+
+found:
+	if (l->run_id != run_id && run_id != 0)
+	{
+		/*
+		 * A new run.  Records of the entity vanish only when a reconciliation
+		 * closes it, after its last page, so whether any are vanished now
+		 * holds for the rest of this run's pages of the entity.
+		 */
+		l->run_id = run_id;
+		l->seen_versions = false;
+		values[0] = CStringGetTextDatum(entity);
+		run_sql("SELECT EXISTS (SELECT 1 FROM ironwod.vanished_records v "
+				"WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym() "
+				"AND v.entity = $1)", 1, types, values, NULL, SPI_OK_SELECT);
+		l->has_vanished = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return l;
+}
+
+/* The scope the session acts in, as the uuid parameters of the landing SQL. */
+static Datum
+scope_uuid(const char *guc)
+{
+	const char *v = GetConfigOption(guc, true, false);
+
+	if (v == NULL || v[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("no ironwod scope is set")));
+	return DirectFunctionCall1(uuid_in, CStringGetDatum(v));
+}
+
+static int
+run_store(SPIPlanPtr plan, Datum *params, const char *nulls, const char *entity)
+{
+	bool		isnull;
+	int			n;
+
+	if (SPI_execute_plan(plan, params, nulls, false, 0) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "ironwod: landing the records of %s failed", entity);
+	n = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_freetuptable(SPI_tuptable);
+	return n;
+}
+
+/*
+ * Store one batch.  A backfill lands versions never seen before, for which a
+ * plain INSERT costs half of INSERT ... ON CONFLICT; so the plain one is tried
+ * first, in a subtransaction, and only if a stored version makes it fail with
+ * a unique violation is the batch landed again with the upsert.  After that,
+ * the entity's later pages in this run (a re-pull of known data, most likely)
+ * go straight to the upsert.
+ */
+static int
+store_batch(IwLanding *l, Datum *params, const char *nulls)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile int n = -1;
+
+	if (!l->seen_versions)
+	{
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(cxt);
+		PG_TRY();
+		{
+			n = run_store(l->insert, params, nulls, l->spec.entity);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+			if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+				ReThrowError(edata);
+			FreeErrorData(edata);
+			l->seen_versions = true;
+		}
+		PG_END_TRY();
+	}
+	if (n < 0)
+		n = run_store(l->upsert, params, nulls, l->spec.entity);
+	return n;
+}
+
+/*
+ * Upsert the page's good records into the raw table, at most
+ * IW_UPSERT_MAX_ROWS rows and IW_UPSERT_MAX_BYTES of payload per statement,
+ * so a page of huge records never needs a second copy of itself at once.
+ * Each batch's payloads are freed once they are stored.  Returns the number
+ * of new versions.
+ */
+static int
+upsert_records(IwLanding *l, int64 run_id, IwPage *page)
+{
+	Datum		params[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	int			n = page->n_records;
+	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *payloads = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *hashes = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *updated = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *updated_null = palloc(sizeof(bool) * Max(n, 1));
+	int			n_new = 0;
+	int			i = 0;
+
+	params[0] = scope_uuid("ironwod.tenant_id");
+	params[1] = scope_uuid("ironwod.gym_id");
+	params[2] = Int64GetDatum(run_id);
+	params[3] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	while (i < n)
+	{
+		int			batch = 0;
+		Size		bytes = 0;
+		int			first = i;
+		int			dims[1];
+		int			lbs[1] = {1};
+		ArrayType  *a_ids,
+				   *a_payloads,
+				   *a_hashes,
+				   *a_updated;
+
+		for (; i < n && batch < IW_UPSERT_MAX_ROWS && bytes < IW_UPSERT_MAX_BYTES; i++)
+		{
+			IwRecord   *r = &page->records[i];
+			bytea	   *h;
+
+			if (r->fault != NULL || r->duplicate)
+				continue;
+			h = palloc(VARHDRSZ + IW_PAYLOAD_HASH_LEN);
+			SET_VARSIZE(h, VARHDRSZ + IW_PAYLOAD_HASH_LEN);
+			memcpy(VARDATA(h), r->hash, IW_PAYLOAD_HASH_LEN);
+			ids[batch] = Int64GetDatum(r->id);
+			payloads[batch] = PointerGetDatum(r->payload);
+			hashes[batch] = PointerGetDatum(h);
+			updated[batch] = TimestampTzGetDatum(r->updated_at);
+			updated_null[batch] = !r->has_updated_at;
+			bytes += VARSIZE(r->payload);
+			batch++;
+		}
+		if (batch == 0)
+			break;
+		dims[0] = batch;
+		a_ids = construct_array(ids, batch, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		a_payloads = construct_array(payloads, batch, JSONBOID, -1, false, TYPALIGN_INT);
+		a_hashes = construct_array(hashes, batch, BYTEAOID, -1, false, TYPALIGN_INT);
+		a_updated = construct_md_array(updated, updated_null, 1, dims, lbs, TIMESTAMPTZOID, 8,
+									   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		/* the array holds its own copy: the records' payloads are done with */
+		for (int j = first; j < i; j++)
+		{
+			IwRecord   *r = &page->records[j];
+
+			if (r->payload != NULL && !r->duplicate)
+			{
+				pfree(r->payload);
+				r->payload = NULL;
+			}
+		}
+		for (int j = 0; j < batch; j++)
+			pfree(DatumGetPointer(hashes[j]));
+		params[4] = PointerGetDatum(a_ids);
+		params[5] = PointerGetDatum(a_payloads);
+		params[6] = PointerGetDatum(a_hashes);
+		params[7] = PointerGetDatum(a_updated);
+		n_new += store_batch(l, params, nulls);
+		pfree(a_ids);
+		pfree(a_payloads);
+		pfree(a_hashes);
+		pfree(a_updated);
+	}
+	pfree(ids);
+	pfree(payloads);
+	pfree(hashes);
+	pfree(updated);
+	pfree(updated_null);
+	return n_new;
+}
+
+/* Ids of the page's good records, for what is keyed by record. */
+static ArrayType *
+good_ids(const IwPage *page)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * Max(page->n_records, 1));
+	int			n = 0;
+
+	for (int i = 0; i < page->n_records; i++)
+		if (page->records[i].fault == NULL && !page->records[i].duplicate)
+			ids[n++] = Int64GetDatum(page->records[i].id);
+	return construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+}
+
+#define IW_LATENCY_BUCKETS 8
+static double latency_bounds[IW_LATENCY_BUCKETS - 1];
+static SPIPlanPtr counts_plan = NULL;
+static SPIPlanPtr unit_plan = NULL;
+static SPIPlanPtr unvanish_plan = NULL;
+static SPIPlanPtr beat_plan = NULL;
+static int64 beat_run = 0;
+static TimestampTz beat_at = 0;
+
+/*
+ * The page's bookkeeping, in its transaction: the entity's counters (which
+ * also prove the run is still running), vanished records seen again, the
+ * unit's completion on its last page, and about once a second the run's
+ * heartbeat and request counts.  One statement per page in the common case.
+ */
+static void
+page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_no,
+				 const IwPage *page, int n_new, bool has_more, int attempts, double latency_ms)
+{
+	Datum		values[12];
+	char		nulls[12] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		hist[IW_LATENCY_BUCKETS];
+	int			bucket = 0;
+
+	if (counts_plan == NULL)
+	{
+		Oid			types[12] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT4OID, INT4OID, INT4OID,
+		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID, INT4OID};
+		Datum	   *bounds;
+		bool	   *bnulls;
+		int			nb;
+		bool		isnull;
+		Oid			unit_types[4] = {INT8OID, TEXTOID, TEXTOID, INT4OID};
+		Oid			unvanish_types[2] = {TEXTOID, INT8ARRAYOID};
+		Oid			beat_types[2] = {INT8OID, TIMESTAMPTZOID};
+
+		run_sql("SELECT ironwod.page_statement(), ironwod.latency_buckets()", 0, NULL, NULL, NULL,
+				SPI_OK_SELECT);
+		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+														   2, &isnull)),
+						  FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &bounds, &bnulls, &nb);
+		if (nb != IW_LATENCY_BUCKETS - 1)
+			elog(ERROR, "ironwod.latency_buckets() must have %d bounds", IW_LATENCY_BUCKETS - 1);
+		for (int i = 0; i < nb; i++)
+			latency_bounds[i] = DatumGetFloat8(bounds[i]);
+		counts_plan = prepare_kept(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
+								   12, types);
+		unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
+		unvanish_plan = prepare_kept("SELECT ironwod.unvanish($1, $2)", 2, unvanish_types);
+		beat_plan = prepare_kept("SELECT ironwod.count_requests($1, $2, 'land')", 2, beat_types);
+	}
+	values[0] = scope_uuid("ironwod.tenant_id");
+	values[1] = scope_uuid("ironwod.gym_id");
+	values[2] = Int64GetDatum(run_id);
+	values[3] = CStringGetTextDatum(task->entity);
+	values[4] = Int32GetDatum(attempts);
+	values[5] = Int32GetDatum(page->n_records);
+	values[6] = Int32GetDatum(n_new);
+	values[7] = Float8GetDatum(Max(latency_ms, 0));
+	values[8] = TimestampTzGetDatum(page->watermark);
+	if (!page->has_watermark)
+		nulls[8] = 'n';
+	/* width_bucket over the bounds: bucket k (1-based) holds [bound k-1, bound k) */
+	while (bucket < IW_LATENCY_BUCKETS - 1 && latency_ms >= latency_bounds[bucket])
+		bucket++;
+	for (int i = 0; i < IW_LATENCY_BUCKETS; i++)
+		hist[i] = Int32GetDatum(latency_ms >= 0 && i == bucket ? 1 : 0);
+	values[9] = PointerGetDatum(construct_array(hist, IW_LATENCY_BUCKETS, INT4OID, 4, true,
+												TYPALIGN_INT));
+	values[10] = Int32GetDatum(bucket + 1);
+	values[11] = Int32GetDatum(latency_ms >= 0 ? 1 : 0);
+	if (SPI_execute_plan(counts_plan, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "ironwod: page bookkeeping failed");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("run " INT64_FORMAT " is no longer running", run_id),
+				 errhint("It was cancelled or disconnected.")));
+
+	if (l->has_vanished)
+	{
+		values[0] = CStringGetTextDatum(task->entity);
+		values[1] = PointerGetDatum(good_ids(page));
+		if (SPI_execute_plan(unvanish_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "ironwod: unvanish failed");
+	}
+	if (!has_more)
+	{
+		values[0] = Int64GetDatum(run_id);
+		values[1] = CStringGetTextDatum(task->entity);
+		values[2] = CStringGetTextDatum(task->window_key);
+		values[3] = Int32GetDatum(page_no);
+		if (SPI_execute_plan(unit_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "ironwod: unit bookkeeping failed");
+	}
+	if (beat_run != run_id || now - beat_at >= USECS_PER_SEC)
+	{
+		values[0] = Int64GetDatum(run_id);
+		values[1] = TimestampTzGetDatum(now);
+		if (SPI_execute_plan(beat_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "ironwod: heartbeat failed");
+		beat_run = run_id;
+		beat_at = now;
+	}
+}
+
+static void
+set_result(IwLandResult *res, MemoryContext keep, const char *outcome, int http_code,
+		   const char *message, const IwPage *page)
+{
+	res->outcome = MemoryContextStrdup(keep, outcome);
+	res->http_code = http_code;
+	res->message = message ? MemoryContextStrdup(keep, message) : NULL;
+	res->digest = page != NULL && page->has_digest ? MemoryContextStrdup(keep, page->digest) : NULL;
+}
+
+/*
+ * Classify, check and land one page, in the caller's transaction with SPI
+ * connected: the body is parsed once (page.c), the pagination invariants are
+ * checked, the good records are upserted with the entity's prepared
+ * statements, and page_bookkeeping does the rest (and the unit's checkpoint
+ * on its last page).  Nothing is written for a page that is not
+ * landed.  When body_owned, the body is freed as soon as it is parsed.
+ */
+static void
+land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size_t body_len,
+				 bool body_owned, int attempts, const char *prev_digest, double latency_ms,
+				 IwLandResult *res, MemoryContext keep)
+{
+	IwLanding  *l = landing_for(task->entity, run_id);
+	IwPage		page;
+	bool		has_more;
+	char	   *msg;
+
+	memset(res, 0, sizeof(*res));
+	iw_parse_page(body, body_len, &l->spec, &page);
+	res->n_records = page.n_records;
+	switch (page.outcome)
+	{
+		case IW_PAGE_NOT_JSON:
+			set_result(res, keep, "not_json", 0, "response body is not valid JSON", NULL);
+			return;
+		case IW_PAGE_NOT_OBJECT:
+			set_result(res, keep, "bad_body", 0, "response is not a JSON object", NULL);
+			return;
+		case IW_PAGE_ENVELOPE:
+			msg = psprintf("%s: %s", page.error_code ? page.error_code : "",
+						   page.developer_message ? page.developer_message : "");
+			msg[pg_mbcharcliplen(msg, strlen(msg), 200)] = '\0';
+			set_result(res, keep, "envelope", page.http_code, msg, NULL);
+			res->n_records = 0;
+			return;
+		case IW_PAGE_NO_RECORDS:
+			set_result(res, keep, "bad_body", 0,
+					   psprintf("response has no \"%s\" array", l->spec.records_key), NULL);
+			res->n_records = 0;
+			return;
+		case IW_PAGE_RECORDS:
+			break;
+	}
+	if (page.n_faulty > 0)
+	{
+		IwRecord   *bad = NULL;
+
+		for (int i = 0; bad == NULL; i++)
+			if (page.records[i].fault != NULL)
+				bad = &page.records[i];
+		set_result(res, keep, "bad_record", 0,
+				   psprintf("%d record(s) of %s cannot be stored: %s", page.n_faulty, task->entity,
+							bad->detail), &page);
+		return;
+	}
+	if (body_owned)
+		pfree(body);
+
+	has_more = page.has_more >= 0 ? page.has_more == 1 : page.n_records >= l->spec.page_size;
+	if (page.n_records > 0 && page.has_digest && prev_digest != NULL &&
+		strcmp(page.digest, prev_digest) == 0)
+	{
+		set_result(res, keep, "pagination", 0,
+				   psprintf("page %d of %s repeats page %d", page_no, task->entity, page_no - 1), &page);
+		return;
+	}
+	if (page.page_number != NULL &&
+		(strlen(page.page_number) > 9 || atoi(page.page_number) != page_no))
+	{
+		set_result(res, keep, "pagination", 0,
+				   psprintf("asked for page %d of %s, got page %s", page_no, task->entity,
+							page.page_number), &page);
+		return;
+	}
+	if (page.n_records == 0 && has_more)
+	{
+		set_result(res, keep, "pagination", 0,
+				   psprintf("page %d of %s is empty but claims more", page_no, task->entity), &page);
+		return;
+	}
+
+	res->n_new = upsert_records(l, run_id, &page);
+	page_bookkeeping(l, run_id, task, page_no, &page, res->n_new, has_more, attempts, latency_ms);
+	set_result(res, keep, "landed", 200, NULL, &page);
+	res->has_more = has_more;
+}
+
+/* One page, one transaction (the worker's path). */
 void
-iw_land_page(int64 run_id, const IwTask *task, int page, const char *body,
+iw_land_page(int64 run_id, const IwTask *task, int page, char *body, size_t body_len,
 			 int attempts, const char *prev_digest, double latency_ms,
 			 IwLandResult *res, MemoryContext keep)
 {
-	Oid			types[8] = {INT8OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT4OID, TEXTOID, FLOAT8OID};
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	char		label[128];
-	char	   *v;
-
-	values[0] = Int64GetDatum(run_id);
-	values[1] = CStringGetTextDatum(task->entity);
-	values[2] = CStringGetTextDatum(task->window_key);
-	values[3] = Int32GetDatum(page);
-	values[4] = CStringGetTextDatum(body);
-	values[5] = Int32GetDatum(attempts);
-	values[6] = prev_digest ? CStringGetTextDatum(prev_digest) : (Datum) 0;
-	if (prev_digest == NULL)
-		nulls[6] = 'n';
-	values[7] = Float8GetDatum(latency_ms);
 
 	snprintf(label, sizeof(label), "ironwod %s %s page %d", task->entity, task->window_key, page);
 	iw_txn_begin(label);
-	run_sql("SELECT outcome, http_code, message, has_more, n_records, n_new, digest "
-			"FROM ironwod.land_page($1, $2, $3, $4, $5::jsonb, $6, $7, $8)",
-			8, types, values, nulls, SPI_OK_SELECT);
-	if (SPI_processed != 1)
-		elog(ERROR, "ironwod.land_page returned %llu rows", (unsigned long long) SPI_processed);
-	res->outcome = result_text(1, keep);
-	v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
-	res->http_code = v ? pg_strtoint32(v) : 0;
-	res->message = result_text(3, keep);
-	v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
-	res->has_more = (v != NULL && v[0] == 't');
-	res->n_records = pg_strtoint32(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5));
-	res->n_new = pg_strtoint32(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6));
-	res->digest = result_text(7, keep);
+	land_page_in_txn(run_id, task, page, body, body_len, true, attempts, prev_digest, latency_ms,
+					 res, keep);
 	iw_txn_commit();
+}
+
+/*
+ * ironwod.land_page(run, entity, window_key, page, body text, attempts
+ * [, prev_digest, latency_ms]): the worker's landing of one page, callable
+ * from SQL so tests can land fixture pages without a worker.  It runs in the
+ * caller's transaction.
+ */
+Datum
+ironwod_land_page(PG_FUNCTION_ARGS)
+{
+	IwTask		task;
+	IwLandResult res;
+	text	   *body;
+	TupleDesc	desc;
+	Datum		values[7];
+	bool		nulls[7] = {false, false, false, false, false, false, false};
+	MemoryContext caller = CurrentMemoryContext;
+
+	for (int i = 0; i < 6; i++)
+		if (PG_ARGISNULL(i))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("ironwod.land_page: only prev_digest and latency_ms may be NULL")));
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "ironwod.land_page must return a row");
+	task.entity = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	task.window_key = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	task.url = NULL;
+	task.page_size = 0;
+	body = PG_GETARG_TEXT_PP(4);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	land_page_in_txn(PG_GETARG_INT64(0), &task, PG_GETARG_INT32(3), VARDATA_ANY(body),
+					 VARSIZE_ANY_EXHDR(body), false, PG_GETARG_INT32(5),
+					 PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6)),
+					 PG_ARGISNULL(7) ? -1 : PG_GETARG_FLOAT8(7), &res, caller);
+	SPI_finish();
+
+	values[0] = CStringGetTextDatum(res.outcome);
+	values[1] = Int32GetDatum(res.http_code);
+	nulls[1] = (strcmp(res.outcome, "landed") != 0 && strcmp(res.outcome, "envelope") != 0);
+	values[2] = res.message ? CStringGetTextDatum(res.message) : (Datum) 0;
+	nulls[2] = res.message == NULL;
+	values[3] = BoolGetDatum(res.has_more);
+	nulls[3] = strcmp(res.outcome, "landed") != 0;
+	values[4] = Int32GetDatum(strcmp(res.outcome, "landed") == 0 ? res.n_records : 0);
+	values[5] = Int32GetDatum(res.n_new);
+	values[6] = res.digest ? CStringGetTextDatum(res.digest) : (Datum) 0;
+	nulls[6] = res.digest == NULL;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
+
+/*
+ * ironwod.split_page(entity, body): what landing makes of a page's records,
+ * one row per element of the records array, without landing anything: the
+ * record's id, payload, payload hash and source_updated_at, or why it cannot
+ * be stored and its raw bytes.  For tests and for measuring the parser.
+ */
+Datum
+ironwod_split_page(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	text	   *body = PG_GETARG_TEXT_PP(1);
+	IwLanding  *l;
+	IwPage		page;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	l = landing_for(text_to_cstring(PG_GETARG_TEXT_PP(0)), 0);
+	SPI_finish();
+	iw_parse_page(VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), &l->spec, &page);
+	if (page.outcome != IW_PAGE_RECORDS)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("the body is not a page of %s records", l->spec.entity)));
+	for (int i = 0; i < page.n_records; i++)
+	{
+		IwRecord   *r = &page.records[i];
+		Datum		values[7];
+		bool		nulls[7] = {false, false, false, false, false, false, false};
+
+		values[0] = Int32GetDatum(i + 1);
+		values[1] = Int64GetDatum(r->id);
+		nulls[1] = !r->has_id;
+		values[2] = PointerGetDatum(r->payload);
+		nulls[2] = r->payload == NULL;
+		if (r->payload != NULL)
+		{
+			bytea	   *h = palloc(VARHDRSZ + IW_PAYLOAD_HASH_LEN);
+
+			SET_VARSIZE(h, VARHDRSZ + IW_PAYLOAD_HASH_LEN);
+			memcpy(VARDATA(h), r->hash, IW_PAYLOAD_HASH_LEN);
+			values[3] = PointerGetDatum(h);
+		}
+		nulls[3] = r->payload == NULL;
+		values[4] = TimestampTzGetDatum(r->updated_at);
+		nulls[4] = r->payload == NULL || !r->has_updated_at;
+		values[5] = r->fault ? CStringGetTextDatum(r->fault) : (Datum) 0;
+		nulls[5] = r->fault == NULL;
+		if (r->fault != NULL)
+		{
+			bytea	   *raw = palloc(VARHDRSZ + r->raw_len);
+
+			SET_VARSIZE(raw, VARHDRSZ + r->raw_len);
+			memcpy(VARDATA(raw), r->raw, r->raw_len);
+			values[6] = PointerGetDatum(raw);
+		}
+		nulls[6] = r->fault == NULL;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/* ironwod.payload_hash(jsonb): the payload hash landing stores, from a stored payload. */
+Datum
+ironwod_payload_hash(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *jb = PG_GETARG_JSONB_P(0);
+	bytea	   *out = palloc(VARHDRSZ + IW_PAYLOAD_HASH_LEN);
+
+	SET_VARSIZE(out, VARHDRSZ + IW_PAYLOAD_HASH_LEN);
+	iw_payload_hash(jb, (uint8 *) VARDATA(out));
+	PG_RETURN_BYTEA_P(out);
 }
 
 /*

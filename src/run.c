@@ -48,6 +48,12 @@ init_worker(const IwRunArgs *args, const char *appname)
 	pgstat_report_appname(appname);
 	/* parallel workers would outlive our short transactions' assumptions */
 	SetConfigOption("max_parallel_workers_per_gather", "0", PGC_USERSET, PGC_S_SESSION);
+	/*
+	 * A page and its checkpoint commit together, so a crash can only lose
+	 * the last pages' commits, and those are simply fetched again: there is
+	 * no reason to wait for each commit's WAL flush.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION);
 	secret_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod secret",
 									   ALLOCSET_SMALL_SIZES);
 }
@@ -255,20 +261,21 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 			switch (resp.klass)
 			{
 				case IW_HTTP_OK:
-					if (!body_is_json(&resp))
-					{
-						retry = true;
-						problem = psprintf("response to %s is not valid JSON", task->entity);
-						break;
-					}
 					run_phase = "land";
-					iw_land_page(run_id, task, page, resp.body, attempt + 1,
+					/* lands the page, or says why not; it frees the body once parsed */
+					iw_land_page(run_id, task, page, resp.body, resp.body_len, attempt + 1,
 								 prev_digest[0] ? prev_digest : NULL, resp.elapsed_ms,
 								 &res, page_ctx);
+					resp.body = NULL;
 					MemoryContextSwitchTo(page_ctx);
 					if (strcmp(res.outcome, "landed") == 0)
 						break;
-					if (strcmp(res.outcome, "envelope") == 0)
+					if (strcmp(res.outcome, "not_json") == 0)
+					{
+						retry = true;
+						problem = psprintf("response to %s is not valid JSON", task->entity);
+					}
+					else if (strcmp(res.outcome, "envelope") == 0)
 					{
 						problem = psprintf("Wodify error envelope HTTPCode %d on %s: %s",
 										   res.http_code, task->entity,
@@ -284,6 +291,12 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 					{
 						fail_code = "pagination";
 						problem = psprintf("broken pagination: %s", res.message);
+					}
+					else if (strcmp(res.outcome, "bad_record") == 0)
+					{
+						/* the same page would come back the same: no retry */
+						fail_code = "bad_record";
+						problem = pstrdup(res.message);
 					}
 					else
 					{

@@ -2,8 +2,8 @@
  *
  * wire.c
  *	  Wodify's wire formats, read and written without SPI: vendor datetimes
- *	  (ironwod.parse_ts) and percent-encoded search values
- *	  (ironwod.urlencode).
+ *	  (ironwod.parse_ts), percent-encoded search values (ironwod.urlencode)
+ *	  and time zone names (ironwod.is_time_zone).
  *
  *	  Both run once per record or per planned unit, so they are plain C: the
  *	  SQL versions they replace cost a regular expression and a cast per
@@ -18,10 +18,12 @@
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "pgtime.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(ironwod_parse_ts);
 PG_FUNCTION_INFO_V1(ironwod_urlencode);
+PG_FUNCTION_INFO_V1(ironwod_is_time_zone);
 
 static inline bool
 digits(const char *s, int n)
@@ -175,4 +177,21 @@ ironwod_urlencode(PG_FUNCTION_ARGS)
 	}
 	out.data[out.len] = '\0';
 	PG_RETURN_TEXT_P(cstring_to_text_with_len(out.data, out.len));
+}
+
+/*
+ * Is this a time zone PostgreSQL knows by name (a location's time_zone_iana)?
+ * pg_tzset loads and caches the zone, where scanning pg_timezone_names would
+ * read the whole time zone database.  POSIX rule strings ("EST5" and the
+ * like) are not names, so only name-shaped strings are looked up.
+ */
+Datum
+ironwod_is_time_zone(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	bool		shaped = isalpha((unsigned char) name[0]);
+
+	for (char *c = name; *c && shaped; c++)
+		shaped = isalnum((unsigned char) *c) || *c == '/' || *c == '_' || *c == '-' || *c == '+';
+	PG_RETURN_BOOL(shaped && strlen(name) < TZ_STRLEN_MAX && pg_tzset(name) != NULL);
 }

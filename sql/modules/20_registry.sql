@@ -54,7 +54,10 @@ VALUES
      '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{transaction_date_time}', NULL, NULL);
 
 -- One raw table per entity, all of one shape: one row per distinct payload version
--- of a record (unique on its hash), so re-landing a page only bumps last_seen_run_id.
+-- of a record (keyed by its hash), so re-landing a page only bumps last_seen_run_id.
+-- These are the tables landing writes per record, so they have no foreign key to
+-- the connection (its per-row check costs a quarter of landing a backfill): only
+-- a run of the connection writes here.
 DO $raw$
 DECLARE
     t name;
@@ -74,11 +77,16 @@ BEGIN
                 last_seen_run_id   bigint NOT NULL,
                 last_seen_at       timestamptz NOT NULL DEFAULT now(),
                 PRIMARY KEY (tenant_id, gym_id, raw_id),
-                UNIQUE (tenant_id, gym_id, wodify_id, payload_hash),
-                FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+                UNIQUE (tenant_id, gym_id, wodify_id, payload_hash)
             )$ddl$, t);
         -- In the order of "latest version" (design.md §4), so DISTINCT ON needs no sort.
         EXECUTE format('CREATE INDEX ON ironwod.%I (tenant_id, gym_id, wodify_id, source_updated_at DESC NULLS LAST, raw_id DESC)', t);
+        -- lz4 where PostgreSQL has it: payloads over 2 kB (clients) are compressed
+        -- at several times pglz's speed.
+        IF EXISTS (SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression'
+                   AND 'lz4' = ANY (enumvals)) THEN
+            EXECUTE format('ALTER TABLE ironwod.%I ALTER COLUMN payload_json SET COMPRESSION lz4', t);
+        END IF;
         EXECUTE format('COMMENT ON TABLE ironwod.%I IS %L', t,
                        'Raw Wodify payloads, one row per distinct version of a record');
     END LOOP;

@@ -18,6 +18,10 @@ CREATE FUNCTION ironwod.urlencode(p text) RETURNS text
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_urlencode';
 COMMENT ON FUNCTION ironwod.urlencode(text) IS 'Percent-encode a URL query value (RFC 3986 unreserved characters pass)';
 
+CREATE FUNCTION ironwod.is_time_zone(p text) RETURNS boolean
+LANGUAGE c STABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_is_time_zone';
+COMMENT ON FUNCTION ironwod.is_time_zone(text) IS 'Is this a time zone name PostgreSQL knows?';
+
 -- The per-client change detectors as typed columns of the raw client versions,
 -- so planning compares them without de-TOASTing any payload.
 ALTER TABLE ironwod.wodify_raw_clients
@@ -417,7 +421,7 @@ BEGIN
           FROM (SELECT x.payload_json ->> 'time_zone_iana' AS tz FROM ironwod.latest_raw_versions('locations') x
                 WHERE x.last_seen_run_id = p_run_id ORDER BY x.wodify_id LIMIT 1) l
          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-           AND EXISTS (SELECT 1 FROM pg_timezone_names z WHERE z.name = l.tz);
+           AND ironwod.is_time_zone(l.tz);
     END IF;
 
     IF (SELECT mode FROM ironwod.sync_runs r
@@ -515,16 +519,63 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.mark_not_entitled(bigint, text) IS 'Worker: record that the gym''s plan does not include an entity';
 
--- The bookkeeping of one landed page, in the page's transaction: the run's
--- heartbeat and request counters (and a check that it is still running: a
--- disconnect stops it here), records seen again leave vanished_records, the
--- entity's counters, latency histogram and newest watermark.  On the unit's last
--- page the unit is done (and checkpointed, in a backfill); when that was the
--- entity's last unit, the entity is closed.  Constant time: nothing here looks
--- at more than one unit.
-CREATE FUNCTION ironwod.page_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer,
-                                    p_records integer, p_new integer, p_ids bigint[], p_attempts integer,
-                                    p_latency_ms double precision, p_has_more boolean, p_watermark timestamptz)
+-- A run's request and retry counts, summed from its entities (each landed page
+-- counts its attempts there; every attempt but the last was a retry), and its
+-- heartbeat and phase.
+CREATE FUNCTION ironwod.count_requests(p_run_id bigint, p_now timestamptz, p_phase text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_requests integer;
+    v_pages integer;
+BEGIN
+    SELECT coalesce(sum(s.requests), 0), coalesce(sum(s.pages), 0) INTO v_requests, v_pages
+    FROM ironwod.sync_run_entities s WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id;
+    UPDATE ironwod.sync_runs r
+       SET requests = v_requests, retries = v_requests - v_pages, heartbeat_at = p_now,
+           phase = coalesce(p_phase, r.phase)
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+END
+$$;
+COMMENT ON FUNCTION ironwod.count_requests(bigint, timestamptz, text) IS 'Worker: sum a run''s requests and retries from its entities; set its heartbeat and phase';
+
+-- The bookkeeping of every landed page, one statement the worker prepares once
+-- per run: the entity's counters (pages, attempts, records, new versions), API
+-- latency histogram and newest watermark, provided the run is still running (a
+-- disconnect stops it here: no row comes back).  Constant time.
+-- $1 tenant, $2 gym, $3 run, $4 entity, $5 attempts, $6 records, $7 new versions,
+-- $8 latency ms (0 when not measured), $9 the page's newest watermark, $10 the
+-- latency histogram of this page alone, $11 its bucket (ironwod.latency_buckets)
+-- and $12 1 (0 when not measured).
+CREATE FUNCTION ironwod.page_statement() RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $s$
+    SELECT $q$
+        INSERT INTO ironwod.sync_run_entities AS s
+            (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged,
+             latency_hist, latency_ms, max_watermark)
+        SELECT $1, $2, $3, $4, 1, $5, $6, $7, $6 - $7, $10, $8, $9
+        FROM ironwod.sync_runs r
+        WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.run_id = $3 AND r.status = 'running'
+        ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+           SET pages = s.pages + 1, requests = s.requests + excluded.requests,
+               pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
+               unchanged = s.unchanged + excluded.unchanged,
+               latency_hist[$11] = s.latency_hist[$11] + $12,
+               latency_ms = s.latency_ms + excluded.latency_ms,
+               max_watermark = greatest(s.max_watermark, excluded.max_watermark)
+        RETURNING 1$q$
+$s$;
+COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters, latency histogram, watermark; checks the run still runs)';
+
+-- A unit's last page landed: the unit is done (and checkpointed, in a backfill);
+-- when it was the entity's last unit, the entity is closed.  Constant time:
+-- nothing here looks at more than one unit.  Landing the last page of a unit
+-- already done (a page landed twice) changes nothing.
+CREATE FUNCTION ironwod.unit_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -533,178 +584,122 @@ DECLARE
     v_g uuid := ironwod.scope_gym();
     v_now timestamptz := clock_timestamp();
     v_mode text;
-    v_unit_done boolean := false;
     v_entity_done boolean;
-    v_bucket integer := coalesce(width_bucket(p_latency_ms, ironwod.latency_buckets()) + 1, 1);
-    v_seen integer := CASE WHEN p_latency_ms IS NULL THEN 0 ELSE 1 END;
-    v_hist integer[] := '{0,0,0,0,0,0,0,0}';
 BEGIN
-    UPDATE ironwod.sync_runs r
-       SET requests = r.requests + p_attempts, retries = r.retries + p_attempts - 1,
-           heartbeat_at = v_now, phase = 'land'
-     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id AND r.status = 'running'
-    RETURNING r.mode INTO v_mode;
+    UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
+     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+       AND u.window_key = p_window_key AND u.status = 'pending';
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % is no longer running', p_run_id
-            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'It was cancelled or disconnected.';
-    END IF;
-
-    -- A record seen again is no longer vanished.
-    DELETE FROM ironwod.vanished_records v
-     WHERE v.tenant_id = v_t AND v.gym_id = v_g AND v.entity = p_entity AND v.wodify_id = ANY (p_ids);
-
-    IF NOT p_has_more THEN
-        UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
-         WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
-           AND u.window_key = p_window_key AND u.status = 'pending';
-        v_unit_done := FOUND;
-        IF NOT v_unit_done AND NOT EXISTS (SELECT 1 FROM ironwod.run_units u
-                                           WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id
-                                             AND u.entity = p_entity AND u.window_key = p_window_key) THEN
+        IF NOT EXISTS (SELECT 1 FROM ironwod.run_units u
+                       WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id
+                         AND u.entity = p_entity AND u.window_key = p_window_key) THEN
             RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
                 USING ERRCODE = 'internal_error';
         END IF;
-        IF v_unit_done AND v_mode = 'backfill' THEN
-            INSERT INTO ironwod.backfill_checkpoints
-                (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
-            VALUES (v_t, v_g, p_entity, p_window_key,
-                    CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
-                    CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
-                    p_page, 0, p_run_id)
-            ON CONFLICT DO NOTHING;
-        END IF;
+        RETURN;
     END IF;
-
-    v_hist[v_bucket] := v_seen;
-    INSERT INTO ironwod.sync_run_entities AS s
-        (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged, units_done,
-         latency_hist, latency_ms, max_watermark)
-    VALUES (v_t, v_g, p_run_id, p_entity, 1, p_attempts, p_records, p_new, p_records - p_new,
-            v_unit_done::int, v_hist, coalesce(p_latency_ms, 0), p_watermark)
-    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
-       SET pages = s.pages + 1, requests = s.requests + excluded.requests,
-           pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
-           unchanged = s.unchanged + excluded.unchanged, units_done = s.units_done + excluded.units_done,
-           latency_hist[v_bucket] = s.latency_hist[v_bucket] + v_seen,
-           latency_ms = s.latency_ms + excluded.latency_ms,
-           max_watermark = greatest(s.max_watermark, excluded.max_watermark)
+    SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+    IF v_mode = 'backfill' THEN
+        INSERT INTO ironwod.backfill_checkpoints
+            (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
+        VALUES (v_t, v_g, p_entity, p_window_key,
+                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
+                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
+                p_page, 0, p_run_id)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
+     WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity
     RETURNING s.units_done + s.units_skipped >= s.units_total INTO v_entity_done;
-
-    IF v_unit_done AND v_entity_done THEN
+    IF v_entity_done THEN
         PERFORM ironwod.close_entity(p_run_id, p_entity);
     END IF;
 END
 $$;
-COMMENT ON FUNCTION ironwod.page_landed(bigint, text, text, integer, integer, integer, bigint[], integer, double precision, boolean, timestamptz) IS 'Worker: the bookkeeping of one landed page (counters, heartbeat, unit done, entity closed on its last unit)';
+COMMENT ON FUNCTION ironwod.unit_landed(bigint, text, text, integer) IS 'Worker: a unit''s last page landed: mark the unit done, checkpoint it in a backfill, close the entity after its last unit';
 
--- Land one response page in one transaction.  Classifies the body first (Wodify
--- reports errors as HTTP 200 with an HTTPCode envelope) and checks the pagination
--- invariants (a page that repeats the previous one, a page number other than the
--- one asked for, an empty page that claims more), then upserts every record as a
--- payload version and bumps the run's counters.  On the last page of a unit it
--- writes the unit's checkpoint, and on the last unit of an entity it closes the
--- entity (watermark), all atomically: a crash between pages loses nothing and
--- re-lands nothing twice.
+-- Records seen again are no longer vanished (the worker runs this only for
+-- entities that have vanished records).
+CREATE FUNCTION ironwod.unvanish(p_entity text, p_ids bigint[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    DELETE FROM ironwod.vanished_records v
+     WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym()
+       AND v.entity = p_entity AND v.wodify_id = ANY (p_ids);
+END
+$$;
+COMMENT ON FUNCTION ironwod.unvanish(text, bigint[]) IS 'Worker: records seen again leave vanished_records';
+
+-- The statements that land a page's records in an entity's raw table, one array
+-- per column; the worker prepares both once per run.  $1 tenant, $2 gym
+-- (parameters, so a distributed table routes to one shard), $3 run, $4 the
+-- landing transaction's time, $5..$8 ids, payloads, payload hashes,
+-- source_updated_at.  Both return the number of new versions.
+--   p_upsert false: a plain INSERT, for pages of versions never seen before
+--                   (a backfill); a version already stored fails it with a
+--                   unique violation, and the page is landed again with
+--   p_upsert true:  INSERT ... ON CONFLICT, where a version seen again only
+--                   bumps last_seen_run_id (twice the cost of the plain one).
+CREATE FUNCTION ironwod.landing_statement(p_entity text, p_upsert boolean) RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RETURN format($s$
+        WITH ins AS (
+            INSERT INTO ironwod.%I AS t
+                (tenant_id, gym_id, wodify_id, payload_json, payload_hash, source_updated_at,
+                 ingest_run_id, last_seen_run_id, ingested_at, last_seen_at)
+            SELECT $1, $2, r.wodify_id, r.payload_json, r.payload_hash, r.source_updated_at, $3, $3, $4, $4
+            FROM unnest($5::bigint[], $6::jsonb[], $7::bytea[], $8::timestamptz[])
+                 AS r(wodify_id, payload_json, payload_hash, source_updated_at)
+            %s
+            RETURNING (xmax = 0) AS inserted)
+        SELECT (count(*) FILTER (WHERE inserted))::integer FROM ins$s$,
+        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
+        CASE WHEN p_upsert THEN
+            'ON CONFLICT (tenant_id, gym_id, wodify_id, payload_hash)
+             DO UPDATE SET last_seen_run_id = excluded.last_seen_run_id, last_seen_at = excluded.last_seen_at'
+        ELSE '' END);
+END
+$$;
+COMMENT ON FUNCTION ironwod.landing_statement(text, boolean) IS 'Worker: the prepared statements that land a page''s records in an entity''s raw table (plain insert, or upsert)';
+
+-- Land one response page (src/land.c, src/page.c), in the caller's transaction.
+-- The body is parsed once into per-record jsonb values; error envelopes (HTTP 200
+-- with an HTTPCode), bodies without the records array and broken pagination (a
+-- page that repeats the previous one, a page number other than the one asked
+-- for, an empty page that claims more) land nothing.  Otherwise every record is
+-- upserted as a payload version (payload hash: ironwod.payload_hash), and the
+-- page's bookkeeping (ironwod.page_statement, and ironwod.unit_landed on a
+-- unit's last page) commits with it, all atomically: a crash between
+-- pages loses nothing and re-lands nothing twice.  The worker calls the same C
+-- code directly; this entry point lets tests land fixture pages.
 CREATE FUNCTION ironwod.land_page(p_run_id bigint, p_entity text, p_window_key text,
-                                  p_page integer, p_body jsonb, p_attempts integer,
+                                  p_page integer, p_body text, p_attempts integer,
                                   p_prev_digest text DEFAULT NULL, p_latency_ms double precision DEFAULT NULL)
 RETURNS TABLE (outcome text, http_code integer, message text, has_more boolean,
                n_records integer, n_new integer, digest text)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    e ironwod.entities;
-    v_records jsonb;
-    v_has_more boolean;
-    v_n integer;
-    v_new integer;
-    v_missing integer;
-    v_digest text;
-    v_watermark timestamptz;
-    v_ids bigint[];
-BEGIN
-    PERFORM 1 FROM ironwod.sync_runs r
-     WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % is no longer running', p_run_id
-            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'It was cancelled or disconnected.';
-    END IF;
-    SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ironwod_land_page';
+COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, text, integer, text, double precision) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
 
-    IF jsonb_typeof(p_body) <> 'object' THEN
-        RETURN QUERY SELECT 'bad_body'::text, NULL::integer, 'response is not a JSON object'::text, NULL::boolean, 0, 0, NULL::text;
-        RETURN;
-    END IF;
-    IF p_body ? 'HTTPCode' THEN
-        RETURN QUERY SELECT 'envelope'::text,
-            CASE WHEN p_body->>'HTTPCode' ~ '^\d{3}$' THEN (p_body->>'HTTPCode')::integer ELSE 500 END,
-            left(coalesce(p_body->>'ErrorCode', '') || ': ' || coalesce(p_body->>'DeveloperMessage', ''), 200),
-            NULL::boolean, 0, 0, NULL::text;
-        RETURN;
-    END IF;
-    v_records := p_body -> e.records_key;
-    IF jsonb_typeof(v_records) IS DISTINCT FROM 'array' THEN
-        RETURN QUERY SELECT 'bad_body'::text, NULL::integer,
-            format('response has no "%s" array', e.records_key), NULL::boolean, 0, 0, NULL::text;
-        RETURN;
-    END IF;
-    -- Ids are integers, sent as numbers (or, by a few endpoints, as digit strings).
-    SELECT count(*) FILTER (WHERE NOT coalesce((r ->> e.id_field) ~ '^\d{1,18}$', false)),
-           md5(string_agg(r ->> e.id_field, ',' ORDER BY ord))
-      INTO v_missing, v_digest FROM jsonb_array_elements(v_records) WITH ORDINALITY AS a(r, ord);
-    IF v_missing > 0 THEN
-        RETURN QUERY SELECT 'bad_body'::text, NULL::integer,
-            format('%s record(s) without a numeric "%s"', v_missing, e.id_field), NULL::boolean, 0, 0, NULL::text;
-        RETURN;
-    END IF;
+-- What landing makes of a page's records, without landing anything: one row per
+-- element of the records array, with its id, payload, payload hash and
+-- source_updated_at, or the reason it cannot be stored and its raw bytes.
+CREATE FUNCTION ironwod.split_page(p_entity text, p_body text,
+                                   OUT ordinal integer, OUT wodify_id bigint, OUT payload jsonb,
+                                   OUT payload_hash bytea, OUT source_updated_at timestamptz,
+                                   OUT fault text, OUT raw bytea)
+RETURNS SETOF record
+LANGUAGE c STRICT STABLE AS 'MODULE_PATHNAME', 'ironwod_split_page';
+COMMENT ON FUNCTION ironwod.split_page(text, text) IS 'The records of a response page as landing sees them (id, payload, hash, or why it cannot be stored), without landing them';
 
-    v_n := jsonb_array_length(v_records);
-    v_has_more := coalesce((p_body #>> '{pagination,has_more}')::boolean, v_n >= e.page_size);
-    IF v_n > 0 AND v_digest = p_prev_digest THEN
-        RETURN QUERY SELECT 'pagination'::text, NULL::integer,
-            format('page %s of %s repeats page %s', p_page, p_entity, p_page - 1), NULL::boolean, 0, 0, v_digest;
-        RETURN;
-    END IF;
-    IF (p_body #>> '{pagination,page}') ~ '^\d+$' AND (p_body #>> '{pagination,page}')::int <> p_page THEN
-        RETURN QUERY SELECT 'pagination'::text, NULL::integer,
-            format('asked for page %s of %s, got page %s', p_page, p_entity, p_body #>> '{pagination,page}'),
-            NULL::boolean, 0, 0, v_digest;
-        RETURN;
-    END IF;
-    IF v_n = 0 AND v_has_more THEN
-        RETURN QUERY SELECT 'pagination'::text, NULL::integer,
-            format('page %s of %s is empty but claims more', p_page, p_entity), NULL::boolean, 0, 0, v_digest;
-        RETURN;
-    END IF;
-
-    EXECUTE format($ins$
-        WITH recs AS (
-            SELECT DISTINCT ON (wid, h) wid, h, rec
-            FROM jsonb_array_elements($1) AS a(rec),
-                 LATERAL (SELECT (rec ->> %L)::bigint AS wid,
-                                 sha256(convert_to(rec::text, 'UTF8')) AS h) x
-        ), ins AS (
-            INSERT INTO ironwod.%I AS t
-                (tenant_id, gym_id, wodify_id, payload_json, payload_hash, source_updated_at,
-                 ingest_run_id, last_seen_run_id)
-            SELECT ironwod.scope_tenant(), ironwod.scope_gym(), wid, rec, h,
-                   coalesce(ironwod.parse_ts(rec #>> $2), ironwod.parse_ts(rec #>> $3)), $4, $4
-            FROM recs
-            ON CONFLICT (tenant_id, gym_id, wodify_id, payload_hash)
-            DO UPDATE SET last_seen_run_id = excluded.last_seen_run_id, last_seen_at = now()
-            RETURNING (xmax = 0) AS inserted)
-        SELECT count(*) FILTER (WHERE inserted) FROM ins$ins$, e.id_field, e.raw_table)
-    INTO v_new USING v_records, e.updated_at_path, e.created_at_path, p_run_id;
-
-    SELECT max(ironwod.parse_ts(r #>> e.watermark_path)), array_agg((r ->> e.id_field)::bigint)
-      INTO v_watermark, v_ids FROM jsonb_array_elements(v_records) r;
-    PERFORM ironwod.page_landed(p_run_id, p_entity, p_window_key, p_page, v_n, v_new, coalesce(v_ids, '{}'),
-                                p_attempts, p_latency_ms, v_has_more, v_watermark);
-
-    RETURN QUERY SELECT 'landed'::text, 200, NULL::text, v_has_more, v_n, v_new, v_digest;
-END
-$$;
-COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
+-- SHA-256 of a payload's jsonb binary: the hash landing stores, recomputed
+-- from a stored payload (the binary form is canonical, so it is stable).
+CREATE FUNCTION ironwod.payload_hash(p_payload jsonb) RETURNS bytea
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_payload_hash';
+COMMENT ON FUNCTION ironwod.payload_hash(jsonb) IS 'Payload hash of a raw version: SHA-256 of its jsonb binary';
 
 -- A clean run: close entities that had nothing to fetch, clear the backfill
 -- campaign's checkpoints after a backfill (the next one pulls everything
@@ -736,6 +731,7 @@ BEGIN
              WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym();
         END IF;
     END IF;
+    PERFORM ironwod.count_requests(p_run_id, clock_timestamp(), NULL);
     UPDATE ironwod.sync_runs r
        SET status = 'succeeded', finished_at = clock_timestamp(), phase = NULL,
            cursor_end = (SELECT jsonb_object_agg(c.entity, c.watermark) FROM ironwod.entity_cursors c
@@ -801,6 +797,7 @@ DECLARE
     v_mode text;
     v_threshold int := current_setting('ironwod.breaker_threshold')::int;
 BEGIN
+    PERFORM ironwod.count_requests(p_run_id, clock_timestamp(), NULL);
     UPDATE ironwod.sync_runs r
        SET status = CASE WHEN p_code = 'quota' THEN 'deferred' ELSE 'failed' END,
            finished_at = clock_timestamp(), error_code = p_code,

@@ -67,10 +67,12 @@ GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironw
     ironwod.iso_utc(timestamptz), ironwod.emit_event(bigint, text, text, jsonb),
     ironwod.claim_run(bigint, integer), ironwod.next_task(bigint),
     ironwod.plan_units(bigint, text), ironwod.plan_entity(bigint, text), ironwod.entity_skipped(bigint, text),
-    ironwod.page_landed(bigint, text, text, integer, integer, integer, bigint[], integer, double precision, boolean, timestamptz),
+    ironwod.page_statement(), ironwod.unit_landed(bigint, text, text, integer), ironwod.unvanish(text, bigint[]),
     ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
     ironwod.mark_not_entitled(bigint, text),
-    ironwod.land_page(bigint, text, text, integer, jsonb, integer, text, double precision),
+    ironwod.land_page(bigint, text, text, integer, text, integer, text, double precision),
+    ironwod.landing_statement(text, boolean), ironwod.payload_hash(jsonb), ironwod.split_page(text, text),
+    ironwod.is_time_zone(text), ironwod.count_requests(bigint, timestamptz, text),
     ironwod.latency_buckets(), ironwod.finish_run(bigint),
     ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text)
     TO ironwod_worker;

@@ -47,7 +47,7 @@ FROM unnest(ARRAY['integrations_wodify_connection', 'sync_runs', 'wodify_raw_cli
 SELECT function_privs_are('public', 'ironwod_connect', ARRAY['uuid', 'uuid', 'text'], 'public', ARRAY[]::text[]);
 SELECT function_privs_are('public', 'ironwod_connect', ARRAY['uuid', 'uuid', 'text'], 'ironwod_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('ironwod', 'seal_key', ARRAY['uuid', 'uuid', 'text'], 'ironwod_app', ARRAY[]::text[]);
-SELECT function_privs_are('ironwod', 'land_page', ARRAY['bigint', 'text', 'text', 'integer', 'jsonb', 'integer', 'text', 'double precision'],
+SELECT function_privs_are('ironwod', 'land_page', ARRAY['bigint', 'text', 'text', 'integer', 'text', 'integer', 'text', 'double precision'],
                           'ironwod_app', ARRAY[]::text[]);
 
 -- Helpers.

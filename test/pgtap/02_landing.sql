@@ -1,7 +1,7 @@
 -- pgTAP: landing and work planning, against fixture pages, without any worker.
 -- Runs as the worker role under a fixture scope, so RLS applies as in a real run.
 BEGIN;
-SELECT plan(51);
+SELECT plan(55);
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
 VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001', 'connected', '\x00');
@@ -15,7 +15,7 @@ CREATE FUNCTION pg_temp.land(p_entity text, p_key text, p_page int, p_body text)
 RETURNS TABLE (outcome text, http_code int, has_more boolean, n_records int, n_new int)
 LANGUAGE sql AS $$
     SELECT outcome, http_code, has_more, n_records, n_new
-    FROM ironwod.land_page(current_setting('test.run')::bigint, p_entity, p_key, p_page, p_body::jsonb, 1)
+    FROM ironwod.land_page(current_setting('test.run')::bigint, p_entity, p_key, p_page, p_body, 1)
 $$;
 
 -- The first unit of a fresh backfill is the locations list.
@@ -33,7 +33,7 @@ SELECT results_eq($$SELECT outcome, http_code FROM pg_temp.land('clients', 'full
 SELECT results_eq($$SELECT outcome FROM pg_temp.land('clients', 'full', 1, '{"data": []}')$$,
                   $$VALUES ('bad_body')$$, 'missing records key');
 SELECT results_eq($$SELECT outcome FROM pg_temp.land('clients', 'full', 1, '{"clients": [{"name": "x"}]}')$$,
-                  $$VALUES ('bad_body')$$, 'record without id');
+                  $$VALUES ('bad_record')$$, 'record without id');
 SELECT results_eq($$SELECT outcome FROM pg_temp.land('clients', 'full', 1, '[1, 2]')$$,
                   $$VALUES ('bad_body')$$, 'top-level array');
 SELECT is((SELECT count(*) FROM ironwod.wodify_raw_clients), 0::bigint, 'failed pages land nothing');
@@ -76,6 +76,23 @@ SELECT lives_ok($$SELECT ironwod.land_page(current_setting('test.run')::bigint, 
 SELECT results_eq($$SELECT latency_hist, latency_ms FROM ironwod.sync_run_entities WHERE entity = 'clients'$$,
                   $$VALUES ('{0,0,1,0,0,0,0,0}'::int[], 120::double precision)$$,
                   'a 120 ms request lands in the 100-250 ms bucket');
+-- The payload hash is that of the record's jsonb: stable across runs and key order.
+SELECT ok((SELECT bool_and(ironwod.payload_hash(payload_json) = payload_hash) FROM ironwod.wodify_raw_clients),
+          'a stored hash is the hash of the stored payload');
+SELECT is((SELECT payload_hash FROM ironwod.split_page('clients', '{"clients": [{"id": 1, "a": 2, "b": [1, 2.50]}]}')),
+          (SELECT payload_hash FROM ironwod.split_page('clients', '{"clients":[{"b":[1,2.50],"a":2,"id":1}]}')),
+          'key order and spacing do not change the hash');
+SELECT isnt((SELECT payload_hash FROM ironwod.split_page('clients', '{"clients": [{"id": 1, "a": 2}]}')),
+            (SELECT payload_hash FROM ironwod.split_page('clients', '{"clients": [{"id": 1, "a": 3}]}')),
+            'a changed value changes it');
+-- Each record is exactly what PostgreSQL's own parser makes of it.
+SELECT ok((SELECT bool_and(s.payload = j.r AND s.wodify_id = (j.r ->> 'id')::bigint)
+           FROM ironwod.split_page('memberships', b) s
+           JOIN jsonb_array_elements(b::jsonb -> 'memberships') WITH ORDINALITY AS j(r, ord) ON j.ord = s.ordinal),
+          'split_page gives the records jsonb_in gives')
+FROM (SELECT '{"memberships": [{"id": 7, "client": "Zoë \u00e9\"x\"", "price": 12.50, "n": -1e3, "t": true,
+                                 "z": null, "nested": {"k": [1, {"a": "b"}], "e": {}}, "id2": "0012"},
+                                {"id": "8", "dup": 1, "dup": 2}], "pagination": {"page": 1}}'::text AS b) x;
 -- has_more is inferred from a full page when pagination is missing.
 SELECT results_eq($$SELECT has_more FROM pg_temp.land('programs', 'full', 1,
     (SELECT '{"programs": [' || string_agg(format('{"id": %s}', i), ',') || ']}' FROM generate_series(1, 100) i))$$,
@@ -106,7 +123,7 @@ SELECT set_config('ironwod.gym_id', '99999999-0000-0000-0000-000000000002', true
 SET LOCAL ROLE ironwod_worker;
 CREATE FUNCTION pg_temp.land2(p_entity text, p_key text, p_body text) RETURNS text
 LANGUAGE sql AS $$
-    SELECT outcome FROM ironwod.land_page(current_setting('test.run2')::bigint, p_entity, p_key, 1, p_body::jsonb, 1)
+    SELECT outcome FROM ironwod.land_page(current_setting('test.run2')::bigint, p_entity, p_key, 1, p_body, 1)
 $$;
 INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, entity, window_key, pages, records, completed_by)
 SELECT ironwod.scope_tenant(), ironwod.scope_gym(), e, 'full', 1, 0, 1

@@ -20,7 +20,7 @@ BEGIN
     PERFORM ironwod.plan_entity(v_run, 'clients');
     PERFORM ironwod.land_page(v_run, 'clients', 'full', 1,
         jsonb_build_object('clients', (SELECT jsonb_agg(jsonb_build_object('id', i, 'first_name', 'n' || i)) FROM unnest(p_ids) i),
-                           'pagination', jsonb_build_object('page', 1, 'has_more', false)), 1);
+                           'pagination', jsonb_build_object('page', 1, 'has_more', false))::text, 1);
     PERFORM ironwod.transform_run(v_run);
     RETURN v_run;
 END
