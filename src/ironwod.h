@@ -251,6 +251,7 @@ typedef struct IwLandResult
 extern void iw_txn_begin(const char *activity);
 extern void iw_txn_commit(void);
 extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
+extern void iw_set_local_scope(const char *tenant, const char *gym);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
 extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
 extern void iw_land_page(int64 run_id, const IwTask *task, int page,

@@ -39,23 +39,70 @@ PG_FUNCTION_INFO_V1(ironwod_land_page);
 PG_FUNCTION_INFO_V1(ironwod_payload_hash);
 PG_FUNCTION_INFO_V1(ironwod_split_page);
 
+/*
+ * The scope of this worker's session (run workers only; the supervisor has
+ * none).  Kept as text: iw_txn_begin writes it into every transaction.
+ */
+static char scope_tenant[UUID_LEN * 2 + 5] = "";
+static char scope_gym[UUID_LEN * 2 + 5] = "";
+
+/*
+ * SET LOCAL both scope GUCs in the current transaction.  As a SQL statement,
+ * not set_config()/SetConfigOption(): on Citus that is the only form the
+ * coordinator forwards to the nodes (with citus.propagate_set_commands =
+ * 'local', inside a transaction block), where the shards' RLS policies read it.
+ * The values are uuids or empty, never caller text.
+ */
+void
+iw_set_local_scope(const char *tenant, const char *gym)
+{
+	/* Defined only where Citus is loaded; without it SET LOCAL stays local. */
+	if (GetConfigOption("citus.propagate_set_commands", true, false) != NULL)
+		SetConfigOption("citus.propagate_set_commands", "local", PGC_USERSET, PGC_S_SESSION);
+	/* One statement per call: Citus forwards the statement's whole text. */
+	if (SPI_execute(psprintf("SET LOCAL ironwod.tenant_id = %s", quote_literal_cstr(tenant)),
+					false, 0) != SPI_OK_UTILITY ||
+		SPI_execute(psprintf("SET LOCAL ironwod.gym_id = %s", quote_literal_cstr(gym)),
+					false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "could not set the ironwod scope");
+}
+
+/*
+ * Every transaction of a worker is a transaction block, as a client's BEGIN
+ * opens: Citus forwards SET LOCAL to the nodes, and opens remote transactions
+ * for reads, only inside one (IsTransactionBlock()).  A block left aborted by
+ * an error that was caught without AbortOutOfAnyTransaction() is cleaned up
+ * here rather than wedging every later transaction.
+ */
 void
 iw_txn_begin(const char *activity)
 {
+	if (IsAbortedTransactionBlockState())
+		AbortOutOfAnyTransaction();
 	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	BeginTransactionBlock();
+	CommitTransactionCommand();
 	StartTransactionCommand();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, activity);
+	if (scope_tenant[0] != '\0')
+		iw_set_local_scope(scope_tenant, scope_gym);
 }
 
 void
 iw_txn_commit(void)
 {
+	bool		committed;
+
 	SPI_finish();
 	PopActiveSnapshot();
+	committed = EndTransactionBlock(false);
 	CommitTransactionCommand();
+	if (!committed)
+		elog(ERROR, "ironwod: transaction block was rolled back instead of committed");
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
@@ -63,16 +110,20 @@ iw_txn_commit(void)
 /*
  * The worker's scope for the whole session: every policy and every landing
  * function reads it, so RLS confines the worker to the run's (tenant, gym).
+ * Set for the session on this server, and again in every transaction for the
+ * Citus nodes (iw_txn_begin).
  */
 void
 iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id)
 {
-	SetConfigOption("ironwod.tenant_id",
-					DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum((pg_uuid_t *) tenant_id))),
-					PGC_USERSET, PGC_S_SESSION);
-	SetConfigOption("ironwod.gym_id",
-					DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum((pg_uuid_t *) gym_id))),
-					PGC_USERSET, PGC_S_SESSION);
+	strlcpy(scope_tenant,
+			DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum((pg_uuid_t *) tenant_id))),
+			sizeof(scope_tenant));
+	strlcpy(scope_gym,
+			DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum((pg_uuid_t *) gym_id))),
+			sizeof(scope_gym));
+	SetConfigOption("ironwod.tenant_id", scope_tenant, PGC_USERSET, PGC_S_SESSION);
+	SetConfigOption("ironwod.gym_id", scope_gym, PGC_USERSET, PGC_S_SESSION);
 }
 
 /* Text of column col of the first result row, copied into keep; NULL if null. */

@@ -463,7 +463,7 @@ record_failure(int64 run_id, MemoryContext ctx)
 	MemoryContextSwitchTo(ctx);
 	edata = CopyErrorData();
 	FlushErrorState();
-	AbortCurrentTransaction();
+	AbortOutOfAnyTransaction();
 
 	ereport(LOG,
 			(errmsg("ironwod run " INT64_FORMAT " failed in phase %s: %s", run_id, run_phase,
@@ -477,7 +477,7 @@ record_failure(int64 run_id, MemoryContext ctx)
 	{
 		EmitErrorReport();
 		FlushErrorState();
-		AbortCurrentTransaction();
+		AbortOutOfAnyTransaction();
 	}
 	PG_END_TRY();
 	RESUME_INTERRUPTS();
@@ -576,7 +576,7 @@ ironwod_validate_main(Datum main_arg)
 		MemoryContextSwitchTo(ctx);
 		edata = CopyErrorData();
 		FlushErrorState();
-		AbortCurrentTransaction();
+		AbortOutOfAnyTransaction();
 		MemoryContextReset(secret_ctx);
 		if (edata->sqlerrcode == ERRCODE_DATA_CORRUPTED ||
 			edata->sqlerrcode == ERRCODE_INVALID_PARAMETER_VALUE)

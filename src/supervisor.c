@@ -111,28 +111,25 @@ is_launched(int64 run_id)
 
 /*
  * Fail a run in the name of its tenant.  The landing functions read the scope,
- * so the supervisor borrows it for this one statement's transaction.
+ * so the supervisor borrows it for this one statement (SET LOCAL, so that on
+ * Citus it reaches the nodes too) and gives it back.
  */
 static void
 fail_lost_run(const char *tenant, const char *gym, int64 run_id, const char *code,
 			  const char *why)
 {
-	Oid			types[6] = {TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID};
-	Datum		values[6];
+	Oid			types[4] = {INT8OID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[4];
 
-	values[0] = CStringGetTextDatum(tenant);
-	values[1] = CStringGetTextDatum(gym);
-	values[2] = Int64GetDatum(run_id);
-	values[3] = CStringGetTextDatum(code);
-	values[4] = CStringGetTextDatum(why);
-	values[5] = CStringGetTextDatum("supervise");
-	if (SPI_execute_with_args("SELECT set_config('ironwod.tenant_id', $1, true), "
-							  "set_config('ironwod.gym_id', $2, true), "
-							  "ironwod.fail_run($3, $4, $5, $6)",
-							  6, types, values, NULL, false, 0) != SPI_OK_SELECT)
+	values[0] = Int64GetDatum(run_id);
+	values[1] = CStringGetTextDatum(code);
+	values[2] = CStringGetTextDatum(why);
+	values[3] = CStringGetTextDatum("supervise");
+	iw_set_local_scope(tenant, gym);
+	if (SPI_execute_with_args("SELECT ironwod.fail_run($1, $2, $3, $4)",
+							  4, types, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not record the failure of run " INT64_FORMAT, run_id);
-	SPI_execute("SELECT set_config('ironwod.tenant_id', '', true), "
-				"set_config('ironwod.gym_id', '', true)", false, 0);
+	iw_set_local_scope("", "");
 	ereport(LOG, (errmsg("ironwod run " INT64_FORMAT " failed: %s", run_id, why)));
 }
 
@@ -260,8 +257,8 @@ launch(void)
 		BackgroundWorkerHandle *handle;
 		IwRunArgs	args;
 		int			i;
-		Oid			argtypes[1] = {INT8OID};
-		Datum		argvalues[1];
+		Oid			argtypes[3] = {INT8OID, UUIDOID, UUIDOID};
+		Datum		argvalues[3];
 
 		if (is_launched(run_id) || iw_run_slot_alive(run_id))
 			continue;
@@ -306,24 +303,65 @@ launch(void)
 			}
 		}
 		argvalues[0] = Int64GetDatum(run_id);
+		argvalues[1] = UUIDPGetDatum(&args.tenant_id);
+		argvalues[2] = UUIDPGetDatum(&args.gym_id);
 		SPI_execute_with_args("UPDATE ironwod.sync_runs SET launch_attempts = launch_attempts + 1 "
-							  "WHERE run_id = $1", 1, argtypes, argvalues, NULL, false, 0);
+							  "WHERE tenant_id = $2 AND gym_id = $3 AND run_id = $1",
+							  3, argtypes, argvalues, NULL, false, 0);
 		free_slots--;
 	}
 }
 
-/* Keep run history bounded (pg_cron #416): a small batch per tick. */
+/*
+ * Keep run history bounded (pg_cron #416): a small batch per tick, chosen by key
+ * rather than by ctid (Citus cannot plan a distributed DELETE on ctid), with the
+ * cutoff computed here so the statement carries no volatile function.
+ */
 static void
 prune(void)
 {
-	Oid			argtypes[1] = {INT4OID};
-	Datum		argvalues[1] = {Int32GetDatum(ironwod_run_retention_days)};
+	Oid			argtypes[1] = {TIMESTAMPTZOID};
+	Datum		argvalues[1];
 
-	SPI_execute_with_args("DELETE FROM ironwod.sync_runs WHERE ctid IN ("
-						  " SELECT ctid FROM ironwod.sync_runs"
-						  " WHERE finished_at < now() - make_interval(days => $1)"
-						  " AND status NOT IN ('queued', 'running') LIMIT 1000)",
+	argvalues[0] = TimestampTzGetDatum(GetCurrentTimestamp() -
+									   (TimestampTz) ironwod_run_retention_days * USECS_PER_DAY);
+	SPI_execute_with_args("DELETE FROM ironwod.sync_runs r USING ("
+						  " SELECT tenant_id, gym_id, run_id FROM ironwod.sync_runs"
+						  " WHERE finished_at < $1 AND status NOT IN ('queued', 'running')"
+						  " ORDER BY finished_at LIMIT 1000) old"
+						  " WHERE r.tenant_id = old.tenant_id AND r.gym_id = old.gym_id"
+						  " AND r.run_id = old.run_id",
 						  1, argtypes, argvalues, NULL, false, 0);
+}
+
+/*
+ * On a Citus worker node the library is loaded (preloaded, like everywhere) but
+ * ironwod's tables are shards and shells of the coordinator's: the queue is
+ * served by the coordinator's supervisor alone.  A node is a worker when Citus
+ * is installed and its local group is not the coordinator's (0).  Checked every
+ * tick, level-triggered: a node becomes a worker when citus_add_node() reaches
+ * it, long after this process started, and stops being one when removed.
+ */
+static bool
+citus_worker_node(void)
+{
+	static bool logged = false;
+	bool		worker = false;
+
+	if (OidIsValid(get_extension_oid("citus", true)) &&
+		SPI_execute("SELECT groupid <> 0 FROM pg_catalog.pg_dist_local_group", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		worker = (v != NULL && v[0] == 't');
+	}
+	if (worker != logged)
+		ereport(LOG,
+				(errmsg(worker ? "ironwod supervisor idles: this node is a Citus worker; the coordinator serves the queue"
+						: "ironwod supervisor serves the queue: this node is no Citus worker")));
+	logged = worker;
+	return worker;
 }
 
 /*
@@ -345,7 +383,7 @@ static void
 supervise_tick(void)
 {
 	iw_txn_begin("ironwod supervisor tick");
-	if (extension_ready())
+	if (!citus_worker_node() && extension_ready())
 	{
 		reap();
 		launch();
@@ -391,7 +429,7 @@ ironwod_supervisor_main(Datum main_arg)
 			MemoryContextSwitchTo(tick_ctx);
 			EmitErrorReport();
 			FlushErrorState();
-			AbortCurrentTransaction();
+			AbortOutOfAnyTransaction();
 		}
 		PG_END_TRY();
 		MemoryContextSwitchTo(old);
