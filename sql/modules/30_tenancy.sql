@@ -2,9 +2,11 @@
 -- The host app calls ironwod_set_scope(tenant, gym) in each transaction; RLS then
 -- admits only rows of that scope, for the app and for the run workers alike.
 
--- SET LOCAL rather than set_config(): Citus propagates SET LOCAL to its workers.
--- This function must not carry a SET clause of its own: PostgreSQL would undo the
--- SET LOCAL when the function returns.
+-- SET LOCAL rather than set_config(): Citus propagates SET LOCAL to its worker
+-- nodes, where the shards' RLS policies read the scope, when
+-- citus.propagate_set_commands is 'local' -- set here for this transaction only, so
+-- host apps need no configuration for it.  This function must not carry a SET
+-- clause of its own: PostgreSQL would undo the SET LOCAL when the function returns.
 CREATE FUNCTION @extschema@.ironwod_set_scope(p_tenant_id uuid, p_gym_id uuid)
 RETURNS void
 LANGUAGE plpgsql
@@ -13,6 +15,9 @@ BEGIN
     IF p_tenant_id IS NULL OR p_gym_id IS NULL THEN
         RAISE EXCEPTION 'tenant and gym must not be null'
             USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF current_setting('citus.propagate_set_commands', true) IS NOT NULL THEN
+        SET LOCAL citus.propagate_set_commands = 'local';
     END IF;
     EXECUTE format('SET LOCAL ironwod.tenant_id = %L', p_tenant_id);
     EXECUTE format('SET LOCAL ironwod.gym_id = %L', p_gym_id);

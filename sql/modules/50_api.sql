@@ -64,6 +64,9 @@ DECLARE
     v_status text;
     v_old text;
     v_run bigint;
+    -- A variable, not now() in the statement: Citus refuses non-immutable
+    -- functions in ON CONFLICT DO UPDATE SET on a distributed table.
+    v_now timestamptz := now();
 BEGIN
     PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
     IF p_sealed_key IS NULL THEN
@@ -106,14 +109,14 @@ BEGIN
     INSERT INTO ironwod.integrations_wodify_connection AS c
         (tenant_id, gym_id, status, api_key_ciphertext, master_key_id, api_key_fingerprint, connected_at)
     VALUES (p_tenant_id, p_gym_id, v_status, p_sealed_key, v_key_id, v.fingerprint,
-            CASE WHEN v_status = 'connected' THEN now() END)
+            CASE WHEN v_status = 'connected' THEN v_now END)
     ON CONFLICT (tenant_id, gym_id) DO UPDATE
        SET status = CASE WHEN c.status = 'paused' THEN 'paused' ELSE excluded.status END,
            api_key_ciphertext = excluded.api_key_ciphertext, master_key_id = excluded.master_key_id,
            api_key_fingerprint = excluded.api_key_fingerprint,
            connected_at = coalesce(excluded.connected_at, c.connected_at),
            consecutive_failures = 0, breaker_opened_at = NULL, next_retry_at = NULL,
-           updated_at = now();
+           updated_at = v_now;
 
     IF NOT EXISTS (SELECT 1 FROM ironwod.sync_runs r
                    WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id
@@ -307,13 +310,16 @@ RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    -- Citus refuses volatile functions in an UPDATE of a distributed table.
+    v_now timestamptz := clock_timestamp();
 BEGIN
     PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     UPDATE ironwod.integrations_wodify_connection c
        SET status = 'disconnected', api_key_ciphertext = NULL, master_key_id = NULL, updated_at = now()
      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
     UPDATE ironwod.sync_runs r
-       SET status = 'cancelled', finished_at = clock_timestamp(), last_error = 'disconnected', phase = NULL
+       SET status = 'cancelled', finished_at = v_now, last_error = 'disconnected', phase = NULL
      WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');
     INSERT INTO ironwod.sync_events (tenant_id, gym_id, event) VALUES (p_tenant_id, p_gym_id, 'wodify.disconnected');
     PERFORM ironwod.wake();
