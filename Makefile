@@ -5,6 +5,7 @@
 #   make test          the whole suite: simulator + throwaway cluster + pg_regress + pgTAP
 #   make demo          throwaway cluster, simulator, one demo gym connected and backfilled
 #   make bench         backfill throughput, cache reads against recomputation, replay
+#   make test-citus    the suite on a three-node Citus cluster (builds Citus from ../shared/vendor)
 #
 # The install script sql/ironwod--1.0.sql is assembled from the readable modules in
 # sql/modules/ in file-name order. Once 1.0 is tagged the assembled script is committed
@@ -47,9 +48,12 @@ $(OBJS): src/ironwod.h
 sql/ironwod--1.0.sql: $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@
 
-.PHONY: test demo bench
+.PHONY: test test-citus demo bench
 test:
 	bash test/run-tests.sh
+
+test-citus:
+	bash test/citus/run.sh
 
 demo:
 	bash test/demo.sh

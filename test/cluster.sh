@@ -68,6 +68,35 @@ start_cluster() {
     su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -l '$WORK/data/server.log' -w start" >/dev/null
 }
 
+# load_fixtures: the tables the SQL tests read -- the simulator's gyms, its ground
+# truth for the metrics, and the development key -- plus pgTAP.  Needs SIM_URL and
+# DEV_KEY (start_sim, start_cluster) and the cluster in PGHOST/PGPORT.
+load_fixtures() {
+    local GYMS_JSON NGYMS TRUTH_JSON
+    GYMS_JSON=$(curl -sf "$SIM_URL/_sim/gyms")
+    # The simulator's ground truth for the metrics (monthly counts by the same definitions).
+    NGYMS=$(printf '%s' "$GYMS_JSON" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["gyms"]))')
+    TRUTH_JSON=$(for i in $(seq 0 $((NGYMS - 1))); do curl -sf "$SIM_URL/_sim/truth?gym=$i"; echo; done | python3 -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))')
+    # The fixture session itself is kept out of the statement log: the secrets test
+    # searches the log for these keys.
+    psql -qX -v ON_ERROR_STOP=1 -v gyms="$GYMS_JSON" -v devkey="$DEV_KEY" -v truth="$TRUTH_JSON" <<'SQL'
+SET log_statement = 'none';
+SET log_min_duration_statement = -1;
+CREATE EXTENSION pgtap;
+CREATE TABLE public.sim_gyms AS
+    SELECT (g->>'index')::int AS idx, g->>'api_key' AS api_key, g->'expected' AS expected
+    FROM jsonb_array_elements((:'gyms')::jsonb->'gyms') AS g;
+CREATE TABLE public.sim_truth AS
+    SELECT (g->>'gym')::int AS idx, (m->>'month')::date AS month_start,
+           (m->>'members_end')::int AS members_end, (m->>'new_members')::int AS new_members,
+           (m->>'churned_members')::int AS churned_members, (m->>'all_visits')::int AS all_visits,
+           (m->>'member_visits')::int AS member_visits
+    FROM jsonb_array_elements((:'truth')::jsonb) AS g, jsonb_array_elements(g->'months') AS m;
+CREATE TABLE public.test_dev_key AS
+    SELECT split_part(:'devkey', ' ', 1) AS key_id, decode(split_part(:'devkey', ' ', 2), 'hex') AS public_key;
+SQL
+}
+
 # Register the development master public key printed by devkey.sh.
 register_dev_key() {
     local id=${DEV_KEY%% *} hex=${DEV_KEY##* }

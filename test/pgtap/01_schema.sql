@@ -1,7 +1,7 @@
 -- pgTAP: the schema contract of the brief and design.md §3, and the small SQL
 -- helpers the worker relies on.
 BEGIN;
-SELECT plan(53);
+SELECT plan(55);
 
 SELECT has_schema('ironwod');
 SELECT has_table('ironwod', t, 'table ironwod.' || t)
@@ -67,6 +67,17 @@ SELECT is(ironwod.backfill_since(),
 
 SELECT throws_ok($$SELECT ironwod_set_scope(NULL, NULL)$$, '22004', 'tenant and gym must not be null');
 SELECT throws_ok($$SET ironwod.tenant_id = 'not-a-uuid'$$, '22P02');
+
+-- ironwod.distribute() is for admins only; without Citus it says what is missing,
+-- and on the Citus coordinator of make test-citus, where everything is distributed
+-- already, it runs inside this transaction: it converts nothing, so it has nothing
+-- to commit.
+SELECT function_privs_are('ironwod', 'distribute', ARRAY[]::text[], 'ironwod_admin', ARRAY[]::text[]);
+SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')
+    THEN lives_ok($$CALL ironwod.distribute()$$, 'ironwod.distribute() again converts nothing')
+    ELSE throws_ok($$CALL ironwod.distribute()$$, '55000', 'Citus is not installed in this database',
+                   'ironwod.distribute() without Citus raises 55000')
+END;
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -3,7 +3,7 @@
 BEGIN;
 SELECT plan(10);
 SELECT ironwod_set_scope('11111111-1111-1111-1111-111111111111', 'aaaaaaaa-0000-0000-0000-000000000001');
-SET LOCAL ROLE ironwod_app;
+SET LOCAL ROLE ironwod_test_app;
 
 SELECT ok((SELECT count(*) > 0 FROM ironwod_dashboard('11111111-1111-1111-1111-111111111111',
            'aaaaaaaa-0000-0000-0000-000000000001', '2021-01-01', '2030-12-01')),

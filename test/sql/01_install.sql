@@ -1,6 +1,29 @@
 -- Install ironwod and check the contract of what it creates: roles, API placement,
 -- forced RLS everywhere, nothing for PUBLIC, and the supervisor at work.
 CREATE EXTENSION ironwod;
+-- Under make test-citus (test/citus/run.sh) the tables are distributed at once,
+-- before anything lands; the output is the same either way.
+\getenv distribute IRONWOD_TEST_DISTRIBUTE
+\if :{?distribute}
+SET client_min_messages = warning;
+CALL ironwod.distribute();
+RESET client_min_messages;
+\endif
+-- The tests act as host apps do: through LOGIN roles granted ironwod_app and
+-- ironwod_admin (on Citus the coordinator reaches the nodes as the current user,
+-- and the NOLOGIN group roles cannot log in there).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ironwod_test_app') THEN
+        CREATE ROLE ironwod_test_app LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ironwod_test_admin') THEN
+        CREATE ROLE ironwod_test_admin LOGIN;
+    END IF;
+END
+$$;
+GRANT ironwod_app TO ironwod_test_app;
+GRANT ironwod_admin TO ironwod_test_admin;
 SELECT extname, extversion FROM pg_extension WHERE extname = 'ironwod';
 
 SELECT rolname, rolcanlogin, rolsuper, rolbypassrls
@@ -78,10 +101,13 @@ BEGIN
 END
 $$;
 -- The newest run of a mode in the current scope (RLS decides what "current" sees).
+-- plpgsql, not SQL: Citus cannot plan a parameterised SQL function's body.
 CREATE FUNCTION public.last_run(p_mode text) RETURNS bigint
-LANGUAGE sql STABLE AS $$
-    SELECT max(run_id) FROM ironwod.sync_runs
-    WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND mode = p_mode
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT max(run_id) FROM ironwod.sync_runs
+            WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND mode = p_mode);
+END
 $$;
 GRANT EXECUTE ON FUNCTION public.try(text), public.raw_counts(), public.last_run(text) TO ironwod_app;
 GRANT SELECT ON public.sim_gyms TO ironwod_app;

@@ -4,7 +4,7 @@
 \set g1 '''aaaaaaaa-0000-0000-0000-000000000001'''
 \set g2 '''aaaaaaaa-0000-0000-0000-000000000002'''
 -- As the host app would: row-level security scopes every read below.
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 
 BEGIN;
 SELECT ironwod_set_scope(:ta, :g1);

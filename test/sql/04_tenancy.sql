@@ -6,7 +6,7 @@
 \set g1 '''aaaaaaaa-0000-0000-0000-000000000001'''
 \set gb '''bbbbbbbb-0000-0000-0000-000000000001'''
 
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tb, :gb);
 SELECT ironwod_connect(:tb, :gb, (SELECT api_key FROM sim_gyms WHERE idx = 0));
@@ -48,7 +48,7 @@ SELECT count(*) AS connections_without_scope FROM ironwod.integrations_wodify_co
 RESET ROLE;
 
 -- The admin role reads every tenant (health view), and still not the ciphertext.
-SET ROLE ironwod_admin;
+SET ROLE ironwod_test_admin;
 SELECT count(DISTINCT tenant_id) AS tenants_for_admin FROM ironwod.connection_health;
 SELECT try('SELECT api_key_ciphertext FROM ironwod.integrations_wodify_connection');
 RESET ROLE;

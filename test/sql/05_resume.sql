@@ -14,10 +14,15 @@ BEGIN;
 LOCK TABLE ironwod.wodify_raw_memberships IN SHARE MODE;
 PREPARE TRANSACTION 'ironwod_test_hold_memberships';
 
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc) \g /dev/null
 SELECT ironwod_connect(:tc, :gc, (SELECT api_key FROM sim_gyms WHERE idx = 0));
+COMMIT;
+-- Reads after a write by an ironwod_* function go in a new transaction (on Citus
+-- a transaction cannot read what another user, the functions' owner, modified).
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
 SELECT last_run('backfill') AS first_run \gset
 COMMIT;
 
@@ -49,7 +54,7 @@ WHERE a.pid = (SELECT pid FROM ironwod.worker_status() WHERE run_id = :first_run
 SELECT pg_terminate_backend(pid) AS terminated FROM ironwod.worker_status() WHERE run_id = :first_run;
 ROLLBACK PREPARED 'ironwod_test_hold_memberships';
 
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_wait(:first_run, '1 minute') AS first_run_status;
@@ -58,7 +63,7 @@ SELECT count(*) > 0 AS has_checkpoints FROM ironwod.backfill_checkpoints;
 COMMIT;
 RESET ROLE;
 
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_sync(:tc, :gc, 'backfill') AS second_run \gset
@@ -96,6 +101,9 @@ SELECT (SELECT count(*) FROM (SELECT * FROM resumed EXCEPT ALL SELECT * FROM uni
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
 SELECT ironwod_disconnect(:tc, :gc);
+COMMIT;
+BEGIN;
+SELECT ironwod_set_scope(:tc, :gc);
 SELECT status, api_key_fingerprint IS NOT NULL AS fingerprint_kept FROM ironwod.integrations_wodify_connection;
 SELECT try(format('SELECT ironwod_sync(%L, %L)', :tc, :gc));
 SELECT count(*) > 0 AS raw_kept FROM ironwod.wodify_raw_clients;

@@ -8,7 +8,7 @@
 \set canary 'wdfy_CANARY_6f1d2c9e8b7a41d3'
 \set canary_rev '3d14a7b8e9c2d1f6_YRANAC_yfdw'
 
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:td, :gd);
 -- Rejected by Wodify (unknown to the simulator): the error must not echo it.

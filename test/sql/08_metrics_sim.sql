@@ -108,7 +108,7 @@ SELECT ironwod.digest(:ta, :g1) = :'live_digest' AS digest_unchanged;
 COMMIT;
 
 -- Replay from raw alone, as the host app: same digest as the live tables, twice.
-SET ROLE ironwod_app;
+SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:ta, :g1);
 SELECT ironwod_replay(:ta, :g1) = :'live_digest' AS replay_matches_live;

@@ -1,0 +1,109 @@
+-- What only a Citus cluster can show, after the suites ran on it (test/citus/run.sh).
+-- Runs on the coordinator as the superuser; prints "ok - ..." / "not ok - ..." lines.
+\set QUIET on
+\pset tuples_only on
+\pset format unaligned
+SET client_min_messages = error;
+
+CREATE FUNCTION pg_temp.check(p_ok boolean, p_what text, p_detail text DEFAULT NULL) RETURNS text
+LANGUAGE sql AS $$
+    SELECT CASE WHEN coalesce(p_ok, false) THEN 'ok - ' ELSE 'not ok - ' END || p_what
+           || CASE WHEN coalesce(p_ok, false) OR p_detail IS NULL THEN '' ELSE E'\n#   ' || p_detail END
+$$;
+
+-- Every ironwod table is known to Citus: tenant tables hash-distributed by tenant_id
+-- in one co-location group, the tenant-less ones reference tables.
+SELECT pg_temp.check(count(*) FILTER (WHERE d.logicalrelid IS NULL) = 0
+                     AND count(*) FILTER (WHERE a.attname IS NOT NULL) > 0
+                     AND bool_and(CASE WHEN a.attname IS NOT NULL
+                                       THEN d.partmethod = 'h' AND column_to_column_name(d.logicalrelid, d.partkey) = 'tenant_id'
+                                       ELSE d.partmethod = 'n' END)
+                     AND count(DISTINCT d.colocationid) FILTER (WHERE a.attname IS NOT NULL) = 1,
+                     'every tenant table is distributed by tenant_id in one co-location group, the others are reference tables',
+                     string_agg(c.relname || ':' || coalesce(d.partmethod::text, 'local'), ', '))
+FROM pg_class c
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+LEFT JOIN pg_dist_partition d ON d.logicalrelid = c.oid
+WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind IN ('r', 'p') AND NOT c.relispartition;
+
+-- distribute() again converts nothing, and restores the shards' column privileges.
+CREATE TEMP TABLE dist_before AS SELECT logicalrelid, partmethod, colocationid FROM pg_dist_partition;
+SELECT pg_temp.check(count(*) > 0, 'a column privilege revoked on a shard, for the next check', string_agg(result, '; '))
+FROM run_command_on_placements('ironwod.integrations_wodify_connection', 'REVOKE SELECT (status) ON %s FROM ironwod_app')
+WHERE success;
+CALL ironwod.distribute();
+SELECT pg_temp.check(NOT EXISTS (SELECT logicalrelid, partmethod, colocationid FROM pg_dist_partition
+                                 EXCEPT SELECT * FROM dist_before)
+                     AND (SELECT count(*) FROM pg_dist_partition) = (SELECT count(*) FROM dist_before),
+                     'ironwod.distribute() again converts nothing');
+SELECT pg_temp.check(bool_and(success AND result = 't'),
+                     'ironwod.distribute() again restores the column privileges on every shard',
+                     string_agg(result, '; '))
+FROM run_command_on_placements('ironwod.integrations_wodify_connection',
+                               $$SELECT has_column_privilege('ironwod_app', '%1$s', 'status', 'SELECT')
+                                        AND NOT has_column_privilege('ironwod_app', '%1$s', 'api_key_ciphertext', 'SELECT')$$);
+
+-- On a worker node it refuses, with its SQLSTATE.
+SELECT pg_temp.check(bool_and(NOT success AND result LIKE '%is not a Citus coordinator%'),
+                     'ironwod.distribute() on a worker node raises "not a Citus coordinator"',
+                     string_agg(result, '; '))
+FROM run_command_on_workers('CALL ironwod.distribute()');
+
+-- Row-level security is enabled and forced on every shard (and reference-table
+-- placement), with the coordinator's policies.
+CREATE TEMP TABLE shard_rls AS
+SELECT d.logicalrelid::text AS table_name, p.shardid, p.nodeport, p.success, p.result
+FROM pg_dist_partition d
+JOIN pg_class c ON c.oid = d.logicalrelid AND c.relnamespace = 'ironwod'::regnamespace,
+     LATERAL run_command_on_placements(d.logicalrelid,
+         $$SELECT relrowsecurity AND relforcerowsecurity AND
+                  (SELECT count(*) FROM pg_policy WHERE polrelid = '%1$s'::regclass) > 0
+           FROM pg_class WHERE oid = '%1$s'::regclass$$) p;
+SELECT pg_temp.check(count(*) > 0 AND bool_and(success AND result = 't'),
+                     format('RLS enabled, forced and with policies on all %s shard placements', count(*)),
+                     string_agg(table_name || '/' || shardid || '@' || nodeport || ': ' || result, ', ')
+                         FILTER (WHERE NOT (success AND result = 't')))
+FROM shard_rls;
+
+-- Each tenant's rows physically live on one node: read every placement of every
+-- distributed table on its node, and count the nodes each tenant appears on.
+CREATE TEMP TABLE tenant_nodes AS
+SELECT t.tenant_id, d.logicalrelid::text AS table_name, p.nodeport
+FROM pg_dist_partition d
+JOIN pg_class c ON c.oid = d.logicalrelid AND c.relnamespace = 'ironwod'::regnamespace,
+     LATERAL run_command_on_placements(d.logicalrelid,
+         $$SELECT coalesce(string_agg(DISTINCT tenant_id::text, ','), '') FROM %s$$) p,
+     LATERAL unnest(string_to_array(nullif(p.result, ''), ',')) AS t(tenant_id)
+WHERE d.partmethod = 'h';
+SELECT pg_temp.check(count(*) >= 3 AND bool_and(n_nodes = 1),
+                     format('each of %s tenants has all its rows, in every table, on one node', count(*)),
+                     string_agg(tenant_id || ' on ' || n_nodes || ' nodes', ', ') FILTER (WHERE n_nodes <> 1))
+FROM (SELECT tenant_id, count(DISTINCT nodeport) AS n_nodes FROM tenant_nodes GROUP BY tenant_id) x;
+SELECT pg_temp.check(count(DISTINCT nodeport) = 2,
+                     'the tenants are spread over both worker nodes',
+                     string_agg(DISTINCT nodeport::text, ', '))
+FROM tenant_nodes;
+
+-- A tenant-scoped dashboard read is routed to one shard: the statement
+-- ironwod_dashboard runs, planned by Citus.
+CREATE FUNCTION pg_temp.plan_tasks(p_sql text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    line text;
+    tasks text := '';
+BEGIN
+    FOR line IN EXECUTE 'EXPLAIN ' || p_sql LOOP
+        IF line ~ 'Task Count:' THEN
+            tasks := tasks || trim(line);
+        END IF;
+    END LOOP;
+    RETURN tasks;
+END
+$$;
+SELECT pg_temp.check(tasks = 'Task Count: 1', 'a tenant-scoped dashboard read touches one shard (EXPLAIN)', tasks)
+FROM pg_temp.plan_tasks($$
+    SELECT c.* FROM ironwod.gym_monthly_metrics_cache c
+    WHERE c.tenant_id = '11111111-1111-1111-1111-111111111111' AND c.gym_id = 'aaaaaaaa-0000-0000-0000-000000000001'
+      AND c.location_key = 'ALL' AND c.program_key = 'ALL'
+      AND c.month_start BETWEEN date '2024-01-01' AND date '2024-12-01'
+    ORDER BY c.month_start$$) AS tasks;
