@@ -96,6 +96,9 @@ start_node() {
         echo "shared_preload_libraries = 'citus,ironwod'"
         echo "max_worker_processes = 32"
         echo "max_connections = 200"
+        # Citus commits multi-node writes with two-phase commit; 05_resume holds a
+        # lock in a prepared transaction.
+        echo "max_prepared_transactions = 100"
         echo "ironwod.database_name = 'postgres'"
         echo "ironwod.base_url = '$SIM_URL'"
         echo "ironwod.allow_http = on"
