@@ -45,6 +45,18 @@ int			ironwod_run_timeout_min = 360;
 int			ironwod_watchdog_timeout_s = 900;
 int			ironwod_max_record_bytes = 4 * 1024 * 1024;
 
+/*
+ * Thresholds of the ironwod.alerts view.  Only SQL reads them, so they have
+ * no C variables of their own to act on; they are user-settable so that a
+ * monitoring session can tune what it is shown without touching the server.
+ */
+static double alert_error_rate = 0.05;
+static int	alert_min_requests = 20;
+static int	alert_backfill_stall_s = 3600;
+static double alert_cancellation_factor = 2.0;
+static double alert_attendance_factor = 0.5;
+static int	alert_min_events = 5;
+
 static char *ironwod_scope_tenant = NULL;
 static char *ironwod_scope_gym = NULL;
 
@@ -200,6 +212,31 @@ define_gucs(void)
 							"A running run without progress for this long is stopped by the supervisor.",
 							NULL, &ironwod_watchdog_timeout_s, 900, 10, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomRealVariable("ironwod.alert_error_rate",
+							 "Share of failed HTTP attempts over 24 hours that raises the api_error_rate alert.",
+							 NULL, &alert_error_rate, 0.05, 0.0, 1.0,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.alert_min_requests",
+							"Fewest HTTP attempts in 24 hours for which api_error_rate is judged.",
+							NULL, &alert_min_requests, 20, 1, 1000000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.alert_backfill_stall",
+							"An unfinished backfill without progress for this long raises backfill_stalled.",
+							NULL, &alert_backfill_stall_s, 3600, 60, 30 * 86400,
+							PGC_USERSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomRealVariable("ironwod.alert_cancellation_factor",
+							 "This month's cancellations above this multiple of the trailing three-month mean raise cancellation_spike.",
+							 NULL, &alert_cancellation_factor, 2.0, 1.0, 100.0,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomRealVariable("ironwod.alert_attendance_factor",
+							 "The last 7 days' visits below this share of the trailing four-week weekly mean raise attendance_drop.",
+							 NULL, &alert_attendance_factor, 0.5, 0.0, 1.0,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.alert_min_events",
+							"Fewest events the product alerts judge: this month's cancellations, the baseline's weekly visits.",
+							"Keeps small gyms from alerting on noise.",
+							&alert_min_events, 5, 0, 1000000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomStringVariable("ironwod.tenant_id",
 							   "Tenant of the current scope; set it with ironwod_set_scope().",
 							   NULL, &ironwod_scope_tenant, "",

@@ -19,6 +19,8 @@
  *	  masterkey.c  loading private master keys from ironwod.master_key_command
  *	  loghook.c    emit_log_hook that scrubs API keys from the server log
  *	  sqlfuncs.c   SQL-callable C functions
+ *	  observe.c    a connection's expected request rate, the LOG line of a
+ *	               finished run
  *
  *-------------------------------------------------------------------------
  */

@@ -440,7 +440,7 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 		(void) fetch_unit(args->run_id, &task, page_ctx);
 	}
 	run_phase = "transform";
-	iw_run_step(args->run_id, "SELECT ironwod.transform_run($1)", "ironwod transform");
+	iw_run_step(args->run_id, "SELECT ironwod.transform_step($1)", "ironwod transform");
 	run_phase = "refresh";
 	iw_run_step(args->run_id, "SELECT ironwod.refresh_metrics($1)", "ironwod refresh metrics");
 	run_phase = "finish";

@@ -60,11 +60,20 @@ SELECT ironwod_connect(:'t', :'g', ironwod.seal_key(:'t', :'g', :'key')) AS conn
 COMMIT;
 SQL
 START=$(date +%s)
-psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
+RUN=$(psql -qAtX -c "SELECT max(run_id) FROM ironwod.sync_runs WHERE gym_id = '$GYM' AND mode = 'backfill'")
+# A progress line every two seconds while it runs (ironwod.run_progress).
+while line=$(psql -qAtX -c "SELECT format('  %s: %s, %s of %s entities, %s of %s units, %s records, %s requests, ETA %s',
+                                          status, coalesce(current_entity, phase, '-'), entities_done, entities_total,
+                                          units_done, coalesce(units_total::text, '?'), records_landed, requests,
+                                          coalesce(date_trunc('second', eta)::text, '?'))
+                                   FROM ironwod.run_progress WHERE run_id = $RUN") && [ -n "$line" ]; do
+    echo "$line"
+    sleep 2
+done
+psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" -v r="$RUN" <<'SQL'
 BEGIN;
 SELECT ironwod_set_scope(:'t', :'g');
-SELECT ironwod_wait((SELECT max(run_id) FROM ironwod.sync_runs
-                     WHERE tenant_id = :'t' AND gym_id = :'g' AND mode = 'backfill'), '15 minutes') AS backfill;
+SELECT ironwod_wait(:r, '15 minutes') AS backfill;
 COMMIT;
 SQL
 echo "backfill took $(( $(date +%s) - START )) s"

@@ -37,6 +37,9 @@ CREATE TABLE ironwod.integrations_wodify_connection (
     reconcile_weekday    integer NOT NULL DEFAULT 0 CHECK (reconcile_weekday BETWEEN 0 AND 6),
     time_zone            text,
     backfill_completed_at timestamptz,
+    -- ironwod_pause: when, and by whom; status is 'paused' meanwhile
+    paused_at            timestamptz,
+    paused_by            text,
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, gym_id),
@@ -64,6 +67,16 @@ CREATE TABLE ironwod.sync_runs (
     phase            text,
     requests         integer NOT NULL DEFAULT 0,
     retries          integer NOT NULL DEFAULT 0,
+    -- every HTTP attempt, by how it ended; requests is their sum
+    attempts_2xx     integer NOT NULL DEFAULT 0,
+    attempts_429     integer NOT NULL DEFAULT 0,
+    attempts_4xx     integer NOT NULL DEFAULT 0,
+    attempts_5xx     integer NOT NULL DEFAULT 0,
+    attempts_network integer NOT NULL DEFAULT 0,    -- resets, timeouts, truncated bodies
+    attempts_envelope integer NOT NULL DEFAULT 0,   -- HTTP 200 carrying a Wodify HTTPCode error
+    token_wait_s     double precision NOT NULL DEFAULT 0,
+    backoff_s        double precision NOT NULL DEFAULT 0,
+    bytes_received   bigint NOT NULL DEFAULT 0,
     cursor_start     jsonb,
     cursor_end       jsonb,
     error_code       text,
@@ -96,9 +109,22 @@ CREATE TABLE ironwod.sync_run_entities (
     plan_ms       double precision,
     pages         integer NOT NULL DEFAULT 0,
     requests      integer NOT NULL DEFAULT 0,
+    retries       integer NOT NULL DEFAULT 0,
+    -- every HTTP attempt, by how it ended; requests is their sum
+    attempts_2xx      integer NOT NULL DEFAULT 0,
+    attempts_429      integer NOT NULL DEFAULT 0,
+    attempts_4xx      integer NOT NULL DEFAULT 0,
+    attempts_5xx      integer NOT NULL DEFAULT 0,
+    attempts_network  integer NOT NULL DEFAULT 0,   -- resets, timeouts, truncated bodies
+    attempts_envelope integer NOT NULL DEFAULT 0,   -- HTTP 200 carrying a Wodify HTTPCode error
+    token_wait_s      double precision NOT NULL DEFAULT 0,
+    backoff_s         double precision NOT NULL DEFAULT 0,
+    bytes_received    bigint NOT NULL DEFAULT 0,
     pulled        integer NOT NULL DEFAULT 0,
     new_versions  integer NOT NULL DEFAULT 0,
     unchanged     integer NOT NULL DEFAULT 0,
+    -- canonical rows the run's transform wrote for the entity (changed rows only)
+    transformed   integer NOT NULL DEFAULT 0,
     deleted       integer NOT NULL DEFAULT 0,
     -- API latency of the pages' successful requests: counts per bucket with upper
     -- bounds 50, 100, 250, 500, 1000, 2500, 5000 ms and above (ironwod.latency_buckets())

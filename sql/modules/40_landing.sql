@@ -115,7 +115,21 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_mode text;
+    v_now timestamptz := clock_timestamp();
 BEGIN
+    -- A paused gym starts nothing, even a run queued by a call that raced the pause.
+    IF EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
+               WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+                 AND c.status = 'paused') THEN
+        UPDATE ironwod.sync_runs r
+           SET status = 'cancelled', finished_at = v_now, last_error = 'paused'
+         WHERE r.run_id = p_run_id AND r.status = 'queued'
+           AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
+        IF FOUND THEN
+            PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
+        END IF;
+        RETURN;
+    END IF;
     UPDATE ironwod.sync_runs r
        SET status = 'running', started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
            worker_pid = p_pid, phase = 'fetch'
@@ -746,6 +760,7 @@ BEGIN
            backfill_completed_at = CASE WHEN v_mode = 'backfill' THEN clock_timestamp() ELSE c.backfill_completed_at END,
            updated_at = now()
      WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+    PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL,
         (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
                                                                        'deleted', s.deleted)), '{}')
@@ -808,6 +823,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
     IF p_code = 'quota' THEN
         UPDATE ironwod.integrations_wodify_connection c
            SET next_retry_at = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC',

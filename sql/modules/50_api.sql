@@ -187,6 +187,11 @@ BEGIN
         RAISE EXCEPTION 'gym % has no usable API key (status %)', p_gym_id, v_status
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Connect it again with ironwod_connect.';
     END IF;
+    IF v_status = 'paused' THEN
+        RAISE EXCEPTION 'gym % is paused', p_gym_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Resume it with ironwod_resume(tenant, gym) first.';
+    END IF;
     IF v_status = 'pending' AND p_mode <> 'validate' THEN
         RAISE EXCEPTION 'gym % is waiting for its API key to be validated', p_gym_id
             USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Sync with mode ''validate'' or wait for ironwod_status() to say connected.';
@@ -270,25 +275,31 @@ RETURNS TABLE (status text, api_key_fingerprint text, connected_at timestamptz,
                last_error_code text, last_cursor_at timestamptz, consecutive_failures integer,
                next_retry_at timestamptz, backfill_completed_at timestamptz,
                active_run_id bigint, active_run_mode text, active_run_status text,
-               last_run_id bigint, last_run_status text, entities jsonb)
+               last_run_id bigint, last_run_status text, entities jsonb, progress jsonb)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_progress jsonb;
 BEGIN
     PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
+    SELECT to_jsonb(p) - 'tenant_id' - 'gym_id' INTO v_progress FROM ironwod.run_progress p
+    WHERE p.tenant_id = p_tenant_id AND p.gym_id = p_gym_id;
     RETURN QUERY
     SELECT c.status, c.api_key_fingerprint, c.connected_at, c.last_success_at, c.last_error_at,
            c.last_error, c.last_error_code, c.last_cursor_at, c.consecutive_failures, c.next_retry_at,
            c.backfill_completed_at, a.run_id, a.mode, a.status, l.run_id, l.status,
            (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object(
                     'pulled', s.pulled, 'new', s.new_versions, 'unchanged', s.unchanged,
+                    'transformed', s.transformed, 'deleted', s.deleted,
                     'pages', s.pages, 'requests', s.requests, 'watermark', cur.watermark)
                     ORDER BY s.entity), '{}')
             FROM ironwod.sync_run_entities s
             LEFT JOIN ironwod.entity_cursors cur
                    ON cur.tenant_id = s.tenant_id AND cur.gym_id = s.gym_id AND cur.entity = s.entity
             WHERE s.tenant_id = c.tenant_id AND s.gym_id = c.gym_id
-              AND s.run_id = coalesce(a.run_id, l.run_id))
+              AND s.run_id = coalesce(a.run_id, l.run_id)),
+           v_progress
     FROM ironwod.integrations_wodify_connection c
     LEFT JOIN LATERAL (SELECT r.run_id, r.mode, r.status FROM ironwod.sync_runs r
                        WHERE r.tenant_id = c.tenant_id AND r.gym_id = c.gym_id
@@ -300,7 +311,7 @@ BEGIN
     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_status(uuid, uuid) IS 'Connection status, breaker state, sanitized last error, current and last run with per-entity counts';
+COMMENT ON FUNCTION @extschema@.ironwod_status(uuid, uuid) IS 'Connection status, breaker state, sanitized last error, current and last run with per-entity counts, and the active run''s progress (ironwod.run_progress)';
 
 -- Cancels queued work, stops a running run at its next page (the worker checks the
 -- run's status in every landing transaction), and destroys the ciphertext.
@@ -313,6 +324,7 @@ AS $$
 DECLARE
     -- Citus refuses volatile functions in an UPDATE of a distributed table.
     v_now timestamptz := clock_timestamp();
+    v_run bigint;
 BEGIN
     PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     UPDATE ironwod.integrations_wodify_connection c
@@ -320,7 +332,11 @@ BEGIN
      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
     UPDATE ironwod.sync_runs r
        SET status = 'cancelled', finished_at = v_now, last_error = 'disconnected', phase = NULL
-     WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running');
+     WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running')
+    RETURNING r.run_id INTO v_run;
+    IF v_run IS NOT NULL THEN
+        PERFORM ironwod.log_run(p_tenant_id, p_gym_id, v_run);
+    END IF;
     INSERT INTO ironwod.sync_events (tenant_id, gym_id, event) VALUES (p_tenant_id, p_gym_id, 'wodify.disconnected');
     PERFORM ironwod.wake();
 END
@@ -408,3 +424,81 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_schedule(text) IS 'Install (or replace) the pg_cron job ironwod-tick that calls ironwod_tick(); requires pg_cron';
+
+-- Pause a gym: no run starts for it (ironwod_tick skips it, ironwod_sync refuses,
+-- and a run queued by a racing call is cancelled when a worker claims it), the
+-- queued run is cancelled and a running one stops at its next page (the worker
+-- checks the run's status in every landing transaction).  The key, the
+-- checkpoints of an unfinished backfill and the breaker state stay, so
+-- ironwod_resume picks up where the gym left off.
+CREATE FUNCTION @extschema@.ironwod_pause(p_tenant_id uuid, p_gym_id uuid)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status text;
+    v_now timestamptz := clock_timestamp();
+    v_by text := session_user;
+    v_run bigint;
+BEGIN
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
+    SELECT c.status INTO v_status FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id FOR UPDATE;
+    IF v_status = 'paused' THEN
+        RAISE NOTICE 'gym % is already paused', p_gym_id;
+        RETURN v_status;
+    END IF;
+    IF v_status NOT IN ('connected', 'error') THEN
+        RAISE EXCEPTION 'gym % cannot be paused while it is %', p_gym_id, v_status
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = CASE v_status WHEN 'pending' THEN 'Wait until its API key is validated (ironwod_status), or disconnect it.'
+                                       ELSE 'Connect it again with ironwod_connect.' END;
+    END IF;
+    UPDATE ironwod.integrations_wodify_connection c
+       SET status = 'paused', paused_at = v_now, paused_by = v_by, updated_at = v_now
+     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
+    UPDATE ironwod.sync_runs r
+       SET status = 'cancelled', finished_at = v_now, last_error = 'paused', phase = NULL
+     WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running')
+    RETURNING r.run_id INTO v_run;
+    IF v_run IS NOT NULL THEN
+        PERFORM ironwod.log_run(p_tenant_id, p_gym_id, v_run);
+    END IF;
+    PERFORM ironwod.emit_event(v_run, 'wodify.paused', NULL, jsonb_build_object('by', v_by, 'cancelled_run', v_run));
+    PERFORM ironwod.wake();
+    RETURN 'paused';
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_pause(uuid, uuid) IS 'Pause a gym: start no run for it, cancel its queued run, stop its running run at the next page; ironwod_resume undoes it';
+
+-- Resume a paused gym: the connection goes back to what it was (connected, or in
+-- error while its circuit breaker is open), and the schedule takes over again:
+-- the next ironwod_tick queues the nightly run the pause skipped, or the rest of
+-- an unfinished backfill.
+CREATE FUNCTION @extschema@.ironwod_resume(p_tenant_id uuid, p_gym_id uuid)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status text;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
+    SELECT c.status INTO v_status FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id FOR UPDATE;
+    IF v_status <> 'paused' THEN
+        RAISE NOTICE 'gym % is not paused (status %)', p_gym_id, v_status;
+        RETURN v_status;
+    END IF;
+    UPDATE ironwod.integrations_wodify_connection c
+       SET status = CASE WHEN c.breaker_opened_at IS NOT NULL THEN 'error' ELSE 'connected' END,
+           paused_at = NULL, paused_by = NULL, updated_at = v_now
+     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id
+    RETURNING c.status INTO v_status;
+    PERFORM ironwod.emit_event(NULL, 'wodify.resumed', NULL, jsonb_build_object('status', v_status));
+    RETURN v_status;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_resume(uuid, uuid) IS 'Resume a paused gym: restore its status (connected, or error while the breaker is open) and let ironwod_tick schedule it again';

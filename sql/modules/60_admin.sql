@@ -11,14 +11,16 @@ COMMENT ON VIEW ironwod.connection_health IS 'Per-connection health; no_success_
 
 CREATE VIEW ironwod.runs WITH (security_invoker = true) AS
 SELECT r.tenant_id, r.gym_id, r.run_id, r.mode, r.status, r.requested_at, r.started_at, r.finished_at,
-       r.finished_at - r.started_at AS duration, r.requests, r.retries, r.error_code, r.last_error,
-       r.failed_phase,
+       r.finished_at - r.started_at AS duration, r.requests, r.retries, r.attempts_2xx, r.attempts_429,
+       r.attempts_4xx, r.attempts_5xx, r.attempts_network, r.attempts_envelope, r.token_wait_s, r.backoff_s,
+       r.bytes_received, r.error_code, r.last_error, r.failed_phase,
        (SELECT jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
-                                                             'unchanged', s.unchanged))
+                                                             'unchanged', s.unchanged, 'transformed', s.transformed,
+                                                             'deleted', s.deleted))
         FROM ironwod.sync_run_entities s
         WHERE s.tenant_id = r.tenant_id AND s.gym_id = r.gym_id AND s.run_id = r.run_id) AS entities
 FROM ironwod.sync_runs r;
-COMMENT ON VIEW ironwod.runs IS 'Sync runs with duration and per-entity counts';
+COMMENT ON VIEW ironwod.runs IS 'Sync runs with duration, attempts by outcome, waits, bytes and per-entity counts';
 
 -- API latency per run and endpoint (entity): the histogram of design.md §6.
 CREATE VIEW ironwod.run_latency WITH (security_invoker = true) AS

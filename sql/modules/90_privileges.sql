@@ -15,6 +15,8 @@ REVOKE ALL ON FUNCTION @extschema@.ironwod_status(uuid, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_tick() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_schedule(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_pause(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_resume(uuid, uuid) FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA ironwod TO ironwod_app, ironwod_admin, ironwod_worker;
 
@@ -22,7 +24,8 @@ GRANT USAGE ON SCHEMA ironwod TO ironwod_app, ironwod_admin, ironwod_worker;
 GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@.ironwod_public_key(),
     @extschema@.ironwod_connect(uuid, uuid, bytea), @extschema@.ironwod_connect(uuid, uuid, text),
     @extschema@.ironwod_sync(uuid, uuid, text), @extschema@.ironwod_wait(bigint, interval),
-    @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid)
+    @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid),
+    @extschema@.ironwod_pause(uuid, uuid), @extschema@.ironwod_resume(uuid, uuid)
     TO ironwod_app, ironwod_admin;
 GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded(),
     ironwod.latest_raw_versions(text), ironwod.latest_raw_versions(text, uuid, uuid, bigint[], boolean),
@@ -32,7 +35,7 @@ GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, con
               last_success_at, last_error_at, last_error, last_error_code, last_cursor_at,
               sync_window_days, consecutive_failures, breaker_opened_at, next_retry_at,
               nightly_local_time, reconcile_weekday, time_zone, backfill_completed_at,
-              created_at, updated_at)
+              paused_at, paused_by, created_at, updated_at)
     ON ironwod.integrations_wodify_connection TO ironwod_app, ironwod_admin;
 GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.run_units, ironwod.backfill_checkpoints,
     ironwod.entity_cursors, ironwod.sync_events, ironwod.entities, ironwod.master_keys,

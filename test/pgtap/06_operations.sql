@@ -1,0 +1,357 @@
+-- pgTAP: what an operator watches, without any worker: every alert of ironwod.alerts
+-- forced and cleared, who sees which alerts, ironwod.endpoint_latency, the progress
+-- of a running run and its ETA, pause and resume, the per-entity transformed
+-- counts, and the structured LOG line of a finished run.  The transaction rolls
+-- back, so the supervisor never sees these fixtures.
+BEGIN;
+SELECT plan(62);
+SET LOCAL client_min_messages = warning;
+
+-- Two gyms of two tenants; every other connection is parked out of ironwod_tick's way.
+UPDATE ironwod.integrations_wodify_connection SET next_retry_at = now() + interval '1 day';
+INSERT INTO ironwod.integrations_wodify_connection
+    (tenant_id, gym_id, status, api_key_ciphertext, time_zone, connected_at, last_success_at, backfill_completed_at,
+     next_retry_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'connected', '\x00', 'UTC',
+        now() - interval '60 days', now() - interval '1 hour', now() - interval '50 days', NULL),
+       ('b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2', 'b2b2b2b2-0000-0000-0000-000000000001', 'connected', '\x00', 'UTC',
+        now() - interval '60 days', now() - interval '2 days', now() - interval '50 days', now() + interval '1 day');
+
+CREATE FUNCTION pg_temp.alerts(p_tenant text) RETURNS text LANGUAGE sql AS $$
+    SELECT coalesce(string_agg(alert, ',' ORDER BY alert), '') FROM ironwod.alerts WHERE tenant_id = p_tenant::uuid
+$$;
+CREATE FUNCTION pg_temp.detail(p_tenant text, p_alert text) RETURNS jsonb LANGUAGE sql AS $$
+    SELECT detail FROM ironwod.alerts WHERE tenant_id = p_tenant::uuid AND alert = p_alert
+$$;
+CREATE FUNCTION pg_temp.a() RETURNS text LANGUAGE sql AS $$ SELECT pg_temp.alerts('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1') $$;
+
+SELECT is(pg_temp.a(), '', 'a healthy gym has no alert');
+SELECT is(pg_temp.alerts('b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2'), 'no_success_24h', 'a gym without a success for two days has');
+
+-- Who sees what: the app its own scope, admins every tenant.
+SELECT ironwod_set_scope('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001');
+UPDATE ironwod.integrations_wodify_connection SET last_success_at = now() - interval '25 hours'
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SET LOCAL ROLE ironwod_app;
+SELECT is((SELECT string_agg(DISTINCT tenant_id::text, ',') FROM ironwod.alerts),
+          'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'the app sees only its own gym''s alerts');
+RESET ROLE;
+SET LOCAL ROLE ironwod_admin;
+SELECT is((SELECT count(DISTINCT tenant_id) FROM ironwod.alerts
+           WHERE tenant_id IN ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2')),
+          2::bigint, 'an admin sees every tenant''s alerts');
+RESET ROLE;
+
+-- no_success_24h
+SELECT is(pg_temp.a(), 'no_success_24h', 'no_success_24h: 25 hours without a successful run');
+SELECT is((SELECT since FROM ironwod.alerts WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1'),
+          now() - interval '1 hour', 'no_success_24h: since the 24 hours ran out');
+UPDATE ironwod.integrations_wodify_connection SET last_success_at = now()
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SELECT is(pg_temp.a(), '', 'no_success_24h clears with a successful run');
+
+-- api_error_rate: failed attempts of the last 24 hours above ironwod.alert_error_rate.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, requests,
+                               attempts_2xx, attempts_429, attempts_5xx, attempts_network)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
+        now() - interval '2 hours', now() - interval '1 hour', 15, 10, 1, 3, 1);
+SELECT is(pg_temp.a(), '', 'api_error_rate: 15 attempts are fewer than ironwod.alert_min_requests (20)');
+SET LOCAL ironwod.alert_min_requests = 10;
+SELECT is(pg_temp.a(), 'api_error_rate', 'api_error_rate: 5 of 15 attempts failed');
+SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'api_error_rate') - 'threshold',
+          '{"failed": 5, "requests": 15, "error_rate": 0.3333,
+            "attempts": {"2xx": 10, "429": 1, "4xx": 0, "5xx": 3, "network": 1, "envelope": 0}}'::jsonb,
+          'api_error_rate: detail counts attempts by outcome');
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, requests, attempts_2xx)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
+        now() - interval '30 minutes', now() - interval '20 minutes', 200, 200);
+SELECT is(pg_temp.a(), '', 'api_error_rate clears when the share falls below 5%');
+SET LOCAL ironwod.alert_error_rate = 0.02;
+SELECT is(pg_temp.a(), 'api_error_rate', 'api_error_rate: the threshold is a GUC');
+UPDATE ironwod.sync_runs SET finished_at = now() - interval '25 hours', started_at = now() - interval '26 hours'
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1' AND attempts_5xx > 0;
+SELECT is(pg_temp.a(), '', 'api_error_rate clears once the failures are older than 24 hours');
+RESET ironwod.alert_error_rate;
+DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- breaker_open
+UPDATE ironwod.integrations_wodify_connection
+   SET status = 'error', consecutive_failures = 5, breaker_opened_at = now() - interval '10 minutes',
+       next_retry_at = now() + interval '1 hour', last_error_code = 'retries_exhausted'
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SELECT is(pg_temp.a(), 'breaker_open', 'breaker_open: the circuit breaker is open');
+SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'breaker_open') ->> 'needs_new_key', 'false',
+          'breaker_open: a breaker with a retry time does not need a new key');
+UPDATE ironwod.integrations_wodify_connection
+   SET status = 'connected', consecutive_failures = 0, breaker_opened_at = NULL, next_retry_at = NULL
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SELECT is(pg_temp.a(), '', 'breaker_open clears when the breaker closes');
+
+-- backfill_stalled: an unfinished backfill without a checkpoint or a landed page for
+-- ironwod.alert_backfill_stall.
+UPDATE ironwod.integrations_wodify_connection SET backfill_completed_at = NULL
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, heartbeat_at, finished_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'backfill', 'failed',
+        now() - interval '3 hours', now() - interval '2 hours', now() - interval '2 hours');
+SELECT is(pg_temp.a(), 'backfill_stalled', 'backfill_stalled: no progress for two hours');
+SET LOCAL ironwod.alert_backfill_stall = '3h';
+SELECT is(pg_temp.a(), '', 'backfill_stalled: the stall time is a GUC');
+RESET ironwod.alert_backfill_stall;
+INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, entity, window_key, pages, records, completed_by)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'invoices', '2025-01', 1, 0, 1);
+SELECT is(pg_temp.a(), '', 'backfill_stalled clears with a new checkpoint');
+DELETE FROM ironwod.backfill_checkpoints WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+UPDATE ironwod.integrations_wodify_connection SET backfill_completed_at = now()
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- not_entitled, cleared the way a worker clears it: a clean pull of the entity.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'reconcile', 'running', now());
+SELECT set_config('test.run', currval('ironwod.sync_run_id_seq')::text, true);
+INSERT INTO ironwod.entity_entitlements (tenant_id, gym_id, entity, last_checked_run)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'transactions', 0);
+SELECT is(pg_temp.a(), 'not_entitled', 'not_entitled: the plan does not include an entity');
+SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'not_entitled'), '{"entities": ["transactions"]}',
+          'not_entitled: detail names the entities');
+SET LOCAL ROLE ironwod_worker;
+SELECT ironwod.close_entity(current_setting('test.run')::bigint, 'transactions');
+RESET ROLE;
+SELECT is(pg_temp.a(), '', 'not_entitled clears when the entity is pulled cleanly again');
+DELETE FROM ironwod.sync_run_entities WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+DELETE FROM ironwod.entity_cursors WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- cancellation_spike: this month's cancellations against the trailing three-month
+-- mean, from the metrics cache (rows built with every other figure zero).
+CREATE FUNCTION pg_temp.cache_month(p_month date, p_churned integer) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO ironwod.gym_monthly_metrics_cache
+    SELECT * FROM jsonb_populate_record(NULL::ironwod.gym_monthly_metrics_cache,
+        (SELECT jsonb_object_agg(column_name, CASE WHEN data_type IN ('integer', 'numeric', 'bigint') THEN '0'::jsonb
+                                                   WHEN data_type = 'boolean' THEN 'false'::jsonb END)
+         FROM information_schema.columns
+         WHERE table_schema = 'ironwod' AND table_name = 'gym_monthly_metrics_cache')
+        || jsonb_build_object('tenant_id', 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1',
+                              'gym_id', 'a1a1a1a1-0000-0000-0000-000000000001', 'location_key', 'ALL',
+                              'program_key', 'ALL', 'month_start', p_month, 'time_zone', 'UTC',
+                              'history_start_date', '2020-01-01', 'computed_at', now(),
+                              'definitions_version', 'test', 'config_hash', 'test', 'churned_members', p_churned))
+$$;
+SELECT pg_temp.cache_month((date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => m))::date, c)
+FROM (VALUES (3, 2), (2, 3), (1, 4), (0, 7)) AS x(m, c);
+SELECT is(pg_temp.a(), 'cancellation_spike', 'cancellation_spike: 7 cancellations against a trailing mean of 3');
+SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'cancellation_spike') - 'month',
+          '{"cancellations": 7, "trailing_3_month_mean": 3.00, "factor": 2}'::jsonb,
+          'cancellation_spike: detail gives the month''s count and the baseline');
+SET LOCAL ironwod.alert_min_events = 8;
+SELECT is(pg_temp.a(), '', 'cancellation_spike: fewer than ironwod.alert_min_events cancellations never alert');
+RESET ironwod.alert_min_events;
+UPDATE ironwod.gym_monthly_metrics_cache SET churned_members = 6
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1'
+   AND month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date;
+SELECT is(pg_temp.a(), '', 'cancellation_spike clears at twice the mean (ironwod.alert_cancellation_factor)');
+DELETE FROM ironwod.gym_monthly_metrics_cache WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- attendance_drop: the last 7 days' visits against the trailing four weeks' weekly
+-- mean, up to the last successful sync.
+INSERT INTO ironwod.attendance_events (tenant_id, gym_id, signin_id, class_start_at, raw_id)
+SELECT 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', i,
+       now() - interval '8 days' - make_interval(hours => i * 12), i
+FROM generate_series(1, 40) i;                      -- 10 a week in the four weeks before
+INSERT INTO ironwod.attendance_events (tenant_id, gym_id, signin_id, class_start_at, raw_id)
+SELECT 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 100 + i,
+       now() - make_interval(hours => i * 20), 100 + i
+FROM generate_series(1, 4) i;                       -- 4 in the last 7 days
+SELECT is(pg_temp.a(), 'attendance_drop', 'attendance_drop: 4 visits in 7 days against 10 a week');
+SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'attendance_drop') - 'until',
+          '{"visits_last_7_days": 4, "trailing_weekly_mean": 10.00, "factor": 0.5}'::jsonb,
+          'attendance_drop: detail gives the week and the baseline');
+INSERT INTO ironwod.attendance_events (tenant_id, gym_id, signin_id, class_start_at, raw_id)
+SELECT 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 200 + i,
+       now() - make_interval(hours => i), 200 + i
+FROM generate_series(1, 2) i;
+SELECT is(pg_temp.a(), '', 'attendance_drop clears at half the weekly mean (ironwod.alert_attendance_factor)');
+UPDATE ironwod.attendance_events SET deleted_at = now()
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1' AND signin_id > 200;
+SELECT is(pg_temp.a(), 'attendance_drop', 'attendance_drop: soft-deleted visits do not count');
+DELETE FROM ironwod.attendance_events WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- A paused gym raises nothing.
+UPDATE ironwod.integrations_wodify_connection SET status = 'paused', last_success_at = now() - interval '3 days'
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SELECT is(pg_temp.a(), '', 'a paused gym raises no alert');
+UPDATE ironwod.integrations_wodify_connection SET status = 'connected', last_success_at = now()
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- endpoint_latency: quantiles per endpoint from the per-run histograms.
+SELECT is(ironwod.histogram_quantile('{0,10,0,0,0,0,0,0}', 0.5), 75::float8, 'median inside the 50-100 ms bucket');
+SELECT is(ironwod.histogram_quantile('{90,0,0,0,0,0,0,10}', 0.95), 5000::float8, 'a quantile in the open bucket is its lower bound');
+SELECT is(ironwod.histogram_quantile('{0,0,0,0,0,0,0,0}', 0.5), NULL, 'no samples, no quantile');
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
+        now() - interval '2 hours', now() - interval '1 hour');
+INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, pages, requests, attempts_2xx, attempts_5xx,
+                                       latency_hist, latency_ms)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001',
+        currval('ironwod.sync_run_id_seq'), 'clients', 10, 12, 10, 2, '{0,10,0,0,0,0,0,0}', 750);
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
+        now() - interval '3 days 1 hour', now() - interval '3 days');
+INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, pages, requests, attempts_2xx,
+                                       latency_hist, latency_ms)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001',
+        currval('ironwod.sync_run_id_seq'), 'clients', 10, 10, 10, '{0,0,0,0,10,0,0,0}', 7500);
+SELECT results_eq(
+    $$SELECT period, endpoint, requests, failed, samples, mean_ms, p50_ms, p95_ms, p99_ms FROM ironwod.endpoint_latency
+      WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1' ORDER BY period$$,
+    $$VALUES ('24h', '/clients', 12::bigint, 2::bigint, 10::bigint, 75.0, 75.0, 97.5, 99.5),
+             ('7d', '/clients', 22::bigint, 2::bigint, 20::bigint, 412.5, 100.0, 950.0, 990.0)$$,
+    'endpoint_latency: 24 hours hold the recent run, 7 days both');
+SET LOCAL ROLE ironwod_app;
+SELECT results_eq(
+    $$SELECT period, samples, p50_ms FROM ironwod.endpoint_latency WHERE tenant_id IS NULL AND entity = 'clients' ORDER BY period$$,
+    $$VALUES ('24h', 10::bigint, 75.0), ('7d', 20::bigint, 100.0)$$,
+    'endpoint_latency: the all-gyms rows add up what the caller may see');
+RESET ROLE;
+DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- run_progress: a backfill whose first three entities are done and whose fourth is
+-- under way, 100 seconds and 50 requests in.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, phase, started_at, heartbeat_at, requests)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'backfill', 'running', 'land',
+        now() - interval '100 seconds', now(), 50);
+SELECT set_config('test.run', currval('ironwod.sync_run_id_seq')::text, true);
+INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, status, units_total, units_done, pages, pulled)
+SELECT 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001',
+       current_setting('test.run')::bigint, e, s, t, d, p, n
+FROM (VALUES ('locations', 'completed', 1, 1, 1, 2), ('programs', 'completed', 1, 1, 1, 5),
+             ('clients', 'completed', 1, 1, 4, 300), ('memberships', 'running', 1, 0, 2, 200)) AS x(e, s, t, d, p, n);
+SELECT results_eq(
+    $$SELECT current_entity, entities_done, entities_total, units_done, units_total, fully_planned,
+             records_landed, requests, requests_remaining, rate, eta
+      FROM ironwod.run_progress WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1'$$,
+    format($$VALUES ('memberships', 3::bigint, 8::bigint, 3::bigint, %s::bigint, false, 507::bigint, 50, %s::bigint,
+                     0.50, make_interval(secs => %s))$$,
+           4 + 1 + 300 + 2 * (current_setting('ironwod.backfill_months')::int + 1),
+           1 + 1 + 300 + 2 * (current_setting('ironwod.backfill_months')::int + 1),
+           2 * (1 + 1 + 300 + 2 * (current_setting('ironwod.backfill_months')::int + 1))),
+    'run_progress: units expected from the strategies, sign-ins one per client, ETA at the run''s own pace');
+-- Once sign-ins are planned (120 of the 300 clients), they count as planned.
+INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, status, units_total)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001',
+        current_setting('test.run')::bigint, 'class_signins', 'running', 120);
+SELECT is((SELECT units_total FROM ironwod.run_progress WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1'),
+          (4 + 1 + 120 + 2 * (current_setting('ironwod.backfill_months')::int + 1))::bigint,
+          'run_progress: a planned entity counts its planned units');
+SELECT is((SELECT (progress ->> 'units_done')::int FROM ironwod_status('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1',
+                                                                     'a1a1a1a1-0000-0000-0000-000000000001')),
+          3, 'ironwod_status shows the active run''s progress');
+SET LOCAL ROLE ironwod_app;
+SELECT is((SELECT count(*) FROM ironwod.run_progress), 1::bigint, 'the app sees its own run''s progress');
+SELECT ok(ironwod.connection_rate('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001') > 0,
+          'the app may ask its own connection''s rate');
+SELECT is(ironwod.connection_rate('b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2', 'b2b2b2b2-0000-0000-0000-000000000001'), NULL,
+          'but not another tenant''s');
+RESET ROLE;
+
+-- Pause and resume.  The app pauses its own gym: the running run is cancelled (its
+-- worker stops at the next page), ticks skip it, ironwod_sync refuses.
+UPDATE ironwod.integrations_wodify_connection SET backfill_completed_at = NULL
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SET LOCAL ROLE ironwod_app;
+SELECT is(ironwod_pause('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001'), 'paused',
+          'ironwod_pause pauses the gym');
+SELECT is(ironwod_pause('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001'), 'paused',
+          'pausing twice is harmless');
+SELECT throws_ok($$SELECT ironwod_sync('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001')$$,
+                 '55000', 'gym a1a1a1a1-0000-0000-0000-000000000001 is paused', 'ironwod_sync refuses a paused gym');
+SELECT throws_ok($$SELECT ironwod_pause('b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2', 'b2b2b2b2-0000-0000-0000-000000000001')$$,
+                 '42501', NULL, 'the app cannot pause another tenant''s gym');
+RESET ROLE;
+SELECT results_eq($$SELECT status, last_error, finished_at IS NOT NULL FROM ironwod.sync_runs
+                    WHERE run_id = current_setting('test.run')::bigint$$,
+                  $$VALUES ('cancelled', 'paused', true)$$, 'the running run is cancelled');
+SET LOCAL ROLE ironwod_worker;
+SELECT throws_ok($$SELECT * FROM ironwod.land_page(current_setting('test.run')::bigint, 'memberships', 'full', 3,
+                                                   '{"memberships": []}', 1)$$,
+                 '55000', NULL, 'its worker stops at the next page');
+RESET ROLE;
+SELECT is(ironwod_tick(), 0, 'ironwod_tick skips a paused gym');
+-- A run queued by a call that raced the pause is cancelled when a worker claims it.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'backfill');
+SELECT set_config('test.run', currval('ironwod.sync_run_id_seq')::text, true);
+SET LOCAL ROLE ironwod_worker;
+SELECT is_empty($$SELECT * FROM ironwod.claim_run(current_setting('test.run')::bigint, 1)$$,
+                'a worker does not start a paused gym''s run');
+RESET ROLE;
+SELECT is((SELECT status FROM ironwod.sync_runs WHERE run_id = current_setting('test.run')::bigint), 'cancelled',
+          'it cancels it instead');
+SET LOCAL ROLE ironwod_app;
+SELECT is(ironwod_resume('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001'), 'connected',
+          'ironwod_resume restores the connection');
+RESET ROLE;
+SELECT is((SELECT paused_at FROM ironwod.integrations_wodify_connection
+           WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1'), NULL, 'and clears the pause');
+SELECT is(ironwod_tick(), 1, 'the schedule takes over again');
+SELECT is((SELECT mode FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1'
+           AND status = 'queued'), 'backfill', 'with the rest of the unfinished backfill');
+DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1' AND status = 'queued';
+UPDATE ironwod.integrations_wodify_connection SET breaker_opened_at = now(), status = 'error'
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SELECT ironwod_pause('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001');
+SELECT is(ironwod_resume('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001'), 'error',
+          'a gym paused with its breaker open resumes in error');
+UPDATE ironwod.integrations_wodify_connection SET status = 'pending', breaker_opened_at = NULL
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SELECT throws_ok($$SELECT ironwod_pause('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001')$$,
+                 '55000', NULL, 'a gym whose key is not validated yet cannot be paused');
+UPDATE ironwod.integrations_wodify_connection SET status = 'connected', backfill_completed_at = now()
+ WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- transformed per entity, and the LOG line of a finished run.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'running',
+        now() - interval '5 seconds');
+SELECT set_config('test.run', currval('ironwod.sync_run_id_seq')::text, true);
+SET LOCAL ROLE ironwod_worker;
+SELECT ironwod.plan_entity(current_setting('test.run')::bigint, 'locations');
+SELECT outcome FROM ironwod.land_page(current_setting('test.run')::bigint, 'locations', 'full', 1,
+    '{"locations": [{"id": 1, "name": "Main", "time_zone_iana": "UTC"}, {"id": 2, "name": "Annex"}],
+      "pagination": {"page": 1, "page_size": 100, "has_more": false}}', 1);
+SELECT ironwod.transform_step(current_setting('test.run')::bigint);
+RESET ROLE;
+SELECT is((SELECT transformed FROM ironwod.sync_run_entities
+           WHERE run_id = current_setting('test.run')::bigint AND entity = 'locations'), 2,
+          'transform_step records the canonical rows written per entity');
+SELECT set_config('test.log_from', (pg_stat_file('server.log')).size::text, true);
+SET LOCAL ROLE ironwod_worker;
+SELECT ironwod.fail_run(current_setting('test.run')::bigint, 'http', 'HTTP 500 on clients', 'fetch');
+RESET ROLE;
+CREATE TEMP TABLE logged AS
+SELECT substring(l FROM 'LOG:  (\{.*\})$')::jsonb AS j, l
+FROM regexp_split_to_table(pg_read_file('server.log', current_setting('test.log_from')::bigint,
+                                        (pg_stat_file('server.log')).size - current_setting('test.log_from')::bigint),
+                           E'\n') AS l
+WHERE l ~ '\] LOG:  \{' AND l LIKE '%"ironwod.run.finished"%';
+SELECT is((SELECT count(*) FROM logged), 1::bigint, 'a finished run writes one LOG line');
+SELECT is((SELECT j - 'started_at' - 'finished_at' - 'duration_s' - 'requested_by' FROM logged),
+          jsonb_build_object('event', 'ironwod.run.finished', 'run_id', current_setting('test.run')::bigint,
+                             'tenant_id', 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1',
+                             'gym_id', 'a1a1a1a1-0000-0000-0000-000000000001', 'mode', 'incremental',
+                             'status', 'failed', 'error_code', 'http', 'failed_phase', 'fetch',
+                             'requests', 1, 'retries', 0,
+                             'attempts', '{"2xx": 0, "429": 0, "4xx": 0, "5xx": 0, "network": 0, "envelope": 0}'::jsonb,
+                             'token_wait_s', 0, 'backoff_s', 0, 'bytes_received', 0,
+                             'entities', '{"locations": {"requests": 1, "pages": 1, "pulled": 2, "new": 2,
+                                           "unchanged": 0, "transformed": 2, "deleted": 0}}'::jsonb),
+          'the LOG line is JSON with ids, mode, status and counts, and no error text');
+SELECT ok((SELECT (j ->> 'duration_s')::numeric >= 5 FROM logged), 'and the run''s duration');
+SELECT is_empty($$SELECT 1 FROM regexp_split_to_table(pg_read_file('server.log', current_setting('test.log_from')::bigint,
+                        (pg_stat_file('server.log')).size - current_setting('test.log_from')::bigint), E'\n') l
+                  WHERE l ~ 'CONTEXT: .*log_(run|line)'$$,
+                'with no CONTEXT lines of its own');
+
+SELECT * FROM finish();
+ROLLBACK;
