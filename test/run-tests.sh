@@ -77,6 +77,11 @@ if want shell; then
     PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
     note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
 
+    # Its own simulator and two clusters of its own.
+    rc=0
+    PGBIN=$PGBIN bash test/shell/dump_restore.sh || rc=$?
+    note $rc "pg_dump / pg_restore under another name: every table, sequence, the registry edit and the digest survive; syncing resumes; DROP/CREATE EXTENSION"
+
     # Its own simulator (Wodify's real 5 req/s, burst 20) and its own cluster.
     rc=0
     PGBIN=$PGBIN bash test/shell/rate_limit.sh || rc=$?

@@ -13,11 +13,15 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Add ironwod to shared_preload_libraries in postgresql.conf and restart the server.';
     END IF;
+    -- Also what a restore under another database name meets first (pg_restore
+    -- runs CREATE EXTENSION): the hint gives the whole procedure.
     IF current_setting('ironwod.database_name') <> current_database() THEN
-        RAISE EXCEPTION 'ironwod can only be installed in database "%"',
-                        current_setting('ironwod.database_name')
+        RAISE EXCEPTION 'ironwod can only be installed in database "%", not in "%"',
+                        current_setting('ironwod.database_name'), current_database()
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'The ironwod supervisor serves one database; set ironwod.database_name and restart, or install it there.';
+                  DETAIL = 'The ironwod supervisor serves the one database named by ironwod.database_name.',
+                  HINT = format('To install or restore ironwod in this database, set ironwod.database_name = %L in postgresql.conf, restart the server, and run CREATE EXTENSION (or pg_restore) again.',
+                                current_database());
     END IF;
 END
 $guard$;
