@@ -1,4 +1,4 @@
--- 95_dump: what pg_dump carries.  Tables and sequences an extension creates are
+-- 98_dump: what pg_dump carries.  Tables and sequences an extension creates are
 -- left out of a dump unless registered with pg_extension_config_dump, so without
 -- this a restored database would have no connections, raw rows, runs, watermarks,
 -- caches or master keys.  Registration happens here, near the end of the install
