@@ -40,6 +40,17 @@ BEGIN
     -- Citus's per-table NOTICEs (copying local data) are noise here.
     SET LOCAL client_min_messages = warning;
 
+    -- Citus refuses triggers on reference tables.  The only ones (98_dump) lay
+    -- restored rows over the install-time rows in a single-node pg_restore,
+    -- which is not how a Citus cluster is backed up and restored.
+    FOR v_next IN
+        SELECT g.tgrelid::regclass FROM pg_catalog.pg_trigger g
+        JOIN pg_catalog.pg_class c ON c.oid = g.tgrelid
+        WHERE g.tgname = 'ironwod_restore_merge' AND c.relnamespace = 'ironwod'::regnamespace
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER ironwod_restore_merge ON %s', v_next);
+    END LOOP;
+
     -- Generic over the schema: whatever tables later modules (or later versions)
     -- add are found by their columns, not listed here.  Tables without a tenant
     -- first: a distributed table may reference a reference table, not the reverse.

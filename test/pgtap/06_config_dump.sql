@@ -2,7 +2,7 @@
 -- that is not registered with pg_extension_config_dump would silently be missing
 -- from every backup; this fails for any that a later module or upgrade forgets.
 BEGIN;
-SELECT plan(5);
+SELECT plan(6);
 
 CREATE TEMP VIEW ironwod_relations AS
     SELECT c.oid, c.relname, c.relkind
@@ -21,9 +21,12 @@ SELECT is((SELECT string_agg(relname, ', ' ORDER BY relname) FROM ironwod_relati
            WHERE r.relkind = 'S' AND r.oid NOT IN (SELECT oid FROM registered)),
           NULL, 'every ironwod sequence (identity ones included) is registered');
 SELECT is((SELECT string_agg(r.oid::regclass::text, ', ' ORDER BY 1) FROM registered g
-           JOIN pg_class r ON r.oid = g.oid WHERE g.condition <> ''
-             AND r.oid <> 'ironwod.entities'::regclass),
-          NULL, 'only the entity registry is dumped with a filter');
+           JOIN pg_class r ON r.oid = g.oid
+           WHERE (g.condition <> '') <> EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = r.oid
+                                                AND a.attname = 'installed_definition')
+              OR (g.condition <> '' AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = r.oid
+                                                AND a.attname = 'tenant_id'))),
+          NULL, 'tenant tables are dumped in full; only tables with install-time rows are filtered');
 SELECT cmp_ok((SELECT count(*) FROM ironwod_relations WHERE relkind = 'r'), '>=', 30::bigint,
               'the check sees the tables (it is not vacuous)');
 
@@ -36,6 +39,10 @@ SELECT is((SELECT string_agg(e.entity, ',') FROM ironwod.entities e
            WHERE (to_jsonb(e) - 'installed_definition') IS DISTINCT FROM e.installed_definition
              AND e.entity NOT IN (SELECT entity FROM dumped_before)),
           'clients', 'an edited registry row is dumped; the unedited ones are not');
+
+SELECT ok((SELECT count(*) FROM registered WHERE condition <> '') >= 1
+          AND 'ironwod.entities'::regclass IN (SELECT oid FROM registered WHERE condition <> ''),
+          'the entity registry is one of the filtered tables');
 
 SELECT * FROM finish();
 ROLLBACK;
