@@ -13,7 +13,7 @@
 
 EXTENSION = ironwod
 MODULE_big = ironwod
-OBJS = src/ironwod.o src/shmem.o src/supervisor.o src/run.o src/http.o \
+OBJS = src/ironwod.o src/shmem.o src/launcher.o src/supervisor.o src/run.o src/http.o \
        src/ratelimit.o src/land.o src/crypto.o src/masterkey.o src/loghook.o \
        src/sqlfuncs.o src/wire.o src/page.o src/observe.o
 

@@ -3,7 +3,7 @@
  * ironwod.c
  *	  Module entry point: refuses to load unless preloaded, defines every
  *	  ironwod.* GUC, installs the shared memory and log hooks, and registers
- *	  the supervisor background worker.
+ *	  the launcher background worker.
  *
  *-------------------------------------------------------------------------
  */
@@ -268,5 +268,5 @@ _PG_init(void)
 	iw_shmem_init_hooks();
 	iw_ratelimit_init_hooks();
 	iw_install_log_hook();
-	iw_register_supervisor();
+	iw_register_launcher();
 }

@@ -7,7 +7,9 @@
  *	  ironwod.c    _PG_init, GUC definitions, worker registration
  *	  shmem.c      shared memory: supervisor pid, wake at commit, run slots,
  *	               validation slots, condition variables
- *	  supervisor.c the static "ironwod supervisor" background worker
+ *	  launcher.c   the static "ironwod launcher": waits for the database, then
+ *	               starts (and restarts) the supervisor in it
+ *	  supervisor.c the "ironwod supervisor" background worker
  *	  run.c        the dynamic "ironwod run" and "ironwod validate" workers
  *	  http.c       libcurl wrapper: one easy handle per run, backoff
  *	  ratelimit.c  token buckets in shared memory: per connection and
@@ -146,7 +148,8 @@ typedef struct IwRunArgs
 extern PGDLLEXPORT void ironwod_supervisor_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_run_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_validate_main(Datum main_arg);
-extern void iw_register_supervisor(void);
+extern PGDLLEXPORT void ironwod_launcher_main(Datum main_arg);
+extern void iw_register_launcher(void);
 struct BackgroundWorker;
 extern void iw_prepare_dynamic_worker(struct BackgroundWorker *worker, const char *function,
 									  const char *type, const IwRunArgs *args);

@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * supervisor.c
- *	  The static "ironwod supervisor" background worker.
+ *	  The "ironwod supervisor" background worker, started in
+ *	  ironwod.database_name by the launcher (launcher.c).
  *
  *	  A level-triggered loop: each tick it reconciles what the queue says
  *	  with what is really running (runs whose worker is gone are failed),
@@ -45,25 +46,10 @@ static bool slots_exhausted_logged = false;
 
 StaticAssertDecl(sizeof(IwRunArgs) <= BGW_EXTRALEN, "IwRunArgs must fit in bgw_extra");
 
-void
-iw_register_supervisor(void)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 10;
-	strlcpy(worker.bgw_library_name, "ironwod", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "ironwod_supervisor_main", BGW_MAXLEN);
-	strlcpy(worker.bgw_name, "ironwod supervisor", BGW_MAXLEN);
-	strlcpy(worker.bgw_type, "ironwod supervisor", BGW_MAXLEN);
-	RegisterBackgroundWorker(&worker);
-}
-
 /*
- * A dynamic worker of ours ("ironwod run", "ironwod validate"): never restarted
- * by the postmaster (a run is retried through the queue, not by respawning),
+ * A dynamic worker of ours ("ironwod supervisor", "ironwod run", "ironwod
+ * validate"): never restarted by the postmaster (a run is retried through the
+ * queue, the supervisor restarted by the launcher, not by respawning),
  * reporting its exit to the registering process, with its arguments in
  * bgw_extra (never a pointer: pitfall 17).
  */

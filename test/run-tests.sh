@@ -77,6 +77,10 @@ if want shell; then
     PGBIN=$PGBIN bash test/shell/not_preloaded.sh || rc=$?
     note $rc "CREATE EXTENSION without shared_preload_libraries fails clearly"
 
+    rc=0
+    PGBIN=$PGBIN bash test/shell/config_checks.sh || rc=$?
+    note $rc "configuration problems found early: missing database, ironwod.check_config()"
+
     # Its own simulator and two clusters of its own.
     rc=0
     PGBIN=$PGBIN bash test/shell/dump_restore.sh || rc=$?
