@@ -15,7 +15,7 @@ EXTENSION = ironwod
 MODULE_big = ironwod
 OBJS = src/ironwod.o src/shmem.o src/launcher.o src/supervisor.o src/run.o src/http.o \
        src/ratelimit.o src/land.o src/crypto.o src/masterkey.o src/loghook.o \
-       src/sqlfuncs.o src/wire.o src/page.o src/observe.o
+       src/sqlfuncs.o src/configcheck.o src/wire.o src/page.o src/observe.o
 
 DATA_built = sql/ironwod--1.0.sql
 SQL_MODULES = $(sort $(wildcard sql/modules/*.sql))

@@ -224,6 +224,18 @@ extern void iw_x25519_public_from_private(const uint8 *private_key,
 										  uint8 *public_key);
 extern void iw_load_master_key(const char *key_id, uint8 *private_key_out);
 
+/* what the master key command prints, without the private keys */
+typedef struct IwKeyInfo
+{
+	char		key_id[65];
+	uint8		public_key[IW_X25519_KEYLEN];
+} IwKeyInfo;
+
+extern int	iw_master_key_inventory(IwKeyInfo *keys, int max_keys);
+
+/* ---- configuration checks (configcheck.c) ---- */
+extern IwVerdict iw_check_master_keys(char *message, size_t len);
+
 /* ---- landing and run state over SPI (land.c) ---- */
 
 typedef struct IwClaim

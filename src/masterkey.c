@@ -339,3 +339,95 @@ iw_load_master_key(const char *key_id, uint8 *private_key_out)
 	}
 	PG_END_TRY();
 }
+
+/* Derive a key line's public half; the private key is wiped on every path. */
+static void
+iw_describe_key(uint8 *key, const char *id, size_t id_len, IwKeyInfo *out)
+{
+	PG_TRY();
+	{
+		iw_x25519_public_from_private(key, out->public_key);
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(key, IW_X25519_KEYLEN);
+	}
+	PG_END_TRY();
+	memcpy(out->key_id, id, id_len);
+	out->key_id[id_len] = '\0';
+}
+
+/* Validate every line, as iw_find_key does, and describe each key line. */
+static int
+iw_inventory_lines(const char *buf, size_t len, IwKeyInfo *keys, int max_keys)
+{
+	size_t		pos = 0;
+	int			lineno = 0;
+	int			n = 0;
+	uint8		key[IW_X25519_KEYLEN];
+
+	while (pos < len)
+	{
+		const char *line = buf + pos;
+		const char *nl = memchr(line, '\n', len - pos);
+		size_t		line_len = nl ? (size_t) (nl - line) : len - pos;
+		const char *id = NULL;
+		size_t		id_len = 0;
+		IwKeyLineKind kind;
+
+		lineno++;
+		pos += line_len + (nl ? 1 : 0);
+		kind = iw_parse_key_line(line, line_len, &id, &id_len, key);
+		if (kind == IW_KEYLINE_SKIP)
+			continue;
+		if (kind == IW_KEYLINE_MALFORMED)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("line %d of the output of ironwod.master_key_command is malformed",
+							lineno),
+					 errhint("Each line must be \"<key id> <64 hex digits>\", blank, or a comment starting with \"#\".")));
+		if (n < max_keys)
+			iw_describe_key(key, id, id_len, &keys[n]);
+		explicit_bzero(key, sizeof(key));
+		n++;
+	}
+	return n;
+}
+
+/*
+ * iw_master_key_inventory
+ *		Run the master key command and describe what it prints, keeping no key.
+ *
+ * For the configuration checks: the whole output is validated as loading
+ * does (same errors, same wiping), and for each key line its id and public
+ * half are returned, the public half derived from the private key, which is
+ * wiped at once.  Returns the number of keys printed (at most max_keys are
+ * described).
+ */
+int
+iw_master_key_inventory(IwKeyInfo *keys, int max_keys)
+{
+	char	   *buf;
+	volatile int n = 0;
+
+	if (ironwod_master_key_command == NULL ||
+		ironwod_master_key_command[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("ironwod.master_key_command is not set")));
+
+	buf = palloc(IW_MASTER_KEY_OUTPUT_MAX + 1);
+	PG_TRY();
+	{
+		size_t		len = iw_read_command_output(buf, IW_MASTER_KEY_OUTPUT_MAX + 1);
+
+		n = iw_inventory_lines(buf, len, keys, max_keys);
+	}
+	PG_FINALLY();
+	{
+		explicit_bzero(buf, IW_MASTER_KEY_OUTPUT_MAX + 1);
+		pfree(buf);
+	}
+	PG_END_TRY();
+	return n;
+}

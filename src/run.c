@@ -559,6 +559,14 @@ ironwod_validate_main(Datum main_arg)
 	SET_VARSIZE(sealed, VARHDRSZ + slot->sealed_len);
 	memcpy(VARDATA(sealed), slot->sealed, slot->sealed_len);
 	LWLockRelease(iw_shared->lock);
+
+	/* no sealed key: ironwod.check_config() asks about the master key command */
+	if (VARSIZE(sealed) == VARHDRSZ)
+	{
+		verdict = iw_check_master_keys(message, sizeof(message));
+		publish_verdict(&args, verdict, 0, NULL, message);
+		proc_exit(0);
+	}
 	iw_ratelimit_bind(&args.tenant_id, &args.gym_id);
 
 	PG_TRY();

@@ -30,6 +30,7 @@ PG_FUNCTION_INFO_V1(ironwod_sealed_key_id);
 PG_FUNCTION_INFO_V1(ironwod_seal_key);
 PG_FUNCTION_INFO_V1(ironwod_validate_sealed_key);
 PG_FUNCTION_INFO_V1(ironwod_worker_status);
+PG_FUNCTION_INFO_V1(ironwod_probe_master_key_command);
 PG_FUNCTION_INFO_V1(ironwod_rate_limits);
 PG_FUNCTION_INFO_V1(ironwod_note_queued_run);
 PG_FUNCTION_INFO_V1(ironwod_run_queued_here);
@@ -328,6 +329,38 @@ await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
 }
 
 /*
+ * Hand a sealed key (or none: the master key check) to a validate worker in a
+ * shared memory slot and wait for its verdict until the timeout; message is
+ * 256 bytes.
+ */
+static void
+ask_validate_worker(const bytea *sealed, const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
+					int32 timeout_ms, IwVerdict *verdict, int *http_status,
+					char *fingerprint, char *message)
+{
+	uint32		generation;
+	int			slot = claim_validation_slot(sealed, &generation);
+
+	if (slot < 0)
+	{
+		snprintf(message, 256, "all %d validation slots are busy", IW_MAX_VALIDATION_SLOTS);
+		return;
+	}
+	PG_TRY();
+	{
+		await_verdict(slot, generation, tenant_id, gym_id, timeout_ms, verdict,
+					  http_status, fingerprint, message);
+	}
+	PG_CATCH();
+	{
+		release_validation_slot(slot, generation);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	release_validation_slot(slot, generation);
+}
+
+/*
  * Ask a validate worker whether Wodify accepts the key, and wait for the
  * verdict at most ironwod.validate_timeout_ms.  The worker gets the sealed bytes through shared
  * memory because the connection row that holds them is not committed yet.
@@ -346,8 +379,6 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 	int			http_status = 0;
 	char		fingerprint[IW_FINGERPRINT_LEN] = "";
 	char		message[256] = "";
-	int			slot;
-	uint32		generation;
 
 	require_shmem();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -357,24 +388,8 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("sealed API key is larger than %d bytes", IW_MAX_SEALED_BYTES)));
 
-	slot = claim_validation_slot(sealed, &generation);
-	if (slot < 0)
-		snprintf(message, sizeof(message), "all %d validation slots are busy", IW_MAX_VALIDATION_SLOTS);
-	else
-	{
-		PG_TRY();
-		{
-			await_verdict(slot, generation, tenant_id, gym_id, timeout_ms, &verdict,
-						  &http_status, fingerprint, message);
-		}
-		PG_CATCH();
-		{
-			release_validation_slot(slot, generation);
-			PG_RE_THROW();
-		}
-		PG_END_TRY();
-		release_validation_slot(slot, generation);
-	}
+	ask_validate_worker(sealed, tenant_id, gym_id, timeout_ms, &verdict, &http_status,
+						fingerprint, message);
 
 	values[0] = CStringGetTextDatum(verdict_name(verdict));
 	values[1] = Int32GetDatum(http_status);
@@ -382,6 +397,55 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 	values[2] = CStringGetTextDatum(fingerprint);
 	nulls[2] = (fingerprint[0] == '\0');
 	values[3] = CStringGetTextDatum(message);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * ironwod.check_config()'s look at what the master key command prints: a
+ * validate worker (the only kind of process that may hold private keys) runs
+ * it and reports key ids and counts, or why it failed.  A command that hangs
+ * shows up as no verdict in time.
+ */
+Datum
+ironwod_probe_master_key_command(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+	bytea	   *none = palloc(VARHDRSZ);
+	pg_uuid_t	nobody;
+	IwVerdict	verdict = IW_VERDICT_UNAVAILABLE;
+	int			http_status = 0;
+	char		fingerprint[IW_FINGERPRINT_LEN] = "";
+	char		message[256] = "";
+	int32		timeout_ms = ironwod_validate_timeout_ms;
+	const char *hint = NULL;
+
+	require_shmem();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	SET_VARSIZE(none, VARHDRSZ);
+	memset(&nobody, 0, sizeof(nobody));
+	ask_validate_worker(none, &nobody, &nobody, timeout_ms, &verdict, &http_status,
+						fingerprint, message);
+	if (verdict == IW_VERDICT_KEYSTORE)
+		hint = "Run the command as the server's OS user (for example sudo -u postgres <command>): it must print one \"<key id> <64 hex private key>\" line per master key, including every registered one, and exit 0; what it writes to standard error is in the server log.";
+	else if (verdict != IW_VERDICT_VALID)
+	{
+		if (strncmp(message, "no verdict within", 17) == 0)
+		{
+			snprintf(message, sizeof(message),
+					 "ironwod.master_key_command did not finish within %d ms: it hangs, or waits for input",
+					 timeout_ms);
+			hint = "The command must print the keys and exit without waiting for anything; check the KMS it calls.";
+		}
+		else
+			hint = "See the server log.";
+	}
+	values[0] = BoolGetDatum(verdict == IW_VERDICT_VALID);
+	values[1] = CStringGetTextDatum(message);
+	values[2] = hint ? CStringGetTextDatum(hint) : (Datum) 0;
+	nulls[2] = (hint == NULL);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

@@ -15,6 +15,8 @@
  */
 #include "ironwod.h"
 
+#include <sys/stat.h>
+
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
@@ -27,6 +29,7 @@
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
 #include "utils/acl.h"
+#include "utils/guc.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -365,6 +368,65 @@ extension_ready(void)
 	return SPI_processed == 1;
 }
 
+/*
+ * What the configuration checks depend on that a reload can change: the
+ * settings they read and pg_hba.conf.  The checks run again only when this
+ * changes, so a reload that touches nothing of ours costs nothing.
+ */
+static char *
+config_fingerprint(void)
+{
+	struct stat st;
+	long		hba_mtime = 0;
+
+	if (HbaFileName != NULL && stat(HbaFileName, &st) == 0)
+		hba_mtime = (long) st.st_mtime;
+	return psprintf("%s|%s|%s|%d|%d|%d|%ld", ironwod_master_key_command, ironwod_worker_role,
+					ironwod_base_url, (int) ironwod_allow_http, ironwod_max_workers,
+					max_worker_processes, hba_mtime);
+}
+
+/*
+ * Configuration problems found early: when the supervisor starts, and after a
+ * reload that changed what the checks read, every failing row of
+ * ironwod.check_config() becomes a WARNING with its hint (never a secret: the
+ * checks report paths, ids and counts only).
+ */
+static void
+check_config_if_changed(void)
+{
+	static char *checked = NULL;
+	char	   *now = config_fingerprint();
+	uint64		i;
+	int			failed = 0;
+
+	if (checked != NULL && strcmp(checked, now) == 0)
+		return;
+	/* remembered first: a check that raises is not retried every tick */
+	if (checked != NULL)
+		pfree(checked);
+	checked = MemoryContextStrdup(TopMemoryContext, now);
+
+	if (SPI_execute("SELECT check_name, message, hint FROM ironwod.check_config() WHERE NOT ok",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not run ironwod.check_config()");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *hint = SPI_getvalue(tup, desc, 3);
+
+		ereport(WARNING,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("ironwod configuration problem (%s): %s",
+						SPI_getvalue(tup, desc, 1), SPI_getvalue(tup, desc, 2)),
+				 hint ? errhint("%s", hint) : 0));
+		failed++;
+	}
+	if (failed == 0)
+		ereport(LOG, (errmsg("ironwod configuration checks passed (ironwod.check_config())")));
+}
+
 static void
 supervise_tick(void)
 {
@@ -375,6 +437,16 @@ supervise_tick(void)
 		launch();
 		prune();
 	}
+	iw_txn_commit();
+}
+
+/* In a transaction of its own: the checks may wait for a validate worker. */
+static void
+check_tick(void)
+{
+	iw_txn_begin("ironwod supervisor configuration checks");
+	if (!citus_worker_node() && extension_ready())
+		check_config_if_changed();
 	iw_txn_commit();
 }
 
@@ -409,6 +481,7 @@ ironwod_supervisor_main(Datum main_arg)
 		PG_TRY();
 		{
 			supervise_tick();
+			check_tick();
 		}
 		PG_CATCH();
 		{

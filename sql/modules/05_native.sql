@@ -44,3 +44,11 @@ CREATE FUNCTION ironwod.rate_limits(OUT tenant_id uuid, OUT gym_id uuid, OUT tok
                                     OUT throttled_count bigint) RETURNS SETOF record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_rate_limits';
 COMMENT ON FUNCTION ironwod.rate_limits() IS 'Rate limiter state from shared memory: one row per connection bucket, plus the cluster-wide bucket with NULL tenant_id and gym_id; rate is requests/s after the 429 adaptation, paused_until is set while a 429 pause lasts';
+
+CREATE FUNCTION ironwod.key_command_access(OUT ok boolean, OUT message text, OUT hint text) RETURNS record
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_key_command_access';
+COMMENT ON FUNCTION ironwod.key_command_access() IS 'Whether the server''s OS user can run the program ironwod.master_key_command names (exists, directories searchable, executable, readable, not writable by others), without running it; message and hint name cause and fix';
+
+CREATE FUNCTION ironwod.probe_master_key_command(OUT ok boolean, OUT message text, OUT hint text) RETURNS record
+LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_probe_master_key_command';
+COMMENT ON FUNCTION ironwod.probe_master_key_command() IS 'Have a validate worker run ironwod.master_key_command and compare what it prints with the registered master keys (ids and counts only; waits at most ironwod.validate_timeout_ms)';

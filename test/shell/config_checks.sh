@@ -5,6 +5,15 @@
 #     not exist: the launcher says so once, with the fix, instead of a FATAL
 #     every ten seconds, and starts the supervisor as soon as the database is
 #     created;
+#  2. ironwod.check_config() names cause and fix for: no master key registered,
+#     a key command in a directory the server cannot search (what test/devkey.sh
+#     run as root leaves), a key command that is not executable, pg_hba.conf
+#     letting the worker role in (and reject lines placed after the lines that
+#     match first), and says all is well once everything is right; the
+#     supervisor logs each problem as a WARNING after the reload that caused it;
+#  3. what the key command prints, as a validate worker sees it (ids and counts
+#     only, never a key): garbage, a key that does not match the registered
+#     public key, the registered key missing, a failing command;
 #
 # Usage: bash test/shell/config_checks.sh  (PGBIN may name a PostgreSQL 15 bin
 # directory that already has this build of ironwod installed.)
@@ -47,3 +56,93 @@ wait_for "the supervisor in metrics" supervising
 grep -q 'LOG:  database "metrics" exists now; starting the ironwod supervisor' "$LOG" || fail "no notice when the database appeared"
 ! grep -q 'FATAL:' "$LOG" || fail "a FATAL in the server log: $(grep 'FATAL:' "$LOG" | head -3)"
 echo "ok - missing database: one warning with the fix, no FATAL; the supervisor starts once it exists"
+
+# ---- 2. ironwod.check_config() ------------------------------------------------
+export PGDATABASE=metrics
+psql -qX -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION ironwod' >/dev/null
+# check NAME: "ok|message|hint" of one check
+check() { psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT CASE WHEN ok THEN 't' ELSE 'f' END || '|' || message || '|' || coalesce(hint, '') FROM ironwod.check_config() WHERE check_name = '$1'"; }
+expect() {
+    local name=$1 want_ok=$2 pattern=$3 got
+    got=$(check "$name")
+    [ "${got%%|*}" = "$want_ok" ] && [[ $got == *$pattern* ]] || fail "check $name: want ok=$want_ok and '$pattern', got: $got"
+}
+# Reload, and wait until this server sees the new setting.
+set_conf() {
+    psql -qX -v ON_ERROR_STOP=1 -c "ALTER SYSTEM SET $1 = '$2'" -c 'SELECT pg_reload_conf()' >/dev/null
+    seen() { [ "$(psql -qAtX -c "SELECT current_setting('$1')")" = "$2" ]; }
+    wait_for "$1 to be reloaded" seen "$1" "$2"
+}
+supervisor_warned() { grep -q "WARNING:  ironwod configuration problem ($1)" "$LOG"; }
+
+expect master_key f 'no master key is registered'
+register_dev_key >/dev/null
+expect master_key t 'API keys are sealed to master key "dev-1"'
+expect database t 'the supervisor serves this database'
+expect supervisor t 'is running'
+
+# test/devkey.sh run as root into a fresh directory: root's, mode 0700.
+ROOTKEYS=$WORK/rootkeys
+mkdir -m 0700 "$ROOTKEYS"
+bash "$REPO/test/devkey.sh" "$ROOTKEYS" dev-1 >/dev/null
+set_conf ironwod.master_key_command "$ROOTKEYS/master_key_command.sh"
+expect master_key_command f "directory \"$ROOTKEYS\" (owner uid 0, mode 0700) cannot be searched by the server's OS user \"postgres\""
+expect master_key_command f "chown postgres \"$ROOTKEYS\""
+wait_for "the supervisor's warning about the key command" supervisor_warned master_key_command
+
+# A key command that is not executable.
+cp "$WORK/keys/master_key_command.sh" "$WORK/keys/not_executable.sh"
+chmod 0644 "$WORK/keys/not_executable.sh"
+chown postgres "$WORK/keys/not_executable.sh"
+set_conf ironwod.master_key_command "$WORK/keys/not_executable.sh"
+expect master_key_command f 'is not executable by the server'"'"'s OS user "postgres"'
+set_conf ironwod.master_key_command "$WORK/keys/master_key_command.sh"
+expect master_key_command t 'can be run by the server'"'"'s OS user "postgres"'
+
+# pg_hba.conf: initdb's trust lines let the worker role in; reject lines after
+# them change nothing; reject lines first close both doors.
+HBA=$WORK/data/pg_hba.conf
+expect worker_pg_hba f 'over the Unix socket with trust'
+printf 'local all ironwod_worker reject\nhost all ironwod_worker all reject\n' >>"$HBA"
+expect worker_pg_hba f 'over the Unix socket with trust'
+{ printf 'local all ironwod_worker reject\nhost all ironwod_worker all reject\n'; cat "$HBA"; } >"$HBA.new"
+mv "$HBA.new" "$HBA"
+chown postgres "$HBA"
+expect worker_pg_hba t 'rejects "ironwod_worker" before any rule'
+# only the network closed: the socket stays open
+{ printf 'host all ironwod_worker all reject\n'; grep -v '^local all ironwod_worker reject' "$HBA"; } >"$HBA.new"
+mv "$HBA.new" "$HBA"
+chown postgres "$HBA"
+expect worker_pg_hba f 'over the Unix socket'
+{ printf 'local all ironwod_worker reject\n'; cat "$HBA"; } >"$HBA.new"
+mv "$HBA.new" "$HBA"
+chown postgres "$HBA"
+psql -qAtX -c 'SELECT pg_reload_conf()' >/dev/null
+
+# What the command prints, as a validate worker sees it.
+expect master_key_output t 'the command prints 1 key (dev-1); every registered master key is among them and matches'
+script() {   # script NAME BODY: a key command owned by the server, mode 0755
+    printf '#!/bin/sh\n%s\n' "$2" >"$WORK/keys/$1"
+    chown postgres "$WORK/keys/$1"
+    chmod 0755 "$WORK/keys/$1"
+    set_conf ironwod.master_key_command "$WORK/keys/$1"
+}
+script garbage.sh 'echo "hello from the KMS"'
+expect master_key_output f 'line 1 of the output of ironwod.master_key_command is malformed'
+expect master_key_output f 'sudo -u postgres'
+wait_for "the supervisor's warning about the output" supervisor_warned master_key_output
+OTHER=$(mktemp -d "$WORK/other.XXXXXX")
+bash "$REPO/test/devkey.sh" "$OTHER" dev-1 >/dev/null
+chown -R postgres "$OTHER"
+script wrong_key.sh "cat '$OTHER/master.keys'"
+expect master_key_output f 'key "dev-1" is not the private half of the registered public key'
+script missing_key.sh "echo 'dev-2 $(printf '%064d' 7)'"
+expect master_key_output f 'registered key "dev-1" (the active one) is not printed'
+script failing.sh 'echo "KMS unreachable" >&2; exit 3'
+expect master_key_output f 'ironwod.master_key_command failed'
+set_conf ironwod.master_key_command "$WORK/keys/master_key_command.sh"
+grep -q 'hello from the KMS' "$LOG" && fail "the command's output reached the server log"
+
+bad=$(psql -qAtX -c "SELECT string_agg(check_name || ': ' || message, '; ') FROM ironwod.check_config() WHERE NOT ok")
+[ -z "$bad" ] || fail "checks still failing with a good configuration: $bad"
+echo "ok - ironwod.check_config(): missing master key, unsearchable key directory, non-executable command, pg_hba order, garbage, wrong or missing keys, a failing command; all clear when right"

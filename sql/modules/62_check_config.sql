@@ -1,0 +1,175 @@
+-- 62_check_config: configuration problems found early.  ironwod.check_config()
+-- returns one row per check, each failure with a message that names the cause
+-- and a hint that names the fix; the supervisor runs it when it starts (and after
+-- every configuration reload) and logs each failure as a WARNING.  Nothing here
+-- returns or logs a secret: the master key command is run by a validate worker,
+-- which reports key ids and counts only.
+
+-- Who may log in as the worker role, according to pg_hba.conf as it is on disk
+-- (pg_hba_file_rules), per channel: the first rule that applies to the role wins,
+-- as in PostgreSQL itself.  The worker role has LOGIN (background workers need it
+-- on PostgreSQL 15) and no password; background workers skip pg_hba, so every
+-- rule that lets it in is a door nobody needs.
+CREATE FUNCTION ironwod.worker_hba_problems(p_role name, p_database name)
+RETURNS TABLE (channel text, line_number integer, auth_method text, address text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    v_local_done boolean := false;
+    v_host_done boolean := false;
+BEGIN
+    FOR r IN
+        SELECT h.line_number, h.type, h.auth_method, h.address, h.netmask
+        FROM pg_hba_file_rules h
+        WHERE h.error IS NULL
+          AND (h.user_name && ARRAY['all', p_role]::text[]
+               OR EXISTS (SELECT 1 FROM unnest(h.user_name) u
+                          WHERE u LIKE '+%' AND EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = substr(u, 2))
+                            AND pg_has_role(p_role, substr(u, 2), 'MEMBER')))
+          AND (h.database && ARRAY['all', p_database]::text[]
+               OR ('sameuser' = ANY (h.database) AND p_role = p_database)
+               OR ('samerole' = ANY (h.database) AND EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = p_database)
+                   AND pg_has_role(p_role, p_database, 'MEMBER')))
+        ORDER BY h.line_number
+    LOOP
+        IF r.type = 'local' THEN
+            IF NOT v_local_done THEN
+                v_local_done := true;
+                IF r.auth_method <> 'reject' THEN
+                    channel := 'local'; line_number := r.line_number; auth_method := r.auth_method; address := NULL;
+                    RETURN NEXT;
+                END IF;
+            END IF;
+        ELSIF NOT v_host_done THEN
+            -- a reject for every address closes the network; a narrower one does not
+            IF r.auth_method = 'reject' THEN
+                v_host_done := r.address = 'all'
+                               OR (r.address IN ('0.0.0.0', '::') AND r.netmask IN ('0.0.0.0', '::'));
+            ELSE
+                channel := 'host'; line_number := r.line_number; auth_method := r.auth_method;
+                address := coalesce(r.address || coalesce('/' || r.netmask, ''), 'all');
+                RETURN NEXT;
+                -- an all-address rule that admits the role hides everything after it
+                v_host_done := r.address = 'all';
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION ironwod.worker_hba_problems(name, name) IS 'The pg_hba.conf rules (on disk) that let a role log in to a database: per channel (local, host), the rules that apply to it before a reject covers that channel';
+
+CREATE FUNCTION ironwod.check_config()
+RETURNS TABLE (check_name text, ok boolean, message text, hint text)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_db text := current_setting('ironwod.database_name');
+    v_role text := current_setting('ironwod.worker_role');
+    v_cmd text := current_setting('ironwod.master_key_command');
+    v_url text := current_setting('ironwod.base_url');
+    v_need integer;
+    v_have integer := current_setting('max_worker_processes')::integer;
+    v_bad text;
+    v record;
+BEGIN
+    check_name := 'database';
+    ok := v_db = current_database();
+    message := CASE WHEN ok THEN format('the supervisor serves this database (%s)', v_db)
+                    ELSE format('ironwod is installed in database "%s" but ironwod.database_name is "%s", so no supervisor serves it',
+                                current_database(), v_db) END;
+    hint := CASE WHEN NOT ok THEN format('Set ironwod.database_name = ''%s'' in postgresql.conf and restart the server.', current_database()) END;
+    RETURN NEXT;
+
+    check_name := 'supervisor';
+    ok := EXISTS (SELECT 1 FROM pg_stat_activity a
+                  WHERE a.backend_type = 'ironwod supervisor' AND a.datname = current_database());
+    message := CASE WHEN ok THEN 'the ironwod supervisor is running'
+                    WHEN EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.backend_type = 'ironwod launcher')
+                    THEN 'the ironwod launcher runs, but no supervisor serves this database'
+                    ELSE 'no ironwod launcher or supervisor is running' END;
+    hint := CASE WHEN NOT ok THEN 'Look for ironwod messages in the server log; the launcher says why it does not start the supervisor (a missing database, no free worker slot).' END;
+    RETURN NEXT;
+
+    -- launcher + supervisor + run workers (+ pg_cron's launcher); validate workers are brief
+    v_need := 2 + current_setting('ironwod.max_workers')::integer
+              + CASE WHEN current_setting('shared_preload_libraries') ~ '(^|[\s,])"?pg_cron"?($|[\s,])' THEN 1 ELSE 0 END;
+    check_name := 'worker_slots';
+    ok := v_have >= v_need;
+    message := format('max_worker_processes is %s; ironwod with ironwod.max_workers = %s needs %s', v_have,
+                      current_setting('ironwod.max_workers'), v_need);
+    hint := CASE WHEN NOT ok THEN format('Raise max_worker_processes to at least %s (more for parallel query) and restart; see the README''s worker budget.', v_need + 1) END;
+    RETURN NEXT;
+
+    check_name := 'worker_role';
+    SELECT r.rolname, r.rolsuper, r.rolcanlogin, a.rolpassword IS NOT NULL AS has_password INTO v
+    FROM pg_roles r JOIN pg_authid a ON a.oid = r.oid WHERE r.rolname = v_role;
+    ok := FOUND AND NOT v.rolsuper AND v.rolcanlogin AND NOT v.has_password;
+    message := CASE WHEN NOT FOUND THEN format('ironwod.worker_role "%s" does not exist', v_role)
+                    WHEN v.rolsuper THEN format('ironwod.worker_role "%s" is a superuser, so row-level security would not bind the workers', v_role)
+                    WHEN NOT v.rolcanlogin THEN format('ironwod.worker_role "%s" cannot log in; background workers need LOGIN on PostgreSQL 15', v_role)
+                    WHEN v.has_password THEN format('ironwod.worker_role "%s" has a password, so anyone who knows it can log in as the workers', v_role)
+                    ELSE format('the run workers connect as "%s", a non-superuser bound by row-level security', v_role) END;
+    hint := CASE WHEN NOT FOUND THEN 'Point ironwod.worker_role at ironwod_worker (created by the extension), or create the role.'
+                 WHEN v.rolsuper THEN format('ALTER ROLE %I NOSUPERUSER, or point ironwod.worker_role at ironwod_worker.', v_role)
+                 WHEN NOT v.rolcanlogin THEN format('ALTER ROLE %I LOGIN (and reject it in pg_hba.conf).', v_role)
+                 WHEN v.has_password THEN format('ALTER ROLE %I PASSWORD NULL; the workers need none.', v_role) END;
+    RETURN NEXT;
+
+    check_name := 'worker_pg_hba';
+    SELECT string_agg(format('line %s lets it in over %s with %s%s', p.line_number,
+                             CASE p.channel WHEN 'local' THEN 'the Unix socket' ELSE 'TCP' END, p.auth_method,
+                             coalesce(' from ' || p.address, '')), '; ' ORDER BY p.line_number)
+    INTO v_bad FROM ironwod.worker_hba_problems(v_role, current_database()) p;
+    IF v_bad IS NULL THEN
+        SELECT string_agg(format('line %s: %s', h.line_number, h.error), '; ') INTO v_bad
+        FROM pg_hba_file_rules h WHERE h.error IS NOT NULL;
+        ok := v_bad IS NULL;
+        message := coalesce('pg_hba.conf has errors: ' || v_bad,
+                            format('pg_hba.conf rejects "%s" before any rule could let it log in', v_role));
+        hint := CASE WHEN NOT ok THEN 'Fix those lines; the server keeps the previous pg_hba.conf until the file loads.' END;
+    ELSE
+        ok := false;
+        message := format('"%s" can log in although only background workers (which skip pg_hba.conf) should connect as it: %s', v_role, v_bad);
+        hint := format('Put "local all %1$s reject" and "host all %1$s all reject" in pg_hba.conf above every other line that could match (Debian''s own lines included), then SELECT pg_reload_conf().', v_role);
+    END IF;
+    RETURN NEXT;
+
+    check_name := 'base_url';
+    ok := v_url ~* '^https://' OR (v_url ~* '^http://' AND current_setting('ironwod.allow_http')::boolean);
+    message := format('ironwod.base_url is %s', v_url);
+    hint := CASE WHEN NOT ok THEN 'Use an https:// URL (plain http:// only with ironwod.allow_http = on, for tests).' END;
+    RETURN NEXT;
+
+    check_name := 'master_key';
+    ok := EXISTS (SELECT 1 FROM ironwod.master_keys k WHERE k.is_active);
+    message := CASE WHEN ok THEN (SELECT format('API keys are sealed to master key "%s"', k.key_id)
+                                  FROM ironwod.master_keys k WHERE k.is_active ORDER BY k.created_at DESC LIMIT 1)
+                    ELSE 'no master key is registered, so no API key can be sealed' END;
+    hint := CASE WHEN NOT ok THEN 'Register the public half: SELECT ironwod.register_master_key(''<key id>'', decode(''<64 hex>'', ''hex'')); see the README.' END;
+    RETURN NEXT;
+
+    check_name := 'master_key_command';
+    SELECT * INTO v FROM ironwod.key_command_access();
+    ok := v.ok;
+    message := v.message;
+    hint := v.hint;
+    RETURN NEXT;
+
+    -- Running the command needs a validate worker; without a usable command file
+    -- or a registered key there is nothing to learn from it.
+    IF ok THEN
+        check_name := 'master_key_output';
+        SELECT * INTO v FROM ironwod.probe_master_key_command();
+        ok := v.ok;
+        message := v.message;
+        hint := v.hint;
+        RETURN NEXT;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.check_config() IS 'Admin: configuration checks (database, supervisor, worker slots, worker role and pg_hba.conf, base URL, master key, master key command file and output), each with a message naming the cause and a hint naming the fix';
+REVOKE ALL ON FUNCTION ironwod.worker_hba_problems(name, name), ironwod.check_config() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.check_config() TO ironwod_admin;
