@@ -29,7 +29,9 @@ start_sim() {
     python3 "$REPO/test/wodify_sim.py" --port 0 --seed "$seed" --gyms "$gyms" --scale "$scale" "$@" \
         >"$out" 2>"$WORK/sim.err" &
     SIM_PID=$!
-    for _ in $(seq 1 100); do
+    # the bound is for a simulator that never starts, not a pace: building the
+    # model of several gyms takes a while on a busy machine
+    for _ in $(seq 1 1200); do
         SIM_PORT=$(sed -n 's/^listening on \([0-9]*\)$/\1/p' "$out")
         [ -n "$SIM_PORT" ] && break
         kill -0 "$SIM_PID" 2>/dev/null || { cat "$WORK/sim.err" >&2; return 1; }

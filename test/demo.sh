@@ -1,46 +1,61 @@
 #!/usr/bin/env bash
 # `make demo`: a demo gym synced from the simulator into a throwaway cluster with
-# pg_cron and ironwod preloaded.  Everything lives in /tmp/ironwod-demo and keeps
-# running afterwards so you can look around; run this script again to start over,
-# or `bash test/demo.sh stop` to stop it.
+# pg_cron and ironwod preloaded.  Each demo lives in a work directory of its own
+# (/tmp/ironwod-demo.XXXXXX), so several can run at once and none touches
+# another's; it keeps running afterwards so you can look around, and the last
+# lines say how to stop exactly this one:
+#
+#   bash test/demo.sh stop /tmp/ironwod-demo.XXXXXX
+#
+# which stops its server and simulator and deletes its directory.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=/tmp/ironwod-demo
-PGBIN=$WORK/pg/usr/lib/postgresql/15/bin
+MARK=.ironwod-demo
 
-stop_demo() {
-    if [ -f "$WORK/data/postmaster.pid" ]; then
-        su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -m fast -w stop" >/dev/null 2>&1 || true
-    fi
-    if [ -f "$WORK/sim.pid" ]; then
-        kill "$(cat "$WORK/sim.pid")" 2>/dev/null || true
-    fi
-}
+# stop DIR: only a directory this script made (it holds the marker file).
 if [ "${1:-}" = stop ]; then
-    stop_demo
-    echo "demo stopped"
+    dir=${2:?usage: bash test/demo.sh stop DIR (the directory the demo printed)}
+    dir=${dir%/}
+    if [ ! -f "$dir/$MARK" ]; then
+        echo "$dir is not an ironwod demo directory (no $MARK in it); nothing stopped" >&2
+        exit 1
+    fi
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        su postgres -s /bin/sh -c "'$dir/pg/usr/lib/postgresql/15/bin/pg_ctl' -D '$dir/data' -m fast -w stop" >/dev/null
+    fi
+    if [ -f "$dir/sim.pid" ]; then
+        kill "$(cat "$dir/sim.pid")" 2>/dev/null || true
+    fi
+    rm -rf "$dir"
+    echo "demo in $dir stopped and removed"
     exit 0
 fi
 
 bash "$REPO/test/setup.sh"
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
-stop_demo
-rm -rf "$WORK"
-mkdir -p "$WORK"
+WORK=$(mktemp -d /tmp/ironwod-demo.XXXXXX)
+touch "$WORK/$MARK"
+# A demo that fails on the way stops what it started and says where its files are.
+trap 'rc=$?; if [ $rc != 0 ]; then stop_all; echo "the demo failed; its files are in $WORK (remove it with: rm -rf $WORK)" >&2; fi' EXIT
 
-echo "== building ironwod"
-make -s -C "$REPO" all >/dev/null
-install_private
+echo "== building ironwod (work directory $WORK)"
+# Two demos started at once must not build the same objects at the same time.
+(
+    flock 9
+    make -s -C "$REPO" all >/dev/null
+    install_private
+) 9>"/tmp/ironwod-build.$(printf '%s' "$REPO" | cksum | cut -d' ' -f1).lock"
+PGBIN=$WORK/pg/usr/lib/postgresql/15/bin
 
 echo "== starting the Wodify simulator (seed 7, one small gym, Wodify's own rate limit)"
 start_sim 7 1 small
 echo "$SIM_PID" >"$WORK/sim.pid"
 disown "$SIM_PID"
-SIM_PID=
 
 echo "== starting a throwaway cluster with pg_cron and ironwod preloaded"
 start_cluster 'ironwod,pg_cron' "cron.database_name = 'postgres'"
+SIM_PID=
 
 TENANT=0f0f0f0f-0000-4000-8000-000000000001
 GYM=0f0f0f0f-0000-4000-8000-0000000000aa
@@ -55,7 +70,7 @@ echo "== connecting the demo gym (the key is sealed before it is stored) and bac
 # command line.
 psql -qX -v ON_ERROR_STOP=1 -v key="$KEY" -v t="$TENANT" -v g="$GYM" <<'SQL'
 BEGIN;
-SELECT ironwod_set_scope(:'t', :'g');
+SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
 SELECT ironwod_connect(:'t', :'g', ironwod.seal_key(:'t', :'g', :'key')) AS connection_status;
 COMMIT;
 SQL
@@ -72,7 +87,7 @@ while line=$(psql -qAtX -c "SELECT format('  %s: %s, %s of %s entities, %s of %s
 done
 psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" -v r="$RUN" <<'SQL'
 BEGIN;
-SELECT ironwod_set_scope(:'t', :'g');
+SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
 SELECT ironwod_wait(:r, '15 minutes') AS backfill;
 COMMIT;
 SQL
@@ -82,7 +97,7 @@ echo
 echo "== per-entity summary of the backfill"
 psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
 BEGIN;
-SELECT ironwod_set_scope(:'t', :'g');
+SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
 SELECT status, api_key_fingerprint, last_success_at, last_cursor_at FROM ironwod_status(:'t', :'g');
 SELECT e.entity, (s.value->>'pages')::int AS pages, (s.value->>'requests')::int AS requests,
        (s.value->>'pulled')::int AS pulled, (s.value->>'new')::int AS new_versions,
@@ -92,8 +107,6 @@ JOIN ironwod.entities e ON e.entity = s.key
 ORDER BY e.ordinal;
 COMMIT;
 SQL
-
-echo
 echo "== the demo gym's last 12 months, from the metrics cache (ironwod.metrics_summary)"
 psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
 BEGIN;
@@ -110,16 +123,16 @@ COMMIT;
 SQL
 echo "(* = month still open; drill down with ironwod_explain(tenant, gym, month, 'churned_members'))"
 
-echo
 echo "== nightly sync: the pg_cron job that calls ironwod_tick()"
 psql -qX -v ON_ERROR_STOP=1 -c "SELECT ironwod_schedule() AS cron_job_id" \
      -c "SELECT jobname, schedule, command FROM cron.job"
 
 cat <<EOF2
 
-The demo cluster keeps running:
+The demo keeps running in $WORK:
   psql -h $WORK -p $PGPORT -U postgres postgres
   -- then: BEGIN; SELECT ironwod_set_scope('$TENANT', '$GYM'); SELECT * FROM ironwod_status('$TENANT', '$GYM'); COMMIT;
 Server log: $WORK/data/server.log
-Stop it with: bash test/demo.sh stop
+Stop this demo (and delete its directory) with:
+  bash $REPO/test/demo.sh stop $WORK
 EOF2

@@ -81,6 +81,11 @@ if want shell; then
     PGBIN=$PGBIN bash test/shell/config_checks.sh || rc=$?
     note $rc "configuration problems found early: missing database, ironwod.check_config()"
 
+    # Two demos at once, each with its own work directory, simulator and cluster.
+    rc=0
+    bash test/shell/demo_twice.sh || rc=$?
+    note $rc "make demo twice at once: own directories, only readable output, each stops only itself"
+
     # Its own simulator and two clusters of its own.
     rc=0
     PGBIN=$PGBIN bash test/shell/dump_restore.sh || rc=$?
