@@ -26,6 +26,9 @@ start_sim() {
     local seed=$1 gyms=$2 scale=$3
     shift 3
     local out="$WORK/sim.out"
+    # created here, not by the background job's redirection, which may not have run
+    # yet when the loop below first reads it
+    : >"$out"
     python3 "$REPO/test/wodify_sim.py" --port 0 --seed "$seed" --gyms "$gyms" --scale "$scale" "$@" \
         >"$out" 2>"$WORK/sim.err" &
     SIM_PID=$!
