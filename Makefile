@@ -3,6 +3,7 @@
 #   make               build the shared library and assemble the install script
 #   make install       install into the PostgreSQL found by PG_CONFIG
 #   make test          the whole suite: simulator + throwaway cluster + pg_regress + pgTAP
+#   make installcheck  after make install: pg_regress + isolation against the installed PostgreSQL
 #   make demo          throwaway cluster, simulator, one demo gym connected and backfilled
 #   make bench         backfill throughput, cache reads against recomputation, replay
 #   make test-citus    the suite on a three-node Citus cluster (builds Citus from ../shared/vendor)
@@ -26,14 +27,18 @@ SHLIB_LINK = $(shell curl-config --libs) -lcrypto
 EXTRA_CLEAN = results regression.diffs regression.out tmp_check log
 
 # pg_regress inputs live in test/sql, expected output in the top-level expected/
-# (pg_regress looks in the output directory's expected/ first).  The suite runs
-# against the throwaway cluster that test/run-tests.sh starts.
+# (pg_regress looks in the output directory's expected/ first).  The suites need
+# a server configured for them (the simulator's URL, a development master key,
+# every logging option on), which no existing server is, so PGXS's installcheck
+# is replaced by ours below.
 REGRESS = 01_install 02_connect 03_backfill 04_tenancy 05_resume 06_secrets \
           07_metrics_cases 08_metrics_sim
 REGRESS_OPTS = --inputdir=test --use-existing
 # Isolation specs live in test/specs, expected output in expected/ as well.
 ISOLATION = concurrent_sync
 ISOLATION_OPTS = --inputdir=test --outputdir=. --use-existing
+
+NO_INSTALLCHECK = 1
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
@@ -48,7 +53,23 @@ $(OBJS): src/ironwod.h
 sql/ironwod--1.0.sql: $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@
 
-.PHONY: test test-citus demo bench
+# `make installcheck`, after `make install`: the pg_regress and isolation suites
+# against the installed PostgreSQL (PG_CONFIG), on a throwaway server of their own
+# with the Wodify simulator and fixtures they need (test/installcheck.sh).
+# installcheck-running is the PGXS recipe itself, against the server that script
+# (or test/run-tests.sh) started: PGHOST/PGPORT.
+installcheck:
+	PG_CONFIG=$(PG_CONFIG) bash test/installcheck.sh
+
+installcheck-running:
+ifneq ($(strip $(REGRESS)),)
+	$(pg_regress_installcheck) $(REGRESS_OPTS) $(REGRESS)
+endif
+ifneq ($(strip $(ISOLATION)),)
+	$(pg_isolation_regress_installcheck) $(ISOLATION_OPTS) $(ISOLATION)
+endif
+
+.PHONY: test test-citus demo bench installcheck installcheck-running
 test:
 	bash test/run-tests.sh
 

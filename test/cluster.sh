@@ -8,6 +8,32 @@ SYSTEM_PGBIN=/usr/lib/postgresql/15/bin
 export PG_CONFIG=${PG_CONFIG:-$SYSTEM_PGBIN/pg_config}
 SIM_PID=
 
+# As root the servers run as the postgres OS user (and so does its database
+# superuser); as anyone else (`make installcheck` by a developer), as that user.
+if [ "$(id -u)" = 0 ]; then
+    SERVER_USER=postgres
+else
+    SERVER_USER=$(id -un)
+fi
+as_server() {
+    if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$1"; else sh -c "$1"; fi
+}
+
+# The settings the suites rely on: every logging option on (the secrets test
+# searches the logs), a fast worker pace, a prepared transaction for 05_resume.
+SUITE_SETTINGS=(
+    "log_statement = 'all'"
+    "log_min_duration_statement = 0"
+    "log_parameter_max_length = -1"
+    "log_parameter_max_length_on_error = -1"
+    "ironwod.requests_per_second = 500"
+    "ironwod.burst = 100"
+    "ironwod.cluster_requests_per_second = 5000"
+    "ironwod.naptime = 2000"
+    "ironwod.max_retries = 3"
+    "max_prepared_transactions = 2"
+)
+
 # install_private: copy the PostgreSQL 15 installation into $WORK/pg and install
 # the freshly built ironwod there, so a test run never touches (or races with)
 # the system installation.  PostgreSQL finds its share and lib directories
@@ -49,13 +75,14 @@ start_cluster() {
     local preload=$1
     shift
     mkdir -p "$WORK/keys"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$WORK/keys"
     DEV_KEY=$(bash "$REPO/test/devkey.sh" "$WORK/keys" dev-1)
-    chown -R postgres:postgres "$WORK"
+    [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$WORK"
     chmod 755 "$WORK"
-    su postgres -s /bin/sh -c "$PGBIN/initdb -D '$WORK/data' -A trust -E UTF8 --locale=C.UTF-8" >"$WORK/initdb.log"
+    as_server "$PGBIN/initdb -D '$WORK/data' -A trust -E UTF8 --locale=C.UTF-8" >"$WORK/initdb.log"
     export PGPORT=${PGPORT_WANTED:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
     export PGHOST="$WORK"
-    export PGUSER=postgres
+    export PGUSER=$SERVER_USER
     export PGDATABASE=postgres
     {
         echo "port = $PGPORT"
@@ -69,8 +96,8 @@ start_cluster() {
         echo "ironwod.master_key_command = '$WORK/keys/master_key_command.sh'"
         for line in "$@"; do echo "$line"; done
     } >>"$WORK/data/postgresql.conf"
-    chown postgres:postgres "$WORK/data/postgresql.conf"
-    su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -l '$WORK/data/server.log' -w start" >/dev/null
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$WORK/data/postgresql.conf"
+    as_server "$PGBIN/pg_ctl -D '$WORK/data' -l '$WORK/data/server.log' -w start" >/dev/null
 }
 
 # load_fixtures: the tables the SQL tests read -- the simulator's gyms, its ground
@@ -87,7 +114,11 @@ load_fixtures() {
     psql -qX -v ON_ERROR_STOP=1 -v gyms="$GYMS_JSON" -v devkey="$DEV_KEY" -v truth="$TRUTH_JSON" <<'SQL'
 SET log_statement = 'none';
 SET log_min_duration_statement = -1;
+-- for pg_prove; `make installcheck` runs without it where pgTAP is not installed
+SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgtap') AS have_pgtap \gset
+\if :have_pgtap
 CREATE EXTENSION pgtap;
+\endif
 CREATE TABLE public.sim_gyms AS
     SELECT (g->>'index')::int AS idx, g->>'api_key' AS api_key, g->'expected' AS expected
     FROM jsonb_array_elements((:'gyms')::jsonb->'gyms') AS g;
@@ -110,7 +141,7 @@ register_dev_key() {
 
 stop_all() {
     if [ -n "${WORK:-}" ] && [ -f "$WORK/data/postmaster.pid" ]; then
-        su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/data' -m fast -w stop" >/dev/null 2>&1 || true
+        as_server "$PGBIN/pg_ctl -D '$WORK/data' -m fast -w stop" >/dev/null 2>&1 || true
     fi
     if [ -n "$SIM_PID" ]; then
         kill "$SIM_PID" 2>/dev/null || true

@@ -107,6 +107,10 @@ trap - EXIT
 
 if [ "$(id -u)" -eq 0 ]; then
 	chown --reference="$dir" -- "$keys" "$cmd"
+	# the mistake that otherwise surfaces only at the first ironwod_connect
+	if [ "$(stat -c %u -- "$dir")" -eq 0 ]; then
+		echo "$0: warning: $dir belongs to root, so a server running as postgres cannot run $cmd; run: chown -R postgres '$dir' (ironwod.check_config() reports this too)" >&2
+	fi
 fi
 
 printf '%s %s\n' "$key_id" "$pub_hex"

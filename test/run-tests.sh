@@ -18,21 +18,10 @@ WORK=$(mktemp -d /tmp/ironwod-test.XXXXXX)
 trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
 install_private
 
-# A generous simulator throttle and a fast worker pace keep the suite quick; the
-# rate-limit tests set their own limits.  05_resume holds a lock in a prepared
-# transaction (max_prepared_transactions).
+# A generous simulator throttle and a fast worker pace (SUITE_SETTINGS) keep the
+# suite quick; the rate-limit tests set their own limits.
 start_sim 42 3 small --rate 1000 --burst 1000
-start_cluster ironwod \
-    "log_statement = 'all'" \
-    "log_min_duration_statement = 0" \
-    "log_parameter_max_length = -1" \
-    "log_parameter_max_length_on_error = -1" \
-    "ironwod.requests_per_second = 500" \
-    "ironwod.burst = 100" \
-    "ironwod.cluster_requests_per_second = 5000" \
-    "ironwod.naptime = 2000" \
-    "ironwod.max_retries = 3" \
-    "max_prepared_transactions = 2"
+start_cluster ironwod "${SUITE_SETTINGS[@]}"
 
 load_fixtures
 
@@ -45,7 +34,7 @@ want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
 if want regress; then
     rc=0
-    make -s installcheck PG_CONFIG="$PGBIN/pg_config" || rc=$?
+    make -s installcheck-running PG_CONFIG="$PGBIN/pg_config" || rc=$?
     note $rc "pg_regress suite (see regression.diffs on failure)"
     [ $rc = 0 ] || cat regression.diffs 2>/dev/null | head -200 || true
 fi
@@ -80,6 +69,11 @@ if want shell; then
     rc=0
     PGBIN=$PGBIN bash test/shell/config_checks.sh || rc=$?
     note $rc "configuration problems found early: missing database, ironwod.check_config()"
+
+    # make installcheck against the installation in PGBIN, on its own server.
+    rc=0
+    PGBIN=$PGBIN bash test/shell/installcheck.sh || rc=$?
+    note $rc "make installcheck the PGXS way, against an installed PostgreSQL"
 
     # Two demos at once, each with its own work directory, simulator and cluster.
     rc=0

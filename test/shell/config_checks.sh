@@ -84,7 +84,8 @@ expect supervisor t 'is running'
 # test/devkey.sh run as root into a fresh directory: root's, mode 0700.
 ROOTKEYS=$WORK/rootkeys
 mkdir -m 0700 "$ROOTKEYS"
-bash "$REPO/test/devkey.sh" "$ROOTKEYS" dev-1 >/dev/null
+warning=$(bash "$REPO/test/devkey.sh" "$ROOTKEYS" dev-1 2>&1 >/dev/null)
+[[ $warning == *"belongs to root, so a server running as postgres cannot run"* ]] || fail "devkey.sh as root did not warn: $warning"
 set_conf ironwod.master_key_command "$ROOTKEYS/master_key_command.sh"
 expect master_key_command f "directory \"$ROOTKEYS\" (owner uid 0, mode 0700) cannot be searched by the server's OS user \"postgres\""
 expect master_key_command f "chown postgres \"$ROOTKEYS\""
