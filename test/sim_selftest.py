@@ -71,7 +71,7 @@ class Sim:
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         try:
-            rc = self.proc.wait(timeout=10)
+            rc = self.proc.wait(timeout=120)   # a bound for a stuck simulator, not a pace
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = -9

@@ -119,7 +119,7 @@ BEGIN
     RETURN NEXT;
 
     check_name := 'worker_pg_hba';
-    SELECT string_agg(format('line %s lets it in over %s with %s%s', p.line_number,
+    SELECT string_agg(format('line %s admits it over %s (%s%s)', p.line_number,
                              CASE p.channel WHEN 'local' THEN 'the Unix socket' ELSE 'TCP' END, p.auth_method,
                              coalesce(' from ' || p.address, '')), '; ' ORDER BY p.line_number)
     INTO v_bad FROM ironwod.worker_hba_problems(v_role, current_database()) p;
@@ -132,7 +132,7 @@ BEGIN
         hint := CASE WHEN NOT ok THEN 'Fix those lines; the server keeps the previous pg_hba.conf until the file loads.' END;
     ELSE
         ok := false;
-        message := format('"%s" can log in although only background workers (which skip pg_hba.conf) should connect as it: %s', v_role, v_bad);
+        message := format('pg_hba.conf admits "%s", as whom only background workers (which skip pg_hba.conf) should connect, before any line rejects it: %s', v_role, v_bad);
         hint := format('Put "local all %1$s reject" and "host all %1$s all reject" in pg_hba.conf above every other line that could match (Debian''s own lines included), then SELECT pg_reload_conf().', v_role);
     END IF;
     RETURN NEXT;

@@ -57,7 +57,7 @@ ROLLBACK PREPARED 'ironwod_test_hold_memberships';
 SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc);
-SELECT ironwod_wait(:first_run, '1 minute') AS first_run_status;
+SELECT ironwod_wait(:first_run, '5 minutes') AS first_run_status;
 SELECT error_code, failed_phase FROM ironwod.sync_runs WHERE run_id = :first_run;
 SELECT count(*) > 0 AS has_checkpoints FROM ironwod.backfill_checkpoints;
 COMMIT;
