@@ -18,6 +18,8 @@
  * ratelimit.c (iw_ratelimit_acquire) and reports its status back
  * (iw_ratelimit_feedback), so all workers of a connection, and all
  * connections of the cluster, share their limits through shared memory.
+ * Nor is bookkeeping: every attempt, its wait for a token and every backoff
+ * are handed to observe.c's counters, which the caller writes down.
  *
  * Only workers call into this file; backends and the postmaster never do
  * HTTP (design.md section 2).
@@ -83,6 +85,9 @@ typedef struct IwTransfer
 	bool		too_large;		/* write callback refused: over limit */
 	bool		oom;			/* write callback refused: no memory */
 	bool		interrupted;	/* xferinfo callback saw cancel/die */
+	int			sends;			/* requests sent: libcurl sends again, on a
+								 * fresh connection, when a reused one died
+								 * before it answered */
 	double		retry_after_s;	/* parsed Retry-After, -1 when absent */
 } IwTransfer;
 
@@ -108,6 +113,10 @@ static size_t iw_header_callback(char *buffer, size_t size, size_t nitems,
 static int	iw_xferinfo_callback(void *clientp, curl_off_t dltotal,
 								 curl_off_t dlnow, curl_off_t ultotal,
 								 curl_off_t ulnow);
+#if LIBCURL_VERSION_NUM >= 0x075000
+static int	iw_prereq_callback(void *clientp, char *conn_primary_ip, char *conn_local_ip,
+							   int conn_primary_port, int conn_local_port);
+#endif
 static double iw_parse_retry_after(const char *value);
 static IwHttpClass iw_classify_status(long status, const char *body);
 static IwHttpClass iw_classify_curl_error(CURLcode rc);
@@ -242,6 +251,10 @@ iw_http_begin(const char *api_key)
 	IW_SETOPT(CURLOPT_XFERINFOFUNCTION, iw_xferinfo_callback);
 	IW_SETOPT(CURLOPT_XFERINFODATA, &iw_xfer);
 	IW_SETOPT(CURLOPT_NOPROGRESS, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075000
+	IW_SETOPT(CURLOPT_PREREQFUNCTION, iw_prereq_callback);
+	IW_SETOPT(CURLOPT_PREREQDATA, &iw_xfer);
+#endif
 }
 
 /*
@@ -260,6 +273,10 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 	CURLcode	rc;
 	long		status = 0;
 	double		total_s = 0;
+	curl_off_t	received = 0;
+	instr_time	waited;
+	instr_time	granted;
+	IwAttemptOutcome outcome;
 
 	if (iw_curl == NULL)
 		ereport(ERROR,
@@ -268,7 +285,10 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 	Assert(url != NULL && resp != NULL);
 
 	/* No request is sent without a token (ratelimit.c). */
+	INSTR_TIME_SET_CURRENT(waited);
 	iw_ratelimit_acquire();
+	INSTR_TIME_SET_CURRENT(granted);
+	INSTR_TIME_SUBTRACT(granted, waited);
 
 	memset(resp, 0, sizeof(*resp));
 	resp->body = NULL;
@@ -282,6 +302,7 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 	iw_xfer.too_large = false;
 	iw_xfer.oom = false;
 	iw_xfer.interrupted = false;
+	iw_xfer.sends = 0;
 	iw_xfer.retry_after_s = -1;
 	iw_errbuf[0] = '\0';
 
@@ -358,6 +379,28 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 	if (rc == CURLE_OK)
 		iw_ratelimit_feedback(status, resp->retry_after_s);
 
+	/*
+	 * Every attempt is counted (observe.c), by its HTTP status when the
+	 * transfer completed; a transfer that did not (reset, timeout, truncated
+	 * or refused body, interrupted) is a network attempt whatever status
+	 * line came first.
+	 */
+	if (curl_easy_getinfo(iw_curl, CURLINFO_SIZE_DOWNLOAD_T, &received) != CURLE_OK)
+		received = 0;
+	for (int i = 1; i < iw_xfer.sends; i++)
+		iw_attempt_resent();
+	if (rc != CURLE_OK)
+		outcome = IW_ATTEMPT_NETWORK;
+	else if (status >= 200 && status <= 299)
+		outcome = IW_ATTEMPT_2XX;
+	else if (status == 429)
+		outcome = IW_ATTEMPT_429;
+	else if (status >= 500 && status <= 599)
+		outcome = IW_ATTEMPT_5XX;
+	else
+		outcome = IW_ATTEMPT_4XX;
+	iw_attempt_counted(outcome, (int64) received, INSTR_TIME_GET_MICROSEC(granted));
+
 	/* Now that we are outside libcurl, let cancel/die take effect. */
 	if (resp->klass == IW_HTTP_INTERRUPTED)
 		CHECK_FOR_INTERRUPTS();
@@ -404,6 +447,7 @@ iw_http_backoff(int attempt, double retry_after_s)
 	double		cap_s;
 	double		delay_s;
 	instr_time	start;
+	instr_time	elapsed_total;
 
 	if (attempt < 0)
 		attempt = 0;
@@ -430,6 +474,9 @@ iw_http_backoff(int attempt, double retry_after_s)
 			break;
 		iw_sleep_ms(Max((long) ceil(remaining_s * 1000.0), 1));
 	}
+	INSTR_TIME_SET_CURRENT(elapsed_total);
+	INSTR_TIME_SUBTRACT(elapsed_total, start);
+	iw_attempt_backed_off(INSTR_TIME_GET_MICROSEC(elapsed_total));
 }
 
 /*
@@ -702,6 +749,24 @@ iw_parse_retry_after(const char *value)
 	diff = difftime(when, time(NULL));
 	return (diff > 0) ? diff : 0;
 }
+
+#if LIBCURL_VERSION_NUM >= 0x075000
+/*
+ * iw_prereq_callback
+ *		CURLOPT_PREREQFUNCTION: a request is about to be sent.
+ *
+ * Why: libcurl sends a request again by itself, on a new connection, when
+ * the kept-alive connection it reused turns out to be dead; the server saw
+ * both, so both are attempts.  Only counts: nothing here can fail.
+ */
+static int
+iw_prereq_callback(void *clientp, char *conn_primary_ip, char *conn_local_ip,
+				   int conn_primary_port, int conn_local_port)
+{
+	((IwTransfer *) clientp)->sends++;
+	return CURL_PREREQFUNC_OK;
+}
+#endif
 
 /*
  * iw_xferinfo_callback

@@ -92,6 +92,34 @@ typedef enum IwVerdict
 	IW_VERDICT_KEYSTORE			/* no usable master key (configuration) */
 } IwVerdict;
 
+/*
+ * HTTP attempts by how they ended, plus retries, waits and bytes: what a run
+ * worker (or a validate worker) counted since it last wrote them down
+ * (observe.c; http.c counts).  The order of the fields is the order of the
+ * int8[] that ironwod.add_attempts and the page bookkeeping take.
+ */
+typedef enum IwAttemptOutcome
+{
+	IW_ATTEMPT_2XX,
+	IW_ATTEMPT_429,
+	IW_ATTEMPT_4XX,				/* and anything else that is no 2xx, 429 or 5xx */
+	IW_ATTEMPT_5XX,
+	IW_ATTEMPT_NETWORK,			/* resets, timeouts, truncated or unparsable bodies */
+	IW_ATTEMPT_ENVELOPE,		/* HTTP 200 with a Wodify HTTPCode error */
+	IW_ATTEMPT_OUTCOMES
+} IwAttemptOutcome;
+
+typedef struct IwAttempts
+{
+	int64		outcomes[IW_ATTEMPT_OUTCOMES];
+	int64		retries;
+	int64		bytes;			/* response bodies received */
+	int64		token_wait_us;	/* waiting for rate-limit tokens */
+	int64		backoff_us;		/* sleeping between retries */
+} IwAttempts;
+
+#define IW_ATTEMPT_FIELDS (IW_ATTEMPT_OUTCOMES + 4)
+
 typedef struct IwValidationSlot
 {
 	IwValidationState state;
@@ -105,6 +133,7 @@ typedef struct IwValidationSlot
 	int			http_status;
 	char		fingerprint[IW_FINGERPRINT_LEN];
 	char		message[256];	/* sanitized; never holds the key */
+	IwAttempts	attempts;		/* the validation's HTTP attempts */
 } IwValidationSlot;
 
 typedef struct IwRunSlot
@@ -272,7 +301,7 @@ extern void iw_set_local_scope(const char *tenant, const char *gym);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
 extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
 extern void iw_land_page(int64 run_id, const IwTask *task, int page,
-						 char *body, size_t body_len, int attempts, const char *prev_digest,
+						 char *body, size_t body_len, const char *prev_digest,
 						 double latency_ms, IwLandResult *res, MemoryContext keep);
 extern void iw_mark_not_entitled(int64 run_id, const char *entity);
 extern void iw_run_step(int64 run_id, const char *sql, const char *activity);
@@ -352,6 +381,18 @@ typedef struct IwPage
 
 extern void iw_parse_page(char *body, size_t len, const IwEntitySpec *spec, IwPage *page);
 extern void iw_payload_hash(const Jsonb *jb, uint8 *out);
+
+/* ---- attempt counters (observe.c) ---- */
+extern IwAttempts iw_attempts;
+extern void iw_attempts_for(const char *entity);
+extern const char *iw_attempts_entity(void);
+extern void iw_attempt_counted(IwAttemptOutcome outcome, int64 bytes, int64 token_wait_us);
+extern void iw_attempt_recount(IwAttemptOutcome outcome);
+extern void iw_attempt_resent(void);
+extern void iw_attempt_backed_off(int64 slept_us);
+extern bool iw_attempts_pending(void);
+extern void iw_attempts_reset(void);
+extern Datum iw_attempts_datum(const IwAttempts *a);
 
 /* ---- log hook (loghook.c) ---- */
 extern void iw_install_log_hook(void);

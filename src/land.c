@@ -528,7 +528,8 @@ static TimestampTz beat_at = 0;
  */
 static void
 page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_no,
-				 const IwPage *page, int n_new, bool has_more, int attempts, double latency_ms)
+				 const IwPage *page, int n_new, bool has_more, const IwAttempts *attempts,
+				 double latency_ms)
 {
 	Datum		values[12];
 	char		nulls[12] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
@@ -538,7 +539,7 @@ page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_
 
 	if (counts_plan == NULL)
 	{
-		Oid			types[12] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT4OID, INT4OID, INT4OID,
+		Oid			types[12] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
 		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID, INT4OID};
 		Datum	   *bounds;
 		bool	   *bnulls;
@@ -567,7 +568,7 @@ page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_
 	values[1] = scope_uuid("ironwod.gym_id");
 	values[2] = Int64GetDatum(run_id);
 	values[3] = CStringGetTextDatum(task->entity);
-	values[4] = Int32GetDatum(attempts);
+	values[4] = iw_attempts_datum(attempts);
 	values[5] = Int32GetDatum(page->n_records);
 	values[6] = Int32GetDatum(n_new);
 	values[7] = Float8GetDatum(Max(latency_ms, 0));
@@ -638,7 +639,8 @@ set_result(IwLandResult *res, MemoryContext keep, const char *outcome, int http_
  */
 static void
 land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size_t body_len,
-				 bool body_owned, int attempts, const char *prev_digest, double latency_ms,
+				 bool body_owned, const IwAttempts *attempts, const char *prev_digest,
+				 double latency_ms,
 				 IwLandResult *res, MemoryContext keep)
 {
 	IwLanding  *l = landing_for(task->entity, run_id);
@@ -716,19 +718,24 @@ land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size
 	res->has_more = has_more;
 }
 
-/* One page, one transaction (the worker's path). */
+/*
+ * One page, one transaction (the worker's path).  A landed page writes down
+ * the attempts counted since the last one (observe.c) with its bookkeeping:
+ * the page's own, and those of the answers before it that were retried.
+ */
 void
 iw_land_page(int64 run_id, const IwTask *task, int page, char *body, size_t body_len,
-			 int attempts, const char *prev_digest, double latency_ms,
-			 IwLandResult *res, MemoryContext keep)
+			 const char *prev_digest, double latency_ms, IwLandResult *res, MemoryContext keep)
 {
 	char		label[128];
 
 	snprintf(label, sizeof(label), "ironwod %s %s page %d", task->entity, task->window_key, page);
 	iw_txn_begin(label);
-	land_page_in_txn(run_id, task, page, body, body_len, true, attempts, prev_digest, latency_ms,
-					 res, keep);
+	land_page_in_txn(run_id, task, page, body, body_len, true, &iw_attempts, prev_digest,
+					 latency_ms, res, keep);
 	iw_txn_commit();
+	if (strcmp(res->outcome, "landed") == 0)
+		iw_attempts_reset();
 }
 
 /*
@@ -742,6 +749,7 @@ ironwod_land_page(PG_FUNCTION_ARGS)
 {
 	IwTask		task;
 	IwLandResult res;
+	IwAttempts	attempts;
 	text	   *body;
 	TupleDesc	desc;
 	Datum		values[7];
@@ -761,10 +769,15 @@ ironwod_land_page(PG_FUNCTION_ARGS)
 	task.page_size = 0;
 	body = PG_GETARG_TEXT_PP(4);
 
+	/* a fixture page was fetched by "attempts" answers, all of them 2xx */
+	memset(&attempts, 0, sizeof(attempts));
+	attempts.outcomes[IW_ATTEMPT_2XX] = PG_GETARG_INT32(5);
+	attempts.retries = Max(PG_GETARG_INT32(5) - 1, 0);
+
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	land_page_in_txn(PG_GETARG_INT64(0), &task, PG_GETARG_INT32(3), VARDATA_ANY(body),
-					 VARSIZE_ANY_EXHDR(body), false, PG_GETARG_INT32(5),
+					 VARSIZE_ANY_EXHDR(body), false, &attempts,
 					 PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6)),
 					 PG_ARGISNULL(7) ? -1 : PG_GETARG_FLOAT8(7), &res, caller);
 	SPI_finish();
@@ -872,6 +885,26 @@ iw_run_step(int64 run_id, const char *sql, const char *activity)
 	iw_txn_commit();
 }
 
+/*
+ * Write the attempts counted since the last landed page down, in the
+ * caller's transaction, under the entity they were made for (sync_run_entities;
+ * the run's own counters are their sum).  The caller resets the counters once
+ * its transaction committed.
+ */
+static void
+write_attempts(int64 run_id)
+{
+	Oid			types[3] = {INT8OID, TEXTOID, INT8ARRAYOID};
+	Datum		values[3];
+
+	if (!iw_attempts_pending() || iw_attempts_entity() == NULL)
+		return;
+	values[0] = Int64GetDatum(run_id);
+	values[1] = CStringGetTextDatum(iw_attempts_entity());
+	values[2] = iw_attempts_datum(&iw_attempts);
+	run_sql("SELECT ironwod.add_attempts($1, $2, $3)", 3, types, values, NULL, SPI_OK_SELECT);
+}
+
 void
 iw_mark_not_entitled(int64 run_id, const char *entity)
 {
@@ -881,8 +914,10 @@ iw_mark_not_entitled(int64 run_id, const char *entity)
 	values[0] = Int64GetDatum(run_id);
 	values[1] = CStringGetTextDatum(entity);
 	iw_txn_begin("ironwod mark not entitled");
+	write_attempts(run_id);
 	run_sql("SELECT ironwod.mark_not_entitled($1, $2)", 2, types, values, NULL, SPI_OK_SELECT);
 	iw_txn_commit();
+	iw_attempts_reset();
 }
 
 void
@@ -892,8 +927,10 @@ iw_finish_run(int64 run_id)
 	Datum		values[1] = {Int64GetDatum(run_id)};
 
 	iw_txn_begin("ironwod finish run");
+	write_attempts(run_id);
 	run_sql("SELECT ironwod.finish_run($1)", 1, types, values, NULL, SPI_OK_SELECT);
 	iw_txn_commit();
+	iw_attempts_reset();
 	iw_broadcast_run_change();
 }
 
@@ -914,9 +951,11 @@ iw_finish_validate(int64 run_id, bool valid, const char *fingerprint, const char
 		nulls[3] = 'n';
 
 	iw_txn_begin("ironwod finish validation");
+	write_attempts(run_id);
 	run_sql("SELECT ironwod.finish_validate($1, $2, $3, $4)", 4, types, values, nulls,
 			SPI_OK_SELECT);
 	iw_txn_commit();
+	iw_attempts_reset();
 	iw_broadcast_run_change();
 	/* a valid key queued the backfill: have the supervisor start it now */
 	iw_wake_supervisor_now();
@@ -934,7 +973,9 @@ iw_fail_run(int64 run_id, const char *code, const char *message, const char *pha
 	values[3] = CStringGetTextDatum(phase);
 
 	iw_txn_begin("ironwod record failure");
+	write_attempts(run_id);
 	run_sql("SELECT ironwod.fail_run($1, $2, $3, $4)", 4, types, values, NULL, SPI_OK_SELECT);
 	iw_txn_commit();
+	iw_attempts_reset();
 	iw_broadcast_run_change();
 }

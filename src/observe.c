@@ -1,10 +1,16 @@
 /*-------------------------------------------------------------------------
  *
  * observe.c
- *	  What ironwod tells an operator from C: the request rate a connection
- *	  can expect (for the ETA of a running run) and the structured LOG line
- *	  of a finished run.  The views built on them live in
- *	  sql/modules/88_operations.sql.
+ *	  What ironwod tells an operator from C: the HTTP attempts of a worker,
+ *	  counted by outcome until they are written down (with the page that
+ *	  landed, or when the entity, the validation or the run ends); the
+ *	  request rate a connection can expect (for the ETA of a running run);
+ *	  and the structured LOG line of a finished run.  The views built on them
+ *	  live in sql/modules/88_operations.sql.
+ *
+ *	  The counters are plain process-local numbers: http.c bumps them outside
+ *	  curl's callbacks, land.c passes them to SQL in the transaction that
+ *	  records the page (or the failure), and resets them once it committed.
  *
  *-------------------------------------------------------------------------
  */
@@ -12,12 +18,120 @@
 
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "catalog/pg_type.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 
 PG_FUNCTION_INFO_V1(ironwod_connection_rate);
 PG_FUNCTION_INFO_V1(ironwod_log_line);
+
+/* Attempts not written down yet, and the entity (endpoint) they belong to. */
+IwAttempts	iw_attempts;
+static char attempts_entity[NAMEDATALEN] = "";
+static IwAttemptOutcome last_outcome = IW_ATTEMPT_2XX;
+
+/*
+ * From now on the attempts are the given entity's.  The run worker fetches
+ * one entity at a time and writes its attempts down before it moves on (with
+ * every landed page, when the entity is not entitled, when the run fails), so
+ * no attempt is ever filed under the wrong endpoint.
+ */
+void
+iw_attempts_for(const char *entity)
+{
+	strlcpy(attempts_entity, entity ? entity : "", sizeof(attempts_entity));
+}
+
+/* The entity of the pending attempts, NULL when none was named. */
+const char *
+iw_attempts_entity(void)
+{
+	return attempts_entity[0] ? attempts_entity : NULL;
+}
+
+/* One attempt ended (http.c): how, with how many body bytes, after what wait. */
+void
+iw_attempt_counted(IwAttemptOutcome outcome, int64 bytes, int64 token_wait_us)
+{
+	iw_attempts.outcomes[outcome]++;
+	iw_attempts.bytes += Max(bytes, 0);
+	iw_attempts.token_wait_us += Max(token_wait_us, 0);
+	last_outcome = outcome;
+}
+
+/*
+ * The last attempt's answer turned out to be something else than its HTTP
+ * status said: a 200 that carries a Wodify error envelope, or a body that
+ * does not parse.  Only the worker that read the body can tell.
+ */
+void
+iw_attempt_recount(IwAttemptOutcome outcome)
+{
+	if (iw_attempts.outcomes[last_outcome] > 0)
+	{
+		iw_attempts.outcomes[last_outcome]--;
+		iw_attempts.outcomes[outcome]++;
+		last_outcome = outcome;
+	}
+}
+
+/*
+ * libcurl sent the request again on a fresh connection because the reused one
+ * died before it answered (http.c): the lost send was a network attempt, and
+ * the send after it a retry.
+ */
+void
+iw_attempt_resent(void)
+{
+	iw_attempts.outcomes[IW_ATTEMPT_NETWORK]++;
+	iw_attempts.retries++;
+}
+
+/* A retry is about to be sent, after sleeping slept_us (http.c). */
+void
+iw_attempt_backed_off(int64 slept_us)
+{
+	iw_attempts.retries++;
+	iw_attempts.backoff_us += Max(slept_us, 0);
+}
+
+bool
+iw_attempts_pending(void)
+{
+	for (int i = 0; i < IW_ATTEMPT_OUTCOMES; i++)
+		if (iw_attempts.outcomes[i] != 0)
+			return true;
+	return iw_attempts.retries != 0 || iw_attempts.backoff_us != 0 || iw_attempts.token_wait_us != 0;
+}
+
+/* Written down (and committed): start counting afresh. */
+void
+iw_attempts_reset(void)
+{
+	memset(&iw_attempts, 0, sizeof(iw_attempts));
+}
+
+/*
+ * The counters as the int8[] SQL takes (ironwod.add_attempts): the outcomes
+ * in IwAttemptOutcome order, then retries, bytes, token wait and backoff in
+ * microseconds.
+ */
+Datum
+iw_attempts_datum(const IwAttempts *a)
+{
+	Datum		d[IW_ATTEMPT_FIELDS];
+	int			n = 0;
+
+	for (int i = 0; i < IW_ATTEMPT_OUTCOMES; i++)
+		d[n++] = Int64GetDatum(a->outcomes[i]);
+	d[n++] = Int64GetDatum(a->retries);
+	d[n++] = Int64GetDatum(a->bytes);
+	d[n++] = Int64GetDatum(a->token_wait_us);
+	d[n++] = Int64GetDatum(a->backoff_us);
+	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
 
 /* Is (tenant, gym) the scope of this transaction? */
 static bool

@@ -158,6 +158,7 @@ validate_key(int *http_status, char *message, size_t message_len)
 						int			c = DatumGetInt32(DirectFunctionCall1(numeric_int4,
 																		  NumericGetDatum(code->val.numeric)));
 
+						iw_attempt_recount(IW_ATTEMPT_ENVELOPE);
 						*http_status = c;
 						if (c == 401 || c == 403)
 						{
@@ -183,6 +184,7 @@ validate_key(int *http_status, char *message, size_t message_len)
 				}
 				else
 				{
+					iw_attempt_recount(IW_ATTEMPT_NETWORK);
 					retry = true;
 					snprintf(message, message_len, "response body is not valid JSON");
 				}
@@ -227,6 +229,7 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 	int			page;
 	char		prev_digest[64] = "";
 
+	iw_attempts_for(task->entity);
 	for (page = 1;; page++)
 	{
 		IwLandResult res;
@@ -263,7 +266,7 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 				case IW_HTTP_OK:
 					run_phase = "land";
 					/* lands the page, or says why not; it frees the body once parsed */
-					iw_land_page(run_id, task, page, resp.body, resp.body_len, attempt + 1,
+					iw_land_page(run_id, task, page, resp.body, resp.body_len,
 								 prev_digest[0] ? prev_digest : NULL, resp.elapsed_ms,
 								 &res, page_ctx);
 					resp.body = NULL;
@@ -272,11 +275,13 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 						break;
 					if (strcmp(res.outcome, "not_json") == 0)
 					{
+						iw_attempt_recount(IW_ATTEMPT_NETWORK);
 						retry = true;
 						problem = psprintf("response to %s is not valid JSON", task->entity);
 					}
 					else if (strcmp(res.outcome, "envelope") == 0)
 					{
+						iw_attempt_recount(IW_ATTEMPT_ENVELOPE);
 						problem = psprintf("Wodify error envelope HTTPCode %d on %s: %s",
 										   res.http_code, task->entity,
 										   res.message ? res.message : "");
@@ -415,6 +420,8 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 		IwVerdict	verdict;
 
 		run_phase = "validate";
+		/* the validation's attempts are the locations endpoint's */
+		iw_attempts_for("locations");
 		verdict = validate_key(&status, message, sizeof(message));
 		if (verdict == IW_VERDICT_UNAVAILABLE)
 		{
@@ -525,6 +532,7 @@ publish_verdict(const IwRunArgs *args, IwVerdict verdict, int http_status,
 		slot->http_status = http_status;
 		strlcpy(slot->fingerprint, fingerprint ? fingerprint : "", sizeof(slot->fingerprint));
 		strlcpy(slot->message, message ? message : "", sizeof(slot->message));
+		slot->attempts = iw_attempts;
 		slot->state = IW_VSLOT_DONE;
 	}
 	LWLockRelease(iw_shared->lock);

@@ -226,6 +226,7 @@ claim_validation_slot(const bytea *sealed, uint32 *generation)
 			s->verdict = IW_VERDICT_NONE;
 			s->message[0] = '\0';
 			s->fingerprint[0] = '\0';
+			memset(&s->attempts, 0, sizeof(s->attempts));
 			*generation = s->generation;
 			found = i;
 			break;
@@ -257,7 +258,7 @@ release_validation_slot(int i, uint32 generation)
 static void
 await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
 			  const pg_uuid_t *gym_id, int32 timeout_ms, IwVerdict *verdict,
-			  int *http_status, char *fingerprint, char *message)
+			  int *http_status, char *fingerprint, char *message, IwAttempts *attempts)
 {
 	BackgroundWorker worker;
 	BackgroundWorkerHandle *handle;
@@ -306,6 +307,8 @@ await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
 			*http_status = s->http_status;
 			strlcpy(fingerprint, s->fingerprint, IW_FINGERPRINT_LEN);
 			strlcpy(message, s->message, 256);
+			if (attempts != NULL)
+				*attempts = s->attempts;
 		}
 		LWLockRelease(iw_shared->lock);
 		if (done)
@@ -331,12 +334,12 @@ await_verdict(int slot, uint32 generation, const pg_uuid_t *tenant_id,
 /*
  * Hand a sealed key (or none: the master key check) to a validate worker in a
  * shared memory slot and wait for its verdict until the timeout; message is
- * 256 bytes.
+ * 256 bytes.  The HTTP attempts the worker made go to *attempts, unless NULL.
  */
 static void
 ask_validate_worker(const bytea *sealed, const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
 					int32 timeout_ms, IwVerdict *verdict, int *http_status,
-					char *fingerprint, char *message)
+					char *fingerprint, char *message, IwAttempts *attempts)
 {
 	uint32		generation;
 	int			slot = claim_validation_slot(sealed, &generation);
@@ -349,7 +352,7 @@ ask_validate_worker(const bytea *sealed, const pg_uuid_t *tenant_id, const pg_uu
 	PG_TRY();
 	{
 		await_verdict(slot, generation, tenant_id, gym_id, timeout_ms, verdict,
-					  http_status, fingerprint, message);
+					  http_status, fingerprint, message, attempts);
 	}
 	PG_CATCH();
 	{
@@ -373,8 +376,9 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 	bytea	   *sealed = PG_GETARG_BYTEA_PP(2);
 	int32		timeout_ms = ironwod_validate_timeout_ms;
 	TupleDesc	tupdesc;
-	Datum		values[4];
-	bool		nulls[4] = {false, false, false, false};
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+	IwAttempts	attempts;
 	IwVerdict	verdict = IW_VERDICT_UNAVAILABLE;
 	int			http_status = 0;
 	char		fingerprint[IW_FINGERPRINT_LEN] = "";
@@ -388,8 +392,9 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("sealed API key is larger than %d bytes", IW_MAX_SEALED_BYTES)));
 
+	memset(&attempts, 0, sizeof(attempts));
 	ask_validate_worker(sealed, tenant_id, gym_id, timeout_ms, &verdict, &http_status,
-						fingerprint, message);
+						fingerprint, message, &attempts);
 
 	values[0] = CStringGetTextDatum(verdict_name(verdict));
 	values[1] = Int32GetDatum(http_status);
@@ -397,6 +402,7 @@ ironwod_validate_sealed_key(PG_FUNCTION_ARGS)
 	values[2] = CStringGetTextDatum(fingerprint);
 	nulls[2] = (fingerprint[0] == '\0');
 	values[3] = CStringGetTextDatum(message);
+	values[4] = iw_attempts_datum(&attempts);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -427,7 +433,7 @@ ironwod_probe_master_key_command(PG_FUNCTION_ARGS)
 	SET_VARSIZE(none, VARHDRSZ);
 	memset(&nobody, 0, sizeof(nobody));
 	ask_validate_worker(none, &nobody, &nobody, timeout_ms, &verdict, &http_status,
-						fingerprint, message);
+						fingerprint, message, NULL);
 	if (verdict == IW_VERDICT_KEYSTORE)
 		hint = "Run the command as the server's OS user (for example sudo -u postgres <command>): it must print one \"<key id> <64 hex private key>\" line per master key, including every registered one, and exit 0; what it writes to standard error is in the server log.";
 	else if (verdict != IW_VERDICT_VALID)

@@ -8,7 +8,9 @@ Python 3.11 standard library only.
 
 prints "listening on PORT" once the socket is bound.  The server root plays the role of
 https://api.wodify.com/v1.  Ground truth and fault injection live under /_sim/ (no key,
-never throttled, never counted).
+never throttled, never counted).  GET /_sim/stats counts every other request by endpoint
+and status, and under "by_gym" by the gym of its key and how it ended (2xx, 429, 4xx, 5xx,
+network, envelope, slow), which is what a client's own attempt counters must equal.
 
 How the model stays deterministic and "advanceable"
 ---------------------------------------------------
@@ -1380,9 +1382,18 @@ class Sim:
 
     def reset_stats(self):
         with self.lock:
-            self.stats = {"total": 0, "by_endpoint": {}, "throttled_429": 0, "quota_429": 0}
+            self.stats = {"total": 0, "by_endpoint": {}, "throttled_429": 0, "quota_429": 0, "by_gym": {}}
 
-    def count(self, tpl, status, kind=None):
+    def count(self, tpl, status, kind=None, key=None, outcome=None):
+        """Count one request by endpoint and status, and by the gym of its key (the index, or
+        "unknown") and outcome: 2xx, 429, 4xx, 5xx, network (a reset or a truncated body),
+        envelope (an HTTP 200 carrying an HTTPCode error) or slow (a delayed answer, which a
+        client with a shorter timeout never sees)."""
+        if outcome is None:
+            s = int(status)
+            outcome = ("2xx" if 200 <= s <= 299 else "429" if s == 429 else "5xx" if 500 <= s <= 599
+                       else "4xx")
+        gym = self.model.by_key.get(key)
         with self.lock:
             self.stats["total"] += 1
             ep = self.stats["by_endpoint"].setdefault(tpl, {})
@@ -1391,6 +1402,8 @@ class Sim:
                 self.stats["throttled_429"] += 1
             elif kind == "quota":
                 self.stats["quota_429"] += 1
+            per = self.stats["by_gym"].setdefault(str(gym.index) if gym else "unknown", {})
+            per[outcome] = per.get(outcome, 0) + 1
 
     def clock(self):
         """The bucket clock's reading; call with self.lock held."""
@@ -1596,22 +1609,22 @@ class Handler(BaseHTTPRequestHandler):
 
         tpl, kind, ids = match_route(path)
         label = tpl or "(unknown)"
+        key = self.headers.get("x-api-key")
         decoded = unquote_plus(unquote(self.path))
         if any(k in self.path or k in decoded for k in sim.keys):
-            sim.count(label, 400)
+            sim.count(label, 400, key=key)
             return self.send_json(400, {"message": "API keys must be sent in the x-api-key header, never in the URL"})
         if tpl is None or method != "GET":
-            sim.count(label, 403)
+            sim.count(label, 403, key=key)
             return self.send_json(403, {"message": "Missing Authentication Token"})
-        key = self.headers.get("x-api-key")
         model = sim.model
         gym = model.by_key.get(key)
         if gym is None or not sim.entitled(key, path):
-            sim.count(label, 403)
+            sim.count(label, 403, key=key)
             return self.send_json(403, {"message": "Forbidden"})
         verdict = sim.admit(key)
         if verdict:
-            sim.count(label, 429, verdict)
+            sim.count(label, 429, verdict, key=key)
             hdrs = {"Retry-After": str(sim.args.retry_after)} if verdict == "throttle" and sim.args.retry_after is not None else None
             return self.send_json(429, {"message": "Too Many Requests" if verdict == "throttle" else "Limit Exceeded"}, hdrs)
 
@@ -1620,26 +1633,29 @@ class Handler(BaseHTTPRequestHandler):
             fk = fault["kind"]
             ra = {"Retry-After": str(fault["retry_after"])} if fault.get("retry_after") is not None else None
             if fk == "reset":
-                sim.count(label, "reset")
+                sim.count(label, "reset", key=key, outcome="network")
                 self.reset_connection()
             if fk == "status":
                 st = int(fault.get("status", 500))
-                sim.count(label, st)
+                sim.count(label, st, key=key)
                 return self.send_json(st, {"message": GATEWAY_BODIES.get(st, "Gateway error")}, ra)
             if fk == "quota":
-                sim.count(label, 429, "quota")
+                sim.count(label, 429, "quota", key=key)
                 return self.send_json(429, {"message": "Limit Exceeded"}, ra)
             if fk == "throttle":
-                sim.count(label, 429, "throttle")
+                sim.count(label, 429, "throttle", key=key)
                 return self.send_json(429, {"message": "Too Many Requests"}, ra)
             if fk == "envelope":
                 code = int(fault.get("http_code", 500))
-                sim.count(label, 200)
+                sim.count(label, 200, key=key, outcome="envelope")
                 return self.send_json(200, envelope_error(code, "SIMULATED_ERROR", "Injected fault",
                                                           "An error occurred."))
             # slow / truncate fall through to a normal body
         status, obj = self.api(sim, model, gym, kind, ids, params)
-        sim.count(label, status)
+        fk = fault["kind"] if fault else None
+        sim.count(label, status, key=key,
+                  outcome={"slow": "slow", "truncate": "network"}.get(fk)
+                  or ("envelope" if isinstance(obj, dict) and "HTTPCode" in obj else None))
         self.send_json(status, obj, fault=fault if fault and fault["kind"] in ("slow", "truncate") else None)
 
     # ---- API handlers -------------------------------------------------------------------

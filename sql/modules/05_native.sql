@@ -30,10 +30,11 @@ COMMENT ON FUNCTION ironwod.seal_key(uuid, uuid, text) IS 'Seal an API key to th
 
 CREATE FUNCTION ironwod.validate_sealed_key(p_tenant_id uuid, p_gym_id uuid, p_sealed bytea,
                                             OUT verdict text, OUT http_status integer,
-                                            OUT fingerprint text, OUT message text)
+                                            OUT fingerprint text, OUT message text,
+                                            OUT attempts bigint[])
 RETURNS record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_validate_sealed_key';
-COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea) IS 'Have a validate worker open the key and call GET /customers/locations, waiting at most ironwod.validate_timeout_ms; verdict valid, rejected, unopenable, keystore or unavailable';
+COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea) IS 'Have a validate worker open the key and call GET /customers/locations, waiting at most ironwod.validate_timeout_ms; verdict valid, rejected, unopenable, keystore or unavailable, and the HTTP attempts it made (ironwod.add_attempts layout)';
 
 CREATE FUNCTION ironwod.worker_status(OUT run_id bigint, OUT pid integer) RETURNS SETOF record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_worker_status';

@@ -65,15 +65,19 @@ CREATE TABLE ironwod.sync_runs (
     worker_pid       integer,
     launch_attempts  integer NOT NULL DEFAULT 0,
     phase            text,
-    requests         integer NOT NULL DEFAULT 0,
-    retries          integer NOT NULL DEFAULT 0,
-    -- every HTTP attempt, by how it ended; requests is their sum
+    -- every HTTP attempt of the run, by how it ended: the sums of its entities'
+    -- (ironwod.count_requests); requests is their sum, retries the attempts
+    -- that followed a backoff
     attempts_2xx     integer NOT NULL DEFAULT 0,
     attempts_429     integer NOT NULL DEFAULT 0,
     attempts_4xx     integer NOT NULL DEFAULT 0,
     attempts_5xx     integer NOT NULL DEFAULT 0,
-    attempts_network integer NOT NULL DEFAULT 0,    -- resets, timeouts, truncated bodies
+    attempts_network integer NOT NULL DEFAULT 0,    -- resets, timeouts, truncated or unparsable bodies
     attempts_envelope integer NOT NULL DEFAULT 0,   -- HTTP 200 carrying a Wodify HTTPCode error
+    requests         integer NOT NULL GENERATED ALWAYS AS
+                     (attempts_2xx + attempts_429 + attempts_4xx + attempts_5xx + attempts_network
+                      + attempts_envelope) STORED,
+    retries          integer NOT NULL DEFAULT 0,
     token_wait_s     double precision NOT NULL DEFAULT 0,
     backoff_s        double precision NOT NULL DEFAULT 0,
     bytes_received   bigint NOT NULL DEFAULT 0,
@@ -108,15 +112,19 @@ CREATE TABLE ironwod.sync_run_entities (
     units_skipped integer NOT NULL DEFAULT 0,
     plan_ms       double precision,
     pages         integer NOT NULL DEFAULT 0,
-    requests      integer NOT NULL DEFAULT 0,
-    retries       integer NOT NULL DEFAULT 0,
-    -- every HTTP attempt, by how it ended; requests is their sum
+    -- every HTTP attempt to the entity's endpoint, by how it ended (a run's
+    -- key validation counts as locations'); requests is their sum, retries the
+    -- attempts that followed a backoff
     attempts_2xx      integer NOT NULL DEFAULT 0,
     attempts_429      integer NOT NULL DEFAULT 0,
     attempts_4xx      integer NOT NULL DEFAULT 0,
     attempts_5xx      integer NOT NULL DEFAULT 0,
-    attempts_network  integer NOT NULL DEFAULT 0,   -- resets, timeouts, truncated bodies
+    attempts_network  integer NOT NULL DEFAULT 0,   -- resets, timeouts, truncated or unparsable bodies
     attempts_envelope integer NOT NULL DEFAULT 0,   -- HTTP 200 carrying a Wodify HTTPCode error
+    requests      integer NOT NULL GENERATED ALWAYS AS
+                  (attempts_2xx + attempts_429 + attempts_4xx + attempts_5xx + attempts_network
+                   + attempts_envelope) STORED,
+    retries       integer NOT NULL DEFAULT 0,
     token_wait_s      double precision NOT NULL DEFAULT 0,
     backoff_s         double precision NOT NULL DEFAULT 0,
     bytes_received    bigint NOT NULL DEFAULT 0,

@@ -533,9 +533,45 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.mark_not_entitled(bigint, text) IS 'Worker: record that the gym''s plan does not include an entity';
 
--- A run's request and retry counts, summed from its entities (each landed page
--- counts its attempts there; every attempt but the last was a retry), and its
--- heartbeat and phase.
+-- The HTTP attempts a worker counted (src/observe.c) arrive as one int8[]:
+--   {2xx, 429, 4xx, 5xx, network, envelope, retries, bytes, token wait us, backoff us}
+-- with every landed page (ironwod.page_statement), and otherwise here: when an
+-- entity turns out not entitled, when a validation or the run ends.  They are
+-- the entity's (its endpoint's); a run's are the sums of its entities'.
+CREATE FUNCTION ironwod.add_attempts(p_run_id bigint, p_entity text, p_counters bigint[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    IF cardinality(p_counters) IS DISTINCT FROM 10 THEN
+        RAISE EXCEPTION 'attempt counters must have 10 elements, not %', cardinality(p_counters)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO ironwod.sync_run_entities AS s
+        (tenant_id, gym_id, run_id, entity, attempts_2xx, attempts_429, attempts_4xx, attempts_5xx,
+         attempts_network, attempts_envelope, retries, bytes_received, token_wait_s, backoff_s)
+    VALUES (v_t, v_g, p_run_id, p_entity, p_counters[1], p_counters[2], p_counters[3], p_counters[4],
+            p_counters[5], p_counters[6], p_counters[7], p_counters[8],
+            p_counters[9] / 1e6, p_counters[10] / 1e6)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET attempts_2xx = s.attempts_2xx + excluded.attempts_2xx,
+           attempts_429 = s.attempts_429 + excluded.attempts_429,
+           attempts_4xx = s.attempts_4xx + excluded.attempts_4xx,
+           attempts_5xx = s.attempts_5xx + excluded.attempts_5xx,
+           attempts_network = s.attempts_network + excluded.attempts_network,
+           attempts_envelope = s.attempts_envelope + excluded.attempts_envelope,
+           retries = s.retries + excluded.retries,
+           bytes_received = s.bytes_received + excluded.bytes_received,
+           token_wait_s = s.token_wait_s + excluded.token_wait_s,
+           backoff_s = s.backoff_s + excluded.backoff_s;
+END
+$$;
+COMMENT ON FUNCTION ironwod.add_attempts(bigint, text, bigint[]) IS 'Worker: add HTTP attempt counters {2xx, 429, 4xx, 5xx, network, envelope, retries, bytes, token wait us, backoff us} to a run''s entity';
+
+-- A run's attempt counters, summed from its entities, and its heartbeat and phase.
 CREATE FUNCTION ironwod.count_requests(p_run_id bigint, p_now timestamptz, p_phase text)
 RETURNS void
 LANGUAGE plpgsql
@@ -543,24 +579,31 @@ AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
-    v_requests integer;
-    v_pages integer;
+    v record;
 BEGIN
-    SELECT coalesce(sum(s.requests), 0), coalesce(sum(s.pages), 0) INTO v_requests, v_pages
+    SELECT coalesce(sum(s.attempts_2xx), 0) AS a2, coalesce(sum(s.attempts_429), 0) AS a429,
+           coalesce(sum(s.attempts_4xx), 0) AS a4, coalesce(sum(s.attempts_5xx), 0) AS a5,
+           coalesce(sum(s.attempts_network), 0) AS net, coalesce(sum(s.attempts_envelope), 0) AS env,
+           coalesce(sum(s.retries), 0) AS retries, coalesce(sum(s.bytes_received), 0) AS bytes,
+           coalesce(sum(s.token_wait_s), 0) AS token_wait, coalesce(sum(s.backoff_s), 0) AS backoff
+    INTO v
     FROM ironwod.sync_run_entities s WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id;
     UPDATE ironwod.sync_runs r
-       SET requests = v_requests, retries = v_requests - v_pages, heartbeat_at = p_now,
-           phase = coalesce(p_phase, r.phase)
+       SET attempts_2xx = v.a2, attempts_429 = v.a429, attempts_4xx = v.a4, attempts_5xx = v.a5,
+           attempts_network = v.net, attempts_envelope = v.env, retries = v.retries,
+           bytes_received = v.bytes, token_wait_s = v.token_wait, backoff_s = v.backoff,
+           heartbeat_at = p_now, phase = coalesce(p_phase, r.phase)
      WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
 END
 $$;
-COMMENT ON FUNCTION ironwod.count_requests(bigint, timestamptz, text) IS 'Worker: sum a run''s requests and retries from its entities; set its heartbeat and phase';
+COMMENT ON FUNCTION ironwod.count_requests(bigint, timestamptz, text) IS 'Worker: sum a run''s attempt counters (requests by outcome, retries, waits, bytes) from its entities; set its heartbeat and phase';
 
 -- The bookkeeping of every landed page, one statement the worker prepares once
 -- per run: the entity's counters (pages, attempts, records, new versions), API
 -- latency histogram and newest watermark, provided the run is still running (a
 -- disconnect stops it here: no row comes back).  Constant time.
--- $1 tenant, $2 gym, $3 run, $4 entity, $5 attempts, $6 records, $7 new versions,
+-- $1 tenant, $2 gym, $3 run, $4 entity, $5 the attempt counters since the last
+-- landed page (ironwod.add_attempts), $6 records, $7 new versions,
 -- $8 latency ms (0 when not measured), $9 the page's newest watermark, $10 the
 -- latency histogram of this page alone, $11 its bucket (ironwod.latency_buckets)
 -- and $12 1 (0 when not measured).
@@ -569,13 +612,25 @@ LANGUAGE sql IMMUTABLE
 AS $s$
     SELECT $q$
         INSERT INTO ironwod.sync_run_entities AS s
-            (tenant_id, gym_id, run_id, entity, pages, requests, pulled, new_versions, unchanged,
-             latency_hist, latency_ms, max_watermark)
-        SELECT $1, $2, $3, $4, 1, $5, $6, $7, $6 - $7, $10, $8, $9
+            (tenant_id, gym_id, run_id, entity, pages, attempts_2xx, attempts_429, attempts_4xx,
+             attempts_5xx, attempts_network, attempts_envelope, retries, bytes_received, token_wait_s,
+             backoff_s, pulled, new_versions, unchanged, latency_hist, latency_ms, max_watermark)
+        SELECT $1, $2, $3, $4, 1, $5[1], $5[2], $5[3], $5[4], $5[5], $5[6], $5[7], $5[8],
+               $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7, $10, $8, $9
         FROM ironwod.sync_runs r
         WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.run_id = $3 AND r.status = 'running'
         ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
-           SET pages = s.pages + 1, requests = s.requests + excluded.requests,
+           SET pages = s.pages + 1,
+               attempts_2xx = s.attempts_2xx + excluded.attempts_2xx,
+               attempts_429 = s.attempts_429 + excluded.attempts_429,
+               attempts_4xx = s.attempts_4xx + excluded.attempts_4xx,
+               attempts_5xx = s.attempts_5xx + excluded.attempts_5xx,
+               attempts_network = s.attempts_network + excluded.attempts_network,
+               attempts_envelope = s.attempts_envelope + excluded.attempts_envelope,
+               retries = s.retries + excluded.retries,
+               bytes_received = s.bytes_received + excluded.bytes_received,
+               token_wait_s = s.token_wait_s + excluded.token_wait_s,
+               backoff_s = s.backoff_s + excluded.backoff_s,
                pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
                unchanged = s.unchanged + excluded.unchanged,
                latency_hist[$11] = s.latency_hist[$11] + $12,
@@ -583,7 +638,7 @@ AS $s$
                max_watermark = greatest(s.max_watermark, excluded.max_watermark)
         RETURNING 1$q$
 $s$;
-COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters, latency histogram, watermark; checks the run still runs)';
+COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters and attempts, latency histogram, watermark; checks the run still runs)';
 
 -- A unit's last page landed: the unit is done (and checkpointed, in a backfill);
 -- when it was the entity's last unit, the entity is closed.  Constant time:

@@ -64,6 +64,7 @@ DECLARE
     v_status text;
     v_old text;
     v_run bigint;
+    v_validate bigint;
     -- A variable, not now() in the statement: Citus refuses non-immutable
     -- functions in ON CONFLICT DO UPDATE SET on a distributed table.
     v_now timestamptz := now();
@@ -122,9 +123,14 @@ BEGIN
                    WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id
                      AND r.status IN ('queued', 'running')) THEN
         IF v_status = 'connected' THEN
-            -- The synchronous verdict is recorded as a finished validate run.
-            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, requests)
-            VALUES (p_tenant_id, p_gym_id, 'validate', 'succeeded', now(), clock_timestamp(), 1);
+            -- The synchronous verdict is recorded as a finished validate run,
+            -- with the attempts it took (those of the locations endpoint).
+            INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at)
+            VALUES (p_tenant_id, p_gym_id, 'validate', 'succeeded', now(), clock_timestamp())
+            RETURNING run_id INTO v_validate;
+            PERFORM ironwod.add_attempts(v_validate, 'locations', v.attempts);
+            PERFORM ironwod.count_requests(v_validate, v_now, NULL);
+            PERFORM ironwod.log_run(p_tenant_id, p_gym_id, v_validate);
             INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
             SELECT p_tenant_id, p_gym_id, 'backfill'
             FROM ironwod.integrations_wodify_connection c

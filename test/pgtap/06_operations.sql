@@ -4,7 +4,7 @@
 -- counts, and the structured LOG line of a finished run.  The transaction rolls
 -- back, so the supervisor never sees these fixtures.
 BEGIN;
-SELECT plan(62);
+SELECT plan(65);
 SET LOCAL client_min_messages = warning;
 
 -- Two gyms of two tenants; every other connection is parked out of ironwod_tick's way.
@@ -51,10 +51,10 @@ UPDATE ironwod.integrations_wodify_connection SET last_success_at = now()
 SELECT is(pg_temp.a(), '', 'no_success_24h clears with a successful run');
 
 -- api_error_rate: failed attempts of the last 24 hours above ironwod.alert_error_rate.
-INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, requests,
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at,
                                attempts_2xx, attempts_429, attempts_5xx, attempts_network)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
-        now() - interval '2 hours', now() - interval '1 hour', 15, 10, 1, 3, 1);
+        now() - interval '2 hours', now() - interval '1 hour', 10, 1, 3, 1);
 SELECT is(pg_temp.a(), '', 'api_error_rate: 15 attempts are fewer than ironwod.alert_min_requests (20)');
 SET LOCAL ironwod.alert_min_requests = 10;
 SELECT is(pg_temp.a(), 'api_error_rate', 'api_error_rate: 5 of 15 attempts failed');
@@ -62,9 +62,9 @@ SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'api_error_rate
           '{"failed": 5, "requests": 15, "error_rate": 0.3333,
             "attempts": {"2xx": 10, "429": 1, "4xx": 0, "5xx": 3, "network": 1, "envelope": 0}}'::jsonb,
           'api_error_rate: detail counts attempts by outcome');
-INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, requests, attempts_2xx)
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at, attempts_2xx)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
-        now() - interval '30 minutes', now() - interval '20 minutes', 200, 200);
+        now() - interval '30 minutes', now() - interval '20 minutes', 200);
 SELECT is(pg_temp.a(), '', 'api_error_rate clears when the share falls below 5%');
 SET LOCAL ironwod.alert_error_rate = 0.02;
 SELECT is(pg_temp.a(), 'api_error_rate', 'api_error_rate: the threshold is a GUC');
@@ -191,17 +191,17 @@ SELECT is(ironwod.histogram_quantile('{0,0,0,0,0,0,0,0}', 0.5), NULL, 'no sample
 INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
         now() - interval '2 hours', now() - interval '1 hour');
-INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, pages, requests, attempts_2xx, attempts_5xx,
+INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, pages, attempts_2xx, attempts_5xx,
                                        latency_hist, latency_ms)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001',
-        currval('ironwod.sync_run_id_seq'), 'clients', 10, 12, 10, 2, '{0,10,0,0,0,0,0,0}', 750);
+        currval('ironwod.sync_run_id_seq'), 'clients', 10, 10, 2, '{0,10,0,0,0,0,0,0}', 750);
 INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'succeeded',
         now() - interval '3 days 1 hour', now() - interval '3 days');
-INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, pages, requests, attempts_2xx,
+INSERT INTO ironwod.sync_run_entities (tenant_id, gym_id, run_id, entity, pages, attempts_2xx,
                                        latency_hist, latency_ms)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001',
-        currval('ironwod.sync_run_id_seq'), 'clients', 10, 10, 10, '{0,0,0,0,10,0,0,0}', 7500);
+        currval('ironwod.sync_run_id_seq'), 'clients', 10, 10, '{0,0,0,0,10,0,0,0}', 7500);
 SELECT results_eq(
     $$SELECT period, endpoint, requests, failed, samples, mean_ms, p50_ms, p95_ms, p99_ms FROM ironwod.endpoint_latency
       WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1' ORDER BY period$$,
@@ -218,7 +218,7 @@ DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a
 
 -- run_progress: a backfill whose first three entities are done and whose fourth is
 -- under way, 100 seconds and 50 requests in.
-INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, phase, started_at, heartbeat_at, requests)
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, phase, started_at, heartbeat_at, attempts_2xx)
 VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'backfill', 'running', 'land',
         now() - interval '100 seconds', now(), 50);
 SELECT set_config('test.run', currval('ironwod.sync_run_id_seq')::text, true);
@@ -325,10 +325,26 @@ RESET ROLE;
 SELECT is((SELECT transformed FROM ironwod.sync_run_entities
            WHERE run_id = current_setting('test.run')::bigint AND entity = 'locations'), 2,
           'transform_step records the canonical rows written per entity');
+-- The failing page's attempts are written down with the failure: a 503 and two
+-- resets, two retries, 1.5 s waiting for tokens and 2.5 s of backoff.
+SET LOCAL ROLE ironwod_worker;
+SELECT throws_ok($$SELECT ironwod.add_attempts(current_setting('test.run')::bigint, 'clients', '{1,2}')$$,
+                 '22023', NULL, 'attempt counters come in one fixed layout');
+SELECT ironwod.add_attempts(current_setting('test.run')::bigint, 'clients', '{0,0,0,1,2,0,2,100,1500000,2500000}');
+RESET ROLE;
+SELECT results_eq($$SELECT requests, attempts_5xx, attempts_network, retries, token_wait_s, backoff_s
+                    FROM ironwod.sync_run_entities
+                    WHERE run_id = current_setting('test.run')::bigint AND entity = 'clients'$$,
+                  $$VALUES (3, 1, 2, 2, 1.5::float8, 2.5::float8)$$,
+                  'an entity''s requests are the sum of its attempts by outcome');
 SELECT set_config('test.log_from', (pg_stat_file('server.log')).size::text, true);
 SET LOCAL ROLE ironwod_worker;
-SELECT ironwod.fail_run(current_setting('test.run')::bigint, 'http', 'HTTP 500 on clients', 'fetch');
+SELECT ironwod.fail_run(current_setting('test.run')::bigint, 'http', 'HTTP 503 on clients', 'fetch');
 RESET ROLE;
+SELECT results_eq($$SELECT requests, attempts_2xx, attempts_5xx, attempts_network, retries, bytes_received
+                    FROM ironwod.sync_runs WHERE run_id = current_setting('test.run')::bigint$$,
+                  $$VALUES (4, 1, 1, 2, 2, 100::bigint)$$,
+                  'a run''s counters are the sums of its entities''');
 CREATE TEMP TABLE logged AS
 SELECT substring(l FROM 'LOG:  (\{.*\})$')::jsonb AS j, l
 FROM regexp_split_to_table(pg_read_file('server.log', current_setting('test.log_from')::bigint,
@@ -341,10 +357,12 @@ SELECT is((SELECT j - 'started_at' - 'finished_at' - 'duration_s' - 'requested_b
                              'tenant_id', 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1',
                              'gym_id', 'a1a1a1a1-0000-0000-0000-000000000001', 'mode', 'incremental',
                              'status', 'failed', 'error_code', 'http', 'failed_phase', 'fetch',
-                             'requests', 1, 'retries', 0,
-                             'attempts', '{"2xx": 0, "429": 0, "4xx": 0, "5xx": 0, "network": 0, "envelope": 0}'::jsonb,
-                             'token_wait_s', 0, 'backoff_s', 0, 'bytes_received', 0,
-                             'entities', '{"locations": {"requests": 1, "pages": 1, "pulled": 2, "new": 2,
+                             'requests', 4, 'retries', 2,
+                             'attempts', '{"2xx": 1, "429": 0, "4xx": 0, "5xx": 1, "network": 2, "envelope": 0}'::jsonb,
+                             'token_wait_s', 1.5, 'backoff_s', 2.5, 'bytes_received', 100,
+                             'entities', '{"clients": {"requests": 3, "pages": 0, "pulled": 0, "new": 0,
+                                                       "unchanged": 0, "transformed": 0, "deleted": 0},
+                                           "locations": {"requests": 1, "pages": 1, "pulled": 2, "new": 2,
                                            "unchanged": 0, "transformed": 2, "deleted": 0}}'::jsonb),
           'the LOG line is JSON with ids, mode, status and counts, and no error text');
 SELECT ok((SELECT (j ->> 'duration_s')::numeric >= 5 FROM logged), 'and the run''s duration');

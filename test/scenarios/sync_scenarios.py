@@ -157,6 +157,38 @@ def status(gym):
                     f"FROM ironwod_status('{gym[0]}', '{gym[1]}')")
 
 
+OUTCOMES = ("2xx", "429", "4xx", "5xx", "network", "envelope")
+COUNTERS = ", ".join(f"attempts_{o}" for o in OUTCOMES)
+
+
+def sim_outcomes():
+    """What the simulator answered the scenarios' key so far, by outcome."""
+    return dict(sim("GET", "/_sim/stats")["by_gym"].get(str(GYM_INDEX), {}))
+
+
+def counted_exactly(gym, run, before, what, slow_as="network"):
+    """The run's attempt counters equal the simulator's own count of its answers to the
+    key since `before`, outcome by outcome, and the run's are the sums of its entities'.
+    A slow answer is a network attempt when it outlasts the request timeout (as in the
+    fault scenarios), else a 2xx."""
+    after = sim_outcomes()
+    want = [after.get(o, 0) - before.get(o, 0) for o in OUTCOMES]
+    want[OUTCOMES.index(slow_as)] += after.get("slow", 0) - before.get("slow", 0)
+    mine = one(gym, f"SELECT {COUNTERS}, requests FROM ironwod.sync_runs WHERE run_id = {run}")
+    sums = one(gym, f"SELECT {', '.join(f'sum(attempts_{o})' for o in OUTCOMES)}, sum(requests) "
+                    f"FROM ironwod.sync_run_entities WHERE run_id = {run}")
+    expected = "|".join(str(n) for n in want + [sum(want)])
+    check(mine == expected and sums == expected, f"{what}: every attempt counted by outcome, as the simulator saw it",
+          f"simulator {dict(zip(OUTCOMES, want))}, run {mine}, entities {sums}")
+
+
+def counted_sync(gym, mode, what):
+    before = sim_outcomes()
+    run, outcome = sync(gym, mode)
+    counted_exactly(gym, run, before, what)
+    return run, outcome
+
+
 def fault_scenarios():
     check(connect(FAULT) == "succeeded", "fault gym: initial backfill succeeds")
     reference = latest_versions(FAULT)
@@ -177,7 +209,7 @@ def fault_scenarios():
     for name, spec in cases:
         sim("DELETE", "/_sim/faults")
         fault(**spec)
-        run, outcome = sync(FAULT, "incremental")
+        run, outcome = counted_sync(FAULT, "incremental", name)
         retries = one(FAULT, f"SELECT retries FROM ironwod.sync_runs WHERE run_id = {run}")
         check(outcome == "succeeded" and int(retries) >= 1, f"{name}: retried and succeeded",
               f"outcome {outcome}, retries {retries}")
@@ -189,7 +221,7 @@ def fault_scenarios():
     sim("DELETE", "/_sim/faults")
     set_guc("ironwod.request_timeout_ms", 3000)
     fault(kind="slow", delay_s=600, endpoint="/clients", count=2)
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "slow bodies")
     set_guc("ironwod.request_timeout_ms", None)
     check(outcome == "succeeded", "slow bodies past the timeout: retried and succeeded", outcome)
     same_data(FAULT, reference, "slow bodies: nothing lost")
@@ -198,7 +230,7 @@ def fault_scenarios():
     sim("DELETE", "/_sim/faults")
     before = watermarks(FAULT)
     fault(kind="status", status=500, endpoint="/financials/transactions/search", count=100)
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "persistent 5xx")
     code = one(FAULT, f"SELECT error_code FROM ironwod.sync_runs WHERE run_id = {run}")
     check(outcome == "failed" and code == "retries_exhausted", "persistent 5xx: run fails after max_retries",
           f"{outcome} {code}")
@@ -208,12 +240,12 @@ def fault_scenarios():
 
     # The breaker opens after ironwod.breaker_threshold consecutive failures.
     set_guc("ironwod.breaker_threshold", 2)
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "breaker opening")
     row = one(FAULT, f"SELECT status, consecutive_failures, next_retry_at > now() "
                      f"FROM ironwod_status('{FAULT[0]}', '{FAULT[1]}')")
     check(row == "error|2|t", "breaker opens with next_retry_at after consecutive failures", row)
     sim("DELETE", "/_sim/faults")
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "breaker closing")
     check(outcome == "succeeded" and status(FAULT) == "connected,0,retries_exhausted",
           "a successful run closes the breaker", f"{outcome} {status(FAULT)}")
     set_guc("ironwod.breaker_threshold", None)
@@ -221,7 +253,7 @@ def fault_scenarios():
     # The monthly quota defers the run instead of failing it.
     before = watermarks(FAULT)
     fault(kind="quota", endpoint="/memberships", count=1)
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "quota 429")
     row = one(FAULT, f"SELECT status, consecutive_failures, "
                      f"next_retry_at = date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month' "
                      f"FROM ironwod_status('{FAULT[0]}', '{FAULT[1]}')")
@@ -233,17 +265,20 @@ def fault_scenarios():
     # An endpoint the gym's plan does not include: skipped, visible, retried by reconciliation.
     sim("POST", "/_sim/entitlements", {"api_key": api_key(), "endpoint_prefix": "/financials/transactions",
                                        "entitled": False})
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "403 on one endpoint")
     skipped = scoped(FAULT, "SELECT entity FROM ironwod.entity_entitlements")
     check(outcome == "succeeded" and skipped == ["transactions"],
           "403 on one endpoint: entity marked not entitled, run succeeds", f"{outcome} {skipped}")
-    run, outcome = sync(FAULT, "incremental")
+    refused = one(FAULT, f"SELECT attempts_4xx || '/' || requests FROM ironwod.sync_run_entities "
+                         f"WHERE run_id = {run} AND entity = 'transactions'")
+    check(refused == "1/1", "the refused 403 is counted under the entity it refused", refused)
+    run, outcome = counted_sync(FAULT, "incremental", "skipped entity")
     pulled = one(FAULT, f"SELECT count(*) FROM ironwod.sync_run_entities WHERE run_id = {run} "
                         f"AND entity = 'transactions' AND pages > 0")
     check(outcome == "succeeded" and pulled == "0", "incremental runs skip a not-entitled entity")
     sim("POST", "/_sim/entitlements", {"api_key": api_key(), "endpoint_prefix": "/financials/transactions",
                                        "entitled": True})
-    run, outcome = sync(FAULT, "reconcile")
+    run, outcome = counted_sync(FAULT, "reconcile", "reconciliation")
     skipped = scoped(FAULT, "SELECT entity FROM ironwod.entity_entitlements")
     check(outcome == "succeeded" and skipped == [], "reconciliation retries it and clears the mark",
           f"{outcome} {skipped}")
@@ -261,14 +296,55 @@ def fault_scenarios():
 
     # Auth errors open the breaker at once, without retries.
     fault(kind="status", status=401, endpoint="/clients", count=1)
-    run, outcome = sync(FAULT, "incremental")
+    run, outcome = counted_sync(FAULT, "incremental", "401")
     row = one(FAULT, f"SELECT r.retries, c.status, c.next_retry_at IS NULL FROM ironwod.sync_runs r, "
                      f"ironwod_status('{FAULT[0]}', '{FAULT[1]}') c WHERE r.run_id = {run}")
     check(outcome == "failed" and row == "0|error|t", "401: no retry, connection in error at once", f"{outcome} {row}")
     sim("DELETE", "/_sim/faults")
+    # The key's validation is counted too, each of its attempts.
+    fault(kind="status", status=503, endpoint="/customers/locations", count=1)
+    before = sim_outcomes()
     check(connect_again(FAULT) == "connected", "reconnecting with a working key clears the error")
+    counted_exactly(FAULT, one(FAULT, "SELECT max(run_id) FROM ironwod.sync_runs WHERE mode = 'validate'"),
+                    before, "key validation after a 503")
     set_guc("ironwod.max_retries", None)
     same_data(FAULT, reference, "after every fault: the raw tables still equal the vendor's data")
+
+
+def pause_scenario(reference):
+    """ironwod_pause stops a running run at its next page, and nothing lands after the
+    pause; ironwod_sync refuses the paused gym; ironwod_resume lets it sync again.  The
+    simulator holds the run's third request for a few seconds, so the pause finds the
+    run running; however slow the machine, no page may land once the pause committed."""
+    sim("DELETE", "/_sim/faults")
+    fault(kind="slow", delay_s=5, after=2, count=1)
+    before = sim_outcomes()
+    run = one(FAULT, f"SELECT ironwod_sync('{FAULT[0]}', '{FAULT[1]}', 'reconcile')")
+    deadline = time.time() + 300          # a bound for a broken run, not a pace
+    while not fault_fired() and time.time() < deadline:
+        time.sleep(0.05)
+    paused = one(FAULT, f"SELECT ironwod_pause('{FAULT[0]}', '{FAULT[1]}')")
+    pages = one(FAULT, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities WHERE run_id = {run}")
+    while psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}") and time.time() < deadline:
+        time.sleep(0.05)
+    row = one(FAULT, f"SELECT status || ',' || last_error || ',' || (SELECT coalesce(sum(pages), 0) "
+                     f"FROM ironwod.sync_run_entities WHERE run_id = {run}) FROM ironwod.sync_runs WHERE run_id = {run}")
+    gone = not psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}")
+    check(paused == "paused" and row == f"cancelled,paused,{pages}" and gone,
+          "pause: the running run is cancelled, its worker stops at the next page, nothing lands after",
+          f"{paused} {row} (pages at the pause: {pages}) worker gone: {gone}")
+    counted_exactly(FAULT, run, before, "a paused run", slow_as="2xx")
+    try:
+        refused = f"queued run {one(FAULT, f'SELECT ironwod_sync({FAULT[0]!r}, {FAULT[1]!r})')}"
+    except RuntimeError as e:
+        refused = "refused" if "is paused" in str(e) else str(e)
+    status_paused = status(FAULT)
+    resumed = one(FAULT, f"SELECT ironwod_resume('{FAULT[0]}', '{FAULT[1]}')")
+    run, outcome = counted_sync(FAULT, "incremental", "after resume")
+    check(refused == "refused" and status_paused.startswith("paused,") and resumed == "connected"
+          and outcome == "succeeded", "a paused gym refuses ironwod_sync; resumed, it syncs again",
+          f"{refused} {status_paused} {resumed} {outcome}")
+    same_data(FAULT, reference, "pause and resume: nothing lost, nothing duplicated")
 
 
 def connect_again(gym):
@@ -339,6 +415,7 @@ def drift_scenario():
 
 def main():
     fault_scenarios()
+    pause_scenario(latest_versions(FAULT))
     crash_scenarios(latest_versions(FAULT), canonical_rows(FAULT))
     drift_scenario()
     failed = results.count(False)
