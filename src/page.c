@@ -716,10 +716,18 @@ record_cmp(const void *a, const void *b)
  * What the page says beyond its records: duplicates (the same version twice
  * in one page lands once), the newest watermark, the digest of its ids that
  * spots a page repeating the previous one.
+ *
+ * The watermark is the newest vendor timestamp that is not in the future.  A
+ * record stamped later than now (a class scheduled ahead, a vendor clock
+ * running fast) is landed like any other but does not count: counting it
+ * would move the watermark past records the vendor has yet to post, and
+ * clamping it to our clock would put our time where only the vendor's
+ * belongs.  It counts once a later pull sees it no longer in the future.
  */
 static void
 summarise(IwPage *page)
 {
+	TimestampTz now = GetCurrentTimestamp();
 	IwRecord  **good = palloc(sizeof(IwRecord *) * Max(page->n_records, 1));
 	int			n_good = 0;
 	StringInfoData ids;
@@ -741,7 +749,8 @@ summarise(IwPage *page)
 			continue;
 		}
 		good[n_good++] = r;
-		if (r->has_watermark && (!page->has_watermark || r->watermark > page->watermark))
+		if (r->has_watermark && r->watermark <= now &&
+			(!page->has_watermark || r->watermark > page->watermark))
 		{
 			page->watermark = r->watermark;
 			page->has_watermark = true;

@@ -389,9 +389,11 @@ $$;
 COMMENT ON FUNCTION ironwod.next_task(bigint) IS 'Worker: next unit of work (entity, window key, relative URL) of the run, planning the next entity when the current one is done';
 
 -- An entity's pull finished cleanly: record it and advance its watermark to the
--- newest vendor timestamp this run saw (never past now: a bad clock at the vendor
--- must not make us skip data).  Called in the transaction that landed the
--- entity's last page.  A reconciliation also soft-deletes what vanished.
+-- newest vendor timestamp this run saw.  Only vendor timestamps: a pull that saw
+-- no records leaves the watermark where it was, and records stamped in the
+-- future never counted (src/page.c), so no watermark passes now.  Called in the
+-- transaction that landed the entity's last page.  A reconciliation also
+-- soft-deletes what vanished.
 CREATE FUNCTION ironwod.close_entity(p_run_id bigint, p_entity text)
 RETURNS void
 LANGUAGE plpgsql
@@ -404,7 +406,6 @@ BEGIN
     SELECT s.max_watermark INTO v_max FROM ironwod.sync_run_entities s
      WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
        AND s.run_id = p_run_id AND s.entity = p_entity;
-    v_max := least(v_max, clock_timestamp());
 
     INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, status, completed_at, cursor_start, cursor_end)
     SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 'completed', clock_timestamp(),
