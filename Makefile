@@ -8,9 +8,11 @@
 #   make bench         backfill throughput, cache reads against recomputation, replay
 #   make test-citus    the suite on a three-node Citus cluster (builds Citus from ../shared/vendor)
 #
-# The install script sql/ironwod--1.0.sql is assembled from the readable modules in
-# sql/modules/ in file-name order. Once 1.0 is tagged the assembled script is committed
-# and frozen; later changes ship as sql/ironwod--1.0--1.1.sql and so on.
+# Released install and upgrade scripts (sql/ironwod--1.0.sql, sql/ironwod--1.0--1.1.sql,
+# ...) are committed and never edited.  The install script of the current version
+# (default_version in ironwod.control) is assembled from the readable modules in
+# sql/modules/ in file-name order; an upgrade test proves that upgrading from 1.0
+# through the committed scripts gives the same schema as that fresh install.
 
 EXTENSION = ironwod
 MODULE_big = ironwod
@@ -18,11 +20,13 @@ OBJS = src/ironwod.o src/shmem.o src/launcher.o src/supervisor.o src/run.o src/h
        src/ratelimit.o src/land.o src/crypto.o src/masterkey.o src/loghook.o \
        src/sqlfuncs.o src/configcheck.o src/wire.o src/page.o src/observe.o
 
-DATA_built = sql/ironwod--1.0.sql
+EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" ironwod.control)
+DATA_built = sql/ironwod--$(EXTVERSION).sql
+DATA = $(filter-out $(DATA_built),$(wildcard sql/ironwod--*.sql))
 SQL_MODULES = $(sort $(wildcard sql/modules/*.sql))
 
 PG_CONFIG ?= pg_config
-PG_CPPFLAGS = $(shell curl-config --cflags)
+PG_CPPFLAGS = $(shell curl-config --cflags) -DIRONWOD_VERSION='"$(EXTVERSION)"'
 SHLIB_LINK = $(shell curl-config --libs) -lcrypto
 EXTRA_CLEAN = results regression.diffs regression.out tmp_check log
 
@@ -47,10 +51,11 @@ include $(PGXS)
 CONTRIB_TESTDB = postgres
 ISOLATION_TESTDB = postgres
 
-# PGXS does not track header dependencies: every object depends on the shared header.
-$(OBJS): src/ironwod.h
+# PGXS does not track header dependencies: every object depends on the shared header,
+# and on the control file, whose default_version the library is built to serve.
+$(OBJS): src/ironwod.h ironwod.control
 
-sql/ironwod--1.0.sql: $(SQL_MODULES)
+$(DATA_built): $(SQL_MODULES)
 	cat $(SQL_MODULES) > $@
 
 # `make installcheck`, after `make install`: the pg_regress and isolation suites

@@ -38,7 +38,13 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
-#define IRONWOD_VERSION "1.0"
+/*
+ * The SQL version this library serves: default_version of ironwod.control,
+ * passed in by the Makefile so the two cannot disagree.
+ */
+#ifndef IRONWOD_VERSION
+#error "IRONWOD_VERSION must be defined by the Makefile (default_version of ironwod.control)"
+#endif
 
 /* ---- GUCs (ironwod.c) ---- */
 extern char *ironwod_database_name;

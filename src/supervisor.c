@@ -354,18 +354,47 @@ citus_worker_node(void)
 }
 
 /*
+ * The SQL versions this library drives: its own (default_version) and the
+ * older ones whose schema it still works with, so that after a package
+ * upgrade and restart gyms keep syncing until ALTER EXTENSION ironwod UPDATE.
+ * A release whose C code needs its own SQL drops the older entries.
+ */
+static const char *const served_versions[] = {"1.0", IRONWOD_VERSION};
+
+/*
  * The extension may not exist yet, may be mid-upgrade, or may have been
- * dropped: check by OID and version, not by schema name (pg_net #264).
+ * dropped: check by OID and version, not by schema name (pg_net #264).  At a
+ * version this library does not drive, nothing runs, and the supervisor says
+ * so once per version it finds.
  */
 static bool
 extension_ready(void)
 {
+	static char *warned_version = NULL;
+	char	   *installed;
+
 	if (!OidIsValid(get_extension_oid("ironwod", true)))
 		return false;
-	if (SPI_execute("SELECT 1 FROM pg_extension WHERE extname = 'ironwod' AND extversion = '"
-					IRONWOD_VERSION "'", true, 1) != SPI_OK_SELECT)
+	if (SPI_execute("SELECT extversion FROM pg_extension WHERE extname = 'ironwod'",
+					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		return false;
-	return SPI_processed == 1;
+	installed = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	for (size_t i = 0; i < lengthof(served_versions); i++)
+		if (strcmp(installed, served_versions[i]) == 0)
+			return true;
+	if (warned_version == NULL || strcmp(warned_version, installed) != 0)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("ironwod supervisor idles: the extension is at version %s, which this library (version %s) does not drive",
+						installed, IRONWOD_VERSION),
+				 errhint("Run ALTER EXTENSION ironwod UPDATE in database \"%s\", or install the ironwod package of version %s and restart the server.",
+						 ironwod_database_name, installed)));
+		if (warned_version != NULL)
+			pfree(warned_version);
+		warned_version = MemoryContextStrdup(TopMemoryContext, installed);
+	}
+	return false;
 }
 
 /*
