@@ -38,6 +38,14 @@ monotonic clock until a test takes it over:
     POST /_sim/buckets {"api_key": K, "tokens": T}   set K's bucket (every key's without K)
     GET  /_sim/buckets the tokens of every key's bucket at the clock's reading
 
+Posting records with a chosen time stamp (they survive /_sim/advance):
+
+    POST   /_sim/transactions {"api_key": K, "transaction_date_time": T, "amount": A}
+                              a Payment on K's newest invoice, stamped T (past or future)
+                              {"api_key": K, "generated": false}  withhold K's generated
+                              transactions (a gym with no payments yet); true serves them
+    DELETE /_sim/transactions back to the generated transactions only (every key, or K's)
+
 With the clock frozen, 40 concurrent requests against a burst of 20 see exactly 20
 answers, however slowly the threads start.  A fault with "after": N lets N matching
 requests through before it fires.
@@ -841,7 +849,7 @@ class Gym:
         self.r_memberships = [self._r_membership(m) for m in self.v_memberships]
         self.r_holds = [self._r_hold(h) for h in self.v_holds]
         self.r_invoices = [self._r_invoice(i) for i in self.v_invoices]
-        self.r_txns = [self._r_txn(t) for t in self.v_txns]
+        self.r_txns = self.r_txns_generated = [self._r_txn(t) for t in self.v_txns]
         self.r_clients = [self._r_client(c) for c in self.v_clients]
         self.signins_by_client = {}
         for s in self.v_signins:
@@ -1375,6 +1383,9 @@ class Sim:
         self.quota_used = {}
         self.faults, self.fault_seq = [], 0
         self.entitlements = []          # (api_key or None, prefix)
+        # Transactions a test posted (POST /_sim/transactions), per key, and the keys
+        # whose generated transactions are withheld; they survive /_sim/advance.
+        self.posted, self.posted_seq, self.withheld = {}, 0, set()
         self.cache = {}                 # (model id, gym, kind, client, q, sort) -> list
         self.pages = {}                 # cache key + (page, size) -> rendered body bytes
         self.pages_bytes = 0
@@ -1481,10 +1492,41 @@ class Sim:
         model = Model(self.seed, self.ngyms, self.scale, self.anchor, new_today)
         with self.lock:
             self.model, self.today = model, new_today
+            self.apply_posted()
             self.cache.clear()
             self.pages.clear()
             self.pages_bytes = 0
         return new_today
+
+    def apply_posted(self):
+        """Serve every gym's transactions as generated (unless withheld) plus those posted
+        by a test.  Call with self.lock held."""
+        for g in self.model.gyms:
+            posted = self.posted.get(g.api_key, [])
+            g.r_txns = ([] if g.api_key in self.withheld else g.r_txns_generated) + posted
+        self.cache.clear()
+        self.pages.clear()
+        self.pages_bytes = 0
+
+    def post_transaction(self, key, data):
+        """A transaction the vendor records now with the time stamp the test chose (a
+        payment entered late with its real date, or one dated ahead): a Payment on the
+        gym's newest invoice, with an id above every generated one."""
+        gym = self.model.by_key[key]
+        at = datetime.fromisoformat(str(data["transaction_date_time"]).replace("Z", "+00:00"))
+        at = at.astimezone(timezone.utc).replace(tzinfo=None, microsecond=0)
+        inv = gym.r_invoices[-1]
+        with self.lock:
+            self.posted_seq += 1
+            rec = {"id": 990_000_000 + self.posted_seq, "invoice_id": inv["id"], "client_id": inv["client_id"],
+                   "location_id": inv["location_id"], "transaction_date_time": fmt_dt(at),
+                   "amount": float(data.get("amount", 10.0)),
+                   "transaction_type": data.get("transaction_type", "Payment"),
+                   "payment_method": data.get("payment_method", "Card"),
+                   "created": audit("created", 0, "System", at)}
+            self.posted.setdefault(key, []).append(rec)
+            self.apply_posted()
+        return rec
 
     def gyms_json(self):
         m = self.model
@@ -1789,6 +1831,35 @@ class Handler(BaseHTTPRequestHandler):
             with sim.lock:
                 ents = [{"api_key": k, "endpoint_prefix": p} for k, p in sim.entitlements]
             return self.send_json(200, {"not_entitled": ents})
+        if path == "/_sim/transactions":
+            # POST {"api_key", "transaction_date_time", "amount"?, ...}: post one;
+            # POST {"api_key", "generated": false|true}: withhold the gym's generated
+            # transactions (or serve them again); DELETE: back to the generated ones.
+            key = data.get("api_key")
+            if method in ("POST", "DELETE") and key is not None and key not in sim.keys:
+                return self.send_json(400, {"error": "unknown api_key"})
+            if method == "DELETE":
+                with sim.lock:
+                    for k in ([key] if key is not None else list(sim.keys)):
+                        sim.posted.pop(k, None)
+                        sim.withheld.discard(k)
+                    sim.apply_posted()
+                return self.send_json(200, {"ok": True})
+            if method == "POST" and key is not None and "generated" in data:
+                with sim.lock:
+                    (sim.withheld.discard if data["generated"] else sim.withheld.add)(key)
+                    sim.apply_posted()
+                return self.send_json(200, {"ok": True})
+            if method == "POST" and key is not None:
+                try:
+                    rec = sim.post_transaction(key, data)
+                except (KeyError, TypeError, ValueError):
+                    return self.send_json(400, {"error": "transaction_date_time (ISO 8601) required"})
+                return self.send_json(200, rec)
+            if method == "GET":
+                with sim.lock:
+                    return self.send_json(200, {"posted": sim.posted, "withheld": sorted(sim.withheld)})
+            return self.send_json(400, {"error": "api_key required"})
         if path == "/_sim/clock":
             if method == "POST":
                 try:

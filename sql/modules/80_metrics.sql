@@ -625,6 +625,13 @@ BEGIN
      WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.month_start >= v_from
        AND x.location_key = w.location_key AND x.program_key = w.program_key AND x.month_start = w.month_start;
 
+    -- The newest source change is stamped on every cached month, not only on the
+    -- months recomputed now: the recompute policy recomputed every month a change
+    -- could touch, so each one reflects the sources up to v_wm, and a replay, which
+    -- recomputes them all, stamps the same value.
+    UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
+     WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
+
     RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
                               'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows);
 END

@@ -24,6 +24,7 @@ GYM_INDEX = 1                    # the simulator gym these scenarios use
 FAULT = ("55555555-5555-5555-5555-555555555555", "55555555-0000-0000-0000-000000000001")
 CRASH = ("66666666-6666-6666-6666-666666666666", "66666666-0000-0000-0000-000000000001")
 FRESH = ("67676767-6767-6767-6767-676767676767", "67676767-0000-0000-0000-000000000001")
+MARKS = ("68686868-6868-6868-6868-686868686868", "68686868-0000-0000-0000-000000000001")
 
 results = []
 
@@ -394,18 +395,93 @@ def crash_scenarios(reference, reference_canonical):
     set_guc("ironwod.low_speed_time", None)
 
 
+def iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def watermark_scenario():
+    """Watermarks hold vendor timestamps only.  The gym has no transactions yet at the
+    vendor (the simulator withholds the generated ones), so a pull sees none and the
+    transactions watermark must stay empty, not become our clock: a payment the vendor
+    then posts with an older date (entered late) must still land.  A payment older than
+    the watermark but inside the lookback lands too, and one dated ahead lands without
+    moving the watermark past now."""
+    key = api_key()
+    lookback = int(psql("SELECT current_setting('ironwod.lookback_days')")[0])
+
+    def mark():
+        return one(MARKS, "SELECT coalesce((SELECT watermark::text FROM ironwod.entity_cursors WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() "
+                          "AND entity = 'transactions'), 'none')")
+
+    def landed(rec):
+        return one(MARKS, f"SELECT count(*) FROM ironwod.wodify_raw_transactions WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND wodify_id = {rec['id']}") == "1"
+
+    def stamp(rec):
+        return one(MARKS, f"SELECT '{rec['transaction_date_time']}'::timestamptz::text")
+
+    sim("POST", "/_sim/transactions", {"api_key": key, "generated": False})
+    try:
+        check(connect(MARKS) == "succeeded" and mark() == "none",
+              "a backfill that sees no transactions leaves the transactions watermark empty", mark())
+        run, outcome = sync(MARKS, "incremental")
+        seen = one(MARKS, f"SELECT coalesce(sum(pulled), 0) FROM ironwod.sync_run_entities "
+                          f"WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND run_id = {run} AND entity = 'transactions'")
+        check(outcome == "succeeded" and seen == "0" and mark() == "none",
+              "an incremental that sees no transactions leaves the watermark where it was (not our clock)",
+              f"{outcome}, pulled {seen}, watermark {mark()}")
+        # Dated before our clock minus the lookback: lost if the empty pull had moved
+        # the watermark to our clock.
+        late = sim("POST", "/_sim/transactions", {"api_key": key, "amount": 41.0,
+                                                   "transaction_date_time": iso(time.time() - (lookback + 2) * 86400)})
+        run, outcome = sync(MARKS, "incremental")
+        check(outcome == "succeeded" and landed(late) and mark() == stamp(late),
+              "a transaction posted later with an older date lands; the watermark is its vendor time",
+              f"{outcome}, landed {landed(late)}, watermark {mark()}, want {stamp(late)}")
+        # Older than the watermark, inside the lookback (entered late with its real date).
+        older = sim("POST", "/_sim/transactions", {"api_key": key, "amount": 42.0,
+                                                    "transaction_date_time": iso(time.time() - (lookback + 2) * 86400
+                                                                                 - lookback * 43200)})
+        run, outcome = sync(MARKS, "incremental")
+        check(outcome == "succeeded" and landed(older) and mark() == stamp(late),
+              "a transaction dated before the watermark, inside the lookback, lands; the watermark stays",
+              f"{outcome}, landed {landed(older)}, watermark {mark()}, want {stamp(late)}")
+        before = mark()
+        ahead = sim("POST", "/_sim/transactions", {"api_key": key, "amount": 44.0,
+                                                    "transaction_date_time": iso(time.time() + 2 * 86400)})
+        run, outcome = sync(MARKS, "incremental")
+        past_now = one(MARKS, "SELECT count(*) FROM ironwod.entity_cursors WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND watermark > now()")
+        check(outcome == "succeeded" and landed(ahead) and mark() == before and past_now == "0",
+              "a future-dated transaction lands but does not move the watermark (none is past now)",
+              f"{outcome}, landed {landed(ahead)}, watermark {before} -> {mark()}, past now: {past_now}")
+    finally:
+        sim("DELETE", "/_sim/transactions")
+
+
 def drift_scenario():
     """30 simulated days of vendor activity with a nightly incremental run (and the
     weekly reconciliation on every 7th day): the raw tables end equal to a fresh
-    full backfill of the same gym, so the incremental path misses nothing."""
+    full backfill of the same gym, so the incremental path misses nothing.  The days
+    bring late edits (invoices paid or voided after they were due, holds extended,
+    cancellations requested, profile edits) and, on day 20, a payment entered with a
+    date two days back; the metrics cache the worker refreshed after every run then
+    equals, byte for byte, the one ironwod_replay rebuilds from raw in one pass."""
     for day in range(1, 31):
         sim("POST", f"/_sim/advance?days=1")
+        if day == 20:
+            sim("POST", "/_sim/transactions", {"api_key": api_key(), "amount": 55.0,
+                                               "transaction_date_time": iso(time.time() - 2 * 86400)})
         mode = "reconcile" if day % 7 == 0 else "incremental"
         run, outcome = sync(FAULT, mode)
         if outcome != "succeeded":
             check(False, f"day {day}: {mode} run succeeds", outcome)
             return
     check(True, "30 days of nightly incremental runs and weekly reconciliations succeed")
+    edited = {e: int(one(FAULT, f"SELECT count(*) FROM (SELECT wodify_id FROM ironwod.wodify_raw_{e} "
+                                 f"WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() "
+                                 f"GROUP BY 1 HAVING count(*) > 1) x"))
+              for e in ("invoices", "memberships", "membership_holds")}
+    check(sum(edited.values()) > 0, "the 30 days brought late edits (records with several versions)", edited)
+    replay_scenario(FAULT)
     check(connect(FRESH) == "succeeded", "fresh backfill of the same gym after 30 days")
     same_data(FAULT, latest_versions(FRESH), "incremental path missed nothing: raw equals a fresh backfill")
     same_canonical(FAULT, canonical_rows(FRESH), "and the canonical tables equal those of the fresh backfill")
@@ -413,7 +489,60 @@ def drift_scenario():
     check(int(new_runs) >= 30, "every day had its own run", new_runs)
 
 
+DERIVED = CANONICAL + ("member_spell", "member_month_fact", "gym_monthly_metrics_cache")
+
+
+def derived_rows(gym):
+    """Every row the digest covers, per table, as ironwod.digest renders it."""
+    rows = scoped(gym, " UNION ALL ".join(
+        f"SELECT '{t}' || chr(9) || (to_jsonb(x) - 'computed_at')::text FROM ironwod.{t} x "
+        f"WHERE x.tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()" for t in DERIVED))
+    out = {t: set() for t in DERIVED}
+    for r in rows:
+        t, _, rest = r.partition("\t")
+        out[t].add(rest)
+    return out
+
+
+def first_difference(a, b, tables):
+    """The columns that differ in the first differing row pair of the first table."""
+    for t in tables:
+        x = [json.loads(r) for r in sorted(a[t] - b[t])][:1]
+        y = [json.loads(r) for r in sorted(b[t] - a[t])][:1]
+        if x and y:
+            return {t: {k: (x[0].get(k), y[0].get(k)) for k in x[0] if x[0].get(k) != y[0].get(k)}}
+        return {t: x or y}
+    return {}
+
+
+def replay_scenario(gym):
+    """The live canonical tables, spells, facts and cache, built run by run, equal what
+    ironwod_replay rebuilds from raw alone, byte for byte (their digest); and the digest
+    sees a change of a single derived value."""
+    t, g = gym
+    live, live_parts = one(gym, f"SELECT ironwod.digest('{t}', '{g}')"), derived_rows(gym)
+    replayed = one(gym, f"SELECT ironwod_replay('{t}', '{g}')")
+    replay_parts = derived_rows(gym)
+    differ = {k: (len(live_parts[k] - replay_parts[k]), len(replay_parts[k] - live_parts[k]))
+              for k in live_parts if live_parts[k] != replay_parts[k]}
+    check(live == replayed and not differ, "after 30 days of runs, the live digest equals ironwod_replay's",
+          f"live {live}, replay {replayed}; rows only live / only replayed, by table: {differ}; "
+          f"e.g. {first_difference(live_parts, replay_parts, differ)}")
+    row = one(gym, "SELECT location_key || '|' || month_start FROM ironwod.gym_monthly_metrics_cache "
+                   "WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND location_key = 'ALL' AND program_key = 'ALL' ORDER BY month_start DESC LIMIT 1")
+    loc, month = row.split("|")
+    tampered = one(gym, f"UPDATE ironwod.gym_monthly_metrics_cache SET members_end = members_end + 1 "
+                        f"WHERE tenant_id = '{t}' AND gym_id = '{g}' AND location_key = '{loc}' "
+                        f"AND program_key = 'ALL' AND month_start = '{month}';\n"
+                        f"SELECT ironwod.digest('{t}', '{g}')")
+    again = one(gym, f"SELECT ironwod_replay('{t}', '{g}')")
+    check(tampered != replayed and again == replayed,
+          "one derived value changed in one cache row changes the digest; a replay restores it",
+          f"tampered {tampered}, replay {replayed}, again {again}")
+
+
 def main():
+    watermark_scenario()
     fault_scenarios()
     pause_scenario(latest_versions(FAULT))
     crash_scenarios(latest_versions(FAULT), canonical_rows(FAULT))
