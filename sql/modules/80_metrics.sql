@@ -1,13 +1,20 @@
--- 80_metrics: spells, member-month facts and gym_monthly_metrics_cache
--- (metrics.md §2-§5 within its v1 scope adjustments).
+-- 80_metrics: spells, daily states, visits, member-month facts, money and
+-- gym_monthly_metrics_cache (metrics.md §2-§5 within its v1 scope adjustments).
 --
--- Pipeline of one refresh, all set-based:
---   qualifying memberships (per location key: ALL and each location id)
---   -> merged spells (gap <= merge_gap_days; rescinded spells dropped)      member_spell
---   -> daily state ACTIVE / ON_HOLD / NOT_MEMBER with MRR (a temp table; bridged gap
+-- Pipeline of one refresh, all set-based, one function per stage (see "The stages
+-- of a refresh" below):
+--   qualifying memberships (per location key: ALL and each location id)   metric_memberships
+--   -> merged spells (gap <= merge_gap_days; rescinded spells marked)     member_spell
+--   -> daily state ACTIVE / ON_HOLD / NOT_MEMBER with MRR, as spans (bridged gap
 --      days are ACTIVE and carry the MRR of the membership that resumes coverage)
---   -> one fact row per person, location key and month                       member_month_fact
---   -> the cache, a GROUP BY over the facts plus cash and invoice figures    gym_monthly_metrics_cache
+--                                                                          member_state_span
+--   -> visits per person, location key and month                          member_visit_month
+--   -> one fact row per person, location key and month                    member_month_fact
+--   -> cash, invoice and recognised-revenue figures per key and month     gym_month_money
+--   -> the cache, a GROUP BY over the facts plus the money                gym_monthly_metrics_cache
+-- Spells and spans are rebuilt whole (a few rows per membership); the later stages
+-- from the first month to recompute on (refresh_metrics: the trailing months and
+-- the months a run's changes touched).
 -- Months are calendar months in the gym's IANA zone; civil dates are compared as
 -- dates, instants are converted to local dates first.  The current month is computed
 -- to date (as_of = today) and flagged is_partial, as is any month whose end plus the
@@ -72,300 +79,490 @@ COMMENT ON FUNCTION ironwod.spread_months(integer, text, integer) IS 'Number of 
 -- First full local month of synced history: the month of the earliest transaction or
 -- sign-in when that falls on the 1st, else the month after.  A settings override wins.
 CREATE FUNCTION ironwod.history_start(p_tz text) RETURNS date
-LANGUAGE sql STABLE
-AS $$
-    WITH s AS (
-        SELECT least(
-            (SELECT min((t.processed_at AT TIME ZONE p_tz)::date) FROM ironwod.transactions t
-             WHERE t.tenant_id = ironwod.scope_tenant() AND t.gym_id = ironwod.scope_gym() AND t.deleted_at IS NULL),
-            (SELECT min((a.class_start_at AT TIME ZONE p_tz)::date) FROM ironwod.attendance_events a
-             WHERE a.tenant_id = ironwod.scope_tenant() AND a.gym_id = ironwod.scope_gym() AND a.deleted_at IS NULL)) AS d,
-            (SELECT min(m.start_date) FROM ironwod.memberships m
-             WHERE m.tenant_id = ironwod.scope_tenant() AND m.gym_id = ironwod.scope_gym() AND m.deleted_at IS NULL) AS m
-    )
-    SELECT coalesce(
-        (SELECT x.history_start_date FROM ironwod.metric_settings x
-         WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym()),
-        CASE WHEN s.d IS NULL THEN date_trunc('month', coalesce(s.m, ironwod.metrics_today(p_tz)))::date
-             WHEN extract(day FROM s.d) = 1 THEN s.d
-             ELSE (date_trunc('month', s.d) + interval '1 month')::date END)
-    FROM s
-$$;
-COMMENT ON FUNCTION ironwod.history_start(text) IS 'history_start_date of the scoped gym: settings override, else the first full local month of synced transactions and sign-ins';
-
--- Recompute spells (all of them), and facts and cache rows for months >= p_from.
-CREATE FUNCTION ironwod.compute_metrics(p_from date)
-RETURNS jsonb
-LANGUAGE plpgsql
-SET jit = off
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
-    s ironwod.metric_settings;
-    v_hash text;
-    v_tz text;
-    v_today date;
-    v_hist date;
-    v_cur date;
-    v_from date;
-    v_wm timestamptz;
-    v_spells integer;
-    v_facts integer;
-    v_rows integer;
+    v_set date;
+    v_d date;
+    v_m date;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    SELECT x.history_start_date INTO v_set FROM ironwod.metric_settings x
+    WHERE x.tenant_id = v_t AND x.gym_id = v_g;
+    IF v_set IS NOT NULL THEN
+        RETURN v_set;
     END IF;
-    s := ironwod.metric_config();
-    v_hash := ironwod.config_hash(s);
-    v_tz := ironwod.gym_time_zone(v_t, v_g);
-    v_today := ironwod.metrics_today(v_tz);
-    v_cur := date_trunc('month', v_today)::date;
-    v_hist := least(ironwod.history_start(v_tz), v_cur);
-    v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
+    -- the local date is monotonic in the instant, so the earliest instant (an index
+    -- read) gives the earliest local date
+    SELECT least((SELECT (min(t.processed_at) AT TIME ZONE p_tz)::date FROM ironwod.transactions t
+                  WHERE t.tenant_id = v_t AND t.gym_id = v_g AND t.deleted_at IS NULL),
+                 (SELECT (min(a.class_start_at) AT TIME ZONE p_tz)::date FROM ironwod.attendance_events a
+                  WHERE a.tenant_id = v_t AND a.gym_id = v_g AND a.deleted_at IS NULL))
+    INTO v_d;
+    SELECT min(m.start_date) INTO v_m FROM ironwod.memberships m
+    WHERE m.tenant_id = v_t AND m.gym_id = v_g AND m.deleted_at IS NULL;
+    RETURN CASE WHEN v_d IS NULL THEN date_trunc('month', coalesce(v_m, ironwod.metrics_today(p_tz)))::date
+                WHEN extract(day FROM v_d) = 1 THEN v_d
+                ELSE (date_trunc('month', v_d) + interval '1 month')::date END;
+END
+$$;
+COMMENT ON FUNCTION ironwod.history_start(text) IS 'history_start_date of the scoped gym: settings override, else the first full local month of synced transactions and sign-ins';
 
-    -- Member-qualifying (price > 0) and comped (price = 0) memberships, once gym-wide
-    -- (ALL) and once under their location.
-    IF to_regclass('pg_temp.iw_m') IS NOT NULL THEN DROP TABLE pg_temp.iw_m; END IF;
-    CREATE TEMP TABLE iw_m ON COMMIT DROP AS
-    SELECT k.location_key, m.member_id, m.membership_id, m.start_date,
-           coalesce(m.end_date + 1, 'infinity'::date) AS end_excl,
-           m.price > 0 AS qualifying,
-           ironwod.monthly_price(m.price, m.billing_period_length, m.billing_period_unit) AS mrr,
-           m.cancellation_requested_on
-    FROM ironwod.memberships m
-    CROSS JOIN LATERAL (VALUES ('ALL'), (m.location_id::text)) AS k(location_key)
-    WHERE m.tenant_id = v_t AND m.gym_id = v_g AND m.deleted_at IS NULL AND NOT m.is_deleted
-      AND m.membership_type = ANY (s.qualifying_types) AND m.price >= 0
-      AND m.member_id IS NOT NULL AND m.start_date IS NOT NULL
-      AND coalesce(m.end_date + 1, 'infinity'::date) > m.start_date
-      AND k.location_key IS NOT NULL;
+-- ---------------------------------------------------------------------------------
+-- The stages of a refresh.  Each one is a function of the tenant and gym (so each
+-- statement names one shard on Citus), reads what the stage before it wrote to a
+-- tenant table (no temp tables: Citus refuses to join them to distributed tables)
+-- and does its work in a few set-based statements whose joins are equi-joins on
+-- (location key, person[, month]); a range condition only ever filters the few rows
+-- of one person.  That keeps a full recompute linear in records.  The stages run
+-- with nested loop and merge joins off: the tables a refresh has just rewritten have
+-- no current statistics and CTE row estimates are guesses, so the plans must not
+-- depend on estimates, and for these bulk equi-joins a hash join on every key is
+-- always the right one (a nested loop or a merge on one key is quadratic per gym).
+-- work_mem stays the server's: a large gym's refresh spills a little to disk, and
+-- keeps the run worker's private memory under 64 MB (make bench reports it).
+--
+--   metrics_spells       member_spell        §2.3 merged spells, rescinded ones marked
+--   metrics_day_states   member_state_span   §2.4 daily state, as intervals of constant state
+--   metrics_visits       member_visit_month  §4.13-4.15 visits per person, key and month
+--   metrics_month_facts  member_month_fact   §5.3 one row per person, key and month
+--   metrics_month_flags  member_month_fact   §2.4 past due, §4.1 comped, §4.17 pending cancel
+--   metrics_month_money  gym_month_money     §4.8-4.9 cash, invoices and recognised revenue
+--   metrics_cache_rows   gym_monthly_metrics_cache   §5.2 the GROUP BY over facts and money
+--   metrics_pooled       gym_monthly_metrics_cache   §4.11-4.12 six-month ARM, LEG and LTV
+-- ---------------------------------------------------------------------------------
 
-    -- Spells: merge each person's coverage when the gap is <= merge_gap_days; a spell
-    -- of <= rescind_max_days with zero net collected revenue is rescinded.
-    DELETE FROM ironwod.member_spell WHERE tenant_id = v_t AND gym_id = v_g;
+-- Member-qualifying (price > 0) and comped (price = 0) memberships of the types the
+-- gym counts, once gym-wide (location key ALL) and once under their location, as
+-- half-open coverage [start_date, end_excl).  security_invoker: the caller's RLS.
+CREATE VIEW ironwod.metric_memberships WITH (security_invoker = true) AS
+SELECT m.tenant_id, m.gym_id, k.location_key, m.member_id, m.membership_id, m.start_date,
+       coalesce(m.end_date + 1, 'infinity'::date) AS end_excl,
+       m.price > 0 AS qualifying,
+       ironwod.monthly_price(m.price, m.billing_period_length, m.billing_period_unit) AS mrr,
+       m.cancellation_requested_on
+FROM ironwod.memberships m
+JOIN ironwod.metric_settings s ON s.tenant_id = m.tenant_id AND s.gym_id = m.gym_id
+CROSS JOIN LATERAL (VALUES ('ALL'), (m.location_id::text)) AS k(location_key)
+WHERE m.deleted_at IS NULL AND NOT m.is_deleted
+  AND m.membership_type = ANY (s.qualifying_types) AND m.price >= 0
+  AND m.member_id IS NOT NULL AND m.start_date IS NOT NULL
+  AND coalesce(m.end_date + 1, 'infinity'::date) > m.start_date
+  AND k.location_key IS NOT NULL;
+COMMENT ON VIEW ironwod.metric_memberships IS 'metrics.md §2.2-2.3: the memberships the metrics read, per location key (ALL and their location), as half-open coverage with monthly-normalised price; qualifying = price > 0, else comped';
+
+-- Daily state (metrics.md §2.4) in interval form: from a person's first spell to
+-- today, maximal runs of days on which the covering memberships, holds and spell do
+-- not change.  active_before is the number of ACTIVE days before span_start, so the
+-- ACTIVE days up to any day d inside the span are active_before + (d - span_start + 1)
+-- when the span is ACTIVE, else active_before.
+CREATE TABLE ironwod.member_state_span (
+    tenant_id            uuid NOT NULL,
+    gym_id               uuid NOT NULL,
+    location_key         text NOT NULL,
+    member_id            bigint NOT NULL,
+    span_start           date NOT NULL,
+    span_end_excl        date NOT NULL,
+    state                text NOT NULL CHECK (state IN ('ACTIVE', 'ON_HOLD', 'NOT_MEMBER')),
+    mrr                  numeric(12,2) NOT NULL,
+    spell_start          date,
+    spell_end_excl       date,
+    spell_no             integer,
+    active_before        integer NOT NULL,
+    spell_active_before  integer,
+    PRIMARY KEY (tenant_id, gym_id, location_key, member_id, span_start)
+);
+COMMENT ON TABLE ironwod.member_state_span IS 'Daily member state (metrics.md §2.4, §5.3 member_day_state in interval form): runs of days with one state and MRR per person and location key, with the ACTIVE days before each run and before its spell';
+
+-- Visit figures per person, location key and month (metrics.md §4.13-4.15):
+-- visits at the key's locations and those on ACTIVE days; and, from visits
+-- anywhere (the same on every key of the person): the month's total, the recent and
+-- prior decline windows, and the last visit on or before the month's as-of day.
+CREATE TABLE ironwod.member_visit_month (
+    tenant_id               uuid NOT NULL,
+    gym_id                  uuid NOT NULL,
+    location_key            text NOT NULL,
+    member_id               bigint NOT NULL,
+    month_start             date NOT NULL,
+    visits                  integer NOT NULL,
+    member_visits           integer NOT NULL,
+    visits_anywhere         integer NOT NULL,
+    visits_recent           integer NOT NULL,
+    visits_prior            integer NOT NULL,
+    last_visit              date,
+    PRIMARY KEY (tenant_id, gym_id, location_key, month_start, member_id)
+);
+COMMENT ON TABLE ironwod.member_visit_month IS 'Visit figures per person, location key and month (metrics.md §4.13-4.15): visits, member visits, visits anywhere, decline windows, last visit';
+
+-- Money per location key and month (metrics.md §4.8-4.9), before rounding.
+CREATE TABLE ironwod.gym_month_money (
+    tenant_id            uuid NOT NULL,
+    gym_id               uuid NOT NULL,
+    location_key         text NOT NULL,
+    month_start          date NOT NULL,
+    gross                numeric NOT NULL,
+    refunds              numeric NOT NULL,
+    failed_n             integer NOT NULL,
+    failed_amount        numeric NOT NULL,
+    membership_revenue   numeric NOT NULL,
+    invoiced             numeric NOT NULL,
+    invoiced_collected   numeric NOT NULL,
+    past_due_amount      numeric NOT NULL,
+    PRIMARY KEY (tenant_id, gym_id, location_key, month_start)
+);
+COMMENT ON TABLE ironwod.gym_month_money IS 'Cash, failed payments, invoices and recognised membership revenue per location key and month (metrics.md §4.8-4.9), unrounded; the cache rows read it';
+
+SELECT ironwod.apply_tenant_policies(t::regclass)
+FROM unnest(ARRAY['ironwod.member_state_span', 'ironwod.member_visit_month', 'ironwod.gym_month_money']) AS t;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ironwod.member_state_span, ironwod.member_visit_month,
+    ironwod.gym_month_money TO ironwod_worker;
+GRANT SELECT ON ironwod.metric_memberships TO ironwod_worker;
+
+-- Stage 1 (metrics.md §2.3): merge each person's qualifying coverage when the gap is
+-- <= merge_gap_days; a spell of <= rescind_max_days with zero net collected revenue
+-- (payments - refunds on invoices of its memberships) is rescinded.
+CREATE FUNCTION ironwod.metrics_spells(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM ironwod.member_spell WHERE tenant_id = p_tenant AND gym_id = p_gym;
     WITH o AS (
-        SELECT q.*, max(q.end_excl) OVER (PARTITION BY q.location_key, q.member_id
-                                          ORDER BY q.start_date, q.end_excl, q.membership_id
-                                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
-        FROM pg_temp.iw_m q WHERE q.qualifying
+        SELECT q.location_key, q.member_id, q.membership_id, q.start_date, q.end_excl,
+               max(q.end_excl) OVER (PARTITION BY q.location_key, q.member_id
+                                     ORDER BY q.start_date, q.end_excl, q.membership_id
+                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
+        FROM ironwod.metric_memberships q
+        WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.qualifying
     ), g AS (
-        SELECT o.*, sum(CASE WHEN o.prev_end IS NULL OR o.start_date > o.prev_end + s.merge_gap_days
+        SELECT o.*, sum(CASE WHEN o.prev_end IS NULL OR o.start_date > o.prev_end + p_s.merge_gap_days
                              THEN 1 ELSE 0 END)
                     OVER (PARTITION BY o.location_key, o.member_id
                           ORDER BY o.start_date, o.end_excl, o.membership_id) AS grp
         FROM o
-    ), sp AS (
-        SELECT g.location_key, g.member_id, min(g.start_date) AS s0, max(g.end_excl) AS e0,
-               array_agg(g.membership_id ORDER BY g.membership_id) AS ids
-        FROM g GROUP BY g.location_key, g.member_id, g.grp
-    ), rev AS (
-        SELECT sp.location_key, sp.member_id, sp.s0,
+    ), net AS (
+        SELECT g.location_key, g.member_id, g.grp,
                coalesce(sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
                                                     WHEN 'Refund' THEN -t.amount ELSE 0 END), 0) AS net
-        FROM sp
+        FROM g
         LEFT JOIN ironwod.invoices i
-               ON i.tenant_id = v_t AND i.gym_id = v_g AND i.deleted_at IS NULL AND i.membership_id = ANY (sp.ids)
+               ON i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
+              AND i.membership_id = g.membership_id
         LEFT JOIN ironwod.transactions t
-               ON t.tenant_id = v_t AND t.gym_id = v_g AND t.deleted_at IS NULL AND t.invoice_id = i.invoice_id
-        GROUP BY sp.location_key, sp.member_id, sp.s0
+               ON t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id = i.invoice_id
+        GROUP BY g.location_key, g.member_id, g.grp
     ), r AS (
-        SELECT sp.*, rev.net,
-               (sp.e0 <> 'infinity' AND sp.e0 - sp.s0 <= s.rescind_max_days AND rev.net = 0) AS rescinded
-        FROM sp JOIN rev USING (location_key, member_id, s0)
+        SELECT g.location_key, g.member_id, min(g.start_date) AS s0, max(g.end_excl) AS e0,
+               array_agg(g.membership_id ORDER BY g.membership_id) AS ids, n.net,
+               (max(g.end_excl) <> 'infinity' AND max(g.end_excl) - min(g.start_date) <= p_s.rescind_max_days
+                AND n.net = 0) AS rescinded
+        FROM g JOIN net n USING (location_key, member_id, grp)
+        GROUP BY g.location_key, g.member_id, g.grp, n.net
     )
     INSERT INTO ironwod.member_spell
         (tenant_id, gym_id, location_key, member_id, spell_start, spell_end_excl, spell_no, is_first,
          rescinded, net_revenue, membership_ids)
-    SELECT v_t, v_g, r.location_key, r.member_id, r.s0, r.e0,
+    SELECT p_tenant, p_gym, r.location_key, r.member_id, r.s0, r.e0,
            CASE WHEN NOT r.rescinded THEN
                row_number() OVER (PARTITION BY r.location_key, r.member_id, r.rescinded ORDER BY r.s0) END,
            NOT r.rescinded AND r.s0 = min(r.s0) FILTER (WHERE NOT r.rescinded)
                                        OVER (PARTITION BY r.location_key, r.member_id),
            r.rescinded, r.net, r.ids
     FROM r;
-    GET DIAGNOSTICS v_spells = ROW_COUNT;
-    RAISE DEBUG 'ironwod metrics: % done at %', 'spells', clock_timestamp();
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_spells(uuid, uuid, ironwod.metric_settings) IS 'Refresh stage 1, metrics.md §2.3 (coverage, holds and spells): rebuild member_spell of a gym from its qualifying memberships; returns the spell count';
 
-    -- Daily state from each person's first spell to today.
-    IF to_regclass('pg_temp.iw_d') IS NOT NULL THEN DROP TABLE pg_temp.iw_d; END IF;
-    CREATE TEMP TABLE iw_d ON COMMIT DROP AS
-    WITH md AS (
-        SELECT m.location_key, m.member_id, m.membership_id, m.start_date + i AS d, m.mrr
-        FROM pg_temp.iw_m m,
-             generate_series(0, least(m.end_excl - 1, v_today) - m.start_date) AS i
-        WHERE m.qualifying AND m.start_date <= v_today
-    ), hd AS (
-        SELECT DISTINCT h.membership_id, h.hold_start_date + i AS d
-        FROM ironwod.membership_holds h,
-             generate_series(0, least(coalesce(h.hold_end_date, v_today), v_today) - h.hold_start_date) AS i
-        WHERE h.tenant_id = v_t AND h.gym_id = v_g AND h.deleted_at IS NULL
-          AND h.hold_start_date IS NOT NULL AND h.hold_start_date <= v_today
-    ), cov AS (
-        SELECT md.location_key, md.member_id, md.d, count(*) AS n_cov,
-               count(*) FILTER (WHERE hd.membership_id IS NULL) AS n_act,
-               coalesce(sum(md.mrr) FILTER (WHERE hd.membership_id IS NULL), 0) AS mrr
-        FROM md LEFT JOIN hd ON hd.membership_id = md.membership_id AND hd.d = md.d
-        GROUP BY md.location_key, md.member_id, md.d
+-- Stage 2 (metrics.md §2.4): the daily state from each person's first spell to
+-- today, as spans.  The span edges are every date at which a covering membership,
+-- a hold or a spell starts or ends, so within a span the state and MRR are those of
+-- its first day: ACTIVE when in a spell and covered by a membership not on hold or
+-- not covered at all (a bridged gap), ON_HOLD when every covering membership is on
+-- hold, else NOT_MEMBER.  MRR is that of the memberships not on hold; a bridged gap
+-- carries the MRR of the coverage that resumes after it (0 if that is after today).
+CREATE FUNCTION ironwod.metrics_day_states(p_tenant uuid, p_gym uuid, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM ironwod.member_state_span WHERE tenant_id = p_tenant AND gym_id = p_gym;
+    WITH sp AS (
+        SELECT s.location_key, s.member_id, s.spell_start, s.spell_end_excl, s.spell_no
+        FROM ironwod.member_spell s
+        WHERE s.tenant_id = p_tenant AND s.gym_id = p_gym AND NOT s.rescinded AND s.spell_start <= p_today
     ), f AS (
-        SELECT sp.location_key, sp.member_id, min(sp.spell_start) AS first_day
-        FROM ironwod.member_spell sp
-        WHERE sp.tenant_id = v_t AND sp.gym_id = v_g AND NOT sp.rescinded AND sp.spell_start <= v_today
-        GROUP BY sp.location_key, sp.member_id
-    ), x AS (
-        SELECT f.location_key, f.member_id, f.first_day + i AS d
-        FROM f, generate_series(0, v_today - f.first_day) AS i
-    ), y AS (
-        SELECT x.location_key, x.member_id, x.d, sp.spell_start, sp.spell_end_excl, sp.spell_no,
-               cov.n_cov, cov.n_act, cov.mrr,
-               count(cov.n_cov) OVER (PARTITION BY x.location_key, x.member_id ORDER BY x.d DESC) AS grp
-        FROM x
-        LEFT JOIN ironwod.member_spell sp
-               ON sp.tenant_id = v_t AND sp.gym_id = v_g AND sp.location_key = x.location_key
-              AND sp.member_id = x.member_id AND NOT sp.rescinded
-              AND x.d >= sp.spell_start AND x.d < sp.spell_end_excl
-        LEFT JOIN cov ON cov.location_key = x.location_key AND cov.member_id = x.member_id AND cov.d = x.d
+        SELECT sp.location_key, sp.member_id, min(sp.spell_start) AS first_day FROM sp GROUP BY 1, 2
+    ), m AS (
+        SELECT q.location_key, q.member_id, q.membership_id, q.start_date,
+               least(q.end_excl, p_today + 1) AS end_excl, q.mrr
+        FROM ironwod.metric_memberships q JOIN f USING (location_key, member_id)
+        WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.qualifying AND q.start_date <= p_today
+    ), h AS (
+        SELECT m.location_key, m.member_id, m.membership_id, x.hold_start_date AS hs,
+               least(coalesce(x.hold_end_date, p_today), p_today) + 1 AS he
+        FROM ironwod.membership_holds x JOIN m ON m.membership_id = x.membership_id
+        WHERE x.tenant_id = p_tenant AND x.gym_id = p_gym AND x.deleted_at IS NULL
+          AND x.hold_start_date IS NOT NULL AND x.hold_start_date <= p_today
+    ), edge AS (
+        SELECT DISTINCT e.location_key, e.member_id, e.d
+        FROM (SELECT location_key, member_id, first_day AS d FROM f
+              UNION ALL SELECT location_key, member_id, p_today + 1 FROM f
+              UNION ALL SELECT location_key, member_id, unnest(ARRAY[start_date, end_excl]) FROM m
+              UNION ALL SELECT location_key, member_id, unnest(ARRAY[hs, he]) FROM h
+              UNION ALL SELECT location_key, member_id, unnest(ARRAY[spell_start, spell_end_excl]) FROM sp) e
+        JOIN f USING (location_key, member_id)
+        WHERE e.d >= f.first_day AND e.d <= p_today + 1
+    ), seg AS (
+        SELECT x.* FROM (SELECT e.*, lead(e.d) OVER (PARTITION BY e.location_key, e.member_id ORDER BY e.d) AS d_end
+                         FROM edge e) x
+        WHERE x.d_end IS NOT NULL
+    ), cm AS (
+        SELECT s.location_key, s.member_id, s.d, m.membership_id, m.mrr, bool_or(h.hs IS NOT NULL) AS held
+        FROM seg s
+        JOIN m ON m.location_key = s.location_key AND m.member_id = s.member_id
+              AND m.start_date <= s.d AND s.d < m.end_excl
+        LEFT JOIN h ON h.location_key = m.location_key AND h.membership_id = m.membership_id
+                   AND h.hs <= s.d AND s.d < h.he
+        GROUP BY s.location_key, s.member_id, s.d, m.membership_id, m.mrr
+    ), cov AS (
+        SELECT s.location_key, s.member_id, s.d, count(cm.membership_id) AS n_cov,
+               count(cm.membership_id) FILTER (WHERE NOT cm.held) AS n_act,
+               coalesce(sum(cm.mrr) FILTER (WHERE NOT cm.held), 0) AS mrr
+        FROM seg s LEFT JOIN cm USING (location_key, member_id, d)
+        GROUP BY s.location_key, s.member_id, s.d
     ), z AS (
-        SELECT y.*,
-               CASE WHEN y.spell_start IS NULL THEN 'NOT_MEMBER'
-                    WHEN coalesce(y.n_cov, 0) = 0 OR y.n_act > 0 THEN 'ACTIVE'
-                    ELSE 'ON_HOLD' END AS state,
-               max(y.mrr) FILTER (WHERE y.n_cov IS NOT NULL)
-                   OVER (PARTITION BY y.location_key, y.member_id, y.grp) AS resume_mrr
-        FROM y
+        SELECT s.location_key, s.member_id, s.d, s.d_end, sp.spell_start, sp.spell_end_excl, sp.spell_no, c.n_cov, c.mrr,
+               CASE WHEN sp.spell_start IS NULL THEN 'NOT_MEMBER'
+                    WHEN c.n_cov = 0 OR c.n_act > 0 THEN 'ACTIVE' ELSE 'ON_HOLD' END AS state,
+               count(*) FILTER (WHERE c.n_cov > 0)
+                   OVER (PARTITION BY s.location_key, s.member_id ORDER BY s.d DESC) AS grp
+        FROM seg s JOIN cov c USING (location_key, member_id, d)
+        LEFT JOIN sp ON sp.location_key = s.location_key AND sp.member_id = s.member_id
+                    AND sp.spell_start <= s.d AND s.d < sp.spell_end_excl
+    ), w AS (
+        SELECT z.*, CASE WHEN z.state = 'NOT_MEMBER' THEN 0
+                         WHEN z.n_cov = 0 THEN coalesce(max(z.mrr) FILTER (WHERE z.n_cov > 0)
+                                                  OVER (PARTITION BY z.location_key, z.member_id, z.grp), 0)
+                         ELSE z.mrr END AS span_mrr,
+               coalesce(sum(CASE WHEN z.state = 'ACTIVE' THEN z.d_end - z.d ELSE 0 END)
+                        OVER (PARTITION BY z.location_key, z.member_id ORDER BY z.d
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS active_before
+        FROM z
     )
-    SELECT z.location_key, z.member_id, z.d, z.state, z.spell_start, z.spell_end_excl, z.spell_no,
-           CASE WHEN z.state = 'NOT_MEMBER' THEN 0
-                WHEN z.n_cov IS NULL THEN coalesce(z.resume_mrr, 0)
-                ELSE z.mrr END::numeric(12,2) AS mrr,
-           count(*) FILTER (WHERE z.state = 'ACTIVE')
-               OVER (PARTITION BY z.location_key, z.member_id ORDER BY z.d)::integer AS cum_active
-    FROM z;
-    ALTER TABLE pg_temp.iw_d ADD PRIMARY KEY (location_key, member_id, d);
-    RAISE DEBUG 'ironwod metrics: % done at %', 'days', clock_timestamp();
-    ANALYZE pg_temp.iw_d;
+    INSERT INTO ironwod.member_state_span
+        (tenant_id, gym_id, location_key, member_id, span_start, span_end_excl, state, mrr, spell_start,
+         spell_end_excl, spell_no, active_before, spell_active_before)
+    SELECT p_tenant, p_gym, w.location_key, w.member_id, w.d, w.d_end, w.state, w.span_mrr, w.spell_start,
+           w.spell_end_excl, w.spell_no, w.active_before,
+           CASE WHEN w.spell_start IS NOT NULL THEN
+               min(w.active_before) OVER (PARTITION BY w.location_key, w.member_id, w.spell_start) END
+    FROM w;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_day_states(uuid, uuid, date) IS 'Refresh stage 2, metrics.md §2.4 (daily member state): rebuild member_state_span of a gym, the ACTIVE / ON_HOLD / NOT_MEMBER state and MRR of every day from each person''s first spell to today as spans; returns the span count';
 
-    -- Visits per person, local day and class location (one per class instance).
-    IF to_regclass('pg_temp.iw_v') IS NOT NULL THEN DROP TABLE pg_temp.iw_v; END IF;
-    CREATE TEMP TABLE iw_v ON COMMIT DROP AS
-    SELECT a.member_id, (a.class_start_at AT TIME ZONE v_tz)::date AS d, a.location_id,
-           count(DISTINCT coalesce(a.class_id, -a.signin_id))::integer AS n
-    FROM ironwod.attendance_events a
-    WHERE a.tenant_id = v_t AND a.gym_id = v_g AND a.deleted_at IS NULL
-      AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL
-    GROUP BY 1, 2, 3;
-    CREATE INDEX ON pg_temp.iw_v (member_id, d);
-    ANALYZE pg_temp.iw_v;
+-- Stage 3 (metrics.md §4.13-4.15): visits per person, local day and class location
+-- (one per class instance), turned into per person, location key and month: the
+-- visits at the key's locations and those on the person's ACTIVE days there; visits
+-- anywhere in the month and in the decline windows ending on the as-of day (from
+-- a running count of the person's visits, read at the window edges) and the last
+-- visit on or before the as-of day.  Months from p_from on.
+CREATE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                       p_from date, p_hist date, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+    v_win integer := p_s.decline_recent_days + p_s.decline_prior_days;
+BEGIN
+    DELETE FROM ironwod.member_visit_month
+    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WITH vd AS (
+        SELECT x.member_id, x.d, x.location_id, count(*)::integer AS n
+        FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
+                     coalesce(a.class_id, -a.signin_id) AS class_key
+              FROM ironwod.attendance_events a
+              WHERE a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
+                AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL) x
+        GROUP BY 1, 2, 3
+    ), dt AS (
+        SELECT vd.member_id, vd.d, sum(vd.n)::integer AS n FROM vd WHERE vd.d <= p_today GROUP BY 1, 2
+    ), mo AS (
+        SELECT mo::date AS month_start, least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo
+    ), vk AS (
+        SELECT k.location_key, vd.member_id, date_trunc('month', vd.d)::date AS month_start,
+               sum(vd.n)::integer AS visits, coalesce(sum(vd.n) FILTER (WHERE s.state = 'ACTIVE'), 0)::integer AS member_visits
+        FROM vd CROSS JOIN LATERAL (VALUES ('ALL'), (vd.location_id::text)) AS k(location_key)
+        LEFT JOIN ironwod.member_state_span s
+               ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = k.location_key
+              AND s.member_id = vd.member_id AND s.span_start <= vd.d AND vd.d < s.span_end_excl
+        WHERE k.location_key IS NOT NULL AND vd.d >= p_from AND vd.d <= p_today
+        GROUP BY 1, 2, 3
+    ), va AS (
+        SELECT x.member_id, x.month_start,
+               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 4))::integer AS anywhere,
+               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 2))::integer AS recent,
+               (max(x.cv) FILTER (WHERE x.k = 2) - max(x.cv) FILTER (WHERE x.k = 3))::integer AS prior,
+               max(x.lastd) FILTER (WHERE x.k = 1) AS last_visit
+        FROM (SELECT y.*, sum(y.n) OVER w AS cv, max(CASE WHEN y.k = 0 THEN y.d END) OVER w AS lastd
+              FROM (SELECT dt.member_id, dt.d, 0 AS k, dt.n, NULL::date AS month_start FROM dt
+                    UNION ALL
+                    SELECT p.member_id, l.d, l.k, 0, mo.month_start
+                    FROM (SELECT DISTINCT dt.member_id FROM dt) p CROSS JOIN mo
+                    CROSS JOIN LATERAL (VALUES (1, mo.as_of), (2, mo.as_of - p_s.decline_recent_days),
+                                               (3, mo.as_of - v_win), (4, mo.month_start - 1)) AS l(k, d)) y
+              WINDOW w AS (PARTITION BY y.member_id ORDER BY y.d, y.k ROWS UNBOUNDED PRECEDING)) x
+        WHERE x.k > 0
+        GROUP BY x.member_id, x.month_start
+        HAVING max(x.lastd) FILTER (WHERE x.k = 1) IS NOT NULL
+    )
+    INSERT INTO ironwod.member_visit_month
+        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
+         visits_recent, visits_prior, last_visit)
+    SELECT p_tenant, p_gym, x.location_key, x.member_id, x.month_start,
+           coalesce(max(x.visits), 0), coalesce(max(x.member_visits), 0), coalesce(max(va.anywhere), 0),
+           coalesce(max(va.recent), 0), coalesce(max(va.prior), 0), max(va.last_visit)
+    FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
+          UNION ALL
+          SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
+    LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
+    GROUP BY x.location_key, x.member_id, x.month_start;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date) IS 'Refresh stage 3, metrics.md §4.13-4.15 (attendance, absence, decline): rebuild member_visit_month of a gym from the given month on; returns the row count';
 
-    -- Location keys and months to (re)compute.
-    IF to_regclass('pg_temp.iw_months') IS NOT NULL THEN DROP TABLE pg_temp.iw_months; END IF;
-    CREATE TEMP TABLE iw_months ON COMMIT DROP AS
-    SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
-           least((mo + interval '1 month')::date - 1, v_today) AS as_of
-    FROM generate_series(v_from, v_cur, interval '1 month') AS mo,
-         (SELECT 'ALL'::text AS location_key
-          UNION SELECT l.location_id::text FROM ironwod.locations l
-                WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL) k;
-
-    -- Facts.
+-- Stage 4 (metrics.md §3, §4.1-4.7, §4.13-4.17, §5.3): one fact row per person,
+-- location key and month from p_from on, for everyone with a state, a visit at the
+-- key's locations or a comped membership in the month.  The snapshots, ACTIVE days
+-- and the ACTIVE-day counts the absence and decline rules need (up to the as-of
+-- day, the window edges, the last visit and the spell's start; ACTIVE days never
+-- decrease, so the absence count is the later of the last two) are read from the
+-- person's spans (at most a few per person), visits from member_visit_month
+-- (visits anywhere from the person's ALL row).  Past due and comped: stage 4b.
+CREATE FUNCTION ironwod.metrics_month_facts(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_keys text[],
+                                            p_from date, p_hist date, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+    v_r integer := p_s.decline_recent_days;
+    v_p integer := p_s.decline_recent_days + p_s.decline_prior_days;
+BEGIN
     DELETE FROM ironwod.member_month_fact
-    WHERE tenant_id = v_t AND gym_id = v_g AND (month_start >= v_from OR month_start < v_hist);
-    WITH cand AS (
-        SELECT DISTINCT mo.location_key, mo.month_start, mo.last_day, mo.as_of, c.member_id
-        FROM pg_temp.iw_months mo
-        JOIN LATERAL (
-            SELECT d.member_id FROM pg_temp.iw_d d
-            WHERE d.location_key = mo.location_key AND d.d BETWEEN mo.month_start - 1 AND mo.as_of
-              AND d.state <> 'NOT_MEMBER'
-            UNION
-            SELECT v.member_id FROM pg_temp.iw_v v
-            WHERE v.d BETWEEN mo.month_start AND mo.as_of
-              AND (mo.location_key = 'ALL' OR v.location_id::text = mo.location_key)
-            UNION
-            SELECT m.member_id FROM pg_temp.iw_m m
-            WHERE m.location_key = mo.location_key AND NOT m.qualifying
-              AND mo.as_of >= m.start_date AND mo.as_of < m.end_excl
-        ) c ON true
-    ), base AS (
-        SELECT c.*,
-               coalesce(d0.state, 'NOT_MEMBER') AS state_start, coalesce(d0.mrr, 0) AS mrr_start,
-               coalesce(d1.state, 'NOT_MEMBER') AS state_end, coalesce(d1.mrr, 0) AS mrr_end,
-               d1.spell_start AS end_spell_start, d1.spell_end_excl AS end_spell_end, d1.spell_no AS end_spell_no,
-               coalesce(d1.cum_active, 0) AS cum_end
+    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WITH mo AS (
+        SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
+               least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo, unnest(p_keys) AS k(location_key)
+    ), cand AS (
+        SELECT DISTINCT mo.*, c.member_id
+        FROM (SELECT s.location_key, s.member_id, m::date AS month_start, s.span_start AS a, s.span_end_excl AS b, true AS st
+              FROM ironwod.member_state_span s,
+                   generate_series(date_trunc('month', greatest(s.span_start, p_from)), s.span_end_excl, interval '1 month') m
+              WHERE s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.state <> 'NOT_MEMBER' AND s.span_end_excl >= p_from
+              UNION ALL
+              SELECT v.location_key, v.member_id, v.month_start, NULL, NULL, false FROM ironwod.member_visit_month v
+              WHERE v.tenant_id = p_tenant AND v.gym_id = p_gym AND v.month_start >= p_from AND v.visits > 0
+              UNION ALL
+              SELECT q.location_key, q.member_id, m::date, q.start_date, q.end_excl, false
+              FROM ironwod.metric_memberships q,
+                   generate_series(date_trunc('month', greatest(q.start_date, p_from)),
+                                   least(q.end_excl - 1, p_today), interval '1 month') m
+              WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND NOT q.qualifying AND q.end_excl > p_from) c
+        JOIN mo ON mo.location_key = c.location_key AND mo.month_start = c.month_start
+        WHERE c.a IS NULL OR (c.st AND c.a <= mo.as_of AND c.b >= mo.month_start)
+           OR (NOT c.st AND c.a <= mo.as_of AND mo.as_of < c.b)
+    ), snap AS (
+        SELECT c.location_key, c.month_start, c.last_day, c.as_of, c.member_id,
+               coalesce(va.visits_anywhere, 0) AS visits_anywhere,
+               coalesce(va.visits_recent, 0) AS visits_r, coalesce(va.visits_prior, 0) AS visits_p,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN va.last_visit - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= va.last_visit AND va.last_visit < s.span_end_excl), 0) AS cum_lv,
+               coalesce(max(s.state) FILTER (WHERE s.span_start <= c.month_start - 1 AND c.month_start - 1 < s.span_end_excl), 'NOT_MEMBER') AS state_start,
+               coalesce(max(s.mrr) FILTER (WHERE s.span_start <= c.month_start - 1 AND c.month_start - 1 < s.span_end_excl), 0) AS mrr_start,
+               coalesce(max(s.state) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 'NOT_MEMBER') AS state_end,
+               coalesce(max(s.mrr) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 0) AS mrr_end,
+               max(s.spell_end_excl) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl) AS end_spell_end,
+               max(s.spell_no) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl) AS end_spell_no,
+               coalesce(max(s.spell_active_before) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 0) AS before_spell,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN c.as_of - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 0) AS cum_end,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN c.as_of - v_r - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= c.as_of - v_r AND c.as_of - v_r < s.span_end_excl), 0) AS cum_r,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN c.as_of - v_p - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= c.as_of - v_p AND c.as_of - v_p < s.span_end_excl), 0) AS cum_p,
+               coalesce(sum(least(s.span_end_excl, c.as_of + 1) - greatest(s.span_start, c.month_start))
+                        FILTER (WHERE s.state = 'ACTIVE' AND s.span_start <= c.as_of AND s.span_end_excl > c.month_start), 0) AS active_days,
+               coalesce(sum(least(s.span_end_excl, c.as_of + 1) - greatest(s.span_start, c.month_start))
+                        FILTER (WHERE s.state = 'ON_HOLD' AND s.span_start <= c.as_of AND s.span_end_excl > c.month_start), 0) AS hold_days
         FROM cand c
-        LEFT JOIN pg_temp.iw_d d0 ON d0.location_key = c.location_key AND d0.member_id = c.member_id
-                                 AND d0.d = c.month_start - 1
-        LEFT JOIN pg_temp.iw_d d1 ON d1.location_key = c.location_key AND d1.member_id = c.member_id
-                                 AND d1.d = c.as_of
+        LEFT JOIN ironwod.member_visit_month va
+               ON va.tenant_id = p_tenant AND va.gym_id = p_gym AND va.location_key = 'ALL'
+              AND va.member_id = c.member_id AND va.month_start = c.month_start
+        LEFT JOIN ironwod.member_state_span s
+               ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = c.location_key AND s.member_id = c.member_id
+        GROUP BY c.location_key, c.month_start, c.last_day, c.as_of, c.member_id,
+                 va.visits_anywhere, va.visits_recent, va.visits_prior
     ), ev AS (
-        SELECT b.location_key, b.month_start, b.member_id,
-               count(*) FILTER (WHERE sp.spell_start BETWEEN b.month_start AND b.as_of AND sp.spell_no = 1) AS new_events,
-               count(*) FILTER (WHERE sp.spell_start BETWEEN b.month_start AND b.as_of AND sp.spell_no > 1) AS react_events,
-               count(*) FILTER (WHERE sp.spell_end_excl BETWEEN b.month_start AND b.as_of) AS churn_events,
-               count(*) FILTER (WHERE sp.spell_start BETWEEN b.month_start AND b.as_of
-                                  AND sp.spell_end_excl BETWEEN b.month_start AND b.as_of) AS new_and_churned,
-               bool_or(sp.spell_end_excl > sp.spell_start + s.cohort_days)
-                   FILTER (WHERE sp.spell_start BETWEEN b.month_start AND b.as_of AND sp.spell_no = 1) AS retained
-        FROM base b
+        SELECT c.location_key, c.month_start, c.member_id,
+               count(*) FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of AND sp.spell_no = 1) AS new_events,
+               count(*) FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of AND sp.spell_no > 1) AS react_events,
+               count(*) FILTER (WHERE sp.spell_end_excl BETWEEN c.month_start AND c.as_of) AS churn_events,
+               count(*) FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of
+                                  AND sp.spell_end_excl BETWEEN c.month_start AND c.as_of) AS new_and_churned,
+               bool_or(sp.spell_end_excl > sp.spell_start + p_s.cohort_days)
+                   FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of AND sp.spell_no = 1) AS retained
+        FROM cand c
         JOIN ironwod.member_spell sp
-          ON sp.tenant_id = v_t AND sp.gym_id = v_g AND sp.location_key = b.location_key
-         AND sp.member_id = b.member_id AND NOT sp.rescinded
-         AND (sp.spell_start BETWEEN b.month_start AND b.as_of OR sp.spell_end_excl BETWEEN b.month_start AND b.as_of)
-        GROUP BY b.location_key, b.month_start, b.member_id
-    ), days AS (
-        SELECT b.location_key, b.month_start, b.member_id,
-               count(*) FILTER (WHERE d.state = 'ACTIVE') AS active_days,
-               count(*) FILTER (WHERE d.state = 'ON_HOLD') AS hold_days
-        FROM base b
-        JOIN pg_temp.iw_d d ON d.location_key = b.location_key AND d.member_id = b.member_id
-                           AND d.d BETWEEN b.month_start AND b.as_of
-        GROUP BY b.location_key, b.month_start, b.member_id
-    ), vis AS (
-        SELECT b.location_key, b.month_start, b.member_id,
-               coalesce(sum(v.n) FILTER (WHERE v.d >= b.month_start
-                                           AND (b.location_key = 'ALL' OR v.location_id::text = b.location_key)), 0) AS visits,
-               coalesce(sum(v.n) FILTER (WHERE v.d >= b.month_start
-                                           AND (b.location_key = 'ALL' OR v.location_id::text = b.location_key)
-                                           AND d.state = 'ACTIVE'), 0) AS member_visits,
-               coalesce(sum(v.n) FILTER (WHERE v.d >= b.month_start), 0) AS visits_anywhere,
-               coalesce(sum(v.n) FILTER (WHERE v.d > b.as_of - s.decline_recent_days), 0) AS visits_r,
-               coalesce(sum(v.n) FILTER (WHERE v.d > b.as_of - s.decline_recent_days - s.decline_prior_days
-                                           AND v.d <= b.as_of - s.decline_recent_days), 0) AS visits_p
-        FROM base b
-        JOIN pg_temp.iw_v v ON v.member_id = b.member_id AND v.d <= b.as_of
-                           AND v.d > least(b.month_start - 1, b.as_of - s.decline_recent_days - s.decline_prior_days)
-        LEFT JOIN pg_temp.iw_d d ON d.location_key = b.location_key AND d.member_id = b.member_id AND d.d = v.d
-        GROUP BY b.location_key, b.month_start, b.member_id
+          ON sp.tenant_id = p_tenant AND sp.gym_id = p_gym AND sp.location_key = c.location_key
+         AND sp.member_id = c.member_id AND NOT sp.rescinded
+         AND (sp.spell_start BETWEEN c.month_start AND c.as_of OR sp.spell_end_excl BETWEEN c.month_start AND c.as_of)
+        GROUP BY c.location_key, c.month_start, c.member_id
+    ), pay AS (
+        SELECT DISTINCT q.location_key, i.member_id, date_trunc('month', i.due_date)::date AS month_start
+        FROM ironwod.invoices i
+        JOIN ironwod.metric_memberships q
+          ON q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.membership_id = i.membership_id AND q.qualifying
+        WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL AND i.status IS DISTINCT FROM 'Voided'
+          AND i.paid_on IS NOT NULL AND i.amount > 0 AND i.due_date >= p_from
+    ), pend AS (
+        SELECT q.location_key, q.member_id, q.end_excl, min(coalesce(q.cancellation_requested_on, q.start_date)) AS known_on
+        FROM ironwod.metric_memberships q
+        WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.qualifying AND q.end_excl <> 'infinity'
+        GROUP BY 1, 2, 3
     ), fl AS (
         SELECT b.*, coalesce(ev.new_events, 0) AS new_events, coalesce(ev.react_events, 0) AS react_events,
-               coalesce(ev.churn_events, 0) AS churn_events, coalesce(ev.new_and_churned, 0) AS new_and_churned,
-               ev.retained, coalesce(days.active_days, 0) AS active_days, coalesce(days.hold_days, 0) AS hold_days,
-               coalesce(vis.visits, 0) AS visits, coalesce(vis.member_visits, 0) AS member_visits,
-               coalesce(vis.visits_anywhere, 0) AS visits_anywhere,
-               coalesce(vis.visits_r, 0) AS visits_r, coalesce(vis.visits_p, 0) AS visits_p,
-               CASE WHEN b.state_end = 'ACTIVE' THEN
-                   b.cum_end - coalesce((SELECT d.cum_active FROM pg_temp.iw_d d
-                                         WHERE d.location_key = b.location_key AND d.member_id = b.member_id
-                                           AND d.d = greatest(lv.last_visit, b.end_spell_start - 1)), 0)
-               END AS absent_days,
-               b.cum_end - coalesce((SELECT d.cum_active FROM pg_temp.iw_d d
-                                     WHERE d.location_key = b.location_key AND d.member_id = b.member_id
-                                       AND d.d = b.as_of - s.decline_recent_days), 0) AS e_r,
-               coalesce((SELECT d.cum_active FROM pg_temp.iw_d d
-                         WHERE d.location_key = b.location_key AND d.member_id = b.member_id
-                           AND d.d = b.as_of - s.decline_recent_days), 0)
-               - coalesce((SELECT d.cum_active FROM pg_temp.iw_d d
-                           WHERE d.location_key = b.location_key AND d.member_id = b.member_id
-                             AND d.d = b.as_of - s.decline_recent_days - s.decline_prior_days), 0) AS e_p
-        FROM base b
+               coalesce(ev.churn_events, 0) AS churn_events, coalesce(ev.new_and_churned, 0) AS new_and_churned, ev.retained,
+               coalesce(vk.visits, 0) AS visits, coalesce(vk.member_visits, 0) AS member_visits,
+               CASE WHEN b.state_end = 'ACTIVE' THEN b.cum_end - greatest(b.cum_lv, b.before_spell) END AS absent_days,
+               b.cum_end - b.cum_r AS e_r, b.cum_r - b.cum_p AS e_p,
+               pay.member_id IS NOT NULL AS is_paying,
+               b.state_end <> 'NOT_MEMBER' AND pend.known_on <= b.as_of AS is_pending_cancel
+        FROM snap b
         LEFT JOIN ev USING (location_key, month_start, member_id)
-        LEFT JOIN days USING (location_key, month_start, member_id)
-        LEFT JOIN vis USING (location_key, month_start, member_id)
-        LEFT JOIN LATERAL (SELECT max(v2.d) AS last_visit FROM pg_temp.iw_v v2
-                           WHERE v2.member_id = b.member_id AND v2.d <= b.as_of) lv ON true
+        LEFT JOIN pay USING (location_key, month_start, member_id)
+        LEFT JOIN pend ON pend.location_key = b.location_key AND pend.member_id = b.member_id AND pend.end_excl = b.end_spell_end
+        LEFT JOIN ironwod.member_visit_month vk
+               ON vk.tenant_id = p_tenant AND vk.gym_id = p_gym AND vk.location_key = b.location_key
+              AND vk.member_id = b.member_id AND vk.month_start = b.month_start
     )
     INSERT INTO ironwod.member_month_fact
         (tenant_id, gym_id, location_key, member_id, month_start, as_of, state_start, state_end,
@@ -373,7 +570,7 @@ BEGIN
          new_and_churned, active_days, hold_days, visits, member_visits, tenure_active_days,
          absent_active_days, is_past_due_end, is_comped_end, is_pending_cancel_end, is_zero_visits,
          is_no_visit_short, is_no_visit_long, is_declining, is_paying, cohort_retained_90d)
-    SELECT v_t, v_g, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
+    SELECT p_tenant, p_gym, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
            f.mrr_start, f.mrr_end,
            CASE WHEN f.state_start = 'NOT_MEMBER' AND f.state_end <> 'NOT_MEMBER'
                      THEN CASE WHEN f.end_spell_no = 1 THEN 'new' ELSE 'reactivation' END
@@ -385,56 +582,182 @@ BEGIN
            END,
            f.mrr_end - f.mrr_start,
            f.new_events, f.react_events, f.churn_events, f.new_and_churned, f.active_days, f.hold_days,
-           f.visits, f.member_visits, f.cum_end, f.absent_days,
-           -- past due on as_of: an unpaid, non-voided invoice of a qualifying membership due before it
-           f.state_end <> 'NOT_MEMBER' AND EXISTS (
-               SELECT 1 FROM ironwod.invoices i JOIN pg_temp.iw_m m
-                 ON m.membership_id = i.membership_id AND m.location_key = f.location_key AND m.qualifying
-               WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.deleted_at IS NULL
-                 AND i.member_id = f.member_id AND i.status IS DISTINCT FROM 'Voided'
-                 AND i.due_date < f.as_of AND (i.paid_on IS NULL OR i.paid_on >= f.as_of)),
-           f.state_end = 'NOT_MEMBER' AND EXISTS (
-               SELECT 1 FROM pg_temp.iw_m m
-               WHERE m.location_key = f.location_key AND m.member_id = f.member_id AND NOT m.qualifying
-                 AND f.as_of >= m.start_date AND f.as_of < m.end_excl),
-           -- pending cancel: the spell's end is known on as_of (requested by then, or fixed term)
-           f.state_end <> 'NOT_MEMBER' AND f.end_spell_end <> 'infinity' AND EXISTS (
-               SELECT 1 FROM pg_temp.iw_m m
-               WHERE m.location_key = f.location_key AND m.member_id = f.member_id AND m.qualifying
-                 AND m.end_excl = f.end_spell_end
-                 AND coalesce(m.cancellation_requested_on, m.start_date) <= f.as_of),
+           f.visits, f.member_visits, f.cum_end, f.absent_days, false, false, coalesce(f.is_pending_cancel, false),
            f.active_days = f.as_of - f.month_start + 1 AND f.visits_anywhere = 0,
-           f.state_end = 'ACTIVE' AND f.absent_days >= s.absence_short_days,
-           f.state_end = 'ACTIVE' AND f.absent_days >= s.absence_long_days,
+           f.state_end = 'ACTIVE' AND f.absent_days >= p_s.absence_short_days,
+           f.state_end = 'ACTIVE' AND f.absent_days >= p_s.absence_long_days,
            f.state_end = 'ACTIVE'
-               AND f.e_p >= s.decline_min_exposure * s.decline_prior_days
-               AND f.e_r >= s.decline_min_exposure * s.decline_recent_days
-               AND f.visits_p / (f.e_p / 7.0) >= s.decline_min_weekly_rate
-               AND f.visits_r / (f.e_r / 7.0) <= s.decline_ratio * (f.visits_p / (f.e_p / 7.0)),
-           EXISTS (
-               SELECT 1 FROM ironwod.invoices i JOIN pg_temp.iw_m m
-                 ON m.membership_id = i.membership_id AND m.location_key = f.location_key AND m.qualifying
-               WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.deleted_at IS NULL
-                 AND i.member_id = f.member_id AND i.status IS DISTINCT FROM 'Voided'
-                 AND i.paid_on IS NOT NULL AND i.amount > 0
-                 AND i.due_date BETWEEN f.month_start AND f.last_day),
+               AND f.e_p >= p_s.decline_min_exposure * p_s.decline_prior_days
+               AND f.e_r >= p_s.decline_min_exposure * p_s.decline_recent_days
+               AND f.visits_p / (f.e_p / 7.0) >= p_s.decline_min_weekly_rate
+               AND f.visits_r / (f.e_r / 7.0) <= p_s.decline_ratio * (f.visits_p / (f.e_p / 7.0)),
+           f.is_paying,
            CASE WHEN f.new_events > 0 THEN coalesce(f.retained, false) END
     FROM fl f;
-    GET DIAGNOSTICS v_facts = ROW_COUNT;
-    RAISE DEBUG 'ironwod metrics: % done at %', 'facts', clock_timestamp();
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date) IS 'Refresh stage 4, metrics.md §3 and §4.1-4.17 (month snapshot algebra and per-person metrics), §5.3 member_month_fact: rebuild the facts of a gym from the given month on; returns the fact count';
 
-    -- Cache: the facts grouped, plus cash (by local processed date and transaction
-    -- location) and invoices (by due date and invoice location).
-    SELECT greatest(
-        (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.attendance_events WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
-    INTO v_wm;
+-- Stage 4b (metrics.md §2.4 past due, §4.1 comped): the two flags that read
+-- invoices and memberships by date range, set on the few facts they hold for.
+-- Past due on as_of: a member with an unpaid, non-voided invoice of a qualifying
+-- membership due before it; comped: a non-member covered by a $0 membership on as_of.
+-- An invoice is past due only in the months from its due date to its payment.
+CREATE FUNCTION ironwod.metrics_month_flags(p_tenant uuid, p_gym uuid, p_from date, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    UPDATE ironwod.member_month_fact f
+       SET is_past_due_end = x.past_due AND f.state_end <> 'NOT_MEMBER',
+           is_comped_end = x.comped AND f.state_end = 'NOT_MEMBER'
+      FROM (SELECT y.location_key, y.member_id, y.month_start, bool_or(y.past_due) AS past_due, bool_or(NOT y.past_due) AS comped
+            FROM (SELECT q.location_key, i.member_id, m::date AS month_start, true AS past_due
+                  FROM ironwod.invoices i
+                  JOIN ironwod.metric_memberships q
+                    ON q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.membership_id = i.membership_id AND q.qualifying,
+                       generate_series(date_trunc('month', greatest(i.due_date, p_from)),
+                                       least(coalesce(i.paid_on, p_today), p_today), interval '1 month') m
+                  WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
+                    AND i.status IS DISTINCT FROM 'Voided' AND i.member_id IS NOT NULL
+                    AND i.due_date < least((m + interval '1 month')::date - 1, p_today)
+                    AND (i.paid_on IS NULL OR i.paid_on >= least((m + interval '1 month')::date - 1, p_today))
+                  UNION ALL
+                  SELECT q.location_key, q.member_id, m::date, false
+                  FROM ironwod.metric_memberships q,
+                       generate_series(date_trunc('month', greatest(q.start_date, p_from)),
+                                       least(q.end_excl - 1, p_today), interval '1 month') m
+                  WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND NOT q.qualifying AND q.end_excl > p_from
+                    AND q.start_date <= least((m + interval '1 month')::date - 1, p_today)
+                    AND least((m + interval '1 month')::date - 1, p_today) < q.end_excl) y
+            GROUP BY 1, 2, 3) x
+     WHERE f.tenant_id = p_tenant AND f.gym_id = p_gym AND f.month_start >= p_from
+       AND f.location_key = x.location_key AND f.member_id = x.member_id AND f.month_start = x.month_start
+       AND ((x.past_due AND f.state_end <> 'NOT_MEMBER') OR (x.comped AND f.state_end = 'NOT_MEMBER'));
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_month_flags(uuid, uuid, date, date) IS 'Refresh stage 4b, metrics.md §2.4 (PAST_DUE flag) and §4.1 (comped members): set is_past_due_end and is_comped_end on the facts of a gym from the given month on; returns the rows flagged';
 
+-- Stage 5 (metrics.md §4.8-4.9): money per location key and month from p_from on.
+-- Cash by local processed date and transaction location; a failed invoice counted
+-- once; membership payments spread over their billing period; invoices by due date
+-- and invoice location, past due in the months from their due date to their payment.
+CREATE FUNCTION ironwod.metrics_month_money(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                            p_keys text[], p_from date, p_hist date, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM ironwod.gym_month_money
+    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WITH mo AS (
+        SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
+               least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo, unnest(p_keys) AS k(location_key)
+    ), txk AS (
+        SELECT k.location_key, t.transaction_type, t.payment_method, t.amount, t.invoice_id,
+               date_trunc('month', (t.processed_at AT TIME ZONE p_tz)::date)::date AS mo,
+               i.membership_id, i.amount AS invoice_amount, m.billing_period_length, m.billing_period_unit
+        FROM ironwod.transactions t
+        LEFT JOIN ironwod.invoices i
+               ON i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.invoice_id = t.invoice_id AND i.deleted_at IS NULL
+        LEFT JOIN ironwod.memberships m
+               ON m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.membership_id = i.membership_id
+        CROSS JOIN LATERAL (VALUES ('ALL'), (t.location_id::text)) AS k(location_key)
+        WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.processed_at IS NOT NULL
+          AND k.location_key IS NOT NULL
+    ), cash AS (
+        SELECT t.location_key, t.mo AS month_start,
+               coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Payment'
+                                                AND t.payment_method IS DISTINCT FROM 'Store Credit'), 0) AS gross,
+               coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Refund'), 0) AS refunds,
+               count(DISTINCT t.invoice_id) FILTER (WHERE t.transaction_type = 'Failed Payment') AS failed_n
+        FROM txk t GROUP BY 1, 2
+    ), failed AS (
+        SELECT x.location_key, x.mo AS month_start, sum(x.invoice_amount) AS failed_amount
+        FROM (SELECT DISTINCT t.location_key, t.mo, t.invoice_id, coalesce(t.invoice_amount, t.amount) AS invoice_amount
+              FROM txk t WHERE t.transaction_type = 'Failed Payment') x
+        GROUP BY 1, 2
+    ), recog AS (
+        SELECT x.location_key, x.month_start, sum(x.amount) AS membership_revenue
+        FROM (
+            SELECT t.location_key, (t.mo + make_interval(months => k))::date AS month_start, t.amount / n.n AS amount
+            FROM txk t
+            CROSS JOIN LATERAL (SELECT ironwod.spread_months(t.billing_period_length, t.billing_period_unit,
+                                                             p_s.max_spread_months) AS n) n
+            CROSS JOIN LATERAL generate_series(0, n.n - 1) AS k
+            WHERE t.transaction_type = 'Payment' AND t.payment_method IS DISTINCT FROM 'Store Credit'
+              AND t.membership_id IS NOT NULL
+            UNION ALL
+            SELECT t.location_key, t.mo, -t.amount FROM txk t WHERE t.transaction_type = 'Refund' AND t.membership_id IS NOT NULL
+        ) x GROUP BY 1, 2
+    ), inv AS (
+        SELECT k.location_key, i.amount, i.due_date, i.paid_on, coalesce(c.collected, 0) AS collected
+        FROM ironwod.invoices i
+        LEFT JOIN (SELECT t.invoice_id, sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
+                                                                    WHEN 'Refund' THEN -t.amount ELSE 0 END) AS collected
+                   FROM ironwod.transactions t
+                   WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id IS NOT NULL
+                   GROUP BY 1) c ON c.invoice_id = i.invoice_id
+        CROSS JOIN LATERAL (VALUES ('ALL'), (i.location_id::text)) AS k(location_key)
+        WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL AND k.location_key IS NOT NULL
+          AND i.status IS DISTINCT FROM 'Voided' AND i.due_date IS NOT NULL
+    ), invm AS (
+        SELECT mo.location_key, mo.month_start,
+               coalesce(sum(i.amount) FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced,
+               coalesce(sum(least(greatest(i.collected, 0), i.amount))
+                        FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced_collected,
+               coalesce(sum(i.amount) FILTER (WHERE i.due_date <= mo.as_of
+                                                AND (i.paid_on IS NULL OR i.paid_on > mo.as_of)), 0) AS past_due_amount
+        FROM inv i
+        CROSS JOIN LATERAL generate_series(date_trunc('month', greatest(i.due_date, p_from)),
+                                           greatest(i.due_date, least(coalesce(i.paid_on, p_today), p_today)),
+                                           interval '1 month') AS m
+        JOIN mo ON mo.location_key = i.location_key AND mo.month_start = m::date
+        GROUP BY 1, 2
+    )
+    INSERT INTO ironwod.gym_month_money
+        (tenant_id, gym_id, location_key, month_start, gross, refunds, failed_n, failed_amount,
+         membership_revenue, invoiced, invoiced_collected, past_due_amount)
+    SELECT p_tenant, p_gym, mo.location_key, mo.month_start, coalesce(cash.gross, 0), coalesce(cash.refunds, 0),
+           coalesce(cash.failed_n, 0), coalesce(failed.failed_amount, 0), coalesce(recog.membership_revenue, 0),
+           coalesce(invm.invoiced, 0), coalesce(invm.invoiced_collected, 0), coalesce(invm.past_due_amount, 0)
+    FROM mo
+    LEFT JOIN cash USING (location_key, month_start)
+    LEFT JOIN failed USING (location_key, month_start)
+    LEFT JOIN recog USING (location_key, month_start)
+    LEFT JOIN invm USING (location_key, month_start);
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_month_money(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date) IS 'Refresh stage 5, metrics.md §4.8 (cash, refunds, failed payments, invoiced, past due) and §4.9 (recognised revenue): rebuild gym_month_money of a gym from the given month on; returns the row count';
+
+-- Stage 6 (metrics.md §5.1-5.2): the cache rows from p_from on, a GROUP BY over the
+-- facts (people counted once per key, never summed over locations) joined to the
+-- money of stage 5.  Flows are NULL in the history-start month.
+CREATE FUNCTION ironwod.metrics_cache_rows(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                           p_keys text[], p_from date, p_hist date, p_today date,
+                                           p_watermark timestamptz)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
     DELETE FROM ironwod.gym_monthly_metrics_cache
-    WHERE tenant_id = v_t AND gym_id = v_g AND (month_start >= v_from OR month_start < v_hist);
+    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
     WITH fa AS (
         SELECT f.location_key AS fa_location_key, f.month_start AS fa_month_start,
                count(*) FILTER (WHERE f.state_start <> 'NOT_MEMBER') AS members_start,
@@ -467,85 +790,25 @@ BEGIN
                count(*) FILTER (WHERE f.new_events > 0) AS cohort_new,
                count(*) FILTER (WHERE f.cohort_retained_90d) AS cohort_retained
         FROM ironwod.member_month_fact f
-        WHERE f.tenant_id = v_t AND f.gym_id = v_g AND f.month_start >= v_from
+        WHERE f.tenant_id = p_tenant AND f.gym_id = p_gym AND f.month_start >= p_from
         GROUP BY f.location_key, f.month_start
-    ), tx AS (
-        SELECT t.*, (t.processed_at AT TIME ZONE v_tz)::date AS d,
-               date_trunc('month', (t.processed_at AT TIME ZONE v_tz)::date)::date AS mo,
-               i.membership_id, i.amount AS invoice_amount, m.billing_period_length, m.billing_period_unit
-        FROM ironwod.transactions t
-        LEFT JOIN ironwod.invoices i
-               ON i.tenant_id = v_t AND i.gym_id = v_g AND i.invoice_id = t.invoice_id AND i.deleted_at IS NULL
-        LEFT JOIN ironwod.memberships m
-               ON m.tenant_id = v_t AND m.gym_id = v_g AND m.membership_id = i.membership_id
-        WHERE t.tenant_id = v_t AND t.gym_id = v_g AND t.deleted_at IS NULL AND t.processed_at IS NOT NULL
-    ), txk AS (
-        SELECT k.location_key, tx.* FROM tx
-        CROSS JOIN LATERAL (VALUES ('ALL'), (tx.location_id::text)) AS k(location_key)
-        WHERE k.location_key IS NOT NULL
-    ), cash AS (
-        SELECT t.location_key, t.mo AS month_start,
-               coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Payment'
-                                                AND t.payment_method IS DISTINCT FROM 'Store Credit'), 0) AS gross,
-               coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Refund'), 0) AS refunds,
-               count(DISTINCT t.invoice_id) FILTER (WHERE t.transaction_type = 'Failed Payment') AS failed_n
-        FROM txk t GROUP BY 1, 2
-    ), failed AS (
-        SELECT x.location_key, x.mo AS month_start, sum(x.invoice_amount) AS failed_amount
-        FROM (SELECT DISTINCT t.location_key, t.mo, t.invoice_id, coalesce(t.invoice_amount, t.amount) AS invoice_amount
-              FROM txk t WHERE t.transaction_type = 'Failed Payment') x
-        GROUP BY 1, 2
-    ), recog AS (
-        SELECT x.location_key, x.month_start, sum(x.amount) AS membership_revenue
-        FROM (
-            SELECT t.location_key, (t.mo + make_interval(months => k))::date AS month_start,
-                   t.amount / n.n AS amount
-            FROM txk t
-            CROSS JOIN LATERAL (SELECT ironwod.spread_months(t.billing_period_length, t.billing_period_unit,
-                                                             s.max_spread_months) AS n) n
-            CROSS JOIN LATERAL generate_series(0, n.n - 1) AS k
-            WHERE t.transaction_type = 'Payment' AND t.payment_method IS DISTINCT FROM 'Store Credit'
-              AND t.membership_id IS NOT NULL
-            UNION ALL
-            SELECT t.location_key, t.mo, -t.amount
-            FROM txk t WHERE t.transaction_type = 'Refund' AND t.membership_id IS NOT NULL
-        ) x GROUP BY 1, 2
-    ), inv AS (
-        SELECT k.location_key, i.*,
-               coalesce((SELECT sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
-                                                            WHEN 'Refund' THEN -t.amount ELSE 0 END)
-                         FROM ironwod.transactions t
-                         WHERE t.tenant_id = v_t AND t.gym_id = v_g AND t.deleted_at IS NULL
-                           AND t.invoice_id = i.invoice_id), 0) AS collected
-        FROM ironwod.invoices i
-        CROSS JOIN LATERAL (VALUES ('ALL'), (i.location_id::text)) AS k(location_key)
-        WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.deleted_at IS NULL AND k.location_key IS NOT NULL
-          AND i.status IS DISTINCT FROM 'Voided'
-    ), invm AS (
-        SELECT mo.location_key, mo.month_start,
-               coalesce(sum(i.amount) FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced,
-               coalesce(sum(least(greatest(i.collected, 0), i.amount))
-                        FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced_collected,
-               coalesce(sum(i.amount) FILTER (WHERE i.due_date <= mo.as_of
-                                                AND (i.paid_on IS NULL OR i.paid_on > mo.as_of)), 0) AS past_due_amount
-        FROM pg_temp.iw_months mo
-        JOIN inv i ON i.location_key = mo.location_key AND i.due_date <= mo.last_day
-        GROUP BY 1, 2
     ), c AS (
         SELECT mo.location_key, mo.month_start, mo.last_day, mo.as_of,
                (mo.as_of - mo.month_start + 1) AS period_days,
-               mo.month_start = v_hist AS first_month,
-               fa.*, coalesce(cash.gross, 0) AS gross, coalesce(cash.refunds, 0) AS refunds_amt,
-               coalesce(cash.failed_n, 0) AS failed_n, coalesce(failed.failed_amount, 0) AS failed_amount,
-               coalesce(recog.membership_revenue, 0) AS membership_revenue,
-               coalesce(invm.invoiced, 0) AS invoiced, coalesce(invm.invoiced_collected, 0) AS invoiced_collected,
-               coalesce(invm.past_due_amount, 0) AS past_due_amount
-        FROM pg_temp.iw_months mo
+               mo.month_start = p_hist AS first_month,
+               fa.*, coalesce(y.gross, 0) AS gross, coalesce(y.refunds, 0) AS refunds_amt,
+               coalesce(y.failed_n, 0) AS failed_n, coalesce(y.failed_amount, 0) AS failed_amount,
+               coalesce(y.membership_revenue, 0) AS membership_revenue,
+               coalesce(y.invoiced, 0) AS invoiced, coalesce(y.invoiced_collected, 0) AS invoiced_collected,
+               coalesce(y.past_due_amount, 0) AS past_due_amount
+        FROM (SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
+                     least((mo + interval '1 month')::date - 1, p_today) AS as_of
+              FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo,
+                   unnest(p_keys) AS k(location_key)) mo
         LEFT JOIN fa ON fa.fa_location_key = mo.location_key AND fa.fa_month_start = mo.month_start
-        LEFT JOIN cash ON cash.location_key = mo.location_key AND cash.month_start = mo.month_start
-        LEFT JOIN failed ON failed.location_key = mo.location_key AND failed.month_start = mo.month_start
-        LEFT JOIN recog ON recog.location_key = mo.location_key AND recog.month_start = mo.month_start
-        LEFT JOIN invm ON invm.location_key = mo.location_key AND invm.month_start = mo.month_start
+        LEFT JOIN ironwod.gym_month_money y
+               ON y.tenant_id = p_tenant AND y.gym_id = p_gym AND y.location_key = mo.location_key
+              AND y.month_start = mo.month_start
     )
     INSERT INTO ironwod.gym_monthly_metrics_cache
         (tenant_id, gym_id, location_key, program_key, month_start, time_zone, period_days, is_partial,
@@ -561,8 +824,8 @@ BEGIN
          member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
          members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
          cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
-    SELECT v_t, v_g, c.location_key, 'ALL', c.month_start, v_tz, c.period_days,
-           v_today <= c.last_day + s.merge_gap_days, v_hist, now(), v_wm, s.definitions_version, v_hash,
+    SELECT p_tenant, p_gym, c.location_key, 'ALL', c.month_start, p_tz, c.period_days,
+           p_today <= c.last_day + p_s.merge_gap_days, p_hist, now(), p_watermark, p_s.definitions_version, ironwod.config_hash(p_s),
            coalesce(c.members_start, 0), coalesce(c.members_end, 0), coalesce(c.active_end, 0),
            coalesce(c.on_hold_end, 0), coalesce(c.past_due_end, 0), coalesce(c.comped_end, 0),
            coalesce(c.pending_cancel_end, 0),
@@ -600,12 +863,22 @@ BEGIN
            CASE WHEN NOT c.first_month THEN coalesce(c.cohort_new, 0) END,
            CASE WHEN NOT c.first_month THEN coalesce(c.cohort_retained, 0) END,
            CASE WHEN NOT c.first_month AND c.cohort_new > 0 THEN round(c.cohort_retained::numeric / c.cohort_new, 5) END,
-           CASE WHEN NOT c.first_month THEN c.last_day + s.cohort_days < v_today END
+           CASE WHEN NOT c.first_month THEN c.last_day + p_s.cohort_days < p_today END
     FROM c;
-    GET DIAGNOSTICS v_rows = ROW_COUNT;
-    RAISE DEBUG 'ironwod metrics: % done at %', 'cache', clock_timestamp();
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz) IS 'Refresh stage 6, metrics.md §5.2 (cache columns): rebuild the gym_monthly_metrics_cache rows of a gym from the given month on from its facts and money; returns the row count';
 
-    -- Six-month pooled figures (metrics.md §4.11-4.12) over the cached months.
+-- Stage 7 (metrics.md §4.11-4.12): six-month pooled ARM, LEG and LTV over the
+-- cached months, written on the months from p_from on.
+CREATE FUNCTION ironwod.metrics_pooled(p_tenant uuid, p_gym uuid, p_from date)
+RETURNS void
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+BEGIN
     UPDATE ironwod.gym_monthly_metrics_cache x
        SET arm_6m = w.arm_6m,
            leg_months_6m = w.leg,
@@ -619,11 +892,69 @@ BEGIN
                                    / sum(y.churned_from_start) OVER w6, 2)
                    END AS leg
             FROM ironwod.gym_monthly_metrics_cache y
-            WHERE y.tenant_id = v_t AND y.gym_id = v_g
+            WHERE y.tenant_id = p_tenant AND y.gym_id = p_gym
             WINDOW w6 AS (PARTITION BY y.location_key, y.program_key ORDER BY y.month_start
                           ROWS BETWEEN 5 PRECEDING AND CURRENT ROW)) w
-     WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.month_start >= v_from
+     WHERE x.tenant_id = p_tenant AND x.gym_id = p_gym AND x.month_start >= p_from
        AND x.location_key = w.location_key AND x.program_key = w.program_key AND x.month_start = w.month_start;
+
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_pooled(uuid, uuid, date) IS 'Refresh stage 7, metrics.md §4.11 (LEG) and §4.12 (LTV): six-month pooled arm_6m, leg_months_6m and ltv on the cache rows of a gym from the given month on';
+
+-- A refresh: spells and daily state for the whole history (both are small: a few
+-- rows per membership), visits, facts, money and cache rows for months >= p_from
+-- (clamped to history start), then the pooled figures.
+CREATE FUNCTION ironwod.compute_metrics(p_from date)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET jit = off
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    s ironwod.metric_settings;
+    v_tz text;
+    v_today date;
+    v_hist date;
+    v_cur date;
+    v_from date;
+    v_keys text[];
+    v_wm timestamptz;
+    v_spells integer;
+    v_facts integer;
+    v_rows integer;
+BEGIN
+    IF v_t IS NULL OR v_g IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    s := ironwod.metric_config();
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
+    v_today := ironwod.metrics_today(v_tz);
+    v_cur := date_trunc('month', v_today)::date;
+    v_hist := least(ironwod.history_start(v_tz), v_cur);
+    v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
+    SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
+    FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
+
+    v_spells := ironwod.metrics_spells(v_t, v_g, s);
+    PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
+    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today);
+    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today);
+    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today);
+    PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
+
+    SELECT greatest(
+        (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.attendance_events WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
+    INTO v_wm;
+    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm);
+    PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
 
     -- The newest source change is stamped on every cached month, not only on the
     -- months recomputed now: the recompute policy recomputed every month a change
@@ -636,7 +967,7 @@ BEGIN
                               'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows);
 END
 $$;
-COMMENT ON FUNCTION ironwod.compute_metrics(date) IS 'Rebuild spells, and member-month facts and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope';
+COMMENT ON FUNCTION ironwod.compute_metrics(date) IS 'Rebuild spells and daily states, and visits, member-month facts, money and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope: the refresh stages in order';
 
 -- Recompute policy (metrics.md §5.4): the trailing months, plus every month a change
 -- landed by the run touched (its earliest civil date, less the merge gap and the
@@ -688,5 +1019,13 @@ COMMENT ON FUNCTION ironwod.refresh_metrics_all() IS 'Recompute spells, facts an
 GRANT EXECUTE ON FUNCTION ironwod.metrics_today(text), ironwod.metric_config(), ironwod.config_hash(ironwod.metric_settings),
     ironwod.monthly_price(numeric, integer, text), ironwod.spread_months(integer, text, integer),
     ironwod.history_start(text), ironwod.compute_metrics(date), ironwod.refresh_metrics(bigint),
-    ironwod.refresh_metrics_all()
+    ironwod.refresh_metrics_all(),
+    ironwod.metrics_spells(uuid, uuid, ironwod.metric_settings),
+    ironwod.metrics_day_states(uuid, uuid, date),
+    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date),
+    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date),
+    ironwod.metrics_month_flags(uuid, uuid, date, date),
+    ironwod.metrics_month_money(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date),
+    ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz),
+    ironwod.metrics_pooled(uuid, uuid, date)
     TO ironwod_worker;
