@@ -337,6 +337,9 @@ typedef struct IwEntitySpec
 	char	  **watermark_path;
 	int			n_watermark;
 	int			page_size;
+	/* top-level keys the payload hash leaves out (text[]), when n_volatile > 0 */
+	Datum		volatile_fields;
+	int			n_volatile;
 } IwEntitySpec;
 
 /* One element of a page's records array. */

@@ -29,6 +29,7 @@
 #include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -284,7 +285,8 @@ landing_for(const char *entity, int64 run_id)
 											ALLOCSET_SMALL_SIZES);
 	values[0] = CStringGetTextDatum(entity);
 	run_sql("SELECT records_key, id_field, updated_at_path, created_at_path, watermark_path, page_size, "
-			"ironwod.landing_statement(entity, false), ironwod.landing_statement(entity, true) "
+			"ironwod.landing_statement(entity, false), ironwod.landing_statement(entity, true), "
+			"volatile_fields, cardinality(volatile_fields) "
 			"FROM ironwod.entities WHERE entity = $1",
 			1, types, values, NULL, SPI_OK_SELECT);
 	if (SPI_processed != 1)
@@ -306,6 +308,9 @@ landing_for(const char *entity, int64 run_id)
 	l->spec.created_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 4, &isnull), &l->spec.n_created);
 	l->spec.watermark_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 5, &isnull), &l->spec.n_watermark);
 	l->spec.page_size = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
+	l->spec.n_volatile = DatumGetInt32(SPI_getbinval(tup, desc, 10, &isnull));
+	l->spec.volatile_fields = l->spec.n_volatile > 0
+		? datumCopy(SPI_getbinval(tup, desc, 9, &isnull), false, -1) : (Datum) 0;
 	MemoryContextSwitchTo(old);
 	l->insert = prepare_kept(SPI_getvalue(tup, desc, 7), 8, upsert_types);
 	l->upsert = prepare_kept(SPI_getvalue(tup, desc, 8), 8, upsert_types);

@@ -11,7 +11,11 @@
  *	  is SHA-256 of the record's jsonb binary, so it needs no re-serialising:
  *	  jsonb's binary form is canonical (keys sorted, duplicates removed), so
  *	  the same vendor record gives the same hash in every run, and a stored
- *	  payload can be re-hashed from the table (ironwod.payload_hash).
+ *	  payload can be re-hashed from the table (ironwod.payload_hash).  The
+ *	  hash leaves out the entity's volatile fields (ironwod.entities), which
+ *	  the vendor recomputes daily without any change to the record (a
+ *	  client's days since the last attendance): a record that differs only
+ *	  there is the version already stored, and only its last sighting moves.
  *
  *	  Poison records.  A record PostgreSQL cannot store (a \u0000 escape,
  *	  which jsonb rejects, a broken surrogate pair, invalid UTF-8, a number
@@ -284,6 +288,28 @@ iw_payload_hash(const Jsonb *jb, uint8 *out)
 				 errmsg("could not compute a SHA-256 digest")));
 }
 
+/*
+ * The payload hash landing stores for a record of the entity: that of its
+ * jsonb without the volatile top-level keys (jsonb's own "-" operator, so
+ * ironwod.payload_hash(entity, payload) recomputes it in SQL).
+ */
+static void
+record_hash(const IwEntitySpec *spec, Jsonb *jb, uint8 *out)
+{
+	Jsonb	   *stable;
+
+	if (spec->n_volatile == 0)
+	{
+		iw_payload_hash(jb, out);
+		return;
+	}
+	stable = DatumGetJsonbP(DirectFunctionCall2(jsonb_delete_array, JsonbPGetDatum(jb),
+												spec->volatile_fields));
+	iw_payload_hash(stable, out);
+	if (stable != jb)
+		pfree(stable);
+}
+
 /* A record was built: make it a jsonb and read its id, timestamps and hash. */
 static void
 finish_record(PageParse *pp, IwRecord *rec)
@@ -321,7 +347,7 @@ finish_record(PageParse *pp, IwRecord *rec)
 		return;
 	}
 	rec->payload = jb;
-	iw_payload_hash(jb, rec->hash);
+	record_hash(spec, jb, rec->hash);
 	rec->has_updated_at = ts_at(&jb->root, spec->updated_path, spec->n_updated, &rec->updated_at) ||
 		ts_at(&jb->root, spec->created_path, spec->n_created, &rec->updated_at);
 	if (ts_at(&jb->root, spec->watermark_path, spec->n_watermark, &rec->watermark))

@@ -98,7 +98,9 @@ echo "== per-entity summary of the backfill"
 psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
 BEGIN;
 SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
-SELECT status, api_key_fingerprint, last_success_at, last_cursor_at FROM ironwod_status(:'t', :'g');
+SELECT status, api_key_fingerprint, last_success_at, last_cursor_at,
+       CASE WHEN cardinality(not_entitled) > 0 THEN array_to_string(not_entitled, ', ') ELSE 'none' END AS not_entitled
+FROM ironwod_status(:'t', :'g');
 SELECT e.entity, (s.value->>'pages')::int AS pages, (s.value->>'requests')::int AS requests,
        (s.value->>'pulled')::int AS pulled, (s.value->>'new')::int AS new_versions,
        (s.value->>'watermark')::timestamptz AS watermark
@@ -109,6 +111,9 @@ COMMIT;
 SQL
 echo "== the demo gym's last 12 months, from the metrics cache (ironwod.metrics_summary)"
 psql -qX -v ON_ERROR_STOP=1 -v t="$TENANT" -v g="$GYM" <<'SQL'
+-- NULL is unknown: a metric of an entity the gym's plan does not include, or a
+-- flow or rate that has no value in the first month.
+\pset null unknown
 BEGIN;
 SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
 SELECT to_char(month_start, 'YYYY-MM') AS month, CASE WHEN is_partial THEN '*' ELSE '' END AS p,

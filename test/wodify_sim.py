@@ -46,6 +46,9 @@ Posting records with a chosen time stamp (they survive /_sim/advance):
                               transactions (a gym with no payments yet); true serves them
     DELETE /_sim/transactions back to the generated transactions only (every key, or K's)
 
+GET /_sim/client_versions?gym=N hashes every client's list record, whole and without the
+fields Wodify recomputes daily (VOLATILE_CLIENT_FIELDS): the versions a client really has.
+
 With the clock frozen, 40 concurrent requests against a burst of 20 see exactly 20
 answers, however slowly the threads start.  A fault with "after": N lets N matching
 requests through before it fires.
@@ -120,6 +123,9 @@ SIGN_IN_SOURCES = [(1, "Front Desk"), (2, "Mobile App"), (3, "Kiosk")]
 PAY_METHODS = ["Card", "ACH", "Cash", "Store Credit"]
 STATUS_IDS = {"Unpaid": 2, "Paid": 4, "Partially Refunded": 5, "Refunded": 6, "Voided": 7}
 CLIENT_STATUS_IDS = {"Active": 1, "Inactive": 2}
+# Client fields Wodify recomputes from its clock with no edit to the record (the
+# `updated` block stays): they move every day for every client.
+VOLATILE_CLIENT_FIELDS = ("days_since_last_attendance", "is_at_risk", "current_weekstreak")
 
 # Plan catalog: (key, name, type, base price, billing len, billing unit, weight, p_end per period)
 # p_end is the chance that a membership ends after any given billing period, which gives
@@ -1898,6 +1904,22 @@ class Handler(BaseHTTPRequestHandler):
                     now = sim.clock()
                     return self.send_json(200, {"buckets": [{"api_key": k, "tokens": sim.bucket_tokens(k, now)}
                                                             for k in sim.keys]})
+        if path == "/_sim/client_versions" and method == "GET":
+            # Ground truth for versioning: per client id, a hash of its list record
+            # and one of the record without the fields that move with the clock.
+            try:
+                gym = sim.model.gyms[int(params.get("gym", 0))]
+            except (TypeError, ValueError, IndexError):
+                return self.send_json(400, {"error": "gym must be a gym index"})
+
+            def digest(rec):
+                return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+            return self.send_json(200, {
+                "today": gym.today.isoformat(), "volatile": list(VOLATILE_CLIENT_FIELDS),
+                "clients": {str(r["id"]): {"full": digest(r),
+                                           "stable": digest({k: v for k, v in r.items()
+                                                             if k not in VOLATILE_CLIENT_FIELDS})}
+                            for r in gym.r_clients}})
         if path == "/_sim/truth" and method == "GET":
             try:
                 idx = int(params.get("gym", 0))

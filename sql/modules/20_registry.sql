@@ -22,6 +22,11 @@ CREATE TABLE ironwod.entities (
     -- a date field re-scanned for status changes (invoices: payment_due)
     due_field          text,
     page_size          integer NOT NULL DEFAULT 100 CHECK (page_size BETWEEN 1 AND 100),
+    -- top-level fields the vendor recomputes from its clock without any change to
+    -- the record (a client's days since the last attendance): the payload hash
+    -- leaves them out, so they never make a new version, and a stored payload
+    -- holds them as of the first sighting of its version
+    volatile_fields    text[] NOT NULL DEFAULT '{}',
     enabled            boolean NOT NULL DEFAULT true,
     CHECK ((backfill_strategy = 'full') = (window_field IS NULL)),
     CHECK (path ~ '^/[A-Za-z0-9/_{}.-]*$')
@@ -52,6 +57,18 @@ VALUES
     ('transactions', 80, '/financials/transactions/search', 'transactions', 'wodify_raw_transactions', 'transaction_date_time',
      'monthly_windows', 'transaction_date_time',
      '{updated,updated_on_datetime}', '{created,created_on_datetime}', '{transaction_date_time}', NULL, NULL);
+
+-- Wodify's volatile fields (wodify-api.md §6.1): on a client, the days since the
+-- last attendance, the at-risk flag derived from it, and the current week streak,
+-- which drops to 0 when a week passes without a visit, all move every day with no
+-- edit (the `updated` block does not); a membership's is_active flips on its start
+-- and end dates the same way.  Real attendance still makes a new client version:
+-- last_attendance, last_class_sign_in, total_class_sign_ins and highest_weekstreak
+-- are not volatile.
+UPDATE ironwod.entities SET volatile_fields = CASE entity
+        WHEN 'clients' THEN '{days_since_last_attendance,is_at_risk,current_weekstreak}'::text[]
+        WHEN 'memberships' THEN '{is_active}'::text[] END
+ WHERE entity IN ('clients', 'memberships');
 
 -- One raw table per entity, all of one shape: one row per distinct payload version
 -- of a record (keyed by its hash), so re-landing a page only bumps last_seen_run_id.

@@ -765,11 +765,20 @@ RETURNS SETOF record
 LANGUAGE c STRICT STABLE AS 'MODULE_PATHNAME', 'ironwod_split_page';
 COMMENT ON FUNCTION ironwod.split_page(text, text) IS 'The records of a response page as landing sees them (id, payload, hash, or why it cannot be stored), without landing them';
 
--- SHA-256 of a payload's jsonb binary: the hash landing stores, recomputed
--- from a stored payload (the binary form is canonical, so it is stable).
+-- SHA-256 of a jsonb binary (the binary form is canonical, so it is stable).
 CREATE FUNCTION ironwod.payload_hash(p_payload jsonb) RETURNS bytea
 LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_payload_hash';
-COMMENT ON FUNCTION ironwod.payload_hash(jsonb) IS 'Payload hash of a raw version: SHA-256 of its jsonb binary';
+COMMENT ON FUNCTION ironwod.payload_hash(jsonb) IS 'SHA-256 of a jsonb binary (the payload hash of an entity without volatile fields)';
+
+-- The hash landing stores for a record of an entity, recomputed from a stored
+-- payload: that of the payload without the entity's volatile fields (src/page.c
+-- removes them with the same jsonb "-" operator).
+CREATE FUNCTION ironwod.payload_hash(p_entity text, p_payload jsonb) RETURNS bytea
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+AS $$
+    SELECT ironwod.payload_hash(p_payload - e.volatile_fields) FROM ironwod.entities e WHERE e.entity = p_entity
+$$;
+COMMENT ON FUNCTION ironwod.payload_hash(text, jsonb) IS 'Payload hash of a raw version of the entity: SHA-256 of its jsonb binary without the entity''s volatile fields';
 
 -- A clean run: close entities that had nothing to fetch, clear the backfill
 -- campaign's checkpoints after a backfill (the next one pulls everything

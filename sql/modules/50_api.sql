@@ -281,7 +281,8 @@ RETURNS TABLE (status text, api_key_fingerprint text, connected_at timestamptz,
                last_error_code text, last_cursor_at timestamptz, consecutive_failures integer,
                next_retry_at timestamptz, backfill_completed_at timestamptz,
                active_run_id bigint, active_run_mode text, active_run_status text,
-               last_run_id bigint, last_run_status text, entities jsonb, progress jsonb)
+               last_run_id bigint, last_run_status text, entities jsonb, progress jsonb,
+               not_entitled text[])
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -305,7 +306,10 @@ BEGIN
                    ON cur.tenant_id = s.tenant_id AND cur.gym_id = s.gym_id AND cur.entity = s.entity
             WHERE s.tenant_id = c.tenant_id AND s.gym_id = c.gym_id
               AND s.run_id = coalesce(a.run_id, l.run_id)),
-           v_progress
+           v_progress,
+           (SELECT coalesce(array_agg(n.entity ORDER BY e.ordinal), '{}') FROM ironwod.entity_entitlements n
+            JOIN ironwod.entities e ON e.entity = n.entity
+            WHERE n.tenant_id = c.tenant_id AND n.gym_id = c.gym_id)
     FROM ironwod.integrations_wodify_connection c
     LEFT JOIN LATERAL (SELECT r.run_id, r.mode, r.status FROM ironwod.sync_runs r
                        WHERE r.tenant_id = c.tenant_id AND r.gym_id = c.gym_id
@@ -317,7 +321,7 @@ BEGIN
     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_status(uuid, uuid) IS 'Connection status, breaker state, sanitized last error, current and last run with per-entity counts, and the active run''s progress (ironwod.run_progress)';
+COMMENT ON FUNCTION @extschema@.ironwod_status(uuid, uuid) IS 'Connection status, breaker state, sanitized last error, current and last run with per-entity counts, the active run''s progress (ironwod.run_progress), and the entities the gym''s plan does not include (their metrics are NULL)';
 
 -- Cancels queued work, stops a running run at its next page (the worker checks the
 -- run's status in every landing transaction), and destroys the ciphertext.

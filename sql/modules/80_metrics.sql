@@ -47,10 +47,17 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.metric_config() IS 'The scoped gym''s metric settings row, created with the defaults when missing';
 
+-- The entities the gym's plan does not include are part of it (82_unknowns): their
+-- metrics are NULL, so a change of them recomputes every month.
 CREATE FUNCTION ironwod.config_hash(s ironwod.metric_settings) RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$ SELECT md5((to_jsonb(s) - 'tenant_id' - 'gym_id')::text) $$;
-COMMENT ON FUNCTION ironwod.config_hash(ironwod.metric_settings) IS 'Hash of every metric parameter of a settings row (cache column config_hash)';
+LANGUAGE sql STABLE
+AS $$
+    SELECT md5((to_jsonb(s) - 'tenant_id' - 'gym_id')::text
+               || coalesce(' not entitled: ' || (SELECT string_agg(n.entity, ',' ORDER BY n.entity)
+                                                 FROM ironwod.entity_entitlements n
+                                                 WHERE n.tenant_id = s.tenant_id AND n.gym_id = s.gym_id), ''))
+$$;
+COMMENT ON FUNCTION ironwod.config_hash(ironwod.metric_settings) IS 'Hash of every metric parameter of a settings row and of the entities the gym''s plan does not include (cache column config_hash)';
 
 -- Monthly-normalised price (metrics.md §4.7): weekly x 52/12, yearly / 12, N months / N.
 CREATE FUNCTION ironwod.monthly_price(p_price numeric, p_len integer, p_unit text) RETURNS numeric
@@ -962,6 +969,8 @@ BEGIN
     -- recomputes them all, stamps the same value.
     UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
      WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
+    -- Unknown is NULL: metrics of entities the gym's plan does not include.
+    PERFORM ironwod.mask_unknown_metrics();
 
     RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
                               'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows);

@@ -74,7 +74,8 @@ GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironw
     ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
     ironwod.mark_not_entitled(bigint, text),
     ironwod.land_page(bigint, text, text, integer, text, integer, text, double precision),
-    ironwod.landing_statement(text, boolean), ironwod.payload_hash(jsonb), ironwod.split_page(text, text),
+    ironwod.landing_statement(text, boolean), ironwod.payload_hash(jsonb), ironwod.payload_hash(text, jsonb),
+    ironwod.split_page(text, text),
     ironwod.is_time_zone(text), ironwod.count_requests(bigint, timestamptz, text), ironwod.add_attempts(bigint, text, bigint[]),
     ironwod.latency_buckets(), ironwod.finish_run(bigint),
     ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text)

@@ -1,7 +1,7 @@
 -- pgTAP: landing and work planning, against fixture pages, without any worker.
 -- Runs as the worker role under a fixture scope, so RLS applies as in a real run.
 BEGIN;
-SELECT plan(55);
+SELECT plan(59);
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
 VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001', 'connected', '\x00');
@@ -77,8 +77,24 @@ SELECT results_eq($$SELECT latency_hist, latency_ms FROM ironwod.sync_run_entiti
                   $$VALUES ('{0,0,1,0,0,0,0,0}'::int[], 120::double precision)$$,
                   'a 120 ms request lands in the 100-250 ms bucket');
 -- The payload hash is that of the record's jsonb: stable across runs and key order.
-SELECT ok((SELECT bool_and(ironwod.payload_hash(payload_json) = payload_hash) FROM ironwod.wodify_raw_clients),
+SELECT ok((SELECT bool_and(ironwod.payload_hash('clients', payload_json) = payload_hash) FROM ironwod.wodify_raw_clients),
           'a stored hash is the hash of the stored payload');
+-- Volatile fields (ironwod.entities.volatile_fields) are left out of the hash: a
+-- client whose record differs only there is the version already stored, which
+-- keeps the payload first seen and only moves its last sighting.
+SELECT is((SELECT payload_hash FROM ironwod.split_page('clients',
+              '{"clients": [{"id": 1, "a": 2, "days_since_last_attendance": 3, "is_at_risk": false, "current_weekstreak": 4}]}')),
+          (SELECT payload_hash FROM ironwod.split_page('clients',
+              '{"clients": [{"id": 1, "a": 2, "days_since_last_attendance": 17, "is_at_risk": true, "current_weekstreak": 0}]}')),
+          'a change of volatile fields only does not change the hash');
+SELECT is((SELECT payload_hash FROM ironwod.split_page('clients', '{"clients": [{"id": 1, "a": 2, "days_since_last_attendance": 3}]}')),
+          ironwod.payload_hash('{"id": 1, "a": 2}'::jsonb), 'the hash is that of the record without its volatile fields');
+SELECT results_eq($$SELECT n_new FROM pg_temp.land('clients', 'full', 2,
+    '{"clients": [{"id": 1003, "first_name": "Cyrus", "days_since_last_attendance": 9}], "pagination": {"has_more": false}}')$$,
+    $$VALUES (0)$$, 'a record that differs only in volatile fields adds no version');
+SELECT results_eq($$SELECT count(*), bool_and(NOT payload_json ? 'days_since_last_attendance') FROM ironwod.wodify_raw_clients
+                    WHERE wodify_id = 1003 AND payload_json ->> 'first_name' = 'Cyrus'$$,
+                  $$VALUES (1::bigint, true)$$, 'the stored payload is the first one seen of its version');
 SELECT is((SELECT payload_hash FROM ironwod.split_page('clients', '{"clients": [{"id": 1, "a": 2, "b": [1, 2.50]}]}')),
           (SELECT payload_hash FROM ironwod.split_page('clients', '{"clients":[{"b":[1,2.50],"a":2,"id":1}]}')),
           'key order and spacing do not change the hash');

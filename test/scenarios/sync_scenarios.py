@@ -273,6 +273,7 @@ def fault_scenarios():
     refused = one(FAULT, f"SELECT attempts_4xx || '/' || requests FROM ironwod.sync_run_entities "
                          f"WHERE run_id = {run} AND entity = 'transactions'")
     check(refused == "1/1", "the refused 403 is counted under the entity it refused", refused)
+    unknown_scenario(FAULT, "transactions", True)
     run, outcome = counted_sync(FAULT, "incremental", "skipped entity")
     pulled = one(FAULT, f"SELECT count(*) FROM ironwod.sync_run_entities WHERE run_id = {run} "
                         f"AND entity = 'transactions' AND pages > 0")
@@ -283,6 +284,7 @@ def fault_scenarios():
     skipped = scoped(FAULT, "SELECT entity FROM ironwod.entity_entitlements")
     check(outcome == "succeeded" and skipped == [], "reconciliation retries it and clears the mark",
           f"{outcome} {skipped}")
+    unknown_scenario(FAULT, "transactions", False)
 
     # A run that makes no progress is stopped by the supervisor's watchdog.  Every
     # request hangs (each is cut off after low_speed_time and retried), so without
@@ -310,6 +312,44 @@ def fault_scenarios():
                     before, "key validation after a 503")
     set_guc("ironwod.max_retries", None)
     same_data(FAULT, reference, "after every fault: the raw tables still equal the vendor's data")
+
+
+def unknown_scenario(gym, entity, refused):
+    """Unknown is NULL: while the gym's plan refuses an entity, every cached month has
+    NULL in the metrics that depend on it (by ironwod.metric_sources) and the others
+    keep their values; ironwod_status and ironwod_dashboard say so.  Once the entity
+    is entitled again, every month has its values back."""
+    t, g = gym
+    scope = "c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()"
+    listed = one(gym, f"SELECT coalesce(nullif(array_to_string(not_entitled, ','), ''), 'none') "
+                      f"FROM ironwod_status('{t}', '{g}')")
+    row = one(gym, f"""
+        SELECT count(*) || ',' || count(*) FILTER (WHERE collected_net IS NULL AND collected_gross IS NULL
+                                                     AND refunds IS NULL AND arm IS NULL AND ltv IS NULL
+                                                     AND membership_revenue_recognised IS NULL)
+               || ',' || count(*) FILTER (WHERE collected_net IS NOT NULL AND collected_gross IS NOT NULL
+                                            AND refunds IS NOT NULL AND membership_revenue_recognised IS NOT NULL)
+               || ',' || count(*) FILTER (WHERE members_end IS NOT NULL AND mrr_end IS NOT NULL
+                                            AND all_visits IS NOT NULL AND invoiced_amount IS NOT NULL)
+        FROM ironwod.gym_monthly_metrics_cache c WHERE {scope}""")
+    n, unknown, known, others = (int(x) for x in row.split(","))
+    board = one(gym, f"""
+        SELECT count(*) || ',' || count(collected_net) || ',' || count(members_end)
+        FROM ironwod_dashboard('{t}', '{g}', (SELECT min(month_start) FROM ironwod.gym_monthly_metrics_cache c
+                                              WHERE {scope}),
+                               (SELECT max(month_start) FROM ironwod.gym_monthly_metrics_cache c WHERE {scope}))""")
+    bn, bcash, bmembers = (int(x) for x in board.split(","))
+    if refused:
+        check(listed == entity and n > 0 and unknown == n and others == n and bn > 0 and bcash == 0 and bmembers == bn,
+              f"{entity} not entitled: its metrics are NULL (unknown) in every cached month, the others are not; "
+              f"ironwod_status lists it",
+              f"status lists '{listed}'; {n} rows, {unknown} with the {entity} metrics NULL, {others} with the rest; "
+              f"dashboard {bn} rows, {bcash} with collected_net, {bmembers} with members_end")
+    else:
+        check(listed == "none" and n > 0 and known == n and others == n and bcash == bn,
+              f"{entity} entitled again: every cached month has its {entity} metrics back",
+              f"status lists '{listed}'; {n} rows, {known} with the {entity} metrics, {others} with the rest; "
+              f"dashboard {bn} rows, {bcash} with collected_net")
 
 
 def pause_scenario(reference):
@@ -464,9 +504,22 @@ def drift_scenario():
     bring late edits (invoices paid or voided after they were due, holds extended,
     cancellations requested, profile edits) and, on day 20, a payment entered with a
     date two days back; the metrics cache the worker refreshed after every run then
-    equals, byte for byte, the one ironwod_replay rebuilds from raw in one pass."""
+    equals, byte for byte, the one ironwod_replay rebuilds from raw in one pass.
+    Clients get a new raw version only on the days their record really changed,
+    by the simulator's ground truth, although every client's record moves daily."""
+    before_drift = int(one(FAULT, "SELECT coalesce(max(run_id), 0) FROM ironwod.sync_runs "
+                                  "WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()"))
+    prev = client_versions()
+    real_changes, moved_daily = {}, []
     for day in range(1, 31):
         sim("POST", f"/_sim/advance?days=1")
+        now = client_versions()
+        for cid, v in now.items():
+            if cid not in prev or prev[cid]["stable"] != v["stable"]:
+                real_changes[cid] = real_changes.get(cid, 0) + 1
+        moved_daily.append(sum(1 for cid, v in now.items() if cid in prev and prev[cid]["full"] != v["full"])
+                           / max(1, sum(1 for cid in now if cid in prev)))
+        prev = now
         if day == 20:
             sim("POST", "/_sim/transactions", {"api_key": api_key(), "amount": 55.0,
                                                "transaction_date_time": iso(time.time() - 2 * 86400)})
@@ -481,6 +534,18 @@ def drift_scenario():
                                  f"GROUP BY 1 HAVING count(*) > 1) x"))
               for e in ("invoices", "memberships", "membership_holds")}
     check(sum(edited.values()) > 0, "the 30 days brought late edits (records with several versions)", edited)
+    versions = dict(r.split("|") for r in scoped(FAULT, f"""
+        SELECT wodify_id || '|' || count(*) FROM ironwod.wodify_raw_clients
+        WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND ingest_run_id > {before_drift}
+        GROUP BY wodify_id"""))
+    versions = {k: int(v) for k, v in versions.items()}
+    check(min(moved_daily) >= 0.9, "every day the vendor's record of (nearly) every client moved (volatile fields)",
+          f"share of clients whose record changed, per day: {[round(x, 2) for x in moved_daily]}")
+    check(versions == real_changes,
+          "30 days add client versions only for the clients and days whose non-volatile fields changed",
+          f"{sum(versions.values())} new versions for {len(versions)} clients, the simulator's truth "
+          f"{sum(real_changes.values())} for {len(real_changes)}; differing: "
+          f"{ {k: (versions.get(k), real_changes.get(k)) for k in set(versions) | set(real_changes) if versions.get(k) != real_changes.get(k)} }")
     replay_scenario(FAULT)
     check(connect(FRESH) == "succeeded", "fresh backfill of the same gym after 30 days")
     same_data(FAULT, latest_versions(FRESH), "incremental path missed nothing: raw equals a fresh backfill")
@@ -513,6 +578,12 @@ def first_difference(a, b, tables):
             return {t: {k: (x[0].get(k), y[0].get(k)) for k in x[0] if x[0].get(k) != y[0].get(k)}}
         return {t: x or y}
     return {}
+
+
+def client_versions():
+    """The simulator's truth: per client id, hashes of its record, whole and without the
+    fields Wodify recomputes daily."""
+    return sim("GET", f"/_sim/client_versions?gym={GYM_INDEX}")["clients"]
 
 
 def replay_scenario(gym):
