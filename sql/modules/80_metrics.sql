@@ -993,6 +993,7 @@ DECLARE
     v_dirty date;
     v_from date;
     v_full boolean;
+    v_hash text;
 BEGIN
     IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
@@ -1000,6 +1001,9 @@ BEGIN
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
     s := ironwod.metric_config();
+    -- computed first: it reads ironwod.entity_entitlements, and on Citus a function
+    -- that reads a table must not run inside a query on the distributed cache
+    v_hash := ironwod.config_hash(s);
     v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
     v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
     SELECT min(d.dirty_from) INTO v_dirty FROM ironwod.metric_dirty d
@@ -1008,7 +1012,7 @@ BEGIN
                           WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
               OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                           AND (c.config_hash <> ironwod.config_hash(s)
+                           AND (c.config_hash <> v_hash
                                 OR c.definitions_version <> s.definitions_version
                                 OR c.time_zone <> v_tz));
     v_from := CASE WHEN v_full THEN NULL
