@@ -63,13 +63,15 @@ AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
+    v_refused text[];
     v_set text;
     v_rows integer;
 BEGIN
+    -- Two steps, so the query on the (distributed) entitlements joins nothing.
+    SELECT array_agg(n.entity) INTO v_refused FROM ironwod.entity_entitlements n
+    WHERE n.tenant_id = v_t AND n.gym_id = v_g;
     SELECT string_agg(format('%I = NULL', x.metric), ', ' ORDER BY x.metric) INTO v_set
-    FROM (SELECT DISTINCT d.metric FROM ironwod.entity_entitlements n
-          JOIN ironwod.metric_sources() d ON d.entity = n.entity
-          WHERE n.tenant_id = v_t AND n.gym_id = v_g) x;
+    FROM (SELECT DISTINCT d.metric FROM ironwod.metric_sources() d WHERE d.entity = ANY (v_refused)) x;
     IF v_set IS NULL THEN
         RETURN 0;
     END IF;
