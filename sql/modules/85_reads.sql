@@ -70,6 +70,8 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_month date := date_trunc('month', p_month)::date;
+    v_sources text[];
+    v_refused text;
 BEGIN
     PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
     IF p_month IS NULL OR p_metric IS NULL OR p_location IS NULL THEN
@@ -80,6 +82,19 @@ BEGIN
         RAISE EXCEPTION 'unknown metric "%"', p_metric
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Valid metrics: ' || array_to_string(ironwod.explain_metrics(), ', ') || '.';
+    END IF;
+    -- A metric the cache holds as unknown (82_unknowns) has no members to list.
+    SELECT array_agg(DISTINCT d.entity) INTO v_sources FROM ironwod.metric_sources() d
+    WHERE d.metric = ANY (CASE p_metric WHEN 'at_risk'
+                              THEN ARRAY['members_no_visit_14d_end', 'members_attendance_declining_end']
+                              ELSE ARRAY[p_metric] END);
+    SELECT string_agg(n.entity, ', ' ORDER BY n.entity) INTO v_refused FROM ironwod.entity_entitlements n
+    WHERE n.tenant_id = p_tenant_id AND n.gym_id = p_gym_id AND n.entity = ANY (v_sources);
+    IF v_refused IS NOT NULL THEN
+        RAISE EXCEPTION 'metric "%" is unknown for this gym', p_metric
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('It depends on %s, which the gym''s Wodify plan does not include.', v_refused),
+                  HINT = 'The weekly reconciliation asks Wodify again and computes it once the plan includes it.';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id
@@ -145,7 +160,7 @@ BEGIN
     ORDER BY f.member_id;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text) IS 'Drill-down: the members behind a cached metric of a month (who churned, who is new, who is at risk ...), from member_month_fact only; at_risk = no visit in 14 active days or attendance declining';
+COMMENT ON FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text) IS 'Drill-down: the members behind a cached metric of a month (who churned, who is new, who is at risk ...), from member_month_fact only; at_risk = no visit in 14 active days or attendance declining; refused (55000) for a metric that is unknown because the gym''s plan does not include its entity';
 
 -- SHA-256 over a canonical rendering (jsonb text, rows in key order, volatile columns
 -- left out) of the canonical tables, spells, facts and cache rows of one gym.

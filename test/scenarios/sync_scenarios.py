@@ -285,6 +285,15 @@ def fault_scenarios():
     check(outcome == "succeeded" and skipped == [], "reconciliation retries it and clears the mark",
           f"{outcome} {skipped}")
     unknown_scenario(FAULT, "transactions", False)
+    # Holds, which metrics a drill-down explains depend on.
+    sim("POST", "/_sim/entitlements", {"api_key": api_key(), "endpoint_prefix": "/memberships/holds",
+                                       "entitled": False})
+    run, outcome = counted_sync(FAULT, "incremental", "403 on holds")
+    unknown_scenario(FAULT, "membership_holds", True)
+    sim("POST", "/_sim/entitlements", {"api_key": api_key(), "endpoint_prefix": "/memberships/holds",
+                                       "entitled": True})
+    run, outcome = counted_sync(FAULT, "reconcile", "holds entitled again")
+    unknown_scenario(FAULT, "membership_holds", False)
 
     # A run that makes no progress is stopped by the supervisor's watchdog.  Every
     # request hangs (each is cut off after low_speed_time and retried), so without
@@ -314,42 +323,63 @@ def fault_scenarios():
     same_data(FAULT, reference, "after every fault: the raw tables still equal the vendor's data")
 
 
+UNKNOWN_CASES = {
+    # entity: (columns that depend on it, the first three never NULL when known; columns
+    # that do not depend on it; a drill-down of one that does)
+    "transactions": (("collected_net", "collected_gross", "refunds", "arm", "ltv", "membership_revenue_recognised"),
+                     ("members_end", "mrr_end", "all_visits", "invoiced_amount", "on_hold_members_end"), None),
+    "membership_holds": (("on_hold_members_end", "active_members_end", "mrr_end", "mrr_hold_out", "arm"),
+                         ("members_end", "new_members", "all_visits", "collected_net", "invoiced_amount"),
+                         "on_hold_members_end"),
+}
+
+
 def unknown_scenario(gym, entity, refused):
     """Unknown is NULL: while the gym's plan refuses an entity, every cached month has
     NULL in the metrics that depend on it (by ironwod.metric_sources) and the others
-    keep their values; ironwod_status and ironwod_dashboard say so.  Once the entity
-    is entitled again, every month has its values back."""
+    keep their values; ironwod_status, ironwod_dashboard and ironwod_explain say so.
+    Once the entity is entitled again, every month has its values back."""
     t, g = gym
+    unknown_cols, kept_cols, drill = UNKNOWN_CASES[entity]
     scope = "c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()"
     listed = one(gym, f"SELECT coalesce(nullif(array_to_string(not_entitled, ','), ''), 'none') "
                       f"FROM ironwod_status('{t}', '{g}')")
+    # flows are NULL in the first month and ratios without members, by definition
+    first = f"(SELECT min(month_start) FROM ironwod.gym_monthly_metrics_cache c WHERE {scope})"
     row = one(gym, f"""
-        SELECT count(*) || ',' || count(*) FILTER (WHERE collected_net IS NULL AND collected_gross IS NULL
-                                                     AND refunds IS NULL AND arm IS NULL AND ltv IS NULL
-                                                     AND membership_revenue_recognised IS NULL)
-               || ',' || count(*) FILTER (WHERE collected_net IS NOT NULL AND collected_gross IS NOT NULL
-                                            AND refunds IS NOT NULL AND membership_revenue_recognised IS NOT NULL)
-               || ',' || count(*) FILTER (WHERE members_end IS NOT NULL AND mrr_end IS NOT NULL
-                                            AND all_visits IS NOT NULL AND invoiced_amount IS NOT NULL)
-        FROM ironwod.gym_monthly_metrics_cache c WHERE {scope}""")
+        SELECT count(*) || ',' || count(*) FILTER (WHERE {' AND '.join(f'{c} IS NULL' for c in unknown_cols)})
+               || ',' || count(*) FILTER (WHERE {' AND '.join(f'{c} IS NOT NULL' for c in unknown_cols[:3])})
+               || ',' || count(*) FILTER (WHERE {' AND '.join(f'{c} IS NOT NULL' for c in kept_cols)})
+        FROM ironwod.gym_monthly_metrics_cache c WHERE {scope} AND c.month_start > {first}
+          AND c.avg_active_members IS DISTINCT FROM 0""")
     n, unknown, known, others = (int(x) for x in row.split(","))
+    col = unknown_cols[0]
     board = one(gym, f"""
-        SELECT count(*) || ',' || count(collected_net) || ',' || count(members_end)
+        SELECT count(*) || ',' || count({col}) || ',' || count(members_end)
         FROM ironwod_dashboard('{t}', '{g}', (SELECT min(month_start) FROM ironwod.gym_monthly_metrics_cache c
                                               WHERE {scope}),
                                (SELECT max(month_start) FROM ironwod.gym_monthly_metrics_cache c WHERE {scope}))""")
-    bn, bcash, bmembers = (int(x) for x in board.split(","))
+    bn, bcol, bmembers = (int(x) for x in board.split(","))
+    month = one(gym, f"SELECT max(month_start) FROM ironwod.gym_monthly_metrics_cache c WHERE {scope}")
+    explained = "n/a"
+    if drill:
+        try:
+            explained = one(gym, f"SELECT count(*) FROM ironwod_explain('{t}', '{g}', '{month}', '{drill}')")
+        except RuntimeError as e:
+            explained = "refused" if "is unknown for this gym" in str(e) else str(e)[:200]
     if refused:
-        check(listed == entity and n > 0 and unknown == n and others == n and bn > 0 and bcash == 0 and bmembers == bn,
+        check(listed == entity and n > 0 and unknown == n and others == n and bn > 0 and bcol == 0
+              and bmembers == bn and explained in ("n/a", "refused"),
               f"{entity} not entitled: its metrics are NULL (unknown) in every cached month, the others are not; "
-              f"ironwod_status lists it",
+              f"ironwod_status lists it" + (f", ironwod_explain refuses {drill}" if drill else ""),
               f"status lists '{listed}'; {n} rows, {unknown} with the {entity} metrics NULL, {others} with the rest; "
-              f"dashboard {bn} rows, {bcash} with collected_net, {bmembers} with members_end")
+              f"dashboard {bn} rows, {bcol} with {col}, {bmembers} with members_end; explain: {explained}")
     else:
-        check(listed == "none" and n > 0 and known == n and others == n and bcash == bn,
+        check(listed == "none" and n > 0 and known == n and others == n and bcol == bn
+              and (drill is None or explained.isdigit()),
               f"{entity} entitled again: every cached month has its {entity} metrics back",
               f"status lists '{listed}'; {n} rows, {known} with the {entity} metrics, {others} with the rest; "
-              f"dashboard {bn} rows, {bcash} with collected_net")
+              f"dashboard {bn} rows, {bcol} with {col}; explain: {explained}")
 
 
 def pause_scenario(reference):
