@@ -279,6 +279,7 @@ compare_with_registered(const IwKeyInfo *keys, int n, char *message, size_t len)
 	}
 	SPI_finish();
 	PopActiveSnapshot();
+	iw_exit_if_postmaster_dead();
 	CommitTransactionCommand();
 
 	if (problems.len > 0)

@@ -10,6 +10,9 @@
  *	  - the one easy handle of a run, reused for every page so that the
  *		connection and the TLS session are kept alive, and its header list,
  *		which carries the API key and is wiped before it is freed;
+ *	  - the transfer loop (a multi handle polled in short waits that also
+ *		watch the postmaster: a worker whose postmaster died stops within a
+ *		fraction of a second instead of finishing, and landing, the page);
  *	  - the curl callbacks (body, Retry-After, interrupt polling);
  *	  - the classification of every outcome into an IwHttpClass;
  *	  - retry backoff, an interruptible WaitLatch sleep.
@@ -50,6 +53,8 @@
 #include "common/pg_prng.h"
 #include "miscadmin.h"
 #include "portability/instr_time.h"
+#include "postmaster/postmaster.h"
+#include "storage/pmsignal.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"		/* ironwod.h uses LWLock, atomics */
@@ -57,6 +62,14 @@
 #include "utils/wait_event.h"
 
 #include "ironwod.h"
+
+/*
+ * Longest wait of the transfer loop between two looks at cancel, SIGTERM and
+ * the postmaster.  The postmaster's death also wakes the wait at once (its
+ * pipe is one of the descriptors waited on); the bound covers signals, which
+ * libcurl's poll may sleep through.
+ */
+#define IW_HTTP_POLL_MS			100
 
 /* Backoff bounds, in seconds (design.md section 5). */
 #define IW_BACKOFF_BASE_S		0.5
@@ -85,6 +98,7 @@ typedef struct IwTransfer
 	bool		too_large;		/* write callback refused: over limit */
 	bool		oom;			/* write callback refused: no memory */
 	bool		interrupted;	/* xferinfo callback saw cancel/die */
+	bool		orphaned;		/* the postmaster died during the transfer */
 	int			sends;			/* requests sent: libcurl sends again, on a
 								 * fresh connection, when a reused one died
 								 * before it answered */
@@ -93,7 +107,12 @@ typedef struct IwTransfer
 
 static IwTransfer iw_xfer;
 
-/* Objects created by this process, released by iw_http_end. */
+/*
+ * Objects created by this process, released by iw_http_end.  The easy handle
+ * is driven through a multi handle, which also keeps the connection cache, so
+ * keep-alive works across the pages of a run as with curl_easy_perform.
+ */
+static CURLM *iw_multi = NULL;
 static CURL *iw_curl = NULL;
 static struct curl_slist *iw_headers = NULL;
 static char iw_errbuf[CURL_ERROR_SIZE];
@@ -121,6 +140,7 @@ static double iw_parse_retry_after(const char *value);
 static IwHttpClass iw_classify_status(long status, const char *body);
 static IwHttpClass iw_classify_curl_error(CURLcode rc);
 static void iw_sleep_ms(long ms);
+static CURLcode iw_perform(void);
 
 /*
  * Set one option on iw_curl; a failure tears the handle down and ERRORs, so
@@ -186,8 +206,9 @@ iw_http_begin(const char *api_key)
 
 	iw_headers = iw_build_headers(api_key);
 
+	iw_multi = curl_multi_init();
 	iw_curl = curl_easy_init();
-	if (iw_curl == NULL)
+	if (iw_multi == NULL || iw_curl == NULL)
 	{
 		iw_http_end();
 		ereport(ERROR,
@@ -302,13 +323,21 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 	iw_xfer.too_large = false;
 	iw_xfer.oom = false;
 	iw_xfer.interrupted = false;
+	iw_xfer.orphaned = false;
 	iw_xfer.sends = 0;
 	iw_xfer.retry_after_s = -1;
 	iw_errbuf[0] = '\0';
 
 	rc = curl_easy_setopt(iw_curl, CURLOPT_URL, url);
 	if (rc == CURLE_OK)
-		rc = curl_easy_perform(iw_curl);
+		rc = iw_perform();
+
+	/*
+	 * An orphan must not land what it received, nor count it: leave now,
+	 * outside libcurl, so the exit callback may tear the handles down.
+	 */
+	if (iw_xfer.orphaned)
+		iw_exit_if_postmaster_dead();
 
 	if (curl_easy_getinfo(iw_curl, CURLINFO_RESPONSE_CODE, &status) != CURLE_OK)
 		status = 0;
@@ -407,6 +436,88 @@ iw_http_get(const char *url, IwHttpResponse *resp)
 }
 
 /*
+ * iw_perform
+ *		Run the transfer set up on iw_curl to its end; the curl_easy_perform
+ *		of a worker that must notice its postmaster dying.
+ *
+ * Why: curl_easy_perform returns only when the transfer ends, and its
+ * progress callback may be called as rarely as once a second; a worker
+ * whose postmaster was killed would go on receiving, and then landing, a
+ * page nobody will ever read (and a slow server can hold it for minutes).
+ * Here the transfer is driven step by step and every wait is bounded by
+ * IW_HTTP_POLL_MS and woken by the postmaster's death pipe; between steps,
+ * outside libcurl's frames, cancel, SIGTERM and the postmaster are checked.
+ * Nothing here throws: an orphaned or interrupted transfer is reported
+ * through iw_xfer and CURLE_ABORTED_BY_CALLBACK, and the caller acts on it
+ * once the easy handle is out of the multi handle again.
+ */
+static CURLcode
+iw_perform(void)
+{
+	CURLcode	result = CURLE_OK;
+	CURLMcode	mc;
+	int			running = 1;
+
+	mc = curl_multi_add_handle(iw_multi, iw_curl);
+	if (mc != CURLM_OK)
+	{
+		strlcpy(iw_errbuf, curl_multi_strerror(mc), sizeof(iw_errbuf));
+		return CURLE_FAILED_INIT;
+	}
+
+	for (;;)
+	{
+		struct curl_waitfd pm;
+		CURLMsg    *msg;
+		int			left;
+
+		mc = curl_multi_perform(iw_multi, &running);
+		if (mc != CURLM_OK)
+		{
+			strlcpy(iw_errbuf, curl_multi_strerror(mc), sizeof(iw_errbuf));
+			result = CURLE_FAILED_INIT;
+			break;
+		}
+		if (running == 0)
+		{
+			result = CURLE_GOT_NOTHING;
+			while ((msg = curl_multi_info_read(iw_multi, &left)) != NULL)
+			{
+				if (msg->msg == CURLMSG_DONE && msg->easy_handle == iw_curl)
+					result = msg->data.result;
+			}
+			break;
+		}
+		if (!PostmasterIsAlive())
+		{
+			iw_xfer.orphaned = true;
+			result = CURLE_ABORTED_BY_CALLBACK;
+			break;
+		}
+		if (iw_xfer.interrupted || ProcDiePending || QueryCancelPending)
+		{
+			iw_xfer.interrupted = true;
+			result = CURLE_ABORTED_BY_CALLBACK;
+			break;
+		}
+
+		pm.fd = postmaster_alive_fds[POSTMASTER_FD_WATCH];
+		pm.events = CURL_WAIT_POLLIN;
+		pm.revents = 0;
+		mc = curl_multi_wait(iw_multi, &pm, 1, IW_HTTP_POLL_MS, NULL);
+		if (mc != CURLM_OK)
+		{
+			strlcpy(iw_errbuf, curl_multi_strerror(mc), sizeof(iw_errbuf));
+			result = CURLE_FAILED_INIT;
+			break;
+		}
+	}
+
+	(void) curl_multi_remove_handle(iw_multi, iw_curl);
+	return result;
+}
+
+/*
  * iw_http_end
  *		Release the handle and wipe and free the header list.
  *
@@ -420,8 +531,15 @@ iw_http_end(void)
 	/* The handle points at the header list, so release it first. */
 	if (iw_curl != NULL)
 	{
+		if (iw_multi != NULL)
+			(void) curl_multi_remove_handle(iw_multi, iw_curl);
 		curl_easy_cleanup(iw_curl);
 		iw_curl = NULL;
+	}
+	if (iw_multi != NULL)
+	{
+		curl_multi_cleanup(iw_multi);
+		iw_multi = NULL;
 	}
 	if (iw_headers != NULL)
 	{
@@ -788,6 +906,12 @@ iw_xferinfo_callback(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 	{
 		x->interrupted = true;
 		return 1;				/* CURLE_ABORTED_BY_CALLBACK */
+	}
+	/* a flag read, cheap; the exit itself waits until libcurl has returned */
+	if (!PostmasterIsAlive())
+	{
+		x->orphaned = true;
+		return 1;
 	}
 	return 0;
 }

@@ -23,6 +23,7 @@ char	   *ironwod_worker_role = NULL;
 int			ironwod_max_workers = 4;
 char	   *ironwod_base_url = NULL;
 char	   *ironwod_master_key_command = NULL;
+int			ironwod_master_key_command_timeout_ms = 10000;
 int			ironwod_connect_timeout_ms = 5000;
 int			ironwod_request_timeout_ms = 60000;
 int			ironwod_low_speed_time_s = 30;
@@ -120,6 +121,11 @@ define_gucs(void)
 							   &ironwod_master_key_command, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.master_key_command_timeout_ms",
+							"Time ironwod.master_key_command has to print the keys and exit.",
+							"Past it the command's process group is killed and the run fails (key_command_timeout).",
+							&ironwod_master_key_command_timeout_ms, 10000, 100, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS | GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 	DefineCustomIntVariable("ironwod.connect_timeout_ms",
 							"Timeout for establishing a connection to Wodify.",
 							NULL, &ironwod_connect_timeout_ms, 5000, 100, 600000,

@@ -52,6 +52,7 @@ extern char *ironwod_worker_role;
 extern int	ironwod_max_workers;
 extern char *ironwod_base_url;
 extern char *ironwod_master_key_command;
+extern int	ironwod_master_key_command_timeout_ms;
 extern int	ironwod_connect_timeout_ms;
 extern int	ironwod_request_timeout_ms;
 extern int	ironwod_low_speed_time_s;
@@ -258,6 +259,7 @@ extern void iw_fingerprint(const char *plaintext, const pg_uuid_t *tenant_id,
 extern void iw_x25519_public_from_private(const uint8 *private_key,
 										  uint8 *public_key);
 extern void iw_load_master_key(const char *key_id, uint8 *private_key_out);
+extern const char *iw_key_command_problem;
 
 /* what the master key command prints, without the private keys */
 typedef struct IwKeyInfo
@@ -302,6 +304,7 @@ typedef struct IwLandResult
 
 extern void iw_txn_begin(const char *activity);
 extern void iw_txn_commit(void);
+extern void iw_exit_if_postmaster_dead(void);
 extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
 extern void iw_set_local_scope(const char *tenant, const char *gym);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);

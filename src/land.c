@@ -27,6 +27,8 @@
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/pmsignal.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -93,11 +95,30 @@ iw_txn_begin(const char *activity)
 		iw_set_local_scope(scope_tenant, scope_gym);
 }
 
+/*
+ * A worker whose postmaster died leaves at once, committing nothing: no one
+ * will read what it lands, the restarted server recovers from the WAL it has
+ * and fails the run itself, and an orphan that went on committing (from a
+ * page it was fetching, or from a statement that waits on nothing
+ * PostgreSQL watches) would mark a run succeeded that the next server never
+ * saw finish.  WaitLatch sleeps exit the same way (WL_EXIT_ON_PM_DEATH);
+ * this covers the work between them: every commit of ours (iw_txn_commit)
+ * and every HTTP transfer (http.c).  proc_exit aborts the open transaction.
+ */
+void
+iw_exit_if_postmaster_dead(void)
+{
+	if (!PostmasterIsAlive())
+		proc_exit(1);
+}
+
 void
 iw_txn_commit(void)
 {
 	bool		committed;
 
+	/* the last moment at which not committing is still a choice */
+	iw_exit_if_postmaster_dead();
 	SPI_finish();
 	PopActiveSnapshot();
 	committed = EndTransactionBlock(false);

@@ -88,6 +88,7 @@ database_exists(void)
 	}
 	table_endscan(scan);
 	table_close(rel, AccessShareLock);
+	iw_exit_if_postmaster_dead();
 	CommitTransactionCommand();
 	return found;
 }

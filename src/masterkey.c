@@ -29,11 +29,19 @@
 #include "postgres.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
-#include "storage/fd.h"
+#include "miscadmin.h"
+#include "postmaster/postmaster.h"
+#include "storage/ipc.h"
 #include "storage/lwlock.h"		/* ironwod.h uses LWLock, pg_atomic_uint32 */
+#include "storage/pmsignal.h"
 
 #include "ironwod.h"
 
@@ -152,76 +160,230 @@ iw_parse_key_line(const char *line, size_t len, const char **id,
 }
 
 /*
+ * iw_kill_command
+ *		Kill the command's whole process group and reap its leader.
+ *
+ * Why the group: the command is usually a shell running a KMS client, and
+ * killing only the shell would leave the client holding the pipe (and
+ * perhaps a credential) for as long as it hangs.  The command was started
+ * as the leader of its own group, so nothing else is hit.
+ */
+static void
+iw_kill_command(pid_t pid)
+{
+	(void) kill(-pid, SIGKILL);
+	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+		;
+}
+
+/* Why the run fails: set before each error raised about the command itself. */
+const char *iw_key_command_problem = NULL;
+
+/*
+ * iw_command_timed_out
+ *		Kill the command and raise the timeout error.
+ */
+static void
+iw_command_timed_out(pid_t pid)
+{
+	iw_kill_command(pid);
+	iw_key_command_problem = "key_command_timeout";
+	ereport(ERROR,
+			(errcode(ERRCODE_SYSTEM_ERROR),
+			 errmsg("ironwod.master_key_command did not finish within %d ms; its process group was killed",
+					ironwod_master_key_command_timeout_ms),
+			 errhint("The command must print the keys and exit without waiting for input; check the KMS it calls, or raise ironwod.master_key_command_timeout_ms.")));
+}
+
+/*
+ * iw_command_wait
+ *		Wait at most until the deadline for fd to be readable (fd < 0: only
+ *		sleep a little), watching cancel, SIGTERM and the postmaster.
+ *
+ * Returns false when the deadline passed.  Whatever ends the wait early
+ * kills the command first, so no path leaves it running: a cancel or die
+ * request is then served here, and a dead postmaster ends the process, as
+ * every other wait of a worker does.
+ */
+static bool
+iw_command_wait(pid_t pid, int fd, TimestampTz deadline)
+{
+	struct pollfd pfd[2];
+	long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+	int			nfds = 0;
+
+	if (ms <= 0)
+		return false;
+	if (fd >= 0)
+	{
+		pfd[nfds].fd = fd;
+		pfd[nfds].events = POLLIN;
+		pfd[nfds].revents = 0;
+		nfds++;
+	}
+	pfd[nfds].fd = postmaster_alive_fds[POSTMASTER_FD_WATCH];
+	pfd[nfds].events = POLLIN;
+	pfd[nfds].revents = 0;
+	nfds++;
+
+	/* short waits: a signal caught between two polls does not wake one */
+	(void) poll(pfd, nfds, (int) Min(ms, fd >= 0 ? 100 : 10));
+
+	if (ProcDiePending || QueryCancelPending || !PostmasterIsAlive())
+	{
+		if (fd >= 0)
+			close(fd);
+		iw_kill_command(pid);
+		if (!PostmasterIsAlive())
+			proc_exit(1);
+		CHECK_FOR_INTERRUPTS();
+		ereport(ERROR,
+				(errcode(ERRCODE_QUERY_CANCELED),
+				 errmsg("ironwod.master_key_command was interrupted")));
+	}
+	return true;
+}
+
+/*
  * iw_read_command_output
  *		Run ironwod.master_key_command and read its standard output.
  *
  * Reads at most IW_MASTER_KEY_OUTPUT_MAX bytes into buf (which must hold
- * one more byte, to detect overflow) and returns the length.  The pipe is
- * always closed before an error is raised, so no descriptor or child is
- * left behind.  OpenPipeStream restores SIGPIPE to its default in the
- * child, so a command cut off by an oversized output terminates.
+ * one more byte, to detect overflow) and returns the length.
+ *
+ * The command runs under "/bin/sh -c" as the leader of a process group of
+ * its own, and must print its keys and exit within
+ * ironwod.master_key_command_timeout_ms; otherwise the group is killed and
+ * the run fails with its own error code (key_command_timeout), instead of
+ * holding a worker slot for as long as a KMS hangs.  No error is raised
+ * while the command may still run: every path kills or reaps it first, so
+ * no child or descriptor is left behind.
  */
 static size_t
 iw_read_command_output(char *buf, size_t bufsize)
 {
-	FILE	   *pipe;
+	int			fds[2];
+	pid_t		pid;
 	size_t		used = 0;
-	bool		read_failed = false;
-	int			read_errno = 0;
-	int			rc;
+	int			status = 0;
+	TimestampTz deadline;
 
-	errno = 0;
-	pipe = OpenPipeStream(ironwod_master_key_command, PG_BINARY_R);
-	if (pipe == NULL)
+	iw_key_command_problem = "key_command_failed";
+	if (pipe(fds) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
 				 errmsg("could not run ironwod.master_key_command: %m")));
 
-	/* unbuffered: the key material goes straight into buf, nowhere else */
-	setvbuf(pipe, NULL, _IONBF, 0);
-
-	while (used < bufsize)
+	fflush(NULL);
+	pid = fork();
+	if (pid < 0)
 	{
-		size_t		n = fread(buf + used, 1, bufsize - used, pipe);
+		int			save_errno = errno;
 
-		used += n;
-		if (n == 0)
-		{
-			if (ferror(pipe))
-			{
-				read_failed = true;
-				read_errno = errno;
-			}
-			break;
-		}
-	}
-
-	rc = ClosePipeStream(pipe);
-
-	if (read_failed)
-	{
-		errno = read_errno;
+		close(fds[0]);
+		close(fds[1]);
+		errno = save_errno;
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
-				 errmsg("could not read the output of ironwod.master_key_command: %m")));
+				 errmsg("could not run ironwod.master_key_command: %m")));
 	}
+	if (pid == 0)
+	{
+		/* the child: its own process group, stdout into the pipe */
+		(void) setpgid(0, 0);
+		close(fds[0]);
+		if (fds[1] != STDOUT_FILENO)
+		{
+			if (dup2(fds[1], STDOUT_FILENO) < 0)
+				_exit(127);
+			close(fds[1]);
+		}
+		/* PostgreSQL ignores SIGPIPE; a command cut off must terminate */
+		pqsignal(SIGPIPE, SIG_DFL);
+		execl("/bin/sh", "sh", "-c", ironwod_master_key_command, (char *) NULL);
+		_exit(127);
+	}
+
+	/* both sides set the group, so it exists whichever runs first */
+	(void) setpgid(pid, pid);
+	close(fds[1]);
+	/* never block in read: the waits below watch the deadline and signals */
+	(void) fcntl(fds[0], F_SETFL, O_NONBLOCK);
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+										   ironwod_master_key_command_timeout_ms);
+
+	/* read to end of file, the output cap, or the deadline */
+	for (;;)
+	{
+		ssize_t		n;
+
+		if (used >= bufsize)
+			break;
+		n = read(fds[0], buf + used, bufsize - used);
+		if (n > 0)
+		{
+			used += n;
+			continue;
+		}
+		if (n == 0)
+			break;
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN && errno != EWOULDBLOCK)
+		{
+			int			save_errno = errno;
+
+			close(fds[0]);
+			iw_kill_command(pid);
+			errno = save_errno;
+			ereport(ERROR,
+					(errcode(ERRCODE_SYSTEM_ERROR),
+					 errmsg("could not read the output of ironwod.master_key_command: %m")));
+		}
+		/* nothing to read yet */
+		if (!iw_command_wait(pid, fds[0], deadline))
+		{
+			close(fds[0]);
+			iw_command_timed_out(pid);
+		}
+	}
+	close(fds[0]);
+
 	if (used > IW_MASTER_KEY_OUTPUT_MAX)
+	{
+		iw_kill_command(pid);
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("ironwod.master_key_command printed more than %d bytes",
 						IW_MASTER_KEY_OUTPUT_MAX),
 				 errhint("The command should print only lines of the form \"<key id> <64 hex digits>\".")));
-	if (rc == -1)
-		ereport(ERROR,
-				(errcode(ERRCODE_SYSTEM_ERROR),
-				 errmsg("could not close the pipe to ironwod.master_key_command: %m")));
-	if (rc != 0)
+	}
+
+	/* the output is complete; the command must now exit, also in time */
+	for (;;)
+	{
+		pid_t		r = waitpid(pid, &status, WNOHANG);
+
+		if (r == pid)
+			break;
+		if (r < 0 && errno != EINTR)
+		{
+			iw_kill_command(pid);
+			ereport(ERROR,
+					(errcode(ERRCODE_SYSTEM_ERROR),
+					 errmsg("could not wait for ironwod.master_key_command: %m")));
+		}
+		if (!iw_command_wait(pid, -1, deadline))
+			iw_command_timed_out(pid);
+	}
+	if (status != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
 				 errmsg("ironwod.master_key_command failed: %s",
-						wait_result_to_str(rc)),
+						wait_result_to_str(status)),
 				 errhint("Look for the command's own messages on its standard error, which goes to the server log.")));
 
+	iw_key_command_problem = "key_command_output";
 	return used;
 }
 
@@ -313,6 +475,7 @@ iw_load_master_key(const char *key_id, uint8 *private_key_out)
 {
 	char	   *buf;
 
+	iw_key_command_problem = "key_command_failed";
 	if (ironwod_master_key_command == NULL ||
 		ironwod_master_key_command[0] == '\0')
 		ereport(ERROR,
@@ -331,6 +494,8 @@ iw_load_master_key(const char *key_id, uint8 *private_key_out)
 
 		len = iw_read_command_output(buf, IW_MASTER_KEY_OUTPUT_MAX + 1);
 		iw_find_key(buf, len, key_id, private_key_out);
+		/* what fails from here on is no fault of the command */
+		iw_key_command_problem = NULL;
 	}
 	PG_FINALLY();
 	{

@@ -74,11 +74,16 @@ open_api_key(const bytea *sealed, const pg_uuid_t *tenant_id, const pg_uuid_t *g
 		iw_load_master_key(key_id, private_key);
 		plaintext = iw_open(sealed, private_key, tenant_id, gym_id, secret_ctx);
 	}
-	PG_FINALLY();
+	PG_CATCH();
 	{
 		explicit_bzero(private_key, sizeof(private_key));
+		/* a hanging, failing or garbage-printing command: its own code */
+		if (iw_key_command_problem != NULL)
+			fail_code = iw_key_command_problem;
+		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	explicit_bzero(private_key, sizeof(private_key));
 	return plaintext;
 }
 

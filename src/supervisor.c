@@ -5,7 +5,8 @@
  *	  ironwod.database_name by the launcher (launcher.c).
  *
  *	  A level-triggered loop: each tick it reconciles what the queue says
- *	  with what is really running (runs whose worker is gone are failed),
+ *	  with what is really running (runs whose worker is gone are failed,
+ *	  run and validate workers that outlive the watchdog are stopped),
  *	  starts queued runs while ironwod.max_workers allows, and prunes old run
  *	  history.  It never does HTTP and never reads tenant data; it connects as
  *	  the bootstrap superuser, like pg_cron's launcher, only to serve the
@@ -198,6 +199,38 @@ reap(void)
 				fail_lost_run(tenant, gym, run_id, "worker_lost",
 							  "run worker could not start; check ironwod.worker_role and the server log");
 		}
+	}
+}
+
+/*
+ * The watchdog of validate workers: one alive for longer than
+ * ironwod.watchdog_timeout is stopped.  A validation is one key load and a
+ * few requests, each under its own timeout, and the backend that asked for
+ * it stops it when its own wait runs out; this catches the worker whose
+ * asker is gone (terminated, crashed mid-wait) and anything that outlives
+ * every timeout, so no validate worker holds a worker slot for good.
+ */
+static void
+stop_stale_validations(void)
+{
+	Oid			argtypes[1] = {INT4OID};
+	Datum		argvalues[1] = {Int32GetDatum(ironwod_watchdog_timeout_s)};
+	uint64		r;
+
+	if (SPI_execute_with_args("SELECT pid FROM pg_catalog.pg_stat_activity "
+							  "WHERE backend_type = 'ironwod validate' "
+							  "AND backend_start < now() - make_interval(secs => $1)",
+							  1, argtypes, argvalues, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the ironwod validate workers");
+	for (r = 0; r < SPI_processed; r++)
+	{
+		int			pid = pg_strtoint32(SPI_getvalue(SPI_tuptable->vals[r],
+													 SPI_tuptable->tupdesc, 1));
+
+		ereport(LOG,
+				(errmsg("ironwod validate worker %d stopped by the watchdog: running for more than %d s",
+						pid, ironwod_watchdog_timeout_s)));
+		(void) kill(pid, SIGTERM);
 	}
 }
 
@@ -463,6 +496,7 @@ supervise_tick(void)
 	if (!citus_worker_node() && extension_ready())
 	{
 		reap();
+		stop_stale_validations();
 		launch();
 		prune();
 	}

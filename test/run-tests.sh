@@ -85,6 +85,11 @@ lane2() {
     rc=0
     PGBIN=$PGBIN bash test/shell/rate_limit.sh || rc=$?
     record $rc "rate limiting: no 429 at ironwod's default limit; 429s above Wodify's are retried, nothing lost"
+
+    # Its own simulator and cluster, whose postmaster it kills twice.
+    rc=0
+    PGBIN=$PGBIN bash test/shell/postmaster_death.sh || rc=$?
+    record $rc "kill -9 of the postmaster mid-backfill: every process gone at once, nothing committed after the kill, the rerun complete"
 }
 lane_pids=()
 for LANE in 1 2; do

@@ -864,10 +864,11 @@ COMMENT ON FUNCTION ironwod.finish_validate(bigint, boolean, text, text) IS 'Wor
 
 -- A failed run: sanitized error (the C caller never passes key material), failed
 -- phase, and the connection's circuit breaker.  An auth error opens it at once
--- (no automatic retry: the key must change); ironwod.breaker_threshold
--- consecutive failures open it with an exponential next_retry_at.  A monthly-quota
--- stop is no failure: the run is 'deferred' and the connection waits for the next
--- month.  A run no longer running (cancelled) is left as it is.  Watermarks are
+-- (no automatic retry: the key must change), and so does a master key command
+-- that hangs, fails or prints garbage (retried after 5 minutes, doubling);
+-- ironwod.breaker_threshold consecutive failures open it with an exponential
+-- next_retry_at.  A monthly-quota stop is no failure: the run is 'deferred' and
+-- the connection waits for the next month.  A run no longer running (cancelled) is left as it is.  Watermarks are
 -- untouched: only a clean pull of an entity moves its own.
 CREATE FUNCTION ironwod.fail_run(p_run_id bigint, p_code text, p_message text, p_phase text)
 RETURNS void
@@ -876,6 +877,10 @@ AS $$
 DECLARE
     v_mode text;
     v_threshold int := current_setting('ironwod.breaker_threshold')::int;
+    -- the master key command hangs, fails or prints garbage: every gym would
+    -- fail the same way until an operator fixes it, so retrying on the next
+    -- tick would only run it again and again
+    v_keystore boolean := p_code IN ('key_command_timeout', 'key_command_failed', 'key_command_output');
 BEGIN
     PERFORM ironwod.count_requests(p_run_id, clock_timestamp(), NULL);
     UPDATE ironwod.sync_runs r
@@ -903,12 +908,15 @@ BEGIN
     UPDATE ironwod.integrations_wodify_connection c
        SET last_error_at = clock_timestamp(), last_error = left(p_message, 500), last_error_code = p_code,
            consecutive_failures = c.consecutive_failures + 1,
-           status = CASE WHEN p_code = 'auth' OR c.consecutive_failures + 1 >= v_threshold
+           status = CASE WHEN p_code = 'auth' OR v_keystore OR c.consecutive_failures + 1 >= v_threshold
                          THEN 'error' ELSE c.status END,
-           breaker_opened_at = CASE WHEN p_code = 'auth' OR c.consecutive_failures + 1 >= v_threshold
+           breaker_opened_at = CASE WHEN p_code = 'auth' OR v_keystore OR c.consecutive_failures + 1 >= v_threshold
                                     THEN coalesce(c.breaker_opened_at, clock_timestamp()) END,
            next_retry_at = CASE
                WHEN p_code = 'auth' THEN NULL
+               WHEN v_keystore
+                   THEN clock_timestamp() + least(interval '24 hours',
+                        interval '5 minutes' * power(2, least(c.consecutive_failures, 10)))
                WHEN c.consecutive_failures + 1 >= v_threshold
                    THEN clock_timestamp() + least(interval '24 hours',
                         interval '1 hour' * power(2, c.consecutive_failures + 1 - v_threshold))

@@ -14,6 +14,12 @@
 #  3. what the key command prints, as a validate worker sees it (ids and counts
 #     only, never a key): garbage, a key that does not match the registered
 #     public key, the registered key missing, a failing command, a hanging one;
+#  4. the key command as a run worker meets it: a hanging one is killed, with
+#     its whole process group, after ironwod.master_key_command_timeout_ms and
+#     fails the run as key_command_timeout, a failing one as key_command_failed,
+#     a garbage-printing one as key_command_output, and each opens the gym's
+#     circuit breaker at once instead of being retried every tick; a validate
+#     worker that outlives ironwod.watchdog_timeout is stopped by the watchdog;
 #
 # Usage: bash test/shell/config_checks.sh  (PGBIN may name a PostgreSQL 15 bin
 # directory that already has this build of ironwod installed.)
@@ -155,3 +161,71 @@ grep -q 'hello from the KMS' "$LOG" && fail "the command's output reached the se
 bad=$(psql -qAtX -c "SELECT string_agg(check_name || ': ' || message, '; ') FROM ironwod.check_config() WHERE NOT ok")
 [ -z "$bad" ] || fail "checks still failing with a good configuration: $bad"
 echo "ok - ironwod.check_config(): missing master key, unsearchable key directory, non-executable command, pg_hba order, garbage, wrong or missing keys, a failing or hanging command; all clear when right"
+
+# ---- 4. the key command as a run worker meets it ------------------------------
+KEY=$(curl -sf "$SIM_URL/_sim/gyms" | python3 -c 'import json, sys; print(json.load(sys.stdin)["gyms"][0]["api_key"])')
+T=73737373-0000-0000-0000-000000000001
+G=73737373-0000-0000-0000-0000000000a1
+# one implicit transaction: the scope holds for the statement after it
+scoped() { psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT ironwod_set_scope('$T', '$G'); $1" | tail -n +2; }
+run_state() { psql -qAtX -c "SELECT status || ':' || coalesce(error_code, '') FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G' AND run_id = $1"; }
+finished() { local s; s=$(run_state "$1"); [ -n "$s" ] && [ "${s%%:*}" != running ] && [ "${s%%:*}" != queued ]; }
+breaker() { psql -qAtX -c "SELECT c.status || ':' || (c.breaker_opened_at IS NOT NULL) || ':' || coalesce((c.next_retry_at > now())::text, 'none') FROM ironwod.integrations_wodify_connection c WHERE tenant_id = '$T' AND gym_id = '$G'"; }
+# ironwod.seal_key seals a plaintext key, which ironwod.allow_plaintext_keys (where
+# this build has it) refuses unless a superuser turns it on: the test's own
+# superuser session does, for its transaction only.
+ALLOW="SELECT count(set_config(name, 'on', true)) FROM pg_settings WHERE name = 'ironwod.allow_plaintext_keys';"
+scoped "$ALLOW SELECT ironwod_connect('$T', '$G', ironwod.seal_key('$T', '$G', '$KEY'))" >/dev/null
+backfill=$(psql -qAtX -c "SELECT max(run_id) FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G' AND mode = 'backfill'")
+wait_for "the backfill" finished "$backfill"
+[ "$(run_state "$backfill")" = "succeeded:" ] || fail "backfill: $(run_state "$backfill")"
+
+CHILDREN=$WORK/keys/children
+: >"$CHILDREN"
+chown postgres "$CHILDREN"
+set_conf ironwod.master_key_command_timeout_ms 2s
+# key_run NAME BODY CODE WHAT: the command, an incremental run failing with CODE
+key_run() {
+    local run
+    script "$1" "$2"
+    run=$(scoped "SELECT ironwod_sync('$T', '$G', 'incremental')")
+    wait_for "the run with $1" finished "$run"
+    [ "$(run_state "$run")" = "failed:$3" ] || fail "$4: run $run ended $(run_state "$run"), want failed:$3"
+    [ "$(breaker)" = "error:true:true" ] || fail "$4: the breaker is not open (status:open:retry later = $(breaker))"
+    queued=$(psql -qAtX -c "SELECT count(*) FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G' AND status IN ('queued', 'running')")
+    [ "$queued" = 0 ] || fail "$4: a run was queued again"
+}
+# The hanging command leaves a child in its process group, which must die too.
+key_run hang.sh "sleep 600 & echo \$! >>'$CHILDREN'; wait" key_command_timeout "a hanging command"
+grep -q 'ironwod.master_key_command did not finish within 2000 ms; its process group was killed' "$LOG" ||
+    fail "no timeout message in the log"
+children_gone() { local p; for p in $(cat "$CHILDREN"); do kill -0 "$p" 2>/dev/null && return 1; done; return 0; }
+[ -s "$CHILDREN" ] || fail "the hanging command never ran"
+wait_for "the hanging command's children to be killed" children_gone
+key_run fail.sh 'echo "KMS unreachable" >&2; exit 3' key_command_failed "a failing command"
+key_run junk.sh 'echo "hello from the KMS"' key_command_output "a garbage-printing command"
+grep -q 'hello from the KMS' "$LOG" && fail "the command's output reached the server log"
+set_conf ironwod.master_key_command "$WORK/keys/master_key_command.sh"
+run=$(scoped "SELECT ironwod_sync('$T', '$G', 'incremental')")
+wait_for "the run with the good command" finished "$run"
+[ "$(run_state "$run")" = "succeeded:" ] || fail "with the command fixed: $(run_state "$run")"
+[ "$(breaker)" = "connected:false:none" ] || fail "the breaker did not close: $(breaker)"
+echo "ok - key command under its timeout: hanging (process group killed), failing and garbage commands fail the run with their own codes and open the breaker; fixed, the gym syncs again"
+
+# A validate worker the key command keeps forever (no command timeout to speak
+# of) and whose asker waits ten minutes: the watchdog stops it.
+set_conf ironwod.master_key_command_timeout_ms 1h
+set_conf ironwod.watchdog_timeout 10s
+: >"$CHILDREN"
+script hang_forever.sh "sleep 600 & echo \$! >>'$CHILDREN'; wait"
+psql -qAtX -c "SET ironwod.validate_timeout_ms = 600000" -c "SELECT message FROM ironwod.probe_master_key_command()" \
+    >"$WORK/probe.out" 2>&1 &
+probe=$!
+probe_done() { ! kill -0 "$probe" 2>/dev/null; }
+wait_for "the watchdog to stop the validate worker" probe_done
+grep -q 'validation worker exited without a verdict' "$WORK/probe.out" || fail "probe: $(cat "$WORK/probe.out")"
+grep -q 'LOG:  ironwod validate worker [0-9]* stopped by the watchdog: running for more than 10 s' "$LOG" ||
+    fail "no watchdog line in the log"
+wait_for "the stopped worker's command to be killed" children_gone
+set_conf ironwod.master_key_command "$WORK/keys/master_key_command.sh"
+echo "ok - the watchdog stops a validate worker that outlives ironwod.watchdog_timeout, and its command with it"
