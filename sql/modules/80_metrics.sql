@@ -47,17 +47,10 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.metric_config() IS 'The scoped gym''s metric settings row, created with the defaults when missing';
 
--- The entities the gym's plan does not include are part of it (82_unknowns): their
--- metrics are NULL, so a change of them recomputes every month.
 CREATE FUNCTION ironwod.config_hash(s ironwod.metric_settings) RETURNS text
-LANGUAGE sql STABLE
-AS $$
-    SELECT md5((to_jsonb(s) - 'tenant_id' - 'gym_id')::text
-               || coalesce(' not entitled: ' || (SELECT string_agg(n.entity, ',' ORDER BY n.entity)
-                                                 FROM ironwod.entity_entitlements n
-                                                 WHERE n.tenant_id = s.tenant_id AND n.gym_id = s.gym_id), ''))
-$$;
-COMMENT ON FUNCTION ironwod.config_hash(ironwod.metric_settings) IS 'Hash of every metric parameter of a settings row and of the entities the gym''s plan does not include (cache column config_hash)';
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT md5((to_jsonb(s) - 'tenant_id' - 'gym_id')::text) $$;
+COMMENT ON FUNCTION ironwod.config_hash(ironwod.metric_settings) IS 'Hash of every metric parameter of a settings row (cache column config_hash)';
 
 -- Monthly-normalised price (metrics.md §4.7): weekly x 52/12, yearly / 12, N months / N.
 CREATE FUNCTION ironwod.monthly_price(p_price numeric, p_len integer, p_unit text) RETURNS numeric
@@ -969,7 +962,7 @@ BEGIN
     -- recomputes them all, stamps the same value.
     UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
      WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
-    -- Unknown is NULL: metrics of entities the gym's plan does not include.
+    -- Unknown is NULL: metrics of entities the gym's plan does not include (82_unknowns).
     PERFORM ironwod.mask_unknown_metrics();
 
     RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
@@ -993,7 +986,6 @@ DECLARE
     v_dirty date;
     v_from date;
     v_full boolean;
-    v_hash text;
 BEGIN
     IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
@@ -1001,9 +993,6 @@ BEGIN
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
     s := ironwod.metric_config();
-    -- computed first: it reads ironwod.entity_entitlements, and on Citus a function
-    -- that reads a table must not run inside a query on the distributed cache
-    v_hash := ironwod.config_hash(s);
     v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
     v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
     SELECT min(d.dirty_from) INTO v_dirty FROM ironwod.metric_dirty d
@@ -1012,7 +1001,7 @@ BEGIN
                           WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
               OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                           AND (c.config_hash <> v_hash
+                           AND (c.config_hash <> ironwod.config_hash(s)
                                 OR c.definitions_version <> s.definitions_version
                                 OR c.time_zone <> v_tz));
     v_from := CASE WHEN v_full THEN NULL

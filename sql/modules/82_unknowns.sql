@@ -2,8 +2,10 @@
 -- Wodify plan does not include (HTTP 403 on its endpoint, ironwod.entity_entitlements)
 -- is NULL in every cached month, not the 0 that computing it from no records
 -- would give.  This is the last step of every metrics computation, over the cache
--- rows only; config_hash names the not-entitled entities, so a change of them
--- (a reconciliation that finds the endpoint open again) recomputes every month.
+-- rows only.  The masked rows name the not-entitled entities in their config_hash,
+-- which then differs from the settings' hash, so every refresh while an entity is
+-- refused recomputes every month (the few gyms without a part of Wodify pay that),
+-- and so does the first one after a reconciliation finds the endpoint open again.
 
 -- Which cache column depends on which entity, by metrics.md: who is a member and
 -- what they pay come from memberships (§2.2, §4.1-§4.7, §4.11, §4.16, §4.17); holds
@@ -55,7 +57,8 @@ COMMENT ON FUNCTION ironwod.metric_sources() IS 'Which gym_monthly_metrics_cache
 
 -- The final step of a metrics computation (ironwod.compute_metrics): every cached
 -- month of the scoped gym gets NULL in the columns that depend on a not-entitled
--- entity.  One UPDATE of constants; returns the rows it set.
+-- entity, and those entities after its config_hash (the settings' hash, a space,
+-- "not entitled:" and the list).  One UPDATE of constants; returns the rows it set.
 CREATE FUNCTION ironwod.mask_unknown_metrics()
 RETURNS integer
 LANGUAGE plpgsql
@@ -64,24 +67,27 @@ DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
     v_refused text[];
+    v_note text;
     v_set text;
     v_rows integer;
 BEGIN
     -- Two steps, so the query on the (distributed) entitlements joins nothing.
-    SELECT array_agg(n.entity) INTO v_refused FROM ironwod.entity_entitlements n
+    SELECT array_agg(n.entity ORDER BY n.entity) INTO v_refused FROM ironwod.entity_entitlements n
     WHERE n.tenant_id = v_t AND n.gym_id = v_g;
+    v_note := ' not entitled: ' || array_to_string(v_refused, ',');
     SELECT string_agg(format('%I = NULL', x.metric), ', ' ORDER BY x.metric) INTO v_set
     FROM (SELECT DISTINCT d.metric FROM ironwod.metric_sources() d WHERE d.entity = ANY (v_refused)) x;
     IF v_set IS NULL THEN
         RETURN 0;
     END IF;
-    EXECUTE format('UPDATE ironwod.gym_monthly_metrics_cache x SET %s WHERE x.tenant_id = $1 AND x.gym_id = $2', v_set)
-        USING v_t, v_g;
+    EXECUTE format('UPDATE ironwod.gym_monthly_metrics_cache x SET %s, config_hash = split_part(x.config_hash, '' '', 1) || $3 '
+                   'WHERE x.tenant_id = $1 AND x.gym_id = $2', v_set)
+        USING v_t, v_g, v_note;
     GET DIAGNOSTICS v_rows = ROW_COUNT;
     RETURN v_rows;
 END
 $$;
-COMMENT ON FUNCTION ironwod.mask_unknown_metrics() IS 'Last step of a metrics computation: NULL (unknown) in every cached month for the metrics that depend on an entity the gym''s plan does not include';
+COMMENT ON FUNCTION ironwod.mask_unknown_metrics() IS 'Last step of a metrics computation: NULL (unknown) in every cached month for the metrics that depend on an entity the gym''s plan does not include, and those entities named in config_hash (so the next refresh recomputes every month)';
 
 GRANT EXECUTE ON FUNCTION ironwod.metric_sources(), ironwod.mask_unknown_metrics() TO ironwod_worker;
 GRANT EXECUTE ON FUNCTION ironwod.metric_sources() TO ironwod_app, ironwod_admin;
