@@ -162,8 +162,9 @@ END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text) IS 'Drill-down: the members behind a cached metric of a month (who churned, who is new, who is at risk ...), from member_month_fact only; at_risk = no visit in 14 active days or attendance declining; refused (55000) for a metric that is unknown because the gym''s plan does not include its entity';
 
--- SHA-256 over a canonical rendering (jsonb text, rows in key order, volatile columns
--- left out) of the canonical tables, spells, facts and cache rows of one gym.
+-- SHA-256 over a canonical rendering (jsonb text, rows in key order, computed_at left
+-- out) of every derived row of one gym: the canonical tables and every metrics stage
+-- (spells, state spans, visit months, facts, money, cache).
 CREATE FUNCTION ironwod.digest(p_tenant_id uuid, p_gym_id uuid)
 RETURNS text
 LANGUAGE plpgsql STABLE
@@ -181,7 +182,10 @@ BEGIN
             (8, 'transactions', 'transaction_id'),
             (9, 'member_spell', 'location_key, member_id, spell_start'),
             (10, 'member_month_fact', 'location_key, month_start, member_id'),
-            (11, 'gym_monthly_metrics_cache', 'location_key, program_key, month_start')) AS v(n, tab, ord)
+            (11, 'gym_monthly_metrics_cache', 'location_key, program_key, month_start'),
+            (12, 'member_state_span', 'location_key, member_id, span_start'),
+            (13, 'member_visit_month', 'location_key, month_start, member_id'),
+            (14, 'gym_month_money', 'location_key, month_start')) AS v(n, tab, ord)
         ORDER BY n
     LOOP
         EXECUTE format($q$SELECT %L || ':' || coalesce(string_agg((to_jsonb(x) - 'computed_at')::text, E'\n' ORDER BY %s), '')
@@ -193,7 +197,7 @@ BEGIN
     RETURN encode(sha256(convert_to(array_to_string(v_parts, E'\n--\n'), 'UTF8')), 'hex');
 END
 $$;
-COMMENT ON FUNCTION ironwod.digest(uuid, uuid) IS 'SHA-256 hex of the canonical, spell, fact and cache rows of a gym in a canonical text form (computed_at left out); equal before and after ironwod_replay';
+COMMENT ON FUNCTION ironwod.digest(uuid, uuid) IS 'SHA-256 hex of every derived row of a gym (canonical tables, spells, state spans, visit months, facts, money and cache) in a canonical text form (computed_at left out); equal before and after ironwod_replay';
 
 CREATE FUNCTION @extschema@.ironwod_replay(p_tenant_id uuid, p_gym_id uuid)
 RETURNS text
@@ -207,6 +211,9 @@ BEGIN
     DELETE FROM ironwod.gym_monthly_metrics_cache WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
     DELETE FROM ironwod.member_month_fact WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
     DELETE FROM ironwod.member_spell WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
+    DELETE FROM ironwod.member_state_span WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
+    DELETE FROM ironwod.member_visit_month WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
+    DELETE FROM ironwod.gym_month_money WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
     DELETE FROM ironwod.transactions WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
     DELETE FROM ironwod.invoices WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;
     DELETE FROM ironwod.attendance_events WHERE tenant_id = p_tenant_id AND gym_id = p_gym_id;

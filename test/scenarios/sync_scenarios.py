@@ -584,7 +584,8 @@ def drift_scenario():
     check(int(new_runs) >= 30, "every day had its own run", new_runs)
 
 
-DERIVED = CANONICAL + ("member_spell", "member_month_fact", "gym_monthly_metrics_cache")
+DERIVED = CANONICAL + ("member_spell", "member_month_fact", "gym_monthly_metrics_cache", "member_state_span",
+                       "member_visit_month", "gym_month_money")
 
 
 def derived_rows(gym):
