@@ -292,13 +292,14 @@ typedef struct IwTask
 
 typedef struct IwLandResult
 {
-	char	   *outcome;		/* landed, envelope, bad_body, bad_record,
-								 * not_json or pagination */
+	char	   *outcome;		/* landed, envelope, bad_body, not_json or
+								 * pagination */
 	int			http_code;		/* HTTPCode of an error envelope */
 	char	   *message;
 	bool		has_more;
 	int			n_records;
 	int			n_new;
+	int			n_quarantined;	/* records that went to quarantined_records */
 	char	   *digest;			/* of the page's ids, to spot a repeated page */
 } IwLandResult;
 
@@ -405,6 +406,11 @@ extern void iw_attempt_backed_off(int64 slept_us);
 extern bool iw_attempts_pending(void);
 extern void iw_attempts_reset(void);
 extern Datum iw_attempts_datum(const IwAttempts *a);
+extern void iw_memory_run_start(void);
+extern void iw_memory_page_start(void);
+extern void iw_memory_page_end(int64 body_len);
+extern int64 iw_memory_peak(void);
+extern int64 iw_memory_largest_page(void);
 
 /* ---- log hook (loghook.c) ---- */
 extern void iw_install_log_hook(void);

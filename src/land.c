@@ -241,6 +241,7 @@ typedef struct IwLanding
 	int64		run_id;			/* the run the flags below are about */
 	bool		seen_versions;	/* a page of this run held a stored version */
 	bool		has_vanished;	/* records of the entity in vanished_records */
+	bool		has_quarantined;	/* records of the entity in quarantined_records */
 } IwLanding;
 
 static MemoryContext landing_cxt = NULL;
@@ -350,8 +351,12 @@ found:
 		values[0] = CStringGetTextDatum(entity);
 		run_sql("SELECT EXISTS (SELECT 1 FROM ironwod.vanished_records v "
 				"WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym() "
-				"AND v.entity = $1)", 1, types, values, NULL, SPI_OK_SELECT);
+				"AND v.entity = $1), "
+				"EXISTS (SELECT 1 FROM ironwod.quarantined_records q "
+				"WHERE q.tenant_id = ironwod.scope_tenant() AND q.gym_id = ironwod.scope_gym() "
+				"AND q.entity = $1)", 1, types, values, NULL, SPI_OK_SELECT);
 		l->has_vanished = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		l->has_quarantined = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	}
 	return l;
 }
@@ -537,36 +542,117 @@ good_ids(const IwPage *page)
 	return construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 }
 
+/*
+ * The page's poison records as the parameters of ironwod.quarantine: ids (NULL
+ * when unreadable), reasons and raw bytes.  Built while the body, which the
+ * raw bytes point into, is still there; the copies are as large as the poison
+ * itself, nothing more.
+ */
+typedef struct IwPoison
+{
+	int			n;
+	ArrayType  *ids;
+	ArrayType  *reasons;
+	ArrayType  *raws;
+	char		summary[256];	/* "nul 1, invalid_utf8 2": reasons, no content */
+} IwPoison;
+
+static void
+collect_poison(const IwPage *page, IwPoison *p)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * page->n_faulty);
+	bool	   *id_nulls = palloc(sizeof(bool) * page->n_faulty);
+	Datum	   *reasons = palloc(sizeof(Datum) * page->n_faulty);
+	Datum	   *raws = palloc(sizeof(Datum) * page->n_faulty);
+	const char **faults = palloc(sizeof(char *) * page->n_faulty);
+	int			dims[1];
+	int			lbs[1] = {1};
+	int			n = 0;
+
+	memset(p, 0, sizeof(*p));
+	for (int i = 0; i < page->n_records; i++)
+	{
+		const IwRecord *r = &page->records[i];
+		bytea	   *raw;
+
+		if (r->fault == NULL)
+			continue;
+		raw = palloc(VARHDRSZ + r->raw_len);
+		SET_VARSIZE(raw, VARHDRSZ + r->raw_len);
+		memcpy(VARDATA(raw), r->raw, r->raw_len);
+		ids[n] = Int64GetDatum(r->id);
+		id_nulls[n] = !r->has_id;
+		reasons[n] = CStringGetTextDatum(r->fault);
+		faults[n] = r->fault;
+		raws[n] = PointerGetDatum(raw);
+		n++;
+	}
+	dims[0] = n;
+	p->n = n;
+	p->ids = construct_md_array(ids, id_nulls, 1, dims, lbs, INT8OID, 8, FLOAT8PASSBYVAL,
+								TYPALIGN_DOUBLE);
+	p->reasons = construct_array(reasons, n, TEXTOID, -1, false, TYPALIGN_INT);
+	p->raws = construct_array(raws, n, BYTEAOID, -1, false, TYPALIGN_INT);
+	/* reasons with their counts, in order of first appearance */
+	for (int i = 0; i < n; i++)
+	{
+		int			count = 0;
+		bool		seen = false;
+
+		for (int j = 0; j < i && !seen; j++)
+			seen = strcmp(faults[j], faults[i]) == 0;
+		if (seen)
+			continue;
+		for (int j = i; j < n; j++)
+			count += strcmp(faults[j], faults[i]) == 0;
+		snprintf(p->summary + strlen(p->summary), sizeof(p->summary) - strlen(p->summary),
+				 "%s%s %d", p->summary[0] ? ", " : "", faults[i], count);
+	}
+	for (int i = 0; i < n; i++)
+		pfree(DatumGetPointer(raws[i]));
+	pfree(ids);
+	pfree(id_nulls);
+	pfree(reasons);
+	pfree(raws);
+	pfree(faults);
+}
+
 #define IW_LATENCY_BUCKETS 8
 static double latency_bounds[IW_LATENCY_BUCKETS - 1];
 static SPIPlanPtr counts_plan = NULL;
 static SPIPlanPtr unit_plan = NULL;
 static SPIPlanPtr unvanish_plan = NULL;
+static SPIPlanPtr quarantine_plan = NULL;
+static SPIPlanPtr unquarantine_plan = NULL;
 static SPIPlanPtr beat_plan = NULL;
 static int64 beat_run = 0;
 static TimestampTz beat_at = 0;
 
 /*
  * The page's bookkeeping, in its transaction: the entity's counters (which
- * also prove the run is still running), vanished records seen again, the
- * unit's completion on its last page, and about once a second the run's
- * heartbeat and request counts.  One statement per page in the common case.
+ * also prove the run is still running), vanished and quarantined records seen
+ * again cleanly, the page's poison records, the unit's completion on its last
+ * page, and about once a second the run's heartbeat and request counts.  One
+ * statement per page in the common case.
  */
 static void
-page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_no,
+page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 				 const IwPage *page, int n_new, bool has_more, const IwAttempts *attempts,
-				 double latency_ms)
+				 double latency_ms, const IwPoison *poison)
 {
-	Datum		values[12];
-	char		nulls[12] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		values[13];
+	char		nulls[13] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	TimestampTz now = GetCurrentTimestamp();
 	Datum		hist[IW_LATENCY_BUCKETS];
 	int			bucket = 0;
+	ArrayType  *ids = NULL;
 
 	if (counts_plan == NULL)
 	{
-		Oid			types[12] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
-		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID, INT4OID};
+		Oid			types[13] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
+		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID, INT4OID, INT4OID};
+		Oid			quarantine_types[7] = {INT8OID, TEXTOID, TEXTOID, INT8ARRAYOID, TEXTARRAYOID,
+		BYTEAARRAYOID, TIMESTAMPTZOID};
 		Datum	   *bounds;
 		bool	   *bnulls;
 		int			nb;
@@ -585,9 +671,12 @@ page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_
 		for (int i = 0; i < nb; i++)
 			latency_bounds[i] = DatumGetFloat8(bounds[i]);
 		counts_plan = prepare_kept(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
-								   12, types);
+								   13, types);
 		unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
 		unvanish_plan = prepare_kept("SELECT ironwod.unvanish($1, $2)", 2, unvanish_types);
+		unquarantine_plan = prepare_kept("SELECT ironwod.unquarantine($1, $2)", 2, unvanish_types);
+		quarantine_plan = prepare_kept("SELECT ironwod.quarantine($1, $2, $3, $4, $5, $6, $7)", 7,
+									   quarantine_types);
 		beat_plan = prepare_kept("SELECT ironwod.count_requests($1, $2, 'land')", 2, beat_types);
 	}
 	values[0] = scope_uuid("ironwod.tenant_id");
@@ -610,6 +699,7 @@ page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_
 												TYPALIGN_INT));
 	values[10] = Int32GetDatum(bucket + 1);
 	values[11] = Int32GetDatum(latency_ms >= 0 ? 1 : 0);
+	values[12] = Int32GetDatum(poison->n);
 	if (SPI_execute_plan(counts_plan, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "ironwod: page bookkeeping failed");
 	if (SPI_processed == 0)
@@ -621,9 +711,33 @@ page_bookkeeping(const IwLanding *l, int64 run_id, const IwTask *task, int page_
 	if (l->has_vanished)
 	{
 		values[0] = CStringGetTextDatum(task->entity);
-		values[1] = PointerGetDatum(good_ids(page));
+		values[1] = PointerGetDatum(ids = good_ids(page));
 		if (SPI_execute_plan(unvanish_plan, values, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "ironwod: unvanish failed");
+	}
+	/*
+	 * A record the vendor fixed lands cleanly and leaves quarantine, before
+	 * this page's own poison goes in (which may carry the same id).
+	 */
+	if (l->has_quarantined)
+	{
+		values[0] = CStringGetTextDatum(task->entity);
+		values[1] = PointerGetDatum(ids != NULL ? ids : good_ids(page));
+		if (SPI_execute_plan(unquarantine_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "ironwod: unquarantine failed");
+	}
+	if (poison->n > 0)
+	{
+		values[0] = Int64GetDatum(run_id);
+		values[1] = CStringGetTextDatum(task->entity);
+		values[2] = CStringGetTextDatum(task->window_key);
+		values[3] = PointerGetDatum(poison->ids);
+		values[4] = PointerGetDatum(poison->reasons);
+		values[5] = PointerGetDatum(poison->raws);
+		values[6] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		if (SPI_execute_plan(quarantine_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "ironwod: quarantine failed");
+		l->has_quarantined = true;
 	}
 	if (!has_more)
 	{
@@ -659,8 +773,8 @@ set_result(IwLandResult *res, MemoryContext keep, const char *outcome, int http_
  * Classify, check and land one page, in the caller's transaction with SPI
  * connected: the body is parsed once (page.c), the pagination invariants are
  * checked, the good records are upserted with the entity's prepared
- * statements, and page_bookkeeping does the rest (and the unit's checkpoint
- * on its last page).  Nothing is written for a page that is not
+ * statements, the poison ones quarantined, and page_bookkeeping does the rest
+ * (and the unit's checkpoint on its last page).  Nothing is written for a page that is not
  * landed.  When body_owned, the body is freed as soon as it is parsed.
  */
 static void
@@ -671,6 +785,7 @@ land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size
 {
 	IwLanding  *l = landing_for(task->entity, run_id);
 	IwPage		page;
+	IwPoison	poison;
 	bool		has_more;
 	char	   *msg;
 
@@ -700,18 +815,11 @@ land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size
 		case IW_PAGE_RECORDS:
 			break;
 	}
+	/* poison keeps its bytes; then the body is done with */
 	if (page.n_faulty > 0)
-	{
-		IwRecord   *bad = NULL;
-
-		for (int i = 0; bad == NULL; i++)
-			if (page.records[i].fault != NULL)
-				bad = &page.records[i];
-		set_result(res, keep, "bad_record", 0,
-				   psprintf("%d record(s) of %s cannot be stored: %s", page.n_faulty, task->entity,
-							bad->detail), &page);
-		return;
-	}
+		collect_poison(&page, &poison);
+	else
+		memset(&poison, 0, sizeof(poison));
 	if (body_owned)
 		pfree(body);
 
@@ -739,9 +847,23 @@ land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size
 	}
 
 	res->n_new = upsert_records(l, run_id, &page);
-	page_bookkeeping(l, run_id, task, page_no, &page, res->n_new, has_more, attempts, latency_ms);
+	page_bookkeeping(l, run_id, task, page_no, &page, res->n_new, has_more, attempts, latency_ms,
+					 &poison);
 	set_result(res, keep, "landed", 200, NULL, &page);
 	res->has_more = has_more;
+	res->n_quarantined = poison.n;
+
+	/*
+	 * Said once per page, with reasons and counts only: a record's content
+	 * may be anything the vendor sent, and stays in the table.
+	 */
+	if (poison.n > 0)
+		ereport(WARNING,
+				(errcode(ERRCODE_WARNING),
+				 errmsg("ironwod run " INT64_FORMAT ": %d record(s) of %s quarantined (%s)",
+						run_id, poison.n, task->entity, poison.summary),
+				 errdetail("The rest of the page landed; PostgreSQL cannot store these records as Wodify sent them."),
+				 errhint("See ironwod.quarantined_records; every run that fetches them again retries them.")));
 }
 
 /*
@@ -778,8 +900,8 @@ ironwod_land_page(PG_FUNCTION_ARGS)
 	IwAttempts	attempts;
 	text	   *body;
 	TupleDesc	desc;
-	Datum		values[7];
-	bool		nulls[7] = {false, false, false, false, false, false, false};
+	Datum		values[8];
+	bool		nulls[8] = {false, false, false, false, false, false, false, false};
 	MemoryContext caller = CurrentMemoryContext;
 
 	for (int i = 0; i < 6; i++)
@@ -819,6 +941,7 @@ ironwod_land_page(PG_FUNCTION_ARGS)
 	values[5] = Int32GetDatum(res.n_new);
 	values[6] = res.digest ? CStringGetTextDatum(res.digest) : (Datum) 0;
 	nulls[6] = res.digest == NULL;
+	values[7] = Int32GetDatum(res.n_quarantined);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }
 
@@ -946,6 +1069,24 @@ iw_mark_not_entitled(int64 run_id, const char *entity)
 	iw_attempts_reset();
 }
 
+/*
+ * The worker's peak memory while landing pages, and the largest page, in the
+ * caller's transaction (observe.c measures them).
+ */
+static void
+write_memory(int64 run_id)
+{
+	Oid			types[3] = {INT8OID, INT8OID, INT8OID};
+	Datum		values[3];
+
+	if (iw_memory_peak() <= 0)
+		return;
+	values[0] = Int64GetDatum(run_id);
+	values[1] = Int64GetDatum(iw_memory_peak());
+	values[2] = Int64GetDatum(iw_memory_largest_page());
+	run_sql("SELECT ironwod.record_memory($1, $2, $3)", 3, types, values, NULL, SPI_OK_SELECT);
+}
+
 void
 iw_finish_run(int64 run_id)
 {
@@ -954,6 +1095,7 @@ iw_finish_run(int64 run_id)
 
 	iw_txn_begin("ironwod finish run");
 	write_attempts(run_id);
+	write_memory(run_id);
 	run_sql("SELECT ironwod.finish_run($1)", 1, types, values, NULL, SPI_OK_SELECT);
 	iw_txn_commit();
 	iw_attempts_reset();
@@ -1000,6 +1142,7 @@ iw_fail_run(int64 run_id, const char *code, const char *message, const char *pha
 
 	iw_txn_begin("ironwod record failure");
 	write_attempts(run_id);
+	write_memory(run_id);
 	run_sql("SELECT ironwod.fail_run($1, $2, $3, $4)", 4, types, values, NULL, SPI_OK_SELECT);
 	iw_txn_commit();
 	iw_attempts_reset();

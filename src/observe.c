@@ -5,8 +5,10 @@
  *	  counted by outcome until they are written down (with the page that
  *	  landed, or when the entity, the validation or the run ends); the
  *	  request rate a connection can expect (for the ETA of a running run);
- *	  and the structured LOG line of a finished run.  The views built on them
- *	  live in sql/modules/88_operations.sql.
+ *	  the structured LOG line of a finished run; and the run worker's peak
+ *	  private memory while it fetches and lands a page, against the largest
+ *	  page it landed (sync_runs.peak_memory_bytes, largest_page_bytes).  The
+ *	  views built on them live in sql/modules/88_operations.sql.
  *
  *	  The counters are plain process-local numbers: http.c bumps them outside
  *	  curl's callbacks, land.c passes them to SQL in the transaction that
@@ -16,12 +18,16 @@
  */
 #include "ironwod.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "catalog/pg_type.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "storage/fd.h"
 #include "utils/guc.h"
 
 PG_FUNCTION_INFO_V1(ironwod_connection_rate);
@@ -131,6 +137,98 @@ iw_attempts_datum(const IwAttempts *a)
 	d[n++] = Int64GetDatum(a->token_wait_us);
 	d[n++] = Int64GetDatum(a->backoff_us);
 	return PointerGetDatum(construct_array(d, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+/*
+ * Worker memory per page.  Linux keeps no peak of a process's private
+ * (anonymous) memory, only of its whole resident set (VmHWM), which also
+ * counts the file and shared pages it touched: shared buffers above all.  So
+ * before each page's request the high-water mark is reset to the current
+ * resident set (writing 5 to /proc/self/clear_refs), and the file and shared
+ * pages resident then are noted.  Those only grow while the page is fetched
+ * and landed, so after it, VmHWM less them bounds the private memory at the
+ * peak from above: what the page cost, on top of what the worker already
+ * held.  Where /proc cannot be read nothing is recorded.
+ */
+static int64 mem_shared_at_reset = -1;
+static int64 mem_peak = 0;
+static int64 mem_largest_page = 0;
+
+/* VmHWM and RssFile + RssShmem of this process, in bytes; false if unknown. */
+static bool
+read_memory_status(int64 *hwm, int64 *shared)
+{
+	FILE	   *f = AllocateFile("/proc/self/status", "r");
+	char		line[256];
+	int			found = 0;
+	long long	kb;
+
+	*hwm = 0;
+	*shared = 0;
+	if (f == NULL)
+		return false;
+	while (fgets(line, sizeof(line), f) != NULL)
+	{
+		if (sscanf(line, "VmHWM: %lld kB", &kb) == 1)
+			*hwm = (int64) kb * 1024, found++;
+		else if (sscanf(line, "RssFile: %lld kB", &kb) == 1 ||
+				 sscanf(line, "RssShmem: %lld kB", &kb) == 1)
+			*shared += (int64) kb * 1024, found++;
+	}
+	FreeFile(f);
+	return found == 3;
+}
+
+/* A run starts: nothing measured yet. */
+void
+iw_memory_run_start(void)
+{
+	mem_peak = 0;
+	mem_largest_page = 0;
+	mem_shared_at_reset = -1;
+}
+
+/* A page's request is about to be sent. */
+void
+iw_memory_page_start(void)
+{
+	int			fd = open("/proc/self/clear_refs", O_WRONLY);
+	int64		hwm;
+	int64		shared;
+
+	mem_shared_at_reset = -1;
+	if (fd < 0)
+		return;
+	if (write(fd, "5", 1) == 1 && read_memory_status(&hwm, &shared))
+		mem_shared_at_reset = shared;
+	close(fd);
+}
+
+/* A page of body_len bytes was fetched and landed (or refused). */
+void
+iw_memory_page_end(int64 body_len)
+{
+	int64		hwm;
+	int64		shared;
+
+	if (mem_shared_at_reset < 0 || !read_memory_status(&hwm, &shared))
+		return;
+	mem_peak = Max(mem_peak, hwm - mem_shared_at_reset);
+	mem_largest_page = Max(mem_largest_page, body_len);
+	mem_shared_at_reset = -1;
+}
+
+/* The run's figures so far: 0 when nothing was measured. */
+int64
+iw_memory_peak(void)
+{
+	return mem_peak;
+}
+
+int64
+iw_memory_largest_page(void)
+{
+	return mem_largest_page;
 }
 
 /* Is (tenant, gym) the scope of this transaction? */

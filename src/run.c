@@ -264,6 +264,7 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 			run_phase = "fetch";
 			pgstat_report_activity(STATE_RUNNING, psprintf("ironwod fetch %s %s page %d",
 														   task->entity, task->window_key, page));
+			iw_memory_page_start();
 			iw_http_get(url, &resp);
 
 			switch (resp.klass)
@@ -275,6 +276,7 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 								 prev_digest[0] ? prev_digest : NULL, resp.elapsed_ms,
 								 &res, page_ctx);
 					resp.body = NULL;
+					iw_memory_page_end((int64) resp.body_len);
 					MemoryContextSwitchTo(page_ctx);
 					if (strcmp(res.outcome, "landed") == 0)
 						break;
@@ -301,12 +303,6 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 					{
 						fail_code = "pagination";
 						problem = psprintf("broken pagination: %s", res.message);
-					}
-					else if (strcmp(res.outcome, "bad_record") == 0)
-					{
-						/* the same page would come back the same: no retry */
-						fail_code = "bad_record";
-						problem = pstrdup(res.message);
 					}
 					else
 					{
@@ -396,6 +392,7 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 	char	   *plaintext;
 
 	run_phase = "claim";
+	iw_memory_run_start();
 	run_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 											   (int64) ironwod_run_timeout_min * 60 * 1000);
 	if (!iw_claim_run(args->run_id, &claim, run_ctx))

@@ -350,6 +350,24 @@ def test_faults_and_stats(sim):
     sim.sim("POST", "/_sim/faults", {"endpoint": "/programs", "kind": "status", "status": 500, "count": 5})
     sim.sim("DELETE", "/_sim/faults")
     check("faults cleared", sim.raw("GET", "/programs", key)[0] == 200 and not sim.sim("GET", "/_sim/faults")["faults"])
+    # Poison: chosen records rewritten into what PostgreSQL cannot store, the rest as served.
+    clean = sim.raw("GET", "/memberships", key)[2]
+    ids = [m["id"] for m in json.loads(clean)["memberships"][:3]]
+    bad = sim.raw("POST", "/_sim/faults", body={"endpoint": "/memberships", "kind": "poison", "records": [{"x": 1}]})
+    check("poison fault needs ids", bad[0] == 400 and not sim.sim("GET", "/_sim/faults")["faults"])
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "poison", "count": 1,
+                                     "records": [{"id": ids[0], "reason": "nul"}, {"id": ids[1], "reason": "invalid_utf8"},
+                                                 {"id": ids[2], "reason": "no_id"}]})
+    holds = sim.raw("GET", "/memberships/holds", key)[2]
+    body = sim.raw("GET", "/memberships", key)[2]
+    recs = json.loads(body.decode("utf-8", "replace"))["memberships"]
+    check("poison fault", b"\\u0000" in body and b"\xff\xfe" in body and "id" not in recs[2]
+          and recs[3:] == json.loads(clean)["memberships"][3:] and b"sim_note" not in holds, body[:300])
+    check("poison fault gone: the vendor's fix", sim.raw("GET", "/memberships", key)[2] == clean)
+    sim.sim("POST", "/_sim/faults", {"endpoint": "/memberships", "kind": "bloat", "pad_bytes": 100000, "max_records": 3})
+    recs = json.loads(sim.raw("GET", "/memberships", key)[2])["memberships"]
+    check("bloat fault", [len(r.get("sim_pad", "")) for r in recs[:4]] == [100000, 100000, 100000, 0])
+    sim.sim("DELETE", "/_sim/faults")
     sim.sim("POST", "/_sim/entitlements", {"api_key": key, "endpoint_prefix": "/financials/transactions", "entitled": False})
     st, hd, b = sim.raw("GET", "/financials/transactions/search?q=" + q("transaction_date_time|gte|2026-01-01T00:00:00Z"), key)
     other = sim.raw("GET", "/financials/transactions", sim.gyms["gyms"][0]["api_key"])[0]

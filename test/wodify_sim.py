@@ -1480,6 +1480,9 @@ class Sim:
                 ep = f.get("endpoint")
                 if ep and ep != tpl and not path.startswith(ep):
                     continue
+                # a body rewrite is about one list: /memberships is not /memberships/holds
+                if f["kind"] in BODY_FAULTS and ep and ep != tpl:
+                    continue
                 # "after": N lets N matching requests through first, so a test can stop
                 # a run at an exact page without racing it.
                 if f.get("after", 0) > 0:
@@ -1542,6 +1545,64 @@ class Sim:
                           "location_ids": [l["id"] for l in g.locations],
                           "backfill_since": fmt_dt(datetime.combine(g.backfill_since, datetime.min.time())),
                           "expected": g.expected} for g in m.gyms]}
+
+
+# Faults that serve the normal answer with its records rewritten (poison_page).
+BODY_FAULTS = ("poison", "bloat")
+POISON_REASONS = ("nul", "bad_escape", "invalid_utf8", "bad_number", "too_large", "no_id", "not_object")
+_UTF8_MARK, _NUMBER_MARK = "@@sim-poison-utf8@@", "@@sim-poison-number@@"
+
+
+def poison_page(body, fault):
+    """A list page with some records made into what PostgreSQL cannot store, or every
+    record made big.  The page cache keeps the clean body; this rewrites a copy.
+
+      {"kind": "poison", "records": [{"id": N, "reason": R}, ...], "pad_bytes": B}
+          the records with these ids become poison of reason R (POISON_REASONS):
+          a \\u0000 escape, a lone surrogate escape, bytes that are not UTF-8, a
+          number no numeric holds, a B-byte string (too_large), no id, not an object
+      {"kind": "bloat", "pad_bytes": B, "max_records": M}
+          the first M records (all by default) get a B-byte string field, so a
+          test can serve a page of huge records near the client's size cap
+
+    Removing the fault (DELETE /_sim/faults) is the vendor fixing its data: the
+    same records are served as they were."""
+    doc = json.loads(body)
+    key = next((k for k, v in doc.items() if isinstance(v, list)), None) if isinstance(doc, dict) else None
+    if key is None:
+        return body
+    pad = int(fault.get("pad_bytes", 1024))
+    if fault["kind"] == "bloat":
+        limit = int(fault.get("max_records", len(doc[key])))
+        # compressible on purpose: the test is about the client's memory, not its disk
+        doc[key] = [dict(r, sim_pad="x" * pad) if i < limit and isinstance(r, dict) else r
+                    for i, r in enumerate(doc[key])]
+        return json.dumps(doc, separators=(",", ":")).encode()
+    targets = {int(r["id"]): r.get("reason", "nul") for r in fault.get("records", [])}
+    out = []
+    for rec in doc[key]:
+        reason = targets.get(rec.get("id")) if isinstance(rec, dict) else None
+        if reason is not None:
+            rec = dict(rec)
+            if reason == "nul":
+                rec["sim_note"] = "bad\x00byte"          # json.dumps writes \u0000
+            elif reason == "bad_escape":
+                rec["sim_note"] = "lone \ud800 surrogate"  # written as \ud800
+            elif reason == "invalid_utf8":
+                rec["sim_note"] = _UTF8_MARK
+            elif reason == "bad_number":
+                rec["sim_note"] = _NUMBER_MARK
+            elif reason == "too_large":
+                rec["sim_note"] = "x" * pad
+            elif reason == "no_id":
+                del rec["id"]
+            elif reason == "not_object":
+                rec = [rec["id"]]
+        out.append(rec)
+    doc[key] = out
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    return (raw.replace(f'"{_UTF8_MARK}"'.encode(), b'"bad \xff\xfe bytes"')
+               .replace(f'"{_NUMBER_MARK}"'.encode(), b"1e999999"))
 
 
 def envelope_error(code, err, dev, user):
@@ -1701,6 +1762,8 @@ class Handler(BaseHTTPRequestHandler):
             # slow / truncate fall through to a normal body
         status, obj = self.api(sim, model, gym, kind, ids, params)
         fk = fault["kind"] if fault else None
+        if fk in BODY_FAULTS and status == 200 and isinstance(obj, bytes):
+            obj = poison_page(obj, fault)
         sim.count(label, status, key=key,
                   outcome={"slow": "slow", "truncate": "network"}.get(fk)
                   or ("envelope" if isinstance(obj, dict) and "HTTPCode" in obj else None))
@@ -1815,9 +1878,15 @@ class Handler(BaseHTTPRequestHandler):
                     sim.faults.clear()
                 return self.send_json(200, {"ok": True})
             if method == "POST":
-                kinds = ("status", "slow", "truncate", "reset", "envelope", "quota", "throttle")
+                kinds = ("status", "slow", "truncate", "reset", "envelope", "quota", "throttle") + BODY_FAULTS
                 if data.get("kind") not in kinds:
                     return self.send_json(400, {"error": f"kind must be one of {kinds}"})
+                if data["kind"] == "poison" and (
+                        not isinstance(data.get("records"), list) or not data["records"]
+                        or any(not isinstance(r, dict) or not isinstance(r.get("id"), int)
+                               or r.get("reason", "nul") not in POISON_REASONS for r in data["records"])):
+                    return self.send_json(400, {"error": "poison needs records: [{id: int, reason: one of "
+                                                         f"{POISON_REASONS}}}]"})
                 with sim.lock:
                     sim.fault_seq += 1
                     f = dict(data, id=sim.fault_seq, remaining=int(data.get("count", 1)))

@@ -81,6 +81,10 @@ CREATE TABLE ironwod.sync_runs (
     token_wait_s     double precision NOT NULL DEFAULT 0,
     backoff_s        double precision NOT NULL DEFAULT 0,
     bytes_received   bigint NOT NULL DEFAULT 0,
+    -- the worker's private memory at its peak while fetching and landing a page
+    -- (an upper bound, src/observe.c), and the largest response body it landed
+    peak_memory_bytes  bigint,
+    largest_page_bytes bigint,
     cursor_start     jsonb,
     cursor_end       jsonb,
     error_code       text,
@@ -134,6 +138,9 @@ CREATE TABLE ironwod.sync_run_entities (
     -- canonical rows the run's transform wrote for the entity (changed rows only)
     transformed   integer NOT NULL DEFAULT 0,
     deleted       integer NOT NULL DEFAULT 0,
+    -- records of the entity's pages that could not be stored and went to
+    -- ironwod.quarantined_records instead (counted in pulled, not in unchanged)
+    quarantined   integer NOT NULL DEFAULT 0,
     -- API latency of the pages' successful requests: counts per bucket with upper
     -- bounds 50, 100, 250, 500, 1000, 2500, 5000 ms and above (ironwod.latency_buckets())
     latency_hist  integer[] NOT NULL DEFAULT '{0,0,0,0,0,0,0,0}',
@@ -148,7 +155,7 @@ CREATE TABLE ironwod.sync_run_entities (
     PRIMARY KEY (tenant_id, gym_id, run_id, entity),
     FOREIGN KEY (tenant_id, gym_id, run_id) REFERENCES ironwod.sync_runs ON DELETE CASCADE
 );
-COMMENT ON TABLE ironwod.sync_run_entities IS 'Per-run, per-entity counts: pulled, new payload versions, unchanged';
+COMMENT ON TABLE ironwod.sync_run_entities IS 'Per-run, per-entity counts: pulled, new payload versions, unchanged, transformed, deleted, quarantined';
 
 -- The units of work of a run, planned once per entity when the entity starts
 -- (ironwod.plan_entity) and consumed in ordinal order: a month of invoices, one
@@ -253,3 +260,33 @@ CREATE TABLE ironwod.vanished_records (
     FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
 );
 COMMENT ON TABLE ironwod.vanished_records IS 'Records absent from a complete reconciliation pull of their window (soft deletes)';
+
+-- Poison records: elements of a page's records array PostgreSQL cannot store (a
+-- \u0000 escape, a broken surrogate, invalid UTF-8, a number numeric cannot hold,
+-- over ironwod.max_record_bytes, no numeric id, not an object; src/page.c).  The
+-- rest of the page lands; the record waits here, byte for byte, keyed by the
+-- hash of its bytes (it may have no readable id).  A later run that fetches it
+-- again only refreshes last_seen; it leaves when its id lands cleanly (the
+-- vendor fixed it), or, without an id, when a later complete pull of its full
+-- list no longer contains it.
+CREATE TABLE ironwod.quarantined_records (
+    tenant_id         uuid NOT NULL,
+    gym_id            uuid NOT NULL,
+    entity            text NOT NULL,
+    raw_hash          bytea NOT NULL,    -- SHA-256 of raw
+    wodify_id         bigint,            -- NULL when the record has no readable id
+    reason            text NOT NULL
+                      CHECK (reason IN ('nul', 'bad_escape', 'invalid_utf8', 'bad_number', 'too_large',
+                                        'no_id', 'not_object')),
+    raw               bytea NOT NULL,    -- the element's bytes as the vendor sent them
+    window_key        text NOT NULL,     -- the unit of work whose page held it
+    first_seen_run_id bigint NOT NULL,
+    last_seen_run_id  bigint NOT NULL,
+    first_seen_at     timestamptz NOT NULL,
+    last_seen_at      timestamptz NOT NULL,
+    times_seen        integer NOT NULL DEFAULT 1,
+    PRIMARY KEY (tenant_id, gym_id, entity, raw_hash),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.quarantined_records IS 'Records a page held that PostgreSQL cannot store: raw bytes, reason, id if readable; retried by every run that fetches them again';
+CREATE INDEX quarantined_records_by_id ON ironwod.quarantined_records (tenant_id, gym_id, entity, wodify_id);

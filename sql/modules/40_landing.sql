@@ -424,6 +424,18 @@ BEGIN
            SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = now();
     END IF;
 
+    -- A full list this run fetched itself, every page of it: a quarantined record
+    -- of it that was not in it any more is gone at the vendor (or fixed there into
+    -- a record that landed).  This is how a record without a readable id leaves.
+    IF e.backfill_strategy = 'full' AND EXISTS (
+           SELECT 1 FROM ironwod.sync_run_entities s
+           WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+             AND s.run_id = p_run_id AND s.entity = p_entity AND s.units_done > 0 AND s.units_skipped = 0) THEN
+        DELETE FROM ironwod.quarantined_records q
+         WHERE q.tenant_id = ironwod.scope_tenant() AND q.gym_id = ironwod.scope_gym()
+           AND q.entity = p_entity AND q.last_seen_run_id <> p_run_id;
+    END IF;
+
     -- Pulled cleanly, so the gym's plan includes it (again).
     DELETE FROM ironwod.entity_entitlements n
      WHERE n.tenant_id = ironwod.scope_tenant() AND n.gym_id = ironwod.scope_gym() AND n.entity = p_entity
@@ -572,6 +584,21 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.add_attempts(bigint, text, bigint[]) IS 'Worker: add HTTP attempt counters {2xx, 429, 4xx, 5xx, network, envelope, retries, bytes, token wait us, backoff us} to a run''s entity';
 
+-- The run worker's peak private memory while it fetched and landed pages, and the
+-- largest response body it landed (src/observe.c), written when the run ends.
+CREATE FUNCTION ironwod.record_memory(p_run_id bigint, p_peak_bytes bigint, p_largest_page_bytes bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    UPDATE ironwod.sync_runs r
+       SET peak_memory_bytes = greatest(r.peak_memory_bytes, p_peak_bytes),
+           largest_page_bytes = greatest(r.largest_page_bytes, p_largest_page_bytes)
+     WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id;
+END
+$$;
+COMMENT ON FUNCTION ironwod.record_memory(bigint, bigint, bigint) IS 'Worker: record the run worker''s peak private memory while landing pages and the largest page it landed';
+
 -- A run's attempt counters, summed from its entities, and its heartbeat and phase.
 CREATE FUNCTION ironwod.count_requests(p_run_id bigint, p_now timestamptz, p_phase text)
 RETURNS void
@@ -599,6 +626,56 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.count_requests(bigint, timestamptz, text) IS 'Worker: sum a run''s attempt counters (requests by outcome, retries, waits, bytes) from its entities; set its heartbeat and phase';
 
+-- Records of a landed page that cannot be stored (src/page.c) go to quarantine,
+-- in the page's transaction: one row per distinct raw element, keyed by its
+-- hash, so the same poison fetched again by a later run refreshes last_seen
+-- rather than piling up.  $3..$5 are parallel arrays: ids (NULL when
+-- unreadable), reasons, raw bytes; p_at is the landing transaction's time.
+-- Emits wodify.sync.records.quarantined with counts by reason (no record
+-- content).  Returns the number of records quarantined.
+CREATE FUNCTION ironwod.quarantine(p_run_id bigint, p_entity text, p_window_key text, p_ids bigint[],
+                                   p_reasons text[], p_raw bytea[], p_at timestamptz)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_reasons jsonb;
+BEGIN
+    INSERT INTO ironwod.quarantined_records AS q
+        (tenant_id, gym_id, entity, raw_hash, wodify_id, reason, raw, window_key,
+         first_seen_run_id, last_seen_run_id, first_seen_at, last_seen_at)
+    SELECT DISTINCT ON (sha256(r.raw))
+           v_t, v_g, p_entity, sha256(r.raw), r.wodify_id, r.reason, r.raw, p_window_key,
+           p_run_id, p_run_id, p_at, p_at
+    FROM unnest(p_ids, p_reasons, p_raw) AS r(wodify_id, reason, raw)
+    ORDER BY sha256(r.raw)
+    ON CONFLICT (tenant_id, gym_id, entity, raw_hash) DO UPDATE
+       SET last_seen_run_id = excluded.last_seen_run_id, last_seen_at = excluded.last_seen_at,
+           window_key = excluded.window_key, times_seen = q.times_seen + 1;
+    SELECT jsonb_object_agg(x.reason, x.n) INTO v_reasons
+    FROM (SELECT r.reason, count(*) AS n FROM unnest(p_reasons) AS r(reason) GROUP BY r.reason) x;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.records.quarantined', p_entity,
+        jsonb_build_object('records', cardinality(p_reasons), 'reasons', v_reasons));
+    RETURN cardinality(p_reasons);
+END
+$$;
+COMMENT ON FUNCTION ironwod.quarantine(bigint, text, text, bigint[], text[], bytea[], timestamptz) IS 'Worker: put a landed page''s unstorable records (ids, reasons, raw bytes) into ironwod.quarantined_records, or refresh them when seen again';
+
+-- Records that landed cleanly leave quarantine: the vendor fixed them.  The
+-- worker runs this only for entities that have quarantined records.
+CREATE FUNCTION ironwod.unquarantine(p_entity text, p_ids bigint[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    DELETE FROM ironwod.quarantined_records q
+     WHERE q.tenant_id = ironwod.scope_tenant() AND q.gym_id = ironwod.scope_gym()
+       AND q.entity = p_entity AND q.wodify_id = ANY (p_ids);
+END
+$$;
+COMMENT ON FUNCTION ironwod.unquarantine(text, bigint[]) IS 'Worker: records that landed cleanly leave quarantined_records';
+
 -- The bookkeeping of every landed page, one statement the worker prepares once
 -- per run: the entity's counters (pages, attempts, records, new versions), API
 -- latency histogram and newest watermark, provided the run is still running (a
@@ -606,8 +683,9 @@ COMMENT ON FUNCTION ironwod.count_requests(bigint, timestamptz, text) IS 'Worker
 -- $1 tenant, $2 gym, $3 run, $4 entity, $5 the attempt counters since the last
 -- landed page (ironwod.add_attempts), $6 records, $7 new versions,
 -- $8 latency ms (0 when not measured), $9 the page's newest watermark, $10 the
--- latency histogram of this page alone, $11 its bucket (ironwod.latency_buckets)
--- and $12 1 (0 when not measured).
+-- latency histogram of this page alone, $11 its bucket (ironwod.latency_buckets),
+-- $12 1 (0 when not measured) and $13 the page's records quarantined (counted in
+-- pulled, not in unchanged).
 CREATE FUNCTION ironwod.page_statement() RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $s$
@@ -615,9 +693,9 @@ AS $s$
         INSERT INTO ironwod.sync_run_entities AS s
             (tenant_id, gym_id, run_id, entity, pages, attempts_2xx, attempts_429, attempts_4xx,
              attempts_5xx, attempts_network, attempts_envelope, retries, bytes_received, token_wait_s,
-             backoff_s, pulled, new_versions, unchanged, latency_hist, latency_ms, max_watermark)
+             backoff_s, pulled, new_versions, unchanged, quarantined, latency_hist, latency_ms, max_watermark)
         SELECT $1, $2, $3, $4, 1, $5[1], $5[2], $5[3], $5[4], $5[5], $5[6], $5[7], $5[8],
-               $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7, $10, $8, $9
+               $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7 - $13, $13, $10, $8, $9
         FROM ironwod.sync_runs r
         WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.run_id = $3 AND r.status = 'running'
         ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
@@ -634,12 +712,13 @@ AS $s$
                backoff_s = s.backoff_s + excluded.backoff_s,
                pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
                unchanged = s.unchanged + excluded.unchanged,
+               quarantined = s.quarantined + excluded.quarantined,
                latency_hist[$11] = s.latency_hist[$11] + $12,
                latency_ms = s.latency_ms + excluded.latency_ms,
                max_watermark = greatest(s.max_watermark, excluded.max_watermark)
         RETURNING 1$q$
 $s$;
-COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters and attempts, latency histogram, watermark; checks the run still runs)';
+COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters and attempts, quarantined records, latency histogram, watermark; checks the run still runs)';
 
 -- A unit's last page landed: the unit is done (and checkpointed, in a backfill);
 -- when it was the entity's last unit, the entity is closed.  Constant time:
@@ -741,7 +820,8 @@ COMMENT ON FUNCTION ironwod.landing_statement(text, boolean) IS 'Worker: the pre
 -- with an HTTPCode), bodies without the records array and broken pagination (a
 -- page that repeats the previous one, a page number other than the one asked
 -- for, an empty page that claims more) land nothing.  Otherwise every record is
--- upserted as a payload version (payload hash: ironwod.payload_hash), and the
+-- upserted as a payload version (payload hash: ironwod.payload_hash), records
+-- that cannot be stored go to ironwod.quarantined_records (n_quarantined), and the
 -- page's bookkeeping (ironwod.page_statement, and ironwod.unit_landed on a
 -- unit's last page) commits with it, all atomically: a crash between
 -- pages loses nothing and re-lands nothing twice.  The worker calls the same C
@@ -750,7 +830,7 @@ CREATE FUNCTION ironwod.land_page(p_run_id bigint, p_entity text, p_window_key t
                                   p_page integer, p_body text, p_attempts integer,
                                   p_prev_digest text DEFAULT NULL, p_latency_ms double precision DEFAULT NULL)
 RETURNS TABLE (outcome text, http_code integer, message text, has_more boolean,
-               n_records integer, n_new integer, digest text)
+               n_records integer, n_new integer, digest text, n_quarantined integer)
 LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ironwod_land_page';
 COMMENT ON FUNCTION ironwod.land_page(bigint, text, text, integer, text, integer, text, double precision) IS 'Worker: classify, check and land one response page; checkpoint the unit and close the entity on its last page';
 

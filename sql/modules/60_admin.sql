@@ -16,7 +16,7 @@ SELECT r.tenant_id, r.gym_id, r.run_id, r.mode, r.status, r.requested_at, r.star
        r.bytes_received, r.error_code, r.last_error, r.failed_phase,
        (SELECT jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
                                                              'unchanged', s.unchanged, 'transformed', s.transformed,
-                                                             'deleted', s.deleted))
+                                                             'deleted', s.deleted, 'quarantined', s.quarantined))
         FROM ironwod.sync_run_entities s
         WHERE s.tenant_id = r.tenant_id AND s.gym_id = r.gym_id AND s.run_id = r.run_id) AS entities
 FROM ironwod.sync_runs r;

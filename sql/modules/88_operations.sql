@@ -28,7 +28,8 @@ DECLARE
 BEGIN
     SELECT coalesce(json_object_agg(s.entity, json_build_object(
                'requests', s.requests, 'pages', s.pages, 'pulled', s.pulled, 'new', s.new_versions,
-               'unchanged', s.unchanged, 'transformed', s.transformed, 'deleted', s.deleted)
+               'unchanged', s.unchanged, 'transformed', s.transformed, 'deleted', s.deleted,
+               'quarantined', s.quarantined)
                ORDER BY s.entity), '{}')
     INTO v_entities
     FROM ironwod.sync_run_entities s
@@ -161,6 +162,12 @@ WITH conn AS (
     WHERE m.location_key = 'ALL' AND m.program_key = 'ALL'
       AND m.month_start = date_trunc('month', now() AT TIME ZONE m.time_zone)::date
     GROUP BY m.tenant_id, m.gym_id, m.month_start, m.time_zone, m.churned_members
+), quarantine AS (
+    SELECT q.tenant_id, q.gym_id, q.entity, q.reason, count(*) AS records,
+           min(q.first_seen_at) AS since, max(q.last_seen_at) AS last_seen_at
+    FROM ironwod.quarantined_records q
+    JOIN conn c ON c.tenant_id = q.tenant_id AND c.gym_id = q.gym_id
+    GROUP BY q.tenant_id, q.gym_id, q.entity, q.reason
 ), visits AS (
     -- Visits are only as fresh as the last successful sync, so the weeks end there.
     SELECT c.tenant_id, c.gym_id, least(now(), c.last_success_at) AS until,
@@ -210,6 +217,19 @@ FROM ironwod.entity_entitlements n
 JOIN conn c ON c.tenant_id = n.tenant_id AND c.gym_id = n.gym_id
 GROUP BY n.tenant_id, n.gym_id
 UNION ALL
+SELECT q.tenant_id, q.gym_id, 'quarantined_records', 'warning', min(q.since),
+       jsonb_build_object('records', sum(q.records), 'last_seen_at', max(q.last_seen_at),
+                          'entities', (SELECT jsonb_object_agg(x.entity, x.n)
+                                       FROM (SELECT y.entity, sum(y.records) AS n FROM quarantine y
+                                             WHERE y.tenant_id = q.tenant_id AND y.gym_id = q.gym_id
+                                             GROUP BY y.entity) x),
+                          'reasons', (SELECT jsonb_object_agg(x.reason, x.n)
+                                      FROM (SELECT y.reason, sum(y.records) AS n FROM quarantine y
+                                            WHERE y.tenant_id = q.tenant_id AND y.gym_id = q.gym_id
+                                            GROUP BY y.reason) x))
+FROM quarantine q
+GROUP BY q.tenant_id, q.gym_id
+UNION ALL
 SELECT k.tenant_id, k.gym_id, 'cancellation_spike', 'warning',
        k.month_start::timestamp AT TIME ZONE k.time_zone,
        jsonb_build_object('month', k.month_start, 'cancellations', k.churned_members,
@@ -227,7 +247,7 @@ SELECT v.tenant_id, v.gym_id, 'attendance_drop', 'warning', v.until - interval '
 FROM visits v
 WHERE v.weekly_mean >= current_setting('ironwod.alert_min_events')::int
   AND v.last_7d < v.weekly_mean * current_setting('ironwod.alert_attendance_factor')::float8;
-COMMENT ON VIEW ironwod.alerts IS 'One row per active alert (tenant_id, gym_id, alert, severity, since, detail): no_success_24h, api_error_rate, breaker_open, backfill_stalled, not_entitled, cancellation_spike, attendance_drop; thresholds from the ironwod.alert_* GUCs';
+COMMENT ON VIEW ironwod.alerts IS 'One row per active alert (tenant_id, gym_id, alert, severity, since, detail): no_success_24h, api_error_rate, breaker_open, backfill_stalled, not_entitled, quarantined_records, cancellation_spike, attendance_drop; thresholds from the ironwod.alert_* GUCs';
 
 -- ---------------------------------------------------------------------------------
 -- Latency per endpoint

@@ -39,7 +39,7 @@ GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, con
     ON ironwod.integrations_wodify_connection TO ironwod_app, ironwod_admin;
 GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.run_units, ironwod.backfill_checkpoints,
     ironwod.entity_cursors, ironwod.sync_events, ironwod.entities, ironwod.master_keys,
-    ironwod.entity_entitlements, ironwod.vanished_records,
+    ironwod.entity_entitlements, ironwod.vanished_records, ironwod.quarantined_records,
     ironwod.wodify_raw_locations, ironwod.wodify_raw_programs, ironwod.wodify_raw_clients,
     ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
     ironwod.wodify_raw_class_signins, ironwod.wodify_raw_invoices, ironwod.wodify_raw_transactions,
@@ -60,6 +60,7 @@ GRANT SELECT, INSERT, UPDATE ON ironwod.run_units TO ironwod_worker;
 GRANT SELECT, INSERT ON ironwod.sync_events TO ironwod_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ironwod.entity_entitlements TO ironwod_worker;
 GRANT SELECT, INSERT, DELETE ON ironwod.vanished_records TO ironwod_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ironwod.quarantined_records TO ironwod_worker;
 GRANT SELECT ON ironwod.entities, ironwod.master_keys TO ironwod_worker;
 GRANT SELECT, INSERT, UPDATE ON ironwod.wodify_raw_locations, ironwod.wodify_raw_programs,
     ironwod.wodify_raw_clients, ironwod.wodify_raw_memberships, ironwod.wodify_raw_membership_holds,
@@ -71,6 +72,9 @@ GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironw
     ironwod.claim_run(bigint, integer), ironwod.next_task(bigint),
     ironwod.plan_units(bigint, text), ironwod.plan_entity(bigint, text), ironwod.entity_skipped(bigint, text),
     ironwod.page_statement(), ironwod.unit_landed(bigint, text, text, integer), ironwod.unvanish(text, bigint[]),
+    ironwod.quarantine(bigint, text, text, bigint[], text[], bytea[], timestamptz),
+    ironwod.record_memory(bigint, bigint, bigint),
+    ironwod.unquarantine(text, bigint[]),
     ironwod.close_entity(bigint, text), ironwod.reconcile_deletions(bigint, ironwod.entities),
     ironwod.mark_not_entitled(bigint, text),
     ironwod.land_page(bigint, text, text, integer, text, integer, text, double precision),

@@ -1,7 +1,7 @@
 -- pgTAP: the schema contract of the brief and design.md §3, and the small SQL
 -- helpers the worker relies on.
 BEGIN;
-SELECT plan(55);
+SELECT plan(56);
 
 SELECT has_schema('ironwod');
 SELECT has_table('ironwod', t, 'table ironwod.' || t)
@@ -9,7 +9,7 @@ FROM unnest(ARRAY['integrations_wodify_connection', 'entities', 'master_keys', '
                   'sync_run_entities', 'sync_events', 'backfill_checkpoints', 'entity_cursors',
                   'wodify_raw_locations', 'wodify_raw_programs', 'wodify_raw_clients',
                   'wodify_raw_memberships', 'wodify_raw_membership_holds', 'wodify_raw_class_signins',
-                  'wodify_raw_invoices', 'wodify_raw_transactions']) AS t;
+                  'wodify_raw_invoices', 'wodify_raw_transactions', 'quarantined_records']) AS t;
 
 -- The connection record carries every field the brief lists.
 SELECT has_column('ironwod', 'integrations_wodify_connection', c, 'connection.' || c)

@@ -4,7 +4,7 @@
 -- counts, and the structured LOG line of a finished run.  The transaction rolls
 -- back, so the supervisor never sees these fixtures.
 BEGIN;
-SELECT plan(65);
+SELECT plan(73);
 SET LOCAL client_min_messages = warning;
 
 -- Two gyms of two tenants; every other connection is parked out of ironwod_tick's way.
@@ -122,6 +122,49 @@ SELECT is(pg_temp.a(), '', 'not_entitled clears when the entity is pulled cleanl
 DELETE FROM ironwod.sync_run_entities WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
 DELETE FROM ironwod.entity_cursors WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
 DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+
+-- (the WARNINGs go to the server log; the client need not print them)
+SET LOCAL client_min_messages = error;
+-- quarantined_records, forced the way a worker forces it: a page with a record
+-- PostgreSQL cannot store lands the rest and quarantines that one, with a WARNING
+-- that names the reasons and counts and nothing of the record; cleared the way a
+-- worker clears it: the vendor's fixed record lands.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at)
+VALUES ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'a1a1a1a1-0000-0000-0000-000000000001', 'incremental', 'running', now());
+SELECT set_config('test.run', currval('ironwod.sync_run_id_seq')::text, true);
+SELECT set_config('test.log_from', (pg_stat_file('server.log')).size::text, true);
+SET LOCAL ROLE ironwod_worker;
+SELECT ironwod.plan_entity(current_setting('test.run')::bigint, 'programs');
+SELECT results_eq($$SELECT outcome, n_records, n_new, n_quarantined
+                    FROM ironwod.land_page(current_setting('test.run')::bigint, 'programs', 'full', 1,
+    '{"programs": [{"id": 1, "name": "CrossFit"}, {"id": 2, "name": "sekrit\u0000payload"}, {"id": 3}],
+      "pagination": {"page": 1, "has_more": true}}', 1)$$,
+                  $$VALUES ('landed', 3, 2, 1)$$, 'quarantined_records: a NUL record is quarantined, its page lands');
+RESET ROLE;
+SELECT is(pg_temp.a(), 'quarantined_records', 'quarantined_records: the gym has a quarantined record');
+SELECT is(pg_temp.detail('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'quarantined_records') - 'last_seen_at',
+          '{"records": 1, "entities": {"programs": 1}, "reasons": {"nul": 1}}'::jsonb,
+          'quarantined_records: detail counts the records by entity and reason');
+CREATE TEMP TABLE warned AS
+SELECT l FROM regexp_split_to_table(pg_read_file('server.log', current_setting('test.log_from')::bigint,
+                                                 (pg_stat_file('server.log')).size - current_setting('test.log_from')::bigint),
+                                    E'\n') AS l;
+SELECT is((SELECT count(*) FROM warned
+           WHERE l LIKE '%WARNING:  ironwod run ' || current_setting('test.run') || ': 1 record(s) of programs quarantined (nul 1)'),
+          1::bigint, 'quarantined_records: one WARNING with the run, the entity and the reasons');
+SELECT is((SELECT count(*) FROM warned WHERE l ~ '(WARNING|DETAIL|HINT):  ' AND l LIKE '%sekrit%'), 0::bigint,
+          'quarantined_records: nothing of the record''s content in the WARNING');
+SET LOCAL ROLE ironwod_worker;
+SELECT results_eq($$SELECT outcome, n_quarantined FROM ironwod.land_page(current_setting('test.run')::bigint, 'programs', 'full', 2,
+    '{"programs": [{"id": 2, "name": "fixed"}], "pagination": {"page": 2, "has_more": true}}', 1)$$,
+                  $$VALUES ('landed', 0)$$, 'quarantined_records: the vendor''s fixed record lands');
+RESET ROLE;
+SELECT is(pg_temp.a(), '', 'quarantined_records clears when the fixed record lands');
+SELECT results_eq($$SELECT pulled, new_versions, unchanged, quarantined FROM ironwod.sync_run_entities
+                    WHERE run_id = current_setting('test.run')::bigint AND entity = 'programs'$$,
+                  $$VALUES (4, 3, 0, 1)$$, 'the run counts the quarantined record per entity');
+DELETE FROM ironwod.sync_runs WHERE tenant_id = 'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1';
+SET LOCAL client_min_messages = warning;
 
 -- cancellation_spike: this month's cancellations against the trailing three-month
 -- mean, from the metrics cache (rows built with every other figure zero).
@@ -361,9 +404,11 @@ SELECT is((SELECT j - 'started_at' - 'finished_at' - 'duration_s' - 'requested_b
                              'attempts', '{"2xx": 1, "429": 0, "4xx": 0, "5xx": 1, "network": 2, "envelope": 0}'::jsonb,
                              'token_wait_s', 1.5, 'backoff_s', 2.5, 'bytes_received', 100,
                              'entities', '{"clients": {"requests": 3, "pages": 0, "pulled": 0, "new": 0,
-                                                       "unchanged": 0, "transformed": 0, "deleted": 0},
+                                                       "unchanged": 0, "transformed": 0, "deleted": 0,
+                                                       "quarantined": 0},
                                            "locations": {"requests": 1, "pages": 1, "pulled": 2, "new": 2,
-                                           "unchanged": 0, "transformed": 2, "deleted": 0}}'::jsonb),
+                                           "unchanged": 0, "transformed": 2, "deleted": 0,
+                                           "quarantined": 0}}'::jsonb),
           'the LOG line is JSON with ids, mode, status and counts, and no error text');
 SELECT ok((SELECT (j ->> 'duration_s')::numeric >= 5 FROM logged), 'and the run''s duration');
 SELECT is_empty($$SELECT 1 FROM regexp_split_to_table(pg_read_file('server.log', current_setting('test.log_from')::bigint,

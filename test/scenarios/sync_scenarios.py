@@ -150,7 +150,8 @@ def same_data(gym, reference, what):
 
 
 def watermarks(gym):
-    return scoped(gym, "SELECT entity || '=' || coalesce(watermark::text, '') FROM ironwod.entity_cursors ORDER BY 1")
+    return scoped(gym, "SELECT entity || '=' || coalesce(watermark::text, '') FROM ironwod.entity_cursors "
+                       "WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() ORDER BY 1")
 
 
 def status(gym):
@@ -418,6 +419,76 @@ def pause_scenario(reference):
     same_data(FAULT, reference, "pause and resume: nothing lost, nothing duplicated")
 
 
+def server_log_since(offset):
+    """The server log from byte offset on, as text (bytes that are not UTF-8 replaced)."""
+    size = int(psql("SELECT (pg_stat_file('server.log')).size")[0])
+    if size <= offset:
+        return ""
+    data = psql(f"SELECT encode(pg_read_binary_file('server.log', {offset}, {size - offset}), 'hex')")[0]
+    return bytes.fromhex(data).decode("utf-8", "replace")
+
+
+def poison_scenario():
+    """Wodify serves two records PostgreSQL cannot store (a \\u0000 escape, invalid
+    UTF-8) in the memberships list: they are quarantined, the rest of the page lands, the
+    run succeeds with the count, one WARNING without their content, and the alert.  Fetched
+    again they stay quarantined, once.  Fixed at the vendor, the next run lands them and
+    quarantine and alert clear."""
+    sim("DELETE", "/_sim/faults")
+    nul_id, utf8_id = (int(x) for x in scoped(
+        FAULT, "SELECT wodify_id FROM ironwod.wodify_raw_memberships WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() "
+        "GROUP BY wodify_id ORDER BY wodify_id LIMIT 2"))
+    total = int(one(FAULT, "SELECT count(DISTINCT wodify_id) FROM ironwod.wodify_raw_memberships "
+                            "WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()"))
+    fault(kind="poison", endpoint="/memberships", count=1000,
+          records=[{"id": nul_id, "reason": "nul"}, {"id": utf8_id, "reason": "invalid_utf8"}])
+    log_from = int(psql("SELECT (pg_stat_file('server.log')).size")[0])
+    run, outcome = counted_sync(FAULT, "incremental", "poison records")
+    counts = one(FAULT, f"SELECT quarantined || '/' || pulled FROM ironwod.sync_run_entities "
+                        f"WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND run_id = {run} AND entity = 'memberships'")
+    landed = one(FAULT, f"SELECT count(DISTINCT wodify_id) FROM ironwod.wodify_raw_memberships "
+                        f"WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND last_seen_run_id = {run}")
+    check(outcome == "succeeded" and counts == f"2/{total}" and landed == str(total - 2),
+          "poison records: the run succeeds, 2 records quarantined, the rest of their page lands",
+          f"{outcome}, quarantined/pulled {counts}, landed {landed} of {total}")
+    held = scoped(FAULT, "SELECT wodify_id || ':' || reason || ':' || times_seen || ':' "
+                         "|| (position(convert_to('\\u0000', 'UTF8') IN raw) > 0) || ':' "
+                         "|| (position('\\xff'::bytea IN raw) > 0) "
+                         "FROM ironwod.quarantined_records WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() ORDER BY wodify_id")
+    want = sorted([f"{nul_id}:nul:1:true:false", f"{utf8_id}:invalid_utf8:1:false:true"],
+                  key=lambda r: int(r.split(":")[0]))
+    check(held == want, "poison records: quarantined with their id, reason and raw bytes", f"{held} != {want}")
+    alert = one(FAULT, "SELECT (detail ->> 'records') || ',' || (detail -> 'reasons' = "
+                       "'{\"nul\": 1, \"invalid_utf8\": 1}'::jsonb) FROM ironwod.alerts "
+                       "WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND alert = 'quarantined_records'")
+    check(alert == "2,true", "poison records: the quarantined_records alert is raised", alert)
+    log = server_log_since(log_from)
+    warned = [l for l in log.splitlines() if f"WARNING:  ironwod run {run}: " in l]
+    check(len(warned) == 1 and "2 record(s) of memberships quarantined (" in warned[0]
+          and "nul 1" in warned[0] and "invalid_utf8 1" in warned[0] and "sim_note" not in log,
+          "poison records: one WARNING with the counts, nothing of the records in the log", warned)
+
+    run, outcome = counted_sync(FAULT, "incremental", "poison records again")
+    again = one(FAULT, "SELECT count(*) || '/' || min(times_seen) || '/' || max(last_seen_run_id) "
+                       "FROM ironwod.quarantined_records WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()")
+    check(outcome == "succeeded" and again == f"2/2/{run}",
+          "poison records fetched again: retried, still quarantined, not duplicated", f"{outcome} {again}")
+
+    sim("DELETE", "/_sim/faults")             # the vendor fixes its records
+    run, outcome = counted_sync(FAULT, "incremental", "poison records fixed")
+    left = one(FAULT, "SELECT count(*) FROM ironwod.quarantined_records WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym()")
+    fixed = one(FAULT, f"SELECT count(DISTINCT wodify_id) FROM ironwod.wodify_raw_memberships "
+                       f"WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND wodify_id IN ({nul_id}, {utf8_id}) "
+                       f"AND last_seen_run_id = {run}")
+    alert = one(FAULT, "SELECT count(*) FROM ironwod.alerts WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() "
+                       "AND alert = 'quarantined_records'")
+    counts = one(FAULT, f"SELECT quarantined FROM ironwod.sync_run_entities "
+                        f"WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND run_id = {run} AND entity = 'memberships'")
+    check(outcome == "succeeded" and left == "0" and fixed == "2" and alert == "0" and counts == "0",
+          "fixed at the vendor: the next run lands them, quarantine and alert clear",
+          f"{outcome}, left {left}, landed {fixed}, alerts {alert}, quarantined {counts}")
+
+
 def connect_again(gym):
     return one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', "
                     f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
@@ -643,12 +714,44 @@ def replay_scenario(gym):
           f"tampered {tampered}, replay {replayed}, again {again}")
 
 
+MB = 1048576
+
+
+def memory_scenario():
+    """A page of 40 records of 1 MB (about 40 MB, under ironwod.max_response_bytes):
+    the run worker's private memory peaks at no more than three times the page plus a
+    constant (the worker's own baseline: caches, plans, libcurl).  The worker measures
+    it itself around every page (sync_runs.peak_memory_bytes, an upper bound: VmHWM
+    less the file and shared pages it held when the page's request went out), so the
+    figure does not depend on sampling the worker at the right moment."""
+    sim("DELETE", "/_sim/faults")
+    fault(kind="bloat", endpoint="/memberships", pad_bytes=MB, max_records=40, count=1)
+    run, outcome = sync(FRESH, "incremental")
+    row = one(FRESH, f"SELECT coalesce(peak_memory_bytes, 0) || ',' || coalesce(largest_page_bytes, 0) "
+                     f"FROM ironwod.sync_runs WHERE tenant_id = ironwod.scope_tenant() "
+                     f"AND gym_id = ironwod.scope_gym() AND run_id = {run}")
+    peak, page = (int(x) for x in row.split(","))
+    print(f"# worker peak private memory {peak / MB:.1f} MB for a largest page of {page / MB:.1f} MB")
+    check(outcome == "succeeded" and page >= 40 * MB and 0 < peak <= 3 * page + MEMORY_CONSTANT,
+          "a page of 40 records of 1 MB: the worker's private memory peaks at most at 3x the page "
+          f"plus {MEMORY_CONSTANT // MB} MB", f"{outcome}, peak {peak}, page {page}")
+    sim("DELETE", "/_sim/faults")
+
+
+# What a run worker holds besides the page: catalog and plan caches, libcurl, OpenSSL.
+MEMORY_CONSTANT = 32 * MB
+
+
 def main():
     watermark_scenario()
     fault_scenarios()
     pause_scenario(latest_versions(FAULT))
+    reference = latest_versions(FAULT)
+    poison_scenario()
+    same_data(FAULT, reference, "poison records: nothing lost, nothing duplicated")
     crash_scenarios(latest_versions(FAULT), canonical_rows(FAULT))
     drift_scenario()
+    memory_scenario()
     failed = results.count(False)
     print(f"1..{len(results)}")
     print(f"# {len(results) - failed} passed, {failed} failed")
