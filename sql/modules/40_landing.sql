@@ -908,7 +908,8 @@ BEGIN
     PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL,
         (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
-                                                                       'deleted', s.deleted)), '{}')
+                                                                       'deleted', s.deleted,
+                                                                       'quarantined', s.quarantined)), '{}')
          FROM ironwod.sync_run_entities s
          WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym() AND s.run_id = p_run_id));
 END

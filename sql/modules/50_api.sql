@@ -298,7 +298,7 @@ BEGIN
            c.backfill_completed_at, a.run_id, a.mode, a.status, l.run_id, l.status,
            (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object(
                     'pulled', s.pulled, 'new', s.new_versions, 'unchanged', s.unchanged,
-                    'transformed', s.transformed, 'deleted', s.deleted,
+                    'transformed', s.transformed, 'deleted', s.deleted, 'quarantined', s.quarantined,
                     'pages', s.pages, 'requests', s.requests, 'watermark', cur.watermark)
                     ORDER BY s.entity), '{}')
             FROM ironwod.sync_run_entities s
