@@ -19,6 +19,8 @@
  *	  wire.c       Wodify's wire formats: vendor datetimes, percent-encoding
  *	  crypto.c     sealed-box encryption of API keys, fingerprints
  *	  masterkey.c  loading private master keys from ironwod.master_key_command
+ *	  rewrap.c     the "ironwod rewrap" worker: re-sealing API keys to the
+ *	               active master key
  *	  loghook.c    emit_log_hook that scrubs API keys from the server log
  *	  sqlfuncs.c   SQL-callable C functions
  *	  observe.c    a connection's expected request rate, the LOG line of a
@@ -184,6 +186,7 @@ typedef struct IwRunArgs
 extern PGDLLEXPORT void ironwod_supervisor_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_run_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_validate_main(Datum main_arg);
+extern PGDLLEXPORT void ironwod_rewrap_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_launcher_main(Datum main_arg);
 extern void iw_register_launcher(void);
 struct BackgroundWorker;

@@ -62,6 +62,11 @@ lane1() {
     PGBIN=$PGBIN bash test/shell/config_checks.sh || rc=$?
     record $rc "configuration problems found early: missing database, ironwod.check_config()"
 
+    # Its own simulator and cluster: keys rotated during running syncs.
+    rc=0
+    PGBIN=$PGBIN bash test/shell/key_rotation.sh || rc=$?
+    record $rc "key rotation during running syncs: a gym's key validated first and swapped as its run ends; master key re-sealed by ironwod_rewrap(), retired only when unused"
+
     # make installcheck against the installation in PGBIN, on its own server.
     rc=0
     PGBIN=$PGBIN bash test/shell/installcheck.sh || rc=$?

@@ -380,6 +380,31 @@ def test_faults_and_stats(sim):
           and stats["quota_429"] == 1 and stats["total"] >= 15, json.dumps(stats))
     sim.sim("POST", "/_sim/stats/reset")
     check("stats reset", sim.sim("GET", "/_sim/stats")["total"] == 0)
+    # a held request is answered, normally, only once released
+    sim.sim("POST", "/_sim/holds", {"api_key": key, "endpoint": "/programs"})
+    out = {}
+    t = threading.Thread(target=lambda: out.update(st=sim.raw("GET", "/programs", key)[0]))
+    t.start()
+    deadline = time.time() + 60
+    while sim.sim("GET", "/_sim/faults")["held"] != 1 and time.time() < deadline:
+        time.sleep(0.01)
+    held = sim.sim("GET", "/_sim/faults")["held"] == 1 and t.is_alive()
+    sim.sim("POST", "/_sim/release")
+    t.join(60)
+    check("hold fault: held until released, then answered", held and out.get("st") == 200
+          and sim.sim("GET", "/_sim/faults")["held"] == 0, str(out))
+    sim.sim("DELETE", "/_sim/faults")
+    # a second key for a gym, counted by key, and revoked
+    extra = "wdfy_selftest_second_key_000001"
+    sim.sim("POST", "/_sim/keys", {"gym": 1, "api_key": extra})
+    st, _, b = sim.raw("GET", "/customers/locations", extra)
+    mine = sim.raw("GET", "/customers/locations", key)[2]
+    by_key = sim.sim("GET", "/_sim/stats")["by_key"]
+    sim.sim("POST", "/_sim/keys", {"api_key": extra, "revoke": True})
+    check("extra key: the gym's data, counted by key, then refused",
+          st == 200 and b == mine and by_key.get(extra) == 1
+          and sim.raw("GET", "/customers/locations", extra)[0] == 403, json.dumps(by_key))
+    sim.sim("POST", "/_sim/stats/reset")
 
 
 def test_throttle():

@@ -52,6 +52,19 @@ fields Wodify recomputes daily (VOLATILE_CLIENT_FIELDS): the versions a client r
 With the clock frozen, 40 concurrent requests against a burst of 20 see exactly 20
 answers, however slowly the threads start.  A fault with "after": N lets N matching
 requests through before it fires.
+
+Holding a request, and rotating keys
+------------------------------------
+POST /_sim/holds (the fields of a fault: api_key, endpoint, after, count) adds a fault of
+kind "hold": it keeps the request it catches waiting, then answers it normally, once POST
+/_sim/release lets every held request go (so does DELETE /_sim/faults; "max_s", 600 by
+default, bounds the wait).  GET /_sim/faults says how many are "held" right now.
+
+    POST /_sim/keys    {"gym": I, "api_key": K}      K is one more valid key of gym I
+                       {"api_key": K, "revoke": true} K is refused from now on (403)
+
+GET /_sim/stats counts requests by key too ("by_key"), so a test can tell which key a
+client used.
 """
 
 import argparse
@@ -1388,6 +1401,8 @@ class Sim:
         self.resume_after_throttled = None
         self.quota_used = {}
         self.faults, self.fault_seq = [], 0
+        self.hold_events, self.held = {}, 0   # hold fault id -> Event; requests held now
+        self.extra_keys, self.revoked = {}, set()   # api_key -> gym index; refused keys
         self.entitlements = []          # (api_key or None, prefix)
         # Transactions a test posted (POST /_sim/transactions), per key, and the keys
         # whose generated transactions are withheld; they survive /_sim/advance.
@@ -1399,7 +1414,8 @@ class Sim:
 
     def reset_stats(self):
         with self.lock:
-            self.stats = {"total": 0, "by_endpoint": {}, "throttled_429": 0, "quota_429": 0, "by_gym": {}}
+            self.stats = {"total": 0, "by_endpoint": {}, "throttled_429": 0, "quota_429": 0, "by_gym": {},
+                          "by_key": {}}
 
     def count(self, tpl, status, kind=None, key=None, outcome=None):
         """Count one request by endpoint and status, and by the gym of its key (the index, or
@@ -1410,9 +1426,11 @@ class Sim:
             s = int(status)
             outcome = ("2xx" if 200 <= s <= 299 else "429" if s == 429 else "5xx" if 500 <= s <= 599
                        else "4xx")
-        gym = self.model.by_key.get(key)
+        gym = self.gym_for(key)
         with self.lock:
             self.stats["total"] += 1
+            if key:
+                self.stats["by_key"][key] = self.stats["by_key"].get(key, 0) + 1
             ep = self.stats["by_endpoint"].setdefault(tpl, {})
             ep[str(status)] = ep.get(str(status), 0) + 1
             if kind == "throttle":
@@ -1469,6 +1487,32 @@ class Sim:
             self.buckets[key] = (tokens - 1.0, now)
             self.quota_used[(key, month)] = used + 1
             return None
+
+    def gym_for(self, key):
+        """The gym a key belongs to: its own, one added by POST /_sim/keys, or None."""
+        if key is None or key in self.revoked:
+            return None
+        if key in self.extra_keys:
+            return self.model.gyms[self.extra_keys[key]]
+        return self.model.by_key.get(key)
+
+    def hold(self, fault):
+        """Keep a request caught by a "hold" fault until POST /_sim/release (or max_s)."""
+        with self.lock:
+            ev = self.hold_events.setdefault(fault["id"], threading.Event())
+            self.held += 1
+        try:
+            ev.wait(float(fault.get("max_s", 600)))
+        finally:
+            with self.lock:
+                self.held -= 1
+
+    def release(self):
+        """Let every held request go, and every hold fault that fires later too."""
+        with self.lock:
+            for f in self.faults:
+                if f["kind"] == "hold":
+                    self.hold_events.setdefault(f["id"], threading.Event()).set()
 
     def take_fault(self, key, tpl, path):
         with self.lock:
@@ -1727,7 +1771,7 @@ class Handler(BaseHTTPRequestHandler):
             sim.count(label, 403, key=key)
             return self.send_json(403, {"message": "Missing Authentication Token"})
         model = sim.model
-        gym = model.by_key.get(key)
+        gym = sim.gym_for(key)
         if gym is None or not sim.entitled(key, path):
             sim.count(label, 403, key=key)
             return self.send_json(403, {"message": "Forbidden"})
@@ -1759,7 +1803,9 @@ class Handler(BaseHTTPRequestHandler):
                 sim.count(label, 200, key=key, outcome="envelope")
                 return self.send_json(200, envelope_error(code, "SIMULATED_ERROR", "Injected fault",
                                                           "An error occurred."))
-            # slow / truncate fall through to a normal body
+            if fk == "hold":
+                sim.hold(fault)
+            # slow / truncate / hold fall through to a normal body
         status, obj = self.api(sim, model, gym, kind, ids, params)
         fk = fault["kind"] if fault else None
         if fk in BODY_FAULTS and status == 200 and isinstance(obj, bytes):
@@ -1872,8 +1918,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/_sim/faults":
             if method == "GET":
                 with sim.lock:
-                    return self.send_json(200, {"faults": [dict(f) for f in sim.faults]})
+                    return self.send_json(200, {"faults": [dict(f) for f in sim.faults], "held": sim.held})
             if method == "DELETE":
+                sim.release()
                 with sim.lock:
                     sim.faults.clear()
                 return self.send_json(200, {"ok": True})
@@ -1892,6 +1939,35 @@ class Handler(BaseHTTPRequestHandler):
                     f = dict(data, id=sim.fault_seq, remaining=int(data.get("count", 1)))
                     sim.faults.append(f)
                 return self.send_json(200, {"id": f["id"]})
+        if path == "/_sim/holds" and method == "POST":
+            # a fault of kind "hold", with the other faults' fields (api_key, endpoint, after, count)
+            with sim.lock:
+                sim.fault_seq += 1
+                f = dict(data, kind="hold", id=sim.fault_seq, remaining=int(data.get("count", 1)))
+                sim.faults.append(f)
+            return self.send_json(200, {"id": f["id"]})
+        if path == "/_sim/release" and method == "POST":
+            sim.release()
+            return self.send_json(200, {"ok": True})
+        if path == "/_sim/keys" and method == "POST":
+            key = data.get("api_key")
+            if not isinstance(key, str) or not key:
+                return self.send_json(400, {"error": "api_key required"})
+            with sim.lock:
+                if data.get("revoke"):
+                    sim.revoked.add(key)
+                    sim.extra_keys.pop(key, None)
+                else:
+                    try:
+                        idx = int(data["gym"])
+                        sim.model.gyms[idx]
+                    except (KeyError, TypeError, ValueError, IndexError):
+                        return self.send_json(400, {"error": "gym must be a gym index"})
+                    sim.extra_keys[key] = idx
+                    sim.revoked.discard(key)
+                    if key not in sim.keys:
+                        sim.keys.append(key)
+            return self.send_json(200, {"ok": True})
         if path == "/_sim/entitlements" and method == "POST":
             key, prefix = data.get("api_key"), data.get("endpoint_prefix", "")
             if not prefix:

@@ -36,6 +36,10 @@ RETURNS record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_validate_sealed_key';
 COMMENT ON FUNCTION ironwod.validate_sealed_key(uuid, uuid, bytea) IS 'Have a validate worker open the key and call GET /customers/locations, waiting at most ironwod.validate_timeout_ms; verdict valid, rejected, unopenable, keystore or unavailable, and the HTTP attempts it made (ironwod.add_attempts layout)';
 
+CREATE FUNCTION ironwod.run_rewrap_worker() RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ironwod_run_rewrap_worker';
+COMMENT ON FUNCTION ironwod.run_rewrap_worker() IS 'Start the rewrap worker, which re-seals every API key sealed to an older master key to the active one, and wait until it exits';
+
 CREATE FUNCTION ironwod.worker_status(OUT run_id bigint, OUT pid integer) RETURNS SETOF record
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_worker_status';
 COMMENT ON FUNCTION ironwod.worker_status() IS 'Run workers alive now, from shared memory';

@@ -21,6 +21,12 @@ CREATE TABLE ironwod.integrations_wodify_connection (
     api_key_ciphertext   bytea,
     master_key_id        text,
     api_key_fingerprint  text,
+    -- ironwod_rotate_key: a validated successor waiting for the running run,
+    -- which keeps the old key, to end (sql/modules/55_rotation.sql)
+    next_api_key_ciphertext  bytea,
+    next_master_key_id       text,
+    next_api_key_fingerprint text,
+    key_rotated_at       timestamptz,
     connected_at         timestamptz,
     last_success_at      timestamptz,
     last_error_at        timestamptz,

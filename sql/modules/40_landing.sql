@@ -139,10 +139,16 @@ BEGIN
         RETURN;
     END IF;
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.started', NULL, jsonb_build_object('mode', v_mode));
+    -- A rotated key left waiting (its run ended without swapping it in) is
+    -- swapped in now, before this run takes a key.
+    PERFORM ironwod.apply_rotated_key(v_now);
+    -- FOR SHARE: a rotation committing meanwhile is waited for and read, so no
+    -- run claimed after a rotation commits gets the old key.
     RETURN QUERY
         SELECT v_mode, c.api_key_ciphertext, c.master_key_id
         FROM ironwod.integrations_wodify_connection c
-        WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.status <> 'disconnected';
+        WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.status <> 'disconnected'
+        FOR SHARE;
 END
 $$;
 COMMENT ON FUNCTION ironwod.claim_run(bigint, integer) IS 'Worker: move a queued run to running and hand back its mode and sealed key';
@@ -905,6 +911,8 @@ BEGIN
            backfill_completed_at = CASE WHEN v_mode = 'backfill' THEN clock_timestamp() ELSE c.backfill_completed_at END,
            updated_at = now()
      WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+    -- the run, which held the old key, is over: a rotated key takes its place
+    PERFORM ironwod.apply_rotated_key(clock_timestamp());
     PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL,
         (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
@@ -974,6 +982,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
+    -- the run, which held the old key, is over: a rotated key takes its place
+    PERFORM ironwod.apply_rotated_key(clock_timestamp());
     PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
     IF p_code = 'quota' THEN
         UPDATE ironwod.integrations_wodify_connection c

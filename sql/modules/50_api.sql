@@ -74,7 +74,9 @@ BEGIN
         RAISE EXCEPTION 'sealed API key must not be null' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     v_key_id := ironwod.sealed_key_id(p_sealed_key);
-    IF NOT EXISTS (SELECT 1 FROM ironwod.master_keys k WHERE k.key_id = v_key_id) THEN
+    -- the share lock keeps ironwod.retire_master_key from retiring it meanwhile
+    PERFORM 1 FROM ironwod.master_keys k WHERE k.key_id = v_key_id FOR KEY SHARE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'API key is sealed to unknown master key "%"', v_key_id
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Seal the key to the key returned by ironwod_public_key().';
@@ -115,6 +117,7 @@ BEGIN
        SET status = CASE WHEN c.status = 'paused' THEN 'paused' ELSE excluded.status END,
            api_key_ciphertext = excluded.api_key_ciphertext, master_key_id = excluded.master_key_id,
            api_key_fingerprint = excluded.api_key_fingerprint,
+           next_api_key_ciphertext = NULL, next_master_key_id = NULL, next_api_key_fingerprint = NULL,
            connected_at = coalesce(excluded.connected_at, c.connected_at),
            consecutive_failures = 0, breaker_opened_at = NULL, next_retry_at = NULL,
            updated_at = v_now;
@@ -338,7 +341,9 @@ DECLARE
 BEGIN
     PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
     UPDATE ironwod.integrations_wodify_connection c
-       SET status = 'disconnected', api_key_ciphertext = NULL, master_key_id = NULL, updated_at = now()
+       SET status = 'disconnected', api_key_ciphertext = NULL, master_key_id = NULL,
+           next_api_key_ciphertext = NULL, next_master_key_id = NULL, next_api_key_fingerprint = NULL,
+           updated_at = now()
      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
     UPDATE ironwod.sync_runs r
        SET status = 'cancelled', finished_at = v_now, last_error = 'disconnected', phase = NULL

@@ -17,6 +17,8 @@ REVOKE ALL ON FUNCTION @extschema@.ironwod_tick() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_schedule(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_pause(uuid, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.ironwod_resume(uuid, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_rotate_key(uuid, uuid, bytea) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.ironwod_rewrap() FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA ironwod TO ironwod_app, ironwod_admin, ironwod_worker;
 
@@ -25,7 +27,8 @@ GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@
     @extschema@.ironwod_connect(uuid, uuid, bytea), @extschema@.ironwod_connect(uuid, uuid, text),
     @extschema@.ironwod_sync(uuid, uuid, text), @extschema@.ironwod_wait(bigint, interval),
     @extschema@.ironwod_status(uuid, uuid), @extschema@.ironwod_disconnect(uuid, uuid),
-    @extschema@.ironwod_pause(uuid, uuid), @extschema@.ironwod_resume(uuid, uuid)
+    @extschema@.ironwod_pause(uuid, uuid), @extschema@.ironwod_resume(uuid, uuid),
+    @extschema@.ironwod_rotate_key(uuid, uuid, bytea)
     TO ironwod_app, ironwod_admin;
 GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded(),
     ironwod.latest_raw_versions(text), ironwod.latest_raw_versions(text, uuid, uuid, bigint[], boolean),
@@ -35,7 +38,8 @@ GRANT SELECT (tenant_id, gym_id, status, master_key_id, api_key_fingerprint, con
               last_success_at, last_error_at, last_error, last_error_code, last_cursor_at,
               sync_window_days, consecutive_failures, breaker_opened_at, next_retry_at,
               nightly_local_time, reconcile_weekday, time_zone, backfill_completed_at,
-              paused_at, paused_by, created_at, updated_at)
+              paused_at, paused_by, created_at, updated_at,
+              next_master_key_id, next_api_key_fingerprint, key_rotated_at)
     ON ironwod.integrations_wodify_connection TO ironwod_app, ironwod_admin;
 GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.run_units, ironwod.backfill_checkpoints,
     ironwod.entity_cursors, ironwod.sync_events, ironwod.entities, ironwod.master_keys,
@@ -48,7 +52,8 @@ GRANT SELECT ON ironwod.sync_runs, ironwod.sync_run_entities, ironwod.run_units,
 
 -- Operators: the registry and the master keys.
 GRANT UPDATE ON ironwod.entities TO ironwod_admin;
-GRANT EXECUTE ON FUNCTION ironwod.register_master_key(text, bytea), ironwod.worker_status(),
+GRANT EXECUTE ON FUNCTION ironwod.register_master_key(text, bytea), ironwod.retire_master_key(text),
+    @extschema@.ironwod_rewrap(), ironwod.worker_status(),
     ironwod.rate_limits(), @extschema@.ironwod_tick(), @extschema@.ironwod_schedule(text) TO ironwod_admin;
 
 -- The run workers: their scope's rows, the ciphertext, and the landing functions.
@@ -82,5 +87,7 @@ GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironw
     ironwod.split_page(text, text),
     ironwod.is_time_zone(text), ironwod.count_requests(bigint, timestamptz, text), ironwod.add_attempts(bigint, text, bigint[]),
     ironwod.latency_buckets(), ironwod.finish_run(bigint),
-    ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text)
+    ironwod.finish_validate(bigint, boolean, text, text), ironwod.fail_run(bigint, text, text, text),
+    ironwod.apply_rotated_key(timestamptz), ironwod.rewrap_targets(),
+    ironwod.store_rewrapped_key(bytea, bytea, text)
     TO ironwod_worker;

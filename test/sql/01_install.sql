@@ -61,6 +61,8 @@ WHERE p.prosecdef AND (p.pronamespace = 'ironwod'::regnamespace OR p.proname LIK
 -- The app role may not read the ciphertext column; the worker role may.
 SELECT has_column_privilege('ironwod_app', 'ironwod.integrations_wodify_connection', 'api_key_ciphertext', 'SELECT') AS app_reads_ciphertext,
        has_column_privilege('ironwod_worker', 'ironwod.integrations_wodify_connection', 'api_key_ciphertext', 'SELECT') AS worker_reads_ciphertext;
+-- Nor the ciphertext of a rotated key waiting for its run.
+SELECT has_column_privilege('ironwod_app', 'ironwod.integrations_wodify_connection', 'next_api_key_ciphertext', 'SELECT') AS app_reads_next_ciphertext;
 
 -- The entity registry, in sync order.
 SELECT entity, path, records_key, backfill_strategy FROM ironwod.entities ORDER BY ordinal;
