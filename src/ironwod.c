@@ -45,6 +45,7 @@ int			ironwod_breaker_threshold = 5;
 int			ironwod_run_timeout_min = 360;
 int			ironwod_watchdog_timeout_s = 900;
 int			ironwod_max_record_bytes = 4 * 1024 * 1024;
+bool		ironwod_allow_plaintext_keys = false;
 
 /*
  * Thresholds of the ironwod.alerts view.  Only SQL reads them, so they have
@@ -180,6 +181,11 @@ define_gucs(void)
 							"How long ironwod_connect waits for the key's verdict.",
 							NULL, &ironwod_validate_timeout_ms, 15000, 100, 600000,
 							PGC_SUSET, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomBoolVariable("ironwod.allow_plaintext_keys",
+							 "Accept API keys as text (ironwod_connect(tenant, gym, text), ironwod.seal_key).",
+							 "Off: those calls are refused, because PostgreSQL keeps a key passed as text in pg_stat_activity and pg_stat_statements. Only a superuser can change it.",
+							 &ironwod_allow_plaintext_keys, false,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("ironwod.enabled",
 							 "Start queued runs; off pauses ironwod without stopping the server.",
 							 NULL, &ironwod_enabled, true,

@@ -22,6 +22,8 @@
  *	  rewrap.c     the "ironwod rewrap" worker: re-sealing API keys to the
  *	               active master key
  *	  loghook.c    emit_log_hook that scrubs API keys from the server log
+ *	  plaintext.c  the ironwod.allow_plaintext_keys gate; plaintext keys kept
+ *	               out of pg_stat_activity
  *	  sqlfuncs.c   SQL-callable C functions
  *	  observe.c    a connection's expected request rate, the LOG line of a
  *	               finished run
@@ -76,6 +78,7 @@ extern int	ironwod_breaker_threshold;
 extern int	ironwod_run_timeout_min;
 extern int	ironwod_watchdog_timeout_s;
 extern int	ironwod_max_record_bytes;
+extern bool ironwod_allow_plaintext_keys;
 
 /* ---- shared memory (shmem.c) ---- */
 
@@ -417,5 +420,8 @@ extern int64 iw_memory_largest_page(void);
 
 /* ---- log hook (loghook.c) ---- */
 extern void iw_install_log_hook(void);
+
+/* ---- plaintext keys (plaintext.c) ---- */
+extern void iw_admit_plaintext_key(void);
 
 #endif							/* IRONWOD_H */

@@ -131,7 +131,9 @@ ironwod_sealed_key_id(PG_FUNCTION_ARGS)
 /*
  * Seal a plaintext key to the active master public key.  Used by the text
  * overload of ironwod_connect; the plaintext is wiped from our copy, though the
- * caller's argument datum is beyond our reach (hence the bytea path).
+ * caller's argument datum is beyond our reach (hence the bytea path).  Like
+ * every plaintext path it passes the ironwod.allow_plaintext_keys gate first
+ * (plaintext.c), which also hides the statement from pg_stat_activity.
  */
 Datum
 ironwod_seal_key(PG_FUNCTION_ARGS)
@@ -145,6 +147,7 @@ ironwod_seal_key(PG_FUNCTION_ARGS)
 	bytea	   *sealed;
 	MemoryContext caller_ctx = CurrentMemoryContext;
 
+	iw_admit_plaintext_key();
 	require_shmem();
 	SPI_connect();
 	if (SPI_execute("SELECT key_id, public_key FROM ironwod.master_keys "

@@ -25,11 +25,12 @@ G=b0b0b0b0-0000-4000-8000-0000000000aa
 KEY=$(curl -sf "$SIM_URL/_sim/gyms" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gyms"][0]["api_key"])')
 
 # All timings come from the server's clock (clock_timestamp), in milliseconds.
-psql -qAtX -v ON_ERROR_STOP=1 -v t="$T" -v g="$G" -v key="$KEY" -v scale="$SCALE" <<'SQL'
+SEALED=$(printf %s "$KEY" | seal_key "$T" "$G")
+psql -qAtX -v ON_ERROR_STOP=1 -v t="$T" -v g="$G" -v sealed="$SEALED" -v scale="$SCALE" <<'SQL'
 \set QUIET on
 BEGIN;
 SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
-SELECT ironwod_connect(:'t', :'g', ironwod.seal_key(:'t', :'g', :'key')) \g /dev/null
+SELECT ironwod_connect(:'t', :'g', :'sealed'::bytea) \g /dev/null
 COMMIT;
 BEGIN;
 SELECT ironwod_set_scope(:'t', :'g') \g /dev/null

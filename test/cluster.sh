@@ -70,6 +70,20 @@ start_sim() {
     SIM_URL="http://127.0.0.1:$SIM_PORT"
 }
 
+# worker_hba FILE: the README's pg_hba.conf rule (Installing, step 4) on a fresh
+# initdb's file: reject ironwod_worker, the LOGIN role without a password that
+# background workers connect as, above initdb's trust lines (first match wins).
+# Every test cluster runs with it, as production does.
+worker_hba() {
+    local file=$1
+    { printf 'local   all    ironwod_worker           reject\n'
+      printf 'host    all    ironwod_worker    all    reject\n'
+      cat "$file"; } >"$file.new"
+    mv "$file.new" "$file"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$file"
+    return 0
+}
+
 # start_cluster PRELOAD [extra postgresql.conf lines...]: sets PGHOST/PGPORT/PGUSER.
 start_cluster() {
     local preload=$1
@@ -80,6 +94,7 @@ start_cluster() {
     [ "$(id -u)" = 0 ] && chown -R postgres:postgres "$WORK"
     chmod 755 "$WORK"
     as_server "$PGBIN/initdb -D '$WORK/data' -A trust -E UTF8 --locale=C.UTF-8" >"$WORK/initdb.log"
+    worker_hba "$WORK/data/pg_hba.conf"
     export PGPORT=${PGPORT_WANTED:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
     export PGHOST="$WORK"
     export PGUSER=$SERVER_USER
@@ -88,7 +103,10 @@ start_cluster() {
         echo "port = $PGPORT"
         echo "listen_addresses = ''"
         echo "unix_socket_directories = '$WORK'"
-        echo "shared_preload_libraries = '$preload'"
+        # pg_stat_statements with every statement tracked (nested ones too): the
+        # security scenarios prove no plaintext key ends up in it.
+        echo "shared_preload_libraries = 'pg_stat_statements,$preload'"
+        echo "pg_stat_statements.track = 'all'"
         echo "max_worker_processes = 32"
         echo "ironwod.database_name = 'postgres'"
         echo "ironwod.base_url = '$SIM_URL'"
@@ -131,6 +149,16 @@ CREATE TABLE public.sim_truth AS
 CREATE TABLE public.test_dev_key AS
     SELECT split_part(:'devkey', ' ', 1) AS key_id, decode(split_part(:'devkey', ' ', 2), 'hex') AS public_key;
 SQL
+}
+
+# seal_key TENANT GYM: the API key on standard input, sealed outside PostgreSQL
+# to the cluster's ironwod_public_key(), as a host app seals it (test/seal.py);
+# prints a bytea literal (\x...) for ironwod_connect(tenant, gym, sealed bytea).
+seal_key() {
+    local kid_pub
+    kid_pub=$(psql -qAtX -v ON_ERROR_STOP=1 -F ' ' -c "SELECT key_id, encode(public_key, 'hex') FROM ironwod_public_key()")
+    # shellcheck disable=SC2086 # two words: key id and public key
+    /usr/bin/python3 "$REPO/test/seal.py" "$1" "$2" $kid_pub
 }
 
 # Register the development master public key printed by devkey.sh.

@@ -65,13 +65,13 @@ psql -qX -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION ironwod' -c 'CREATE EXTENSION p
 register_dev_key >/dev/null
 
 echo "== connecting the demo gym (the key is sealed before it is stored) and backfilling"
-# The host app would seal the key itself with ironwod_public_key(); the demo lets
-# the backend seal it.  The key travels as a psql variable, never in this script's
-# command line.
-psql -qX -v ON_ERROR_STOP=1 -v key="$KEY" -v t="$TENANT" -v g="$GYM" <<'SQL'
+# As a host app does: the key is sealed to ironwod_public_key() outside PostgreSQL
+# (test/seal.py, the key on its standard input), so no statement carries it.
+SEALED=$(printf %s "$KEY" | seal_key "$TENANT" "$GYM")
+psql -qX -v ON_ERROR_STOP=1 -v sealed="$SEALED" -v t="$TENANT" -v g="$GYM" <<'SQL'
 BEGIN;
 SELECT ironwod_set_scope(:'t', :'g') \g /dev/null
-SELECT ironwod_connect(:'t', :'g', ironwod.seal_key(:'t', :'g', :'key')) AS connection_status;
+SELECT ironwod_connect(:'t', :'g', :'sealed'::bytea) AS connection_status;
 COMMIT;
 SQL
 START=$(date +%s)

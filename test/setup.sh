@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
     build-essential postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libssl-dev
     postgresql-15-pgtap postgresql-15-cron libtap-parser-sourcehandler-pgtap-perl
-    python3 openssl curl
+    python3 python3-psycopg python3-cryptography openssl curl
 )
 
 missing=()

@@ -26,7 +26,11 @@ COMMENT ON FUNCTION ironwod.sealed_key_id(bytea) IS 'Master key id a sealed API 
 
 CREATE FUNCTION ironwod.seal_key(p_tenant_id uuid, p_gym_id uuid, p_api_key text) RETURNS bytea
 LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'ironwod_seal_key';
-COMMENT ON FUNCTION ironwod.seal_key(uuid, uuid, text) IS 'Seal an API key to the active master public key, bound to (tenant, gym)';
+COMMENT ON FUNCTION ironwod.seal_key(uuid, uuid, text) IS 'Seal a plaintext API key to the active master public key, bound to (tenant, gym); refused (0A000) unless ironwod.allow_plaintext_keys is on';
+
+CREATE FUNCTION ironwod.admit_plaintext_key() RETURNS void
+LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'ironwod_admit_plaintext_key';
+COMMENT ON FUNCTION ironwod.admit_plaintext_key() IS 'Hide the current statement from pg_stat_activity (it passed a plaintext API key), then raise 0A000 unless ironwod.allow_plaintext_keys is on';
 
 CREATE FUNCTION ironwod.validate_sealed_key(p_tenant_id uuid, p_gym_id uuid, p_sealed bytea,
                                             OUT verdict text, OUT http_status integer,

@@ -236,7 +236,7 @@ CREATE TABLE ironwod.sync_events (
     detail      jsonb NOT NULL DEFAULT '{}',
     PRIMARY KEY (tenant_id, gym_id, event_id)
 );
-COMMENT ON TABLE ironwod.sync_events IS 'Structured events wodify.sync.*; also sent as NOTIFY ironwod_events';
+COMMENT ON TABLE ironwod.sync_events IS 'Structured events wodify.sync.*; NOTIFY ironwod_events carries only their event_id';
 
 -- Entities Wodify refuses (403) for this connection while others work: the gym's
 -- plan does not include them.  Skipped by incremental runs, retried by the weekly

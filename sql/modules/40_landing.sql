@@ -93,19 +93,24 @@ $$;
 COMMENT ON FUNCTION ironwod.latest_raw_versions(text) IS 'Latest raw version of every record of an entity in the current scope';
 
 -- Events go to a table (for admin tooling) and to NOTIFY (for live listeners).
+-- PostgreSQL has no access control on LISTEN: any role that can connect hears
+-- every notification on a channel.  So the payload is only the event's opaque
+-- id; a subscriber reads the event itself from ironwod.sync_events, where
+-- row-level security shows it only its own tenant's and gym's rows.
 CREATE FUNCTION ironwod.emit_event(p_run_id bigint, p_event text, p_entity text, p_detail jsonb)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    v_event_id bigint;
 BEGIN
     INSERT INTO ironwod.sync_events (tenant_id, gym_id, run_id, event, entity, detail)
-    VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_event, p_entity, coalesce(p_detail, '{}'));
-    PERFORM pg_notify('ironwod_events', json_build_object(
-        'tenant_id', ironwod.scope_tenant(), 'gym_id', ironwod.scope_gym(),
-        'run_id', p_run_id, 'event', p_event, 'entity', p_entity)::text);
+    VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_event, p_entity, coalesce(p_detail, '{}'))
+    RETURNING event_id INTO v_event_id;
+    PERFORM pg_notify('ironwod_events', v_event_id::text);
 END
 $$;
-COMMENT ON FUNCTION ironwod.emit_event(bigint, text, text, jsonb) IS 'Record a wodify.sync.* event and NOTIFY ironwod_events';
+COMMENT ON FUNCTION ironwod.emit_event(bigint, text, text, jsonb) IS 'Record a wodify.sync.* event and NOTIFY ironwod_events with only its event_id (read the row under RLS)';
 
 -- Mark the run running before any work: a crash always leaves evidence
 -- (TimescaleDB's mark-start rule).  Returns the sealed key only to the worker role.

@@ -156,14 +156,19 @@ $$;
 COMMENT ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, bytea) IS 'Connect a gym with an API key sealed to ironwod_public_key(); validates it and queues the initial backfill';
 
 -- Convenience path: the plaintext key enters the backend, is sealed at once and
--- never stored.  Weaker than the bytea form (the key is visible in
--- pg_stat_activity while the call runs); the log hook scrubs it from the log.
+-- never stored.  Weaker than the bytea form: the key is part of the caller's
+-- statement text, which PostgreSQL shows in pg_stat_activity and may store in
+-- pg_stat_statements.  So it is refused unless a superuser turned
+-- ironwod.allow_plaintext_keys on; either way the gate first hides the statement
+-- from pg_stat_activity (before the scope check, so that a refused call leaves
+-- no key on view either).  The log hook scrubs it from the log.
 CREATE FUNCTION @extschema@.ironwod_connect(p_tenant_id uuid, p_gym_id uuid, p_api_key text)
 RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM ironwod.admit_plaintext_key();
     PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
     IF p_api_key IS NULL OR length(btrim(p_api_key)) = 0 THEN
         RAISE EXCEPTION 'API key must not be empty' USING ERRCODE = 'invalid_parameter_value';
@@ -171,7 +176,7 @@ BEGIN
     RETURN @extschema@.ironwod_connect(p_tenant_id, p_gym_id, ironwod.seal_key(p_tenant_id, p_gym_id, p_api_key));
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, text) IS 'Connect a gym with a plaintext API key, sealed in the backend (weaker than the bytea form)';
+COMMENT ON FUNCTION @extschema@.ironwod_connect(uuid, uuid, text) IS 'Connect a gym with a plaintext API key, sealed in the backend; refused (0A000) unless ironwod.allow_plaintext_keys is on';
 
 CREATE FUNCTION @extschema@.ironwod_sync(p_tenant_id uuid, p_gym_id uuid, p_mode text DEFAULT 'incremental')
 RETURNS bigint

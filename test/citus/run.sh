@@ -81,8 +81,9 @@ free_port() {
 
 # start_node NAME [extra postgresql.conf lines...].  Citus reaches the nodes over
 # TCP as the current user (the app's login role, ironwod_worker for run workers),
-# so every node accepts local TCP connections; the single-node suite's pg_hba
-# rules for ironwod_worker cannot apply between nodes.
+# so every node accepts local TCP connections: the README's TCP reject line for
+# ironwod_worker applies to everything but the coordinator, which here shares
+# 127.0.0.1 with everyone.  Its Unix-socket line applies, and comes first.
 start_node() {
     local name=$1 port
     shift
@@ -107,7 +108,7 @@ start_node() {
         echo "citus.shard_count = 4"
         for line in "$@"; do echo "$line"; done
     } >>"$WORK/$name/postgresql.conf"
-    printf 'local all all trust\nhost all all 127.0.0.1/32 trust\n' >"$WORK/$name/pg_hba.conf"
+    printf 'local all ironwod_worker reject\nlocal all all trust\nhost all all 127.0.0.1/32 trust\n' >"$WORK/$name/pg_hba.conf"
     chown postgres:postgres "$WORK/$name/postgresql.conf" "$WORK/$name/pg_hba.conf"
     su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$WORK/$name' -l '$WORK/$name/server.log' -w start" >/dev/null
     psql -qX -h "$WORK" -p "$port" -U postgres -d postgres -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION citus'

@@ -75,9 +75,17 @@ def check(ok, description, detail=""):
             print(f"#   {line}")
 
 
+def sealed(gym):
+    """The scenarios' key sealed to ironwod_public_key() outside PostgreSQL, as a host
+    app seals it (test/seal.py), as a bytea literal: no statement carries the key."""
+    kid, pub = psql("SELECT key_id || ' ' || encode(public_key, 'hex') FROM ironwod_public_key()")[0].split()
+    out = subprocess.run(["/usr/bin/python3", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "seal.py"),
+                          gym[0], gym[1], kid, pub], input=api_key(), capture_output=True, text=True, check=True)
+    return "'" + out.stdout.strip() + "'::bytea"
+
+
 def connect(gym):
-    one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', "
-             f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
+    one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', {sealed(gym)})")
     return wait(gym, one(gym, "SELECT last_run('backfill')"))
 
 
@@ -490,8 +498,7 @@ def poison_scenario():
 
 
 def connect_again(gym):
-    return one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', "
-                    f"(SELECT api_key FROM sim_gyms WHERE idx = {GYM_INDEX}))")
+    return one(gym, f"SELECT ironwod_connect('{gym[0]}', '{gym[1]}', {sealed(gym)})")
 
 
 def fault_fired():

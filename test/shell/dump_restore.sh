@@ -49,11 +49,11 @@ A_HOST=$PGHOST A_PORT=$PGPORT A_KEYCMD="$TOP/keys/master_key_command.sh"
 psql -qX -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION ironwod' >/dev/null
 register_dev_key >/dev/null
 API_KEY=$(curl -sf "$SIM_URL/_sim/gyms" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gyms"][0]["api_key"])')
-status=$(psql -qAtX -v ON_ERROR_STOP=1 -v key="$API_KEY" <<SQL
-SET log_statement = 'none';
+SEALED=$(printf %s "$API_KEY" | seal_key "$T" "$G")
+status=$(psql -qAtX -v ON_ERROR_STOP=1 -v sealed="$SEALED" <<SQL
 BEGIN;
 SELECT ironwod_set_scope('$T', '$G') \\g /dev/null
-SELECT ironwod_connect('$T', '$G', :'key'::text) \\g /dev/null
+SELECT ironwod_connect('$T', '$G', :'sealed'::bytea) \\g /dev/null
 COMMIT;
 BEGIN;
 SELECT ironwod_set_scope('$T', '$G') \\g /dev/null

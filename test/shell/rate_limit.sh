@@ -54,12 +54,12 @@ sim_stat() { curl -sf "$SIM_URL/_sim/stats" | python3 -c "import json,sys; print
 # Connect (tenant, gym) with the key and wait for the initial backfill; prints
 # the run's final status.
 connect_and_backfill() {
-    local tenant=$1
-    psql -qAtX -v ON_ERROR_STOP=1 -v key="$API_KEY" >/dev/null <<SQL
-SET log_statement = 'none';
+    local tenant=$1 sealed
+    sealed=$(printf %s "$API_KEY" | seal_key "$tenant" "$GYM")
+    psql -qAtX -v ON_ERROR_STOP=1 -v sealed="$sealed" >/dev/null <<SQL
 BEGIN;
 SELECT ironwod_set_scope('$tenant', '$GYM');
-SELECT ironwod_connect('$tenant', '$GYM', :'key'::text);
+SELECT ironwod_connect('$tenant', '$GYM', :'sealed'::bytea);
 COMMIT;
 SQL
     psql -qAtX -v ON_ERROR_STOP=1 <<SQL

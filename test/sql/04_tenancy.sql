@@ -6,10 +6,16 @@
 \set g1 '''aaaaaaaa-0000-0000-0000-000000000001'''
 \set gb '''bbbbbbbb-0000-0000-0000-000000000001'''
 
+-- The key is sealed here, outside PostgreSQL, as a host app seals it (test/seal.py).
+\getenv srcdir PG_ABS_SRCDIR
+SELECT key_id AS kid, encode(public_key, 'hex') AS pub FROM ironwod_public_key() \gset
+SELECT api_key AS key0 FROM sim_gyms WHERE idx = 0 \gset
+\set sealed_b `printf %s :'key0' | /usr/bin/python3 :'srcdir'/seal.py :tb :gb :'kid' :'pub'`
+
 SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tb, :gb);
-SELECT ironwod_connect(:tb, :gb, (SELECT api_key FROM sim_gyms WHERE idx = 0));
+SELECT ironwod_connect(:tb, :gb, :'sealed_b'::bytea);
 COMMIT;
 BEGIN;
 SELECT ironwod_set_scope(:tb, :gb);
@@ -30,7 +36,7 @@ SELECT count(*) AS other_tenant_events FROM ironwod.sync_events WHERE tenant_id 
 SELECT try(format('SELECT ironwod_status(%L, %L)', :ta, :g1));
 SELECT try(format('SELECT ironwod_sync(%L, %L)', :ta, :g1));
 SELECT try(format('SELECT ironwod_disconnect(%L, %L)', :ta, :g1));
-SELECT try(format('SELECT ironwod_connect(%L, %L, %L::text)', :ta, :g1, 'wdfy_hijack'));
+SELECT try(format('SELECT ironwod_connect(%L, %L, %L::bytea)', :ta, :g1, :'sealed_b'));
 SELECT regexp_replace(try(format('SELECT ironwod_wait(%s, %L)', (SELECT min(run_id) FROM ironwod.sync_runs) - 1, '1 second')),
                       'run \d+', 'run N') AS other_tenants_run;
 -- Writes through the tables are refused outright.

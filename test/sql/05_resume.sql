@@ -14,10 +14,16 @@ BEGIN;
 LOCK TABLE ironwod.wodify_raw_memberships IN SHARE MODE;
 PREPARE TRANSACTION 'ironwod_test_hold_memberships';
 
+-- The key is sealed here, outside PostgreSQL, as a host app seals it (test/seal.py).
+\getenv srcdir PG_ABS_SRCDIR
+SELECT key_id AS kid, encode(public_key, 'hex') AS pub FROM ironwod_public_key() \gset
+SELECT api_key AS key0 FROM sim_gyms WHERE idx = 0 \gset
+\set sealed_c `printf %s :'key0' | /usr/bin/python3 :'srcdir'/seal.py :tc :gc :'kid' :'pub'`
+
 SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:tc, :gc) \g /dev/null
-SELECT ironwod_connect(:tc, :gc, (SELECT api_key FROM sim_gyms WHERE idx = 0));
+SELECT ironwod_connect(:tc, :gc, :'sealed_c'::bytea);
 COMMIT;
 -- Reads after a write by an ironwod_* function go in a new transaction (on Citus
 -- a transaction cannot read what another user, the functions' owner, modified).

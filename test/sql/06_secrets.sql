@@ -8,6 +8,17 @@
 \set canary 'wdfy_CANARY_6f1d2c9e8b7a41d3'
 \set canary_rev '3d14a7b8e9c2d1f6_YRANAC_yfdw'
 
+-- Refused while ironwod.allow_plaintext_keys is off (the default): the error
+-- must not echo it either.
+SET ROLE ironwod_test_app;
+BEGIN;
+SELECT ironwod_set_scope(:td, :gd);
+SELECT ironwod_connect(:td, :gd, :'canary');
+ROLLBACK;
+RESET ROLE;
+
+-- This test is about the text path: a superuser turns it on for this session.
+SET ironwod.allow_plaintext_keys = on;
 SET ROLE ironwod_test_app;
 BEGIN;
 SELECT ironwod_set_scope(:td, :gd);
@@ -27,6 +38,7 @@ SELECT ironwod_wait(last_run('backfill'),
                     '5 minutes') AS backfill;
 COMMIT;
 RESET ROLE;
+RESET ironwod.allow_plaintext_keys;
 
 -- A deliberate leak proves the log search can find one.
 DO $$ BEGIN RAISE LOG 'leak probe %', reverse('ebOrp_kAel_tnemirepxe'); END $$;
