@@ -40,11 +40,16 @@ SELECT set_config('test.first_run', :'first_run', true) IS NOT NULL AS waiting;
 DO $$
 BEGIN
     FOR i IN 1..3000 LOOP
-        EXIT WHEN EXISTS (SELECT 1 FROM ironwod.worker_status() w JOIN pg_stat_activity a ON a.pid = w.pid
-                          WHERE w.run_id = current_setting('test.first_run')::bigint
-                            AND a.wait_event_type = 'Lock');
+        IF EXISTS (SELECT 1 FROM ironwod.worker_status() w JOIN pg_stat_activity a ON a.pid = w.pid
+                   WHERE w.run_id = current_setting('test.first_run')::bigint
+                     AND a.wait_event_type = 'Lock') THEN
+            RETURN;
+        END IF;
         PERFORM ironwod.wait_for_change(100);
+        -- pg_stat_activity is read once per transaction unless told to read again
+        PERFORM pg_stat_clear_snapshot();
     END LOOP;
+    RAISE EXCEPTION 'the worker of run % never waited on the lock', current_setting('test.first_run');
 END
 $$;
 SELECT status FROM ironwod.sync_runs WHERE run_id = :first_run;
