@@ -258,8 +258,13 @@ prepare_kept(const char *sql, int nargs, Oid *types)
 	/*
 	 * Generic plans: these statements take ids and arrays as parameters and
 	 * have one good plan, so planning them again for every page is waste.
+	 * Except where Citus is loaded: it plans an INSERT ... SELECT on a
+	 * distributed table only with the parameters' values at hand ("could not
+	 * create distributed plan"), so there every page gets a custom plan.
 	 */
-	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+	int			opts = GetConfigOption("citus.propagate_set_commands", true, false) != NULL
+		? CURSOR_OPT_CUSTOM_PLAN : CURSOR_OPT_GENERIC_PLAN;
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, types, opts);
 
 	if (plan == NULL)
 		elog(ERROR, "ironwod: SPI_prepare failed (%d) for %s", SPI_result, sql);
@@ -640,8 +645,8 @@ page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 				 const IwPage *page, int n_new, bool has_more, const IwAttempts *attempts,
 				 double latency_ms, const IwPoison *poison)
 {
-	Datum		values[13];
-	char		nulls[13] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Datum		values[11];
+	char		nulls[11] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	TimestampTz now = GetCurrentTimestamp();
 	Datum		hist[IW_LATENCY_BUCKETS];
 	int			bucket = 0;
@@ -649,8 +654,8 @@ page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 
 	if (counts_plan == NULL)
 	{
-		Oid			types[13] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
-		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID, INT4OID, INT4OID};
+		Oid			types[11] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
+		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID};
 		Oid			quarantine_types[7] = {INT8OID, TEXTOID, TEXTOID, INT8ARRAYOID, TEXTARRAYOID,
 		BYTEAARRAYOID, TIMESTAMPTZOID};
 		Datum	   *bounds;
@@ -671,7 +676,7 @@ page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 		for (int i = 0; i < nb; i++)
 			latency_bounds[i] = DatumGetFloat8(bounds[i]);
 		counts_plan = prepare_kept(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
-								   13, types);
+								   11, types);
 		unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
 		unvanish_plan = prepare_kept("SELECT ironwod.unvanish($1, $2)", 2, unvanish_types);
 		unquarantine_plan = prepare_kept("SELECT ironwod.unquarantine($1, $2)", 2, unvanish_types);
@@ -697,9 +702,7 @@ page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 		hist[i] = Int32GetDatum(latency_ms >= 0 && i == bucket ? 1 : 0);
 	values[9] = PointerGetDatum(construct_array(hist, IW_LATENCY_BUCKETS, INT4OID, 4, true,
 												TYPALIGN_INT));
-	values[10] = Int32GetDatum(bucket + 1);
-	values[11] = Int32GetDatum(latency_ms >= 0 ? 1 : 0);
-	values[12] = Int32GetDatum(poison->n);
+	values[10] = Int32GetDatum(poison->n);
 	if (SPI_execute_plan(counts_plan, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "ironwod: page bookkeeping failed");
 	if (SPI_processed == 0)

@@ -136,7 +136,7 @@ BEGIN
         RETURN;
     END IF;
     UPDATE ironwod.sync_runs r
-       SET status = 'running', started_at = clock_timestamp(), heartbeat_at = clock_timestamp(),
+       SET status = 'running', started_at = v_now, heartbeat_at = v_now,
            worker_pid = p_pid, phase = 'fetch'
      WHERE r.run_id = p_run_id AND r.status = 'queued' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym()
     RETURNING r.mode INTO v_mode;
@@ -338,13 +338,19 @@ BEGIN
     INTO v_keys, v_urls
     FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord);
 
+    -- ON CONFLICT DO NOTHING (a unit is planned once; nothing conflicts) for
+    -- Citus: it runs this INSERT ... SELECT through the coordinator, and without
+    -- ON CONFLICT or RETURNING it would COPY the rows into the shard, which
+    -- row-level security refuses ("COPY FROM not supported with row-level
+    -- security").
     INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
     SELECT v_t, v_g, p_run_id, p_entity, u.ord, v_ordinal, u.window_key, u.url,
            CASE WHEN b.window_key IS NULL THEN 'pending' ELSE 'skipped' END
     FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
     LEFT JOIN ironwod.backfill_checkpoints b
            ON b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity
-          AND b.window_key = u.window_key AND v_mode = 'backfill';
+          AND b.window_key = u.window_key AND v_mode = 'backfill'
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_total = ROW_COUNT;
     SELECT count(*) INTO v_skipped FROM ironwod.run_units u
     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
@@ -410,29 +416,34 @@ RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_now timestamptz := clock_timestamp();
     e ironwod.entities;
     v_max timestamptz;
+    v_watermark timestamptz;
+    v_tz text;
 BEGIN
     SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
     SELECT s.max_watermark INTO v_max FROM ironwod.sync_run_entities s
-     WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
-       AND s.run_id = p_run_id AND s.entity = p_entity;
+     WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity;
+    SELECT c.watermark INTO v_watermark FROM ironwod.entity_cursors c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = p_entity;
 
+    -- Values, not INSERT ... SELECT over the cursors, and the times computed
+    -- first: on Citus a single-row insert with constants routes to the tenant's
+    -- shard, where ON CONFLICT DO UPDATE may use no volatile function.
     INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, status, completed_at, cursor_start, cursor_end)
-    SELECT ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id, p_entity, 'completed', clock_timestamp(),
-           c.watermark, greatest(c.watermark, v_max)
-    FROM (SELECT NULL::int) x
-    LEFT JOIN ironwod.entity_cursors c
-           ON c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.entity = p_entity
+    VALUES (v_t, v_g, p_run_id, p_entity, 'completed', v_now, v_watermark, greatest(v_watermark, v_max))
     ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
        SET status = 'completed', completed_at = excluded.completed_at,
            cursor_start = excluded.cursor_start, cursor_end = excluded.cursor_end;
 
     IF v_max IS NOT NULL THEN
-        INSERT INTO ironwod.entity_cursors AS c (tenant_id, gym_id, entity, watermark, updated_by)
-        VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_entity, v_max, p_run_id)
+        INSERT INTO ironwod.entity_cursors AS c (tenant_id, gym_id, entity, watermark, updated_by, updated_at)
+        VALUES (v_t, v_g, p_entity, v_max, p_run_id, v_now)
         ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE
-           SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = now();
+           SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = excluded.updated_at;
     END IF;
 
     -- A full list this run fetched itself, every page of it: a quarantined record
@@ -454,12 +465,16 @@ BEGIN
 
     IF p_entity = 'locations' THEN
         -- The gym's time zone: the first location's (by id), when PostgreSQL knows it.
-        UPDATE ironwod.integrations_wodify_connection c
-           SET time_zone = l.tz, updated_at = now()
-          FROM (SELECT x.payload_json ->> 'time_zone_iana' AS tz FROM ironwod.latest_raw_versions('locations') x
-                WHERE x.last_seen_run_id = p_run_id ORDER BY x.wodify_id LIMIT 1) l
-         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-           AND ironwod.is_time_zone(l.tz);
+        -- Read first, then updated: on Citus an UPDATE ... FROM a function that
+        -- reads distributed tables would run that function on the shard.
+        SELECT x.payload_json ->> 'time_zone_iana' INTO v_tz
+        FROM ironwod.latest_raw_versions('locations', v_t, v_g) x
+        WHERE x.last_seen_run_id = p_run_id ORDER BY x.wodify_id LIMIT 1;
+        IF ironwod.is_time_zone(v_tz) THEN
+            UPDATE ironwod.integrations_wodify_connection c
+               SET time_zone = v_tz, updated_at = v_now
+             WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+        END IF;
     END IF;
 
     IF (SELECT mode FROM ironwod.sync_runs r
@@ -694,9 +709,10 @@ COMMENT ON FUNCTION ironwod.unquarantine(text, bigint[]) IS 'Worker: records tha
 -- $1 tenant, $2 gym, $3 run, $4 entity, $5 the attempt counters since the last
 -- landed page (ironwod.add_attempts), $6 records, $7 new versions,
 -- $8 latency ms (0 when not measured), $9 the page's newest watermark, $10 the
--- latency histogram of this page alone, $11 its bucket (ironwod.latency_buckets),
--- $12 1 (0 when not measured) and $13 the page's records quarantined (counted in
--- pulled, not in unchanged).
+-- latency histogram of this page alone (ironwod.latency_buckets; all zeros when
+-- not measured), added bucket by bucket: on Citus the DO UPDATE SET goes to the
+-- shard as text, where a parameter it names has no value; $11 the page's records
+-- quarantined (counted in pulled, not in unchanged).
 CREATE FUNCTION ironwod.page_statement() RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $s$
@@ -706,7 +722,7 @@ AS $s$
              attempts_5xx, attempts_network, attempts_envelope, retries, bytes_received, token_wait_s,
              backoff_s, pulled, new_versions, unchanged, quarantined, latency_hist, latency_ms, max_watermark)
         SELECT $1, $2, $3, $4, 1, $5[1], $5[2], $5[3], $5[4], $5[5], $5[6], $5[7], $5[8],
-               $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7 - $13, $13, $10, $8, $9
+               $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7 - $11, $11, $10, $8, $9
         FROM ironwod.sync_runs r
         WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.run_id = $3 AND r.status = 'running'
         ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
@@ -724,7 +740,10 @@ AS $s$
                pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
                unchanged = s.unchanged + excluded.unchanged,
                quarantined = s.quarantined + excluded.quarantined,
-               latency_hist[$11] = s.latency_hist[$11] + $12,
+               latency_hist = ARRAY[s.latency_hist[1] + excluded.latency_hist[1], s.latency_hist[2] + excluded.latency_hist[2],
+                                    s.latency_hist[3] + excluded.latency_hist[3], s.latency_hist[4] + excluded.latency_hist[4],
+                                    s.latency_hist[5] + excluded.latency_hist[5], s.latency_hist[6] + excluded.latency_hist[6],
+                                    s.latency_hist[7] + excluded.latency_hist[7], s.latency_hist[8] + excluded.latency_hist[8]],
                latency_ms = s.latency_ms + excluded.latency_ms,
                max_watermark = greatest(s.max_watermark, excluded.max_watermark)
         RETURNING 1$q$
@@ -745,6 +764,8 @@ DECLARE
     v_now timestamptz := clock_timestamp();
     v_mode text;
     v_entity_done boolean;
+    v_start timestamptz;
+    v_end timestamptz;
 BEGIN
     UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
      WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
@@ -761,12 +782,16 @@ BEGIN
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
      WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
     IF v_mode = 'backfill' THEN
+        -- The month's bounds computed here, not in a CASE of the INSERT: Citus
+        -- evaluates a statement's expressions before it ships it, whatever
+        -- branch a CASE would take ("full-01" is no timestamp).
+        IF p_window_key ~ '^\d{4}-\d{2}$' THEN
+            v_start := (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC';
+            v_end := ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC';
+        END IF;
         INSERT INTO ironwod.backfill_checkpoints
             (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
-        VALUES (v_t, v_g, p_entity, p_window_key,
-                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC' END,
-                CASE WHEN p_window_key ~ '^\d{4}-\d{2}$' THEN ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC' END,
-                p_page, 0, p_run_id)
+        VALUES (v_t, v_g, p_entity, p_window_key, v_start, v_end, p_page, 0, p_run_id)
         ON CONFLICT DO NOTHING;
     END IF;
     UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
@@ -879,7 +904,12 @@ RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     v_mode text;
+    v_now timestamptz;
+    v_cursor_end jsonb;
+    v_last_cursor timestamptz;
     e record;
 BEGIN
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
@@ -901,23 +931,26 @@ BEGIN
              WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym();
         END IF;
     END IF;
-    PERFORM ironwod.count_requests(p_run_id, clock_timestamp(), NULL);
+    -- The finish time and the cursors computed first and passed as values: on
+    -- Citus an UPDATE may carry no volatile function, no non-immutable one in a
+    -- CASE, and no subquery over another distributed table.
+    v_now := clock_timestamp();
+    PERFORM ironwod.count_requests(p_run_id, v_now, NULL);
+    SELECT jsonb_object_agg(c.entity, c.watermark), max(c.watermark) INTO v_cursor_end, v_last_cursor
+    FROM ironwod.entity_cursors c WHERE c.tenant_id = v_t AND c.gym_id = v_g;
     UPDATE ironwod.sync_runs r
-       SET status = 'succeeded', finished_at = clock_timestamp(), phase = NULL,
-           cursor_end = (SELECT jsonb_object_agg(c.entity, c.watermark) FROM ironwod.entity_cursors c
-                         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
-     WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id;
+       SET status = 'succeeded', finished_at = v_now, phase = NULL, cursor_end = v_cursor_end
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
     UPDATE ironwod.integrations_wodify_connection c
        SET status = CASE WHEN c.status IN ('pending', 'error') THEN 'connected' ELSE c.status END,
-           last_success_at = clock_timestamp(), consecutive_failures = 0,
+           last_success_at = v_now, consecutive_failures = 0,
            breaker_opened_at = NULL, next_retry_at = NULL,
-           last_cursor_at = (SELECT max(x.watermark) FROM ironwod.entity_cursors x
-                             WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym()),
-           backfill_completed_at = CASE WHEN v_mode = 'backfill' THEN clock_timestamp() ELSE c.backfill_completed_at END,
-           updated_at = now()
-     WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+           last_cursor_at = v_last_cursor,
+           backfill_completed_at = CASE WHEN v_mode = 'backfill' THEN v_now ELSE c.backfill_completed_at END,
+           updated_at = v_now
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g;
     -- the run, which held the old key, is over: a rotated key takes its place
-    PERFORM ironwod.apply_rotated_key(clock_timestamp());
+    PERFORM ironwod.apply_rotated_key(v_now);
     PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL,
         (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
@@ -936,10 +969,13 @@ CREATE FUNCTION ironwod.finish_validate(p_run_id bigint, p_valid boolean, p_fing
 RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- now() as a value: Citus refuses a non-immutable function in an UPDATE's COALESCE
+    v_now timestamptz := now();
 BEGIN
     IF p_valid THEN
         UPDATE ironwod.integrations_wodify_connection
-           SET api_key_fingerprint = p_fingerprint, connected_at = coalesce(connected_at, now()), updated_at = now()
+           SET api_key_fingerprint = p_fingerprint, connected_at = coalesce(connected_at, v_now), updated_at = v_now
          WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym();
         PERFORM ironwod.finish_run(p_run_id);
         INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
@@ -949,7 +985,7 @@ BEGIN
     ELSE
         PERFORM ironwod.fail_run(p_run_id, 'auth', p_message, 'validate');
         UPDATE ironwod.integrations_wodify_connection
-           SET api_key_ciphertext = NULL, master_key_id = NULL, updated_at = now()
+           SET api_key_ciphertext = NULL, master_key_id = NULL, updated_at = v_now
          WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym();
     END IF;
 END
@@ -969,56 +1005,72 @@ RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    -- The scope as values, so every statement routes to the tenant's shard on
+    -- Citus (a FOR UPDATE must).
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     v_mode text;
     v_threshold int := current_setting('ironwod.breaker_threshold')::int;
     -- the master key command hangs, fails or prints garbage: every gym would
     -- fail the same way until an operator fixes it, so retrying on the next
     -- tick would only run it again and again
     v_keystore boolean := p_code IN ('key_command_timeout', 'key_command_failed', 'key_command_output');
+    -- The failure time as a value: on Citus an UPDATE may carry no volatile
+    -- function, and no non-immutable one inside a CASE or COALESCE.
+    v_now timestamptz := clock_timestamp();
+    v_failures integer;
+    v_status text;
+    v_opened timestamptz;
+    v_retry timestamptz;
 BEGIN
-    PERFORM ironwod.count_requests(p_run_id, clock_timestamp(), NULL);
+    PERFORM ironwod.count_requests(p_run_id, v_now, NULL);
     UPDATE ironwod.sync_runs r
        SET status = CASE WHEN p_code = 'quota' THEN 'deferred' ELSE 'failed' END,
-           finished_at = clock_timestamp(), error_code = p_code,
+           finished_at = v_now, error_code = p_code,
            last_error = left(p_message, 500), failed_phase = p_phase, phase = NULL
-     WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym()
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g
        AND r.run_id = p_run_id AND r.status IN ('running', 'queued')
     RETURNING r.mode INTO v_mode;
     IF NOT FOUND THEN
         RETURN;
     END IF;
     -- the run, which held the old key, is over: a rotated key takes its place
-    PERFORM ironwod.apply_rotated_key(clock_timestamp());
-    PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
+    PERFORM ironwod.apply_rotated_key(v_now);
+    PERFORM ironwod.log_run(v_t, v_g, p_run_id);
     IF p_code = 'quota' THEN
         UPDATE ironwod.integrations_wodify_connection c
-           SET next_retry_at = (date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC',
-               last_error_at = clock_timestamp(), last_error = left(p_message, 500), last_error_code = p_code,
-               updated_at = now()
-         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+           SET next_retry_at = (date_trunc('month', v_now AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC',
+               last_error_at = v_now, last_error = left(p_message, 500), last_error_code = p_code,
+               updated_at = v_now
+         WHERE c.tenant_id = v_t AND c.gym_id = v_g;
         PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.deferred', NULL,
             jsonb_build_object('code', p_code, 'message', left(p_message, 500)));
         RETURN;
     END IF;
 
+    -- The breaker's next state computed from the locked row, then written as
+    -- values: on Citus a CASE in an UPDATE may hold no non-immutable expression,
+    -- and timestamptz + interval is only stable.
+    SELECT c.consecutive_failures + 1, c.status, c.breaker_opened_at, c.next_retry_at
+    INTO v_failures, v_status, v_opened, v_retry
+    FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g
+    FOR UPDATE;
+    IF p_code = 'auth' OR v_keystore OR v_failures >= v_threshold THEN
+        v_status := 'error';
+        v_opened := coalesce(v_opened, v_now);
+        v_retry := CASE WHEN p_code = 'auth' THEN NULL
+                        WHEN v_keystore
+                            THEN v_now + least(interval '24 hours', interval '5 minutes' * power(2, least(v_failures - 1, 10)))
+                        ELSE v_now + least(interval '24 hours', interval '1 hour' * power(2, v_failures - v_threshold)) END;
+    ELSE
+        v_opened := NULL;
+    END IF;
     UPDATE ironwod.integrations_wodify_connection c
-       SET last_error_at = clock_timestamp(), last_error = left(p_message, 500), last_error_code = p_code,
-           consecutive_failures = c.consecutive_failures + 1,
-           status = CASE WHEN p_code = 'auth' OR v_keystore OR c.consecutive_failures + 1 >= v_threshold
-                         THEN 'error' ELSE c.status END,
-           breaker_opened_at = CASE WHEN p_code = 'auth' OR v_keystore OR c.consecutive_failures + 1 >= v_threshold
-                                    THEN coalesce(c.breaker_opened_at, clock_timestamp()) END,
-           next_retry_at = CASE
-               WHEN p_code = 'auth' THEN NULL
-               WHEN v_keystore
-                   THEN clock_timestamp() + least(interval '24 hours',
-                        interval '5 minutes' * power(2, least(c.consecutive_failures, 10)))
-               WHEN c.consecutive_failures + 1 >= v_threshold
-                   THEN clock_timestamp() + least(interval '24 hours',
-                        interval '1 hour' * power(2, c.consecutive_failures + 1 - v_threshold))
-               ELSE c.next_retry_at END,
-           updated_at = now()
-     WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym();
+       SET last_error_at = v_now, last_error = left(p_message, 500), last_error_code = p_code,
+           consecutive_failures = v_failures, status = v_status,
+           breaker_opened_at = v_opened, next_retry_at = v_retry, updated_at = v_now
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g;
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.failed', NULL,
         jsonb_build_object('code', p_code, 'phase', p_phase, 'message', left(p_message, 500)));
 END

@@ -349,10 +349,12 @@ WITH active AS (
           AND cl.status = 'completed'
     LEFT JOIN previous prev ON prev.run_id = a.run_id AND prev.entity = e.entity
     LEFT JOIN checkpointed ck ON ck.tenant_id = a.tenant_id AND ck.gym_id = a.gym_id AND ck.entity = e.entity
-    WHERE e.enabled AND a.mode <> 'validate'
-      AND NOT EXISTS (SELECT 1 FROM ironwod.entity_entitlements n
-                      WHERE n.tenant_id = a.tenant_id AND n.gym_id = a.gym_id AND n.entity = e.entity
-                        AND (a.mode <> 'reconcile' OR n.last_checked_run = a.run_id))
+    -- Entities the run skips (not entitled), as an anti-join: Citus plans no
+    -- correlated subquery over the materialized "active".
+    LEFT JOIN ironwod.entity_entitlements n
+           ON n.tenant_id = a.tenant_id AND n.gym_id = a.gym_id AND n.entity = e.entity
+          AND (a.mode <> 'reconcile' OR n.last_checked_run = a.run_id)
+    WHERE e.enabled AND a.mode <> 'validate' AND n.entity IS NULL
 ), per_run AS (
     SELECT x.run_id,
            count(*) FILTER (WHERE x.entity_status = 'completed') AS entities_done,

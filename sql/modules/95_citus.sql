@@ -39,6 +39,12 @@ BEGIN
     END IF;
     -- Citus's per-table NOTICEs (copying local data) are noise here.
     SET LOCAL client_min_messages = warning;
+    -- Converting a table that a local table references makes Citus turn the
+    -- whole local foreign-key graph into Citus local tables first, which fails
+    -- for extension tables (their shells already exist on the nodes: "relation
+    -- canonical_maps already exists").  The loop below converts referenced
+    -- tables first, so nothing is left for that conversion to do.
+    SET LOCAL citus.enable_local_reference_table_foreign_keys = off;
 
     -- Citus refuses triggers on reference tables.  The only ones (98_dump) lay
     -- restored rows over the install-time rows in a single-node pg_restore,
@@ -52,34 +58,27 @@ BEGIN
     END LOOP;
 
     -- Generic over the schema: whatever tables later modules (or later versions)
-    -- add are found by their columns, not listed here.  Tables without a tenant
-    -- first: a distributed table may reference a reference table, not the reverse.
-    FOR v_next IN
-        SELECT c.oid::regclass FROM pg_catalog.pg_class c
-        WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                          WHERE a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped)
-          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d WHERE d.logicalrelid = c.oid)
-        ORDER BY c.relname
-    LOOP
-        EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s)', v_next) INTO v_had_data;
-        PERFORM pg_catalog.create_reference_table(v_next);
-        IF v_had_data THEN
-            v_converted := v_converted || v_next;
-        END IF;
-        v_reference := v_reference + 1;
-    END LOOP;
-
-    -- Tenant tables, co-located with the first one Citus already distributed (a
-    -- repeated call), or with the first distributed here; in foreign-key order,
-    -- since a distributed table may only reference one already distributed in its
-    -- group.  One Citus call per table is the only way to convert one: a loop.
+    -- add are found by their columns, not listed here.  Tables with tenant_id are
+    -- distributed by it, co-located with the first one Citus already distributed
+    -- (a repeated call) or the first distributed here; the others become
+    -- reference tables.  In foreign-key order: Citus converts a table only when
+    -- every table it references is converted already (a reference table may
+    -- reference only reference tables, a distributed one its group and reference
+    -- tables), and the tenant-less ones first (Citus cannot create a reference
+    -- table in a transaction that already wrote shards in parallel); asked to convert a table whose referenced table is still local, it
+    -- turns the whole local foreign-key graph into Citus local tables and the
+    -- later conversion of those fails.  One Citus call per table is the only way
+    -- to convert one: a loop.
     SELECT d.logicalrelid INTO v_anchor FROM pg_catalog.pg_dist_partition d
     JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
     WHERE c.relnamespace = 'ironwod'::regnamespace AND d.partmethod = 'h'
     ORDER BY c.relname LIMIT 1;
     LOOP
-        SELECT pg_catalog.array_agg(c.oid::regclass ORDER BY c.relname) INTO v_pending FROM pg_catalog.pg_class c
+        SELECT pg_catalog.array_agg(c.oid::regclass
+                                    ORDER BY EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                                     WHERE a.attrelid = c.oid AND a.attname = 'tenant_id'
+                                                       AND NOT a.attisdropped), c.relname)
+        INTO v_pending FROM pg_catalog.pg_class c
         WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind IN ('r', 'p') AND NOT c.relispartition
           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d WHERE d.logicalrelid = c.oid);
         EXIT WHEN v_pending IS NULL;
@@ -96,16 +95,21 @@ BEGIN
                 USING ERRCODE = 'invalid_foreign_key';
         END IF;
         EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s)', v_next) INTO v_had_data;
-        IF v_anchor IS NULL THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                       WHERE a.attrelid = v_next AND a.attname = 'tenant_id' AND NOT a.attisdropped) THEN
+            PERFORM pg_catalog.create_reference_table(v_next);
+            v_reference := v_reference + 1;
+        ELSIF v_anchor IS NULL THEN
             PERFORM pg_catalog.create_distributed_table(v_next, 'tenant_id');
             v_anchor := v_next;
+            v_distributed := v_distributed + 1;
         ELSE
             PERFORM pg_catalog.create_distributed_table(v_next, 'tenant_id', colocate_with => v_anchor::text);
+            v_distributed := v_distributed + 1;
         END IF;
         IF v_had_data THEN
             v_converted := v_converted || v_next;
         END IF;
-        v_distributed := v_distributed + 1;
     END LOOP;
 
     -- Citus copied existing rows to the shards; the coordinator's local copies are

@@ -191,7 +191,7 @@ SQL
     ) || rc=$?
     shards=$(echo "$out" | grep -o 'gym_monthly_metrics_cache_[0-9]*' | sort -u | wc -l)
     months=$(echo "$out" | grep -E '^[0-9]+$' | tail -1)
-    [ "$rc" = 0 ] && [ "$shards" = 1 ] && [ "${months:-0}" -gt 0 ] || { rc=1; echo "$out" | grep -E 'ERROR|HINT' | head -5; }
+    [ "$rc" = 0 ] && [ "$shards" = 1 ] && [ "${months:-0}" -gt 0 ] || { rc=1; echo "$out" | grep -E 'ERROR|HINT' | head -5 || true; }
     note $rc "citus: ironwod_dashboard reads one shard ($shards shard(s), ${months:-no} months)"
 
     # The supervisor serves the queue on the coordinator only; on the workers it

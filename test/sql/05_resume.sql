@@ -11,6 +11,10 @@
 -- however fast or slow the machine is: the full lists before memberships land,
 -- then the worker waits on the lock, and is killed there.
 BEGIN;
+-- On Citus the lock stays on the coordinator's table, where the worker's insert
+-- takes its lock first: spread to the nodes it would make the transaction one
+-- that Citus cannot prepare.  (Without Citus the setting is an unused placeholder.)
+SET LOCAL citus.enable_ddl_propagation = off;
 LOCK TABLE ironwod.wodify_raw_memberships IN SHARE MODE;
 PREPARE TRANSACTION 'ironwod_test_hold_memberships';
 
