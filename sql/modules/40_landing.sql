@@ -481,9 +481,12 @@ BEGIN
         WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id) = 'reconcile' THEN
         PERFORM ironwod.reconcile_deletions(p_run_id, e);
     END IF;
+    -- Read first, then passed: on Citus a query on the shard (a routed SELECT
+    -- with a subquery) may not call a function that writes distributed tables.
+    SELECT c.watermark INTO v_watermark FROM ironwod.entity_cursors c
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = p_entity;
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.completed', p_entity,
-        jsonb_build_object('watermark', greatest(v_max, (SELECT c.watermark FROM ironwod.entity_cursors c
-            WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.entity = p_entity))));
+        jsonb_build_object('watermark', greatest(v_max, v_watermark)));
 END
 $$;
 COMMENT ON FUNCTION ironwod.close_entity(bigint, text) IS 'Worker: mark an entity''s clean pull complete and advance its watermark';
@@ -913,22 +916,25 @@ DECLARE
     e record;
 BEGIN
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
-     WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
+     WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = v_t AND r.gym_id = v_g;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % is no longer running', p_run_id USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     IF v_mode <> 'validate' THEN
-        FOR e IN SELECT x.entity FROM ironwod.entities x
-                 WHERE x.enabled AND NOT ironwod.entity_skipped(p_run_id, x.entity)
-                   AND NOT EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
-                                   WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
-                                     AND s.run_id = p_run_id AND s.entity = x.entity AND s.status = 'completed')
-                 ORDER BY x.ordinal LOOP
+        -- The entities left open, checked one by one: Citus plans no correlated
+        -- subquery over the registry (a reference table).
+        FOR e IN SELECT x.entity FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
+            -- two conditions, not one expression: Citus would push the OR, and
+            -- entity_skipped's queries with it, to the shard
+            CONTINUE WHEN ironwod.entity_skipped(p_run_id, e.entity);
+            CONTINUE WHEN EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
+                           WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
+                             AND s.entity = e.entity AND s.status = 'completed');
             PERFORM ironwod.close_entity(p_run_id, e.entity);
         END LOOP;
         IF v_mode = 'backfill' THEN
             DELETE FROM ironwod.backfill_checkpoints b
-             WHERE b.tenant_id = ironwod.scope_tenant() AND b.gym_id = ironwod.scope_gym();
+             WHERE b.tenant_id = v_t AND b.gym_id = v_g;
         END IF;
     END IF;
     -- The finish time and the cursors computed first and passed as values: on
@@ -951,13 +957,16 @@ BEGIN
      WHERE c.tenant_id = v_t AND c.gym_id = v_g;
     -- the run, which held the old key, is over: a rotated key takes its place
     PERFORM ironwod.apply_rotated_key(v_now);
-    PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
-    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL,
-        (SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
-                                                                       'deleted', s.deleted,
-                                                                       'quarantined', s.quarantined)), '{}')
-         FROM ironwod.sync_run_entities s
-         WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym() AND s.run_id = p_run_id));
+    PERFORM ironwod.log_run(v_t, v_g, p_run_id);
+    -- Read first, then passed: on Citus a query on the shard (a routed SELECT
+    -- with a subquery) may not call a function that writes distributed tables.
+    SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
+                                                                  'deleted', s.deleted,
+                                                                  'quarantined', s.quarantined)), '{}')
+    INTO v_cursor_end
+    FROM ironwod.sync_run_entities s
+    WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL, v_cursor_end);
 END
 $$;
 COMMENT ON FUNCTION ironwod.finish_run(bigint) IS 'Worker: mark a run succeeded, clear its checkpoints, close the breaker';

@@ -268,8 +268,12 @@ BEGIN
       FROM (VALUES (1, 'deleted_at'::name, 'NULL'), (2, 'deleted_by_run', 'NULL'),
                    (3, 'raw_id', 'l.raw_id'), (4, 'source_updated_at', 'l.source_updated_at')) x(n, col, expr)
      WHERE x.col <> ALL (v_col);
+    -- With change tracking, the rows as they were are read in a CTE of their own,
+    -- materialized before the upsert: on Citus each CTE is a step of its own and
+    -- a later step would see the upsert's rows, not the old ones.  Without it,
+    -- no join at all (Citus plans no outer join on a constant condition).
     RETURN format($q$
-        WITH up AS (
+        WITH %8$s up AS (
             INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
             SELECT $1, $2, l.wodify_id, %4$s
             FROM ironwod.%2$I l, LATERAL (SELECT l.payload_json AS p) x
@@ -279,13 +283,20 @@ BEGIN
             RETURNING c.*
         )
         SELECT count(*)::integer, min(%7$s)
-        FROM up u LEFT JOIN ironwod.%1$I o ON %8$s AND o.tenant_id = $1 AND o.gym_id = $2 AND o.%3$I = u.%3$I$q$,
+        FROM up u %9$s$q$,
         m.canonical, v_raw, m.key_column,
         (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
         (SELECT string_agg(quote_ident(c), ', ') FROM unnest(v_col) c),
         (SELECT string_agg(format('%1$I = excluded.%1$I', c), ', ') FROM unnest(v_col) c),
         CASE WHEN p_track THEN coalesce(m.dirty_from, 'NULL::date') ELSE 'NULL::date' END,
-        p_track::text);
+        CASE WHEN p_track THEN format(
+            'old AS MATERIALIZED (
+                SELECT o.* FROM ironwod.%1$I o
+                WHERE o.tenant_id = $1 AND o.gym_id = $2
+                  AND o.%3$I IN (SELECT l.wodify_id FROM ironwod.%2$I l
+                                 WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4))),',
+            m.canonical, v_raw, m.key_column) ELSE '' END,
+        CASE WHEN p_track THEN format('LEFT JOIN old o ON o.%1$I = u.%1$I', m.key_column) ELSE '' END);
 END
 $$;
 COMMENT ON FUNCTION ironwod.transform_sql(text, boolean) IS 'The upsert statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
@@ -318,7 +329,22 @@ RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_distributed boolean := false;
 BEGIN
+    -- A Citus distributed table is analyzed where its rows are, by each node's
+    -- autovacuum on its shards; ANALYZE on the coordinator would run as this
+    -- function's owner on placements the worker role wrote in this transaction,
+    -- which Citus refuses (25001).  pg_dist_partition exists only with Citus.
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d
+                                JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
+                                WHERE c.relname = $1 AND c.relnamespace = ''ironwod''::regnamespace)'
+            INTO v_distributed USING p_table;
+        IF v_distributed THEN
+            RETURN false;
+        END IF;
+    END IF;
     IF NOT EXISTS (
         SELECT 1
         FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace AND s.nspname = 'ironwod'

@@ -272,7 +272,10 @@ BEGIN
            NOT r.rescinded AND r.s0 = min(r.s0) FILTER (WHERE NOT r.rescinded)
                                        OVER (PARTITION BY r.location_key, r.member_id),
            r.rescinded, r.net, r.ids
-    FROM r;
+    FROM r
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END
@@ -365,7 +368,10 @@ BEGIN
            w.spell_end_excl, w.spell_no, w.active_before,
            CASE WHEN w.spell_start IS NOT NULL THEN
                min(w.active_before) OVER (PARTITION BY w.location_key, w.member_id, w.spell_start) END
-    FROM w;
+    FROM w
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END
@@ -440,7 +446,10 @@ BEGIN
           UNION ALL
           SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
     LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
-    GROUP BY x.location_key, x.member_id, x.month_start;
+    GROUP BY x.location_key, x.member_id, x.month_start
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END
@@ -593,7 +602,10 @@ BEGIN
                AND f.visits_r / (f.e_r / 7.0) <= p_s.decline_ratio * (f.visits_p / (f.e_p / 7.0)),
            f.is_paying,
            CASE WHEN f.new_events > 0 THEN coalesce(f.retained, false) END
-    FROM fl f;
+    FROM fl f
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END
@@ -736,7 +748,10 @@ BEGIN
     LEFT JOIN cash USING (location_key, month_start)
     LEFT JOIN failed USING (location_key, month_start)
     LEFT JOIN recog USING (location_key, month_start)
-    LEFT JOIN invm USING (location_key, month_start);
+    LEFT JOIN invm USING (location_key, month_start)
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END
@@ -864,7 +879,10 @@ BEGIN
            CASE WHEN NOT c.first_month THEN coalesce(c.cohort_retained, 0) END,
            CASE WHEN NOT c.first_month AND c.cohort_new > 0 THEN round(c.cohort_retained::numeric / c.cohort_new, 5) END,
            CASE WHEN NOT c.first_month THEN c.last_day + p_s.cohort_days < p_today END
-    FROM c;
+    FROM c
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END

@@ -222,8 +222,11 @@ COMMIT;
 SELECT month_start, is_partial, members_end, churned_members FROM fx_month(17, '2024-12-01')
 UNION ALL SELECT month_start, is_partial, members_end, churned_members FROM fx_month(17, '2025-01-01');
 SELECT members_pending_cancel_end FROM fx_month(17, '2024-12-01');
+-- The rows as jsonb, not as the temp table's row type: on Citus the join below
+-- runs on the nodes, which do not know that type.
 CREATE TEMP TABLE case17_before AS
-SELECT * FROM ironwod.gym_monthly_metrics_cache WHERE gym_id = fx_gym_id(17) AND month_start < '2024-12-01';
+SELECT c.tenant_id, c.gym_id, c.location_key, c.program_key, c.month_start, to_jsonb(c) - 'computed_at' AS j
+FROM ironwod.gym_monthly_metrics_cache c WHERE c.gym_id = fx_gym_id(17) AND c.month_start < '2024-12-01';
 -- The re-sign-up on 4 Jan lands in run 2; the 5 Jan run merges the spells: no churn,
 -- January still provisional.
 BEGIN;
@@ -237,7 +240,7 @@ SELECT month_start, is_partial, members_end, churned_members, reactivated_member
 -- member; its pending cancellation is gone, since the spell no longer ends.  Closed
 -- months are unchanged.
 SELECT month_start, is_partial, members_end, members_pending_cancel_end FROM fx_month(17, '2024-12-01');
-SELECT count(*) AS closed_months, bool_and((to_jsonb(b) - 'computed_at') = (to_jsonb(c) - 'computed_at')) AS closed_unchanged
+SELECT count(*) AS closed_months, bool_and(b.j = (to_jsonb(c) - 'computed_at')) AS closed_unchanged
 FROM case17_before b JOIN ironwod.gym_monthly_metrics_cache c USING (tenant_id, gym_id, location_key, program_key, month_start);
 -- Idempotent: a second transform and refresh of the same run change nothing.
 SELECT ironwod.transform_run(2) AS second_transform;

@@ -35,14 +35,21 @@ BEGIN
     RETURN n;
 END $$;
 -- The simulator gyms with data, and which simulator gym each one mirrors.
+-- Joins, not correlated subqueries: Citus plans none over a reference table
+-- (sim_gyms is one there).
 CREATE TABLE public.sim_scopes AS
-SELECT DISTINCT r.tenant_id, r.gym_id,
-       (SELECT g.idx FROM sim_gyms g WHERE (g.expected->>'clients')::int = (
-            SELECT count(DISTINCT c.wodify_id) FROM ironwod.wodify_raw_clients c
-            WHERE c.tenant_id = r.tenant_id AND c.gym_id = r.gym_id)
-        ORDER BY g.idx LIMIT 1) AS idx
-FROM ironwod.wodify_raw_locations r
-WHERE EXISTS (SELECT 1 FROM ironwod.sync_runs x WHERE x.tenant_id = r.tenant_id AND x.gym_id = r.gym_id);
+WITH scopes AS (
+    SELECT DISTINCT r.tenant_id, r.gym_id FROM ironwod.wodify_raw_locations r
+    JOIN (SELECT DISTINCT x.tenant_id, x.gym_id FROM ironwod.sync_runs x) x USING (tenant_id, gym_id)
+), clients AS (
+    SELECT c.tenant_id, c.gym_id, count(DISTINCT c.wodify_id) AS n
+    FROM ironwod.wodify_raw_clients c GROUP BY c.tenant_id, c.gym_id
+)
+SELECT s.tenant_id, s.gym_id, min(g.idx) AS idx
+FROM scopes s
+LEFT JOIN clients n USING (tenant_id, gym_id)
+LEFT JOIN sim_gyms g ON (g.expected->>'clients')::int = coalesce(n.n, 0)
+GROUP BY s.tenant_id, s.gym_id;
 SELECT count(*) AS gyms_with_data, count(DISTINCT idx) AS distinct_sim_gyms FROM sim_scopes;
 
 SELECT count(*) FILTER (WHERE worker_step(tenant_id, gym_id, 'transform') > 0) AS transformed FROM sim_scopes;
