@@ -119,26 +119,30 @@ RETURNS TABLE (mode text, api_key_ciphertext bytea, master_key_id text)
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    -- The scope as values, so every statement routes to the tenant's shard on
+    -- Citus (the FOR SHARE must).
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     v_mode text;
     v_now timestamptz := clock_timestamp();
 BEGIN
     -- A paused gym starts nothing, even a run queued by a call that raced the pause.
     IF EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
-               WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+               WHERE c.tenant_id = v_t AND c.gym_id = v_g
                  AND c.status = 'paused') THEN
         UPDATE ironwod.sync_runs r
            SET status = 'cancelled', finished_at = v_now, last_error = 'paused'
          WHERE r.run_id = p_run_id AND r.status = 'queued'
-           AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym();
+           AND r.tenant_id = v_t AND r.gym_id = v_g;
         IF FOUND THEN
-            PERFORM ironwod.log_run(ironwod.scope_tenant(), ironwod.scope_gym(), p_run_id);
+            PERFORM ironwod.log_run(v_t, v_g, p_run_id);
         END IF;
         RETURN;
     END IF;
     UPDATE ironwod.sync_runs r
        SET status = 'running', started_at = v_now, heartbeat_at = v_now,
            worker_pid = p_pid, phase = 'fetch'
-     WHERE r.run_id = p_run_id AND r.status = 'queued' AND r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym()
+     WHERE r.run_id = p_run_id AND r.status = 'queued' AND r.tenant_id = v_t AND r.gym_id = v_g
     RETURNING r.mode INTO v_mode;
     IF NOT FOUND THEN
         RETURN;
@@ -152,7 +156,7 @@ BEGIN
     RETURN QUERY
         SELECT v_mode, c.api_key_ciphertext, c.master_key_id
         FROM ironwod.integrations_wodify_connection c
-        WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.status <> 'disconnected'
+        WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.status <> 'disconnected'
         FOR SHARE;
 END
 $$;
