@@ -5,7 +5,8 @@
 #   make test          the whole suite: simulator + throwaway cluster + pg_regress + pgTAP
 #   make installcheck  after make install: pg_regress + isolation against the installed PostgreSQL
 #   make demo          throwaway cluster, simulator, one demo gym connected and backfilled
-#   make bench         backfill throughput, cache reads against recomputation, replay
+#   make bench         issue 7's table: parse limit, set-based peer, landing, planning, transform,
+#                      refresh per scale with growth exponents, nightly, concurrent gyms (not in make test)
 #   make test-citus    the suite on a three-node Citus cluster (builds Citus from ../shared/vendor)
 #
 # Released install and upgrade scripts (sql/ironwod--1.0.sql, sql/ironwod--1.0--1.1.sql,

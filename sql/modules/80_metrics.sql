@@ -763,7 +763,7 @@ COMMENT ON FUNCTION ironwod.metrics_month_money(uuid, uuid, ironwod.metric_setti
 -- money of stage 5.  Flows are NULL in the history-start month.
 CREATE FUNCTION ironwod.metrics_cache_rows(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
                                            p_keys text[], p_from date, p_hist date, p_today date,
-                                           p_watermark timestamptz)
+                                           p_watermark timestamptz, p_hash text)
 RETURNS integer
 LANGUAGE plpgsql
 SET enable_nestloop = off SET enable_mergejoin = off
@@ -840,7 +840,7 @@ BEGIN
          members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
          cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
     SELECT p_tenant, p_gym, c.location_key, 'ALL', c.month_start, p_tz, c.period_days,
-           p_today <= c.last_day + p_s.merge_gap_days, p_hist, now(), p_watermark, p_s.definitions_version, ironwod.config_hash(p_s),
+           p_today <= c.last_day + p_s.merge_gap_days, p_hist, now(), p_watermark, p_s.definitions_version, p_hash,
            coalesce(c.members_start, 0), coalesce(c.members_end, 0), coalesce(c.active_end, 0),
            coalesce(c.on_hold_end, 0), coalesce(c.past_due_end, 0), coalesce(c.comped_end, 0),
            coalesce(c.pending_cancel_end, 0),
@@ -887,7 +887,7 @@ BEGIN
     RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz) IS 'Refresh stage 6, metrics.md §5.2 (cache columns): rebuild the gym_monthly_metrics_cache rows of a gym from the given month on from its facts and money; returns the row count';
+COMMENT ON FUNCTION ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz, text) IS 'Refresh stage 6, metrics.md §5.2 (cache columns): rebuild the gym_monthly_metrics_cache rows of a gym from the given month on from its facts and money; returns the row count';
 
 -- Stage 7 (metrics.md §4.11-4.12): six-month pooled ARM, LEG and LTV over the
 -- cached months, written on the months from p_from on.
@@ -971,7 +971,10 @@ BEGIN
         (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
         (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
     INTO v_wm;
-    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm);
+    -- the hash is computed once here and passed in: the cache's INSERT calls no
+    -- function of ours (on Citus one that reads a table must not run in it)
+    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm,
+                                         ironwod.config_hash(s));
     PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
 
     -- The newest source change is stamped on every cached month, not only on the
@@ -1046,6 +1049,6 @@ GRANT EXECUTE ON FUNCTION ironwod.metrics_today(text), ironwod.metric_config(), 
     ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date),
     ironwod.metrics_month_flags(uuid, uuid, date, date),
     ironwod.metrics_month_money(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date),
-    ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz),
+    ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz, text),
     ironwod.metrics_pooled(uuid, uuid, date)
     TO ironwod_worker;
