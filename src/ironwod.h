@@ -187,6 +187,7 @@ typedef struct IwRunArgs
 } IwRunArgs;
 
 extern PGDLLEXPORT void ironwod_supervisor_main(Datum main_arg);
+extern bool iw_drives_version(const char *version);
 extern PGDLLEXPORT void ironwod_run_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_validate_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_rewrap_main(Datum main_arg);

@@ -24,6 +24,8 @@
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(ironwod_preloaded);
+PG_FUNCTION_INFO_V1(ironwod_library_version);
+PG_FUNCTION_INFO_V1(ironwod_library_drives);
 PG_FUNCTION_INFO_V1(ironwod_wake);
 PG_FUNCTION_INFO_V1(ironwod_wait_for_change);
 PG_FUNCTION_INFO_V1(ironwod_sealed_key_id);
@@ -50,6 +52,20 @@ ironwod_preloaded(PG_FUNCTION_ARGS)
 {
 	require_shmem();
 	PG_RETURN_BOOL(true);
+}
+
+/* ironwod.library_version(): the extension version this library was built as. */
+Datum
+ironwod_library_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(IRONWOD_VERSION));
+}
+
+/* ironwod.library_drives(version): whether this library drives that SQL version. */
+Datum
+ironwod_library_drives(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(iw_drives_version(text_to_cstring(PG_GETARG_TEXT_PP(0))));
 }
 
 Datum

@@ -394,6 +394,16 @@ citus_worker_node(void)
  */
 static const char *const served_versions[] = {"1.0", IRONWOD_VERSION};
 
+/* Whether this library drives the SQL of the given extension version. */
+bool
+iw_drives_version(const char *version)
+{
+	for (size_t i = 0; i < lengthof(served_versions); i++)
+		if (strcmp(version, served_versions[i]) == 0)
+			return true;
+	return false;
+}
+
 /*
  * The extension may not exist yet, may be mid-upgrade, or may have been
  * dropped: check by OID and version, not by schema name (pg_net #264).  At a
@@ -412,9 +422,8 @@ extension_ready(void)
 					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		return false;
 	installed = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	for (size_t i = 0; i < lengthof(served_versions); i++)
-		if (strcmp(installed, served_versions[i]) == 0)
-			return true;
+	if (iw_drives_version(installed))
+		return true;
 	if (warned_version == NULL || strcmp(warned_version, installed) != 0)
 	{
 		ereport(WARNING,

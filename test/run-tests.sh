@@ -86,6 +86,11 @@ lane2() {
     PGBIN=$PGBIN bash test/shell/dump_restore.sh || rc=$?
     record $rc "pg_dump / pg_restore under another name: every table, sequence, the registry edit and the digest survive; syncing resumes; DROP/CREATE EXTENSION"
 
+    # Its own simulator and cluster: 1.0 installed, backfilled, updated, compared.
+    rc=0
+    PGBIN=$PGBIN bash test/shell/upgrade.sh || rc=$?
+    record $rc "upgrade from 1.0: data intact, version check, schema equal to a fresh install, syncing resumes"
+
     # Its own simulator (Wodify's real 5 req/s, burst 20) and its own cluster.
     rc=0
     PGBIN=$PGBIN bash test/shell/rate_limit.sh || rc=$?

@@ -4,6 +4,14 @@ CREATE FUNCTION ironwod.preloaded() RETURNS boolean
 LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'ironwod_preloaded';
 COMMENT ON FUNCTION ironwod.preloaded() IS 'True when the library was preloaded and its shared memory exists; raises 55000 otherwise';
 
+CREATE FUNCTION ironwod.library_version() RETURNS text
+LANGUAGE c IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'ironwod_library_version';
+COMMENT ON FUNCTION ironwod.library_version() IS 'The extension version the loaded library was built as (after a package upgrade it can differ from the installed extension until ALTER EXTENSION ironwod UPDATE)';
+
+CREATE FUNCTION ironwod.library_drives(p_version text) RETURNS boolean
+LANGUAGE c IMMUTABLE STRICT AS 'MODULE_PATHNAME', 'ironwod_library_drives';
+COMMENT ON FUNCTION ironwod.library_drives(text) IS 'Whether the loaded library drives the SQL of that extension version (the supervisor starts no runs at a version it does not)';
+
 CREATE FUNCTION ironwod.wake() RETURNS void
 LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'ironwod_wake';
 COMMENT ON FUNCTION ironwod.wake() IS 'Wake the supervisor when the current transaction commits';

@@ -73,6 +73,7 @@ DECLARE
     v_need integer;
     v_have integer := current_setting('max_worker_processes')::integer;
     v_bad text;
+    v_ext text;
     v record;
 BEGIN
     check_name := 'database';
@@ -91,6 +92,16 @@ BEGIN
                     THEN 'the ironwod launcher runs, but no supervisor serves this database'
                     ELSE 'no ironwod launcher or supervisor is running' END;
     hint := CASE WHEN NOT ok THEN 'Look for ironwod messages in the server log; the launcher says why it does not start the supervisor (a missing database, no free worker slot).' END;
+    RETURN NEXT;
+
+    check_name := 'version';
+    SELECT e.extversion INTO v_ext FROM pg_extension e WHERE e.extname = 'ironwod';
+    ok := v_ext = ironwod.library_version();
+    message := CASE WHEN ok THEN format('the extension and the loaded library are both version %s', v_ext)
+                    WHEN ironwod.library_drives(v_ext)
+                    THEN format('the extension is at version %s and the loaded library at %s, which still drives it', v_ext, ironwod.library_version())
+                    ELSE format('the extension is at version %s, which the loaded library (version %s) does not drive, so no run starts', v_ext, ironwod.library_version()) END;
+    hint := CASE WHEN NOT ok THEN format('Run ALTER EXTENSION ironwod UPDATE in this database, or install the ironwod package of version %s and restart the server.', v_ext) END;
     RETURN NEXT;
 
     -- launcher + supervisor + run workers (+ pg_cron's launcher); validate workers are brief
@@ -170,6 +181,6 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION ironwod.check_config() IS 'Admin: configuration checks (database, supervisor, worker slots, worker role and pg_hba.conf, base URL, master key, master key command file and output), each with a message naming the cause and a hint naming the fix';
+COMMENT ON FUNCTION ironwod.check_config() IS 'Admin: configuration checks (database, supervisor, extension and library version, worker slots, worker role and pg_hba.conf, base URL, master key, master key command file and output), each with a message naming the cause and a hint naming the fix';
 REVOKE ALL ON FUNCTION ironwod.worker_hba_problems(name, name), ironwod.check_config() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ironwod.check_config() TO ironwod_admin;

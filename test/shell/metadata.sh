@@ -3,7 +3,12 @@
 #  - META.json parses, its license is the PostgreSQL License, its version agrees
 #    with ironwod.control, and every provides.*.file is a committed file;
 #  - README.md carries the license text and a changelog;
-#  - the top level holds only the fixed layout of design.md §1 (plus dotfiles).
+#  - the top level holds only the fixed layout of design.md §1 (plus dotfiles);
+#  - released scripts are never edited: each is pinned below by its SHA-256 (a
+#    release adds its upgrade script here when it is tagged); the upgrade script
+#    to the unreleased default version is the only other committed script, and
+#    the default version's install script is not committed (it is assembled from
+#    sql/modules/).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -51,6 +56,26 @@ if in_git:
     extra = sorted(t for t in top - allowed if not t.startswith("."))
     if extra:
         problems.append(f"top level holds {extra}, outside the fixed layout")
+
+RELEASED = {
+    "sql/ironwod--1.0.sql": "c22c5b43260fa9f0be83c5fd49ab2ca0ed69e5a824b620612243b6a7d0066d38",
+}
+import glob, hashlib
+built = f"sql/ironwod--{m.group(1)}.sql" if m else None   # the default version's, assembled
+for f in sorted(glob.glob("sql/ironwod--*.sql")):
+    if f == built:
+        continue
+    if f not in RELEASED:
+        if not (m and f.endswith(f"--{m.group(1)}.sql") and f.count("--") == 2):
+            problems.append(f"{f} is neither a pinned released script nor the upgrade script to "
+                            f"the default version")
+    elif hashlib.sha256(open(f, "rb").read()).hexdigest() != RELEASED[f]:
+        problems.append(f"{f} was edited after its release; ship the change as a new upgrade script")
+for f in RELEASED:
+    if not os.path.isfile(f):
+        problems.append(f"released script {f} is missing")
+if built in tracked:
+    problems.append(f"{built}, the default version's install script, is committed; it is assembled from sql/modules/")
 
 for p in problems:
     print("FAIL:", p, file=sys.stderr)
