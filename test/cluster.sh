@@ -5,6 +5,19 @@
 # clients run as whoever we are and connect as the postgres database user.
 
 SYSTEM_PGBIN=/usr/lib/postgresql/15/bin
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# wait_for WHAT COMMAND...: run COMMAND until it succeeds.  The bound (600 s) is
+# for a broken server, not a pace: nothing waits for a fixed time.
+wait_for() {
+    local what=$1 deadline=$((SECONDS + 600))
+    shift
+    until "$@"; do
+        [ $SECONDS -lt $deadline ] || fail "timed out after 600 s waiting for $what"
+        sleep 0.05
+    done
+}
 export PG_CONFIG=${PG_CONFIG:-$SYSTEM_PGBIN/pg_config}
 SIM_PID=
 

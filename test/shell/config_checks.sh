@@ -35,18 +35,8 @@ if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ];
 else
     install_private
 fi
-fail() { echo "FAIL: $*" >&2; exit 1; }
 LOG=$WORK/data/server.log
 # Wait for a condition; the bound is for a broken server, not a pace.
-wait_for() {
-    local what=$1
-    shift
-    for _ in $(seq 1 1200); do
-        if "$@"; then return 0; fi
-        sleep 0.1
-    done
-    fail "timed out waiting for $what"
-}
 
 start_sim 7 1 small --rate 1000 --burst 1000
 

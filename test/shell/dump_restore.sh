@@ -35,7 +35,6 @@ if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ];
 else
     install_private
 fi
-fail() { echo "FAIL: $*" >&2; exit 1; }
 as_pg() { su postgres -s /bin/sh -c "$*"; }
 
 T=44444444-4444-4444-4444-444444444444

@@ -29,18 +29,7 @@ if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ];
 else
     install_private
 fi
-fail() { echo "FAIL: $*" >&2; exit 1; }
 # wait_for WHAT CMD...: the bound is for a broken server, not a pace
-wait_for() {
-    local what=$1
-    shift
-    local deadline=$((SECONDS + 600))
-    while [ $SECONDS -lt $deadline ]; do
-        if "$@"; then return 0; fi
-        sleep 0.05
-    done
-    fail "timed out waiting for $what"
-}
 q() { psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 # ironwod.seal_key seals a plaintext key, which ironwod.allow_plaintext_keys (where
 # this build has it) refuses unless a superuser turns it on: the test's own

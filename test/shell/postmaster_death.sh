@@ -34,19 +34,7 @@ if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ];
 else
     install_private
 fi
-fail() { echo "FAIL: $*" >&2; exit 1; }
 LOG=$WORK/data/server.log
-# wait_for SECONDS WHAT CMD...: a bound for a broken server, not a pace
-wait_for() {
-    local bound=$1 what=$2
-    shift 2
-    local deadline=$((SECONDS + bound))
-    while [ $SECONDS -lt $deadline ]; do
-        if "$@"; then return 0; fi
-        sleep 0.05
-    done
-    fail "timed out after ${bound}s waiting for $what"
-}
 q() { psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 # one implicit transaction: the scope holds for the statement after it
 scoped() { psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT ironwod_set_scope('$1', '$2'); $3" | tail -n +2; }
@@ -94,7 +82,7 @@ q "CREATE FUNCTION public.tenant_state(p_tenant uuid) RETURNS SETOF text LANGUAG
 # ---- the reference: an uninterrupted backfill --------------------------------
 connect "${REF[@]}"
 ref_run=$(last_run "${REF[@]}")
-wait_for 600 "the reference backfill" finished "${REF[@]}" "$ref_run"
+wait_for "the reference backfill" finished "${REF[@]}" "$ref_run"
 [ "$(run_status "${REF[@]}" "$ref_run")" = "succeeded:" ] || fail "reference backfill: $(run_status "${REF[@]}" "$ref_run")"
 latest_versions "${REF[@]}" >"$WORK/reference"
 [ -s "$WORK/reference" ] || fail "the reference backfill landed nothing"
@@ -131,7 +119,7 @@ kill_postmaster() {
     done
     # a new postmaster refuses to start while the old one's pid exists, zombie or not
     reaped() { ! kill -0 "$PM" 2>/dev/null; }
-    wait_for 600 "init to reap the dead postmaster" reaped
+    wait_for "init to reap the dead postmaster" reaped
 }
 # After the restart, read the state with no supervisor (and so no worker) running.
 read_state_after_restart() {
@@ -151,7 +139,7 @@ sim POST /_sim/faults "{\"kind\": \"slow\", \"delay_s\": 900, \"after\": $K, \"c
 held() { sim GET /_sim/faults | python3 -c 'import json, sys; sys.exit(0 if all(f["remaining"] == 0 for f in json.load(sys.stdin)["faults"]) else 1)'; }
 connect "${GYM[@]}"
 run1=$(last_run "${GYM[@]}")
-wait_for 600 "request $((K + 1)) to be held" held
+wait_for "request $((K + 1)) to be held" held
 [ "$(run_status "${GYM[@]}" "$run1")" = "running:" ] || fail "run $run1 is not running under the hold: $(run_status "${GYM[@]}" "$run1")"
 landed=$(q "SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities WHERE tenant_id = '${GYM[0]}' AND run_id = $run1")
 [ "$landed" -gt 0 ] || fail "no page landed before the hold"
@@ -161,7 +149,7 @@ read_state_after_restart
 diff "$WORK/before" "$WORK/after" >&2 || fail "something was committed after the kill while the worker waited for a page"
 echo "ok - killed while fetching (after $landed pages): every process gone, nothing committed after the kill"
 sim DELETE /_sim/faults >/dev/null
-wait_for 600 "the supervisor to fail run $run1" finished "${GYM[@]}" "$run1"
+wait_for "the supervisor to fail run $run1" finished "${GYM[@]}" "$run1"
 [ "$(run_status "${GYM[@]}" "$run1")" = "failed:worker_lost" ] || fail "run $run1 after the restart: $(run_status "${GYM[@]}" "$run1")"
 
 # ---- 2. killed while the worker lands a page ----------------------------------
@@ -181,7 +169,7 @@ q "CREATE TRIGGER hold_landing BEFORE INSERT ON ironwod.wodify_raw_clients
    FOR EACH STATEMENT EXECUTE FUNCTION public.hold_landing()" >/dev/null
 run2=$(scoped "${GYM[@]}" "SELECT ironwod_sync('${GYM[0]}', '${GYM[1]}', 'backfill')")
 in_trigger() { [ "$(q 'SELECT last_value FROM public.landing_hold')" = 1 ] && [ "$(q 'SELECT is_called FROM public.landing_hold')" = t ]; }
-wait_for 600 "the worker to land a page of clients" in_trigger
+wait_for "the worker to land a page of clients" in_trigger
 snapshot
 kill_postmaster_releasing() {
     # the worker spins until the file exists: create it right after the kill
@@ -196,12 +184,12 @@ read_state_after_restart
 diff "$WORK/before" "$WORK/after" >&2 || fail "the page being landed at the kill was committed after it"
 echo "ok - killed while landing: the page was not committed after the kill"
 q 'DROP TRIGGER hold_landing ON ironwod.wodify_raw_clients' >/dev/null
-wait_for 600 "the supervisor to fail run $run2" finished "${GYM[@]}" "$run2"
+wait_for "the supervisor to fail run $run2" finished "${GYM[@]}" "$run2"
 [ "$(run_status "${GYM[@]}" "$run2")" = "failed:worker_lost" ] || fail "run $run2 after the restart: $(run_status "${GYM[@]}" "$run2")"
 
 # ---- 3. the rerun ends where an uninterrupted backfill ends -------------------
 run3=$(scoped "${GYM[@]}" "SELECT ironwod_sync('${GYM[0]}', '${GYM[1]}', 'backfill')")
-wait_for 600 "the rerun" finished "${GYM[@]}" "$run3"
+wait_for "the rerun" finished "${GYM[@]}" "$run3"
 [ "$(run_status "${GYM[@]}" "$run3")" = "succeeded:" ] || fail "rerun: $(run_status "${GYM[@]}" "$run3")"
 latest_versions "${GYM[@]}" >"$WORK/rerun"
 diff "$WORK/reference" "$WORK/rerun" >&2 || fail "the rerun's raw rows differ from an uninterrupted backfill's"

@@ -48,7 +48,6 @@ register_dev_key >/dev/null
 API_KEY=$(curl -sf "$SIM_URL/_sim/gyms" | python3 -c 'import json,sys; print(json.load(sys.stdin)["gyms"][0]["api_key"])')
 EXPECTED=$(curl -sf "$SIM_URL/_sim/gyms" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["gyms"][0]["expected"]))')
 
-fail() { echo "FAIL: $*" >&2; exit 1; }
 sim_stat() { curl -sf "$SIM_URL/_sim/stats" | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 # Connect (tenant, gym) with the key and wait for the initial backfill; prints

@@ -30,7 +30,6 @@ if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ];
 else
     install_private
 fi
-fail() { echo "FAIL: $*" >&2; exit 1; }
 
 FROM=1.0
 TO=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$REPO/ironwod.control")
