@@ -8,6 +8,13 @@
 -- and whether that library drives it (ironwod.library_drives()), so the window
 -- between a package upgrade and ALTER EXTENSION ironwod UPDATE is visible.
 
+--
+-- Program breakdowns (issue 9, metrics.md §2.5): memberships gain program_ids,
+-- the programs each one gives access to (wodify-api.md §11), mapped from the raw
+-- payload by ironwod.j_ids.  The update fills it for the memberships 1.0 already
+-- holds, from the raw version each canonical row was built from, so the canonical
+-- rows equal what a fresh transform of the same raw rows writes (a replay).
+
 \echo Use "ALTER EXTENSION ironwod UPDATE" to load this file. \quit
 
 CREATE FUNCTION ironwod.library_version() RETURNS text
@@ -142,3 +149,48 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.check_config() IS 'Admin: configuration checks (database, supervisor, extension and library version, worker slots, worker role and pg_hba.conf, base URL, master key, master key command file and output), each with a message naming the cause and a hint naming the fix';
+
+-- ---- program breakdowns: membership programs ---------------------------------
+
+CREATE FUNCTION ironwod.j_ids(p jsonb, p_field text) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN jsonb_typeof(p) = 'array'
+                THEN ARRAY(SELECT DISTINCT x.id
+                           FROM (SELECT ironwod.j_id(e -> p_field) AS id FROM jsonb_array_elements(p) AS e) x
+                           WHERE x.id IS NOT NULL ORDER BY x.id) END
+$$;
+COMMENT ON FUNCTION ironwod.j_ids(jsonb, text) IS 'The ids in one field of the objects of a JSON array (a membership''s programs[].program_id), sorted and distinct, sentinels left out; NULL when the value is not an array (the field is absent)';
+REVOKE ALL ON FUNCTION ironwod.j_ids(jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.j_ids(jsonb, text) TO ironwod_worker;
+
+ALTER TABLE ironwod.memberships ADD COLUMN program_ids bigint[];
+COMMENT ON COLUMN ironwod.memberships.program_ids IS 'The Wodify program ids the membership gives access to (its programs field, wodify-api.md §11), sorted and distinct; NULL when the record has no programs field (programs unknown), empty when it grants none';
+
+-- The mapping, and a change of programs recomputes the membership's months from
+-- its start.  An administrator's edit of the memberships map row is kept (it
+-- differs from its installed_definition); the new rows become install-time rows.
+INSERT INTO ironwod.canonical_columns (entity, ord, column_name, expr)
+VALUES ('memberships', 17, 'program_ids', $$ironwod.j_ids(p -> 'programs', 'program_id')$$);
+UPDATE ironwod.canonical_maps m
+   SET dirty_from = $$CASE WHEN o.membership_id IS NULL
+                 OR (o.member_id, o.start_date, o.price, o.membership_type, o.is_deleted, o.location_id,
+                     o.billing_period_length, o.billing_period_unit, o.program_ids)
+                    IS DISTINCT FROM
+                    (u.member_id, u.start_date, u.price, u.membership_type, u.is_deleted, u.location_id,
+                     u.billing_period_length, u.billing_period_unit, u.program_ids)
+            THEN least(o.start_date, u.start_date)
+            ELSE least(o.end_date + 1, u.end_date + 1, o.cancellation_requested_on, u.cancellation_requested_on)
+       END$$,
+       installed_definition = NULL
+ WHERE m.entity = 'memberships' AND (to_jsonb(m) - 'installed_definition') = m.installed_definition;
+SELECT ironwod.track_install_rows('ironwod.canonical_maps');
+SELECT ironwod.track_install_rows('ironwod.canonical_columns');
+
+-- The memberships 1.0 transformed: program_ids from the raw version each row was
+-- built from (the superuser running the update is not bound by row-level security).
+UPDATE ironwod.memberships m
+   SET program_ids = ironwod.j_ids(r.payload_json -> 'programs', 'program_id')
+  FROM ironwod.wodify_raw_memberships r
+ WHERE r.tenant_id = m.tenant_id AND r.gym_id = m.gym_id AND r.raw_id = m.raw_id
+   AND jsonb_typeof(r.payload_json -> 'programs') = 'array';

@@ -375,6 +375,17 @@ class Gym:
                                     self.programs.index(active[1 + (dow + j) % (len(active) - 1)]))
                                    for j, (hh, mm) in enumerate(slots)]
         self.plans = {s[0]: Plan(s, self.price_factor) for s in PLANS + [ONRAMP, COMP]}
+        # The programs each plan gives access to (wodify-api.md §11, modeled): a pure
+        # function of the active programs, so no random draw moves.  Unlimited plans
+        # reach two programs (their revenue cannot be split), the 2x plan and the
+        # pack a third one alone.  Every third gym's memberships carry no
+        # `programs` field at all, as the real API may not.
+        a = [self.programs.index(p) for p in active]
+        second, third = a[1 % len(a)], a[2 % len(a)]
+        self.plan_programs = {"unl": [a[0], second], "yr": [a[0], second], "6m": [a[0], second],
+                              "comp": [a[0], second], "3x": [a[0]], "wk": [a[0]], "ramp": [a[0]],
+                              "2x": [third], "pack": [third]}
+        self.membership_programs = self.index % 3 != 2
 
     # ---- generation ---------------------------------------------------------------------
 
@@ -769,7 +780,13 @@ class Gym:
         independently of ironwod: qualifying = Class Plan, price > 0, not deleted; end_date
         inclusive; spells merged over gaps <= merge_gap days; spells of <= rescind_days with
         zero net collected revenue dropped; months in the gym's zone from the first full
-        local month of the landed (backfill-horizon) transactions and sign-ins."""
+        local month of the landed (backfill-horizon) transactions and sign-ins.
+
+        "programs" holds the same per program (metrics.md §2.5, §5.1): the people whose
+        qualifying memberships give access to it (their `programs` field), visits to its
+        classes, and collected_gross from payments on invoices of its memberships when
+        every membership that grants it grants it alone (else null).  Where the
+        memberships carry no `programs` field the person counts are null."""
         since = datetime.combine(self.backfill_since, datetime.min.time())
         INF = date.max
         txns = [t for t in self.v_txns if t.at >= since]
@@ -789,72 +806,102 @@ class Gym:
         for h in self.r_holds:
             holds.setdefault(h["membership_id"], []).append(
                 (date.fromisoformat(h["hold_start_date"]), date.fromisoformat(h["hold_end_date"])))
-        mems = {}
-        for m in self.r_memberships:
-            pp = m["payment_plan"]
-            if m["membership_type"] != "Class Plan" or pp["price"] <= 0 or m["is_deleted"]:
-                continue
-            start = date.fromisoformat(m["start_date"])
-            end = INF if m["end_date"] == SENT_DATE else date.fromisoformat(m["end_date"]) + timedelta(days=1)
-            if end <= start:
-                continue
-            mems.setdefault(m["client_id"], []).append((start, end, m["id"]))
-        spells = {}          # client -> [(start, end_excl, first)]
-        mem_of = {}          # client -> [(start, end_excl, id)]
-        for cid, ms in mems.items():
-            ms.sort()
-            mem_of[cid] = ms
-            groups = []
-            for st, en, mid in ms:
-                if groups and st <= (groups[-1][1] + timedelta(days=merge_gap) if groups[-1][1] != INF else INF):
-                    groups[-1][1] = max(groups[-1][1], en)
-                    groups[-1][2].append(mid)
-                else:
-                    groups.append([st, en, [mid]])
-            kept = [g for g in groups
-                    if not (g[1] != INF and (g[1] - g[0]).days <= rescind_days
-                            and round(sum(net_by_mem.get(i, 0) for i in g[2]), 2) == 0)]
-            spells[cid] = [(g[0], g[1], k == 0) for k, g in enumerate(kept)]
+        grants = {m["id"]: {p["program_id"] for p in m["programs"]} if "programs" in m else None
+                  for m in self.r_memberships}
         today = datetime.now(timezone.utc).astimezone(self.tz.zone).date()
 
-        def state(cid, d):
-            if not any(st <= d < en for st, en, _ in spells.get(cid, [])):
-                return None
-            cov = [mid for st, en, mid in mem_of.get(cid, []) if st <= d < en]
-            if not cov:
-                return "ACTIVE"
-            held = [mid for mid in cov if any(a <= d <= b for a, b in holds.get(mid, []))]
-            return "ON_HOLD" if len(held) == len(cov) else "ACTIVE"
+        def figures(program):
+            """The monthly figures of the gym (program None) or of one program."""
+            mems = {}
+            for m in self.r_memberships:
+                pp = m["payment_plan"]
+                if m["membership_type"] != "Class Plan" or pp["price"] <= 0 or m["is_deleted"]:
+                    continue
+                if program is not None and program not in (grants[m["id"]] or ()):
+                    continue
+                start = date.fromisoformat(m["start_date"])
+                end = INF if m["end_date"] == SENT_DATE else date.fromisoformat(m["end_date"]) + timedelta(days=1)
+                if end <= start:
+                    continue
+                mems.setdefault(m["client_id"], []).append((start, end, m["id"]))
+            spells = {}          # client -> [(start, end_excl, first)]
+            mem_of = {}          # client -> [(start, end_excl, id)]
+            for cid, ms in mems.items():
+                ms.sort()
+                mem_of[cid] = ms
+                groups = []
+                for st, en, mid in ms:
+                    if groups and st <= (groups[-1][1] + timedelta(days=merge_gap) if groups[-1][1] != INF else INF):
+                        groups[-1][1] = max(groups[-1][1], en)
+                        groups[-1][2].append(mid)
+                    else:
+                        groups.append([st, en, [mid]])
+                kept = [g for g in groups
+                        if not (g[1] != INF and (g[1] - g[0]).days <= rescind_days
+                                and round(sum(net_by_mem.get(i, 0) for i in g[2]), 2) == 0)]
+                spells[cid] = [(g[0], g[1], k == 0) for k, g in enumerate(kept)]
 
-        visits = {}
-        seen = set()
-        for s in sis:
-            key = (s.client.id, s.class_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            d = local(s.utc_start)
-            mo = month_start(d)
-            v = visits.setdefault(mo, [0, 0])
-            v[0] += 1
-            if state(s.client.id, d) == "ACTIVE":
-                v[1] += 1
-        months = []
-        mo = hist
-        while mo <= month_start(today):
-            last = add_months(mo, 1, 1) - timedelta(days=1)
-            as_of = min(last, today)
-            members_end = sum(1 for sp in spells.values() if any(st <= as_of < en for st, en, _ in sp))
-            new = sum(1 for sp in spells.values() for st, en, f in sp if f and mo <= st <= as_of)
-            churned = sum(1 for sp in spells.values() for st, en, f in sp if en != INF and mo <= en <= as_of)
-            v = visits.get(mo, [0, 0])
-            months.append({"month": mo.isoformat(), "members_end": members_end,
-                           "new_members": None if mo == hist else new,
-                           "churned_members": None if mo == hist else churned,
-                           "all_visits": v[0], "member_visits": v[1]})
-            mo = add_months(mo, 1, 1)
+            def state(cid, d):
+                if not any(st <= d < en for st, en, _ in spells.get(cid, [])):
+                    return None
+                cov = [mid for st, en, mid in mem_of.get(cid, []) if st <= d < en]
+                if not cov:
+                    return "ACTIVE"
+                held = [mid for mid in cov if any(a <= d <= b for a, b in holds.get(mid, []))]
+                return "ON_HOLD" if len(held) == len(cov) else "ACTIVE"
+
+            visits = {}
+            seen = set()
+            for s in sis:
+                key = (s.client.id, s.class_id)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if program is not None and self.programs[s.slot_prog]["id"] != program:
+                    continue
+                d = local(s.utc_start)
+                mo = month_start(d)
+                v = visits.setdefault(mo, [0, 0])
+                v[0] += 1
+                if state(s.client.id, d) == "ACTIVE":
+                    v[1] += 1
+            months = []
+            mo = hist
+            while mo <= month_start(today):
+                last = add_months(mo, 1, 1) - timedelta(days=1)
+                as_of = min(last, today)
+                members_end = sum(1 for sp in spells.values() if any(st <= as_of < en for st, en, _ in sp))
+                new = sum(1 for sp in spells.values() for st, en, f in sp if f and mo <= st <= as_of)
+                churned = sum(1 for sp in spells.values() for st, en, f in sp if en != INF and mo <= en <= as_of)
+                v = visits.get(mo, [0, 0])
+                months.append({"month": mo.isoformat(), "members_end": members_end,
+                               "new_members": None if mo == hist else new,
+                               "churned_members": None if mo == hist else churned,
+                               "all_visits": v[0], "member_visits": v[1]})
+                mo = add_months(mo, 1, 1)
+            return months
+
+        programs = []
+        for p in self.r_programs:
+            pid = p["id"]
+            months = figures(pid)
+            if not self.membership_programs:
+                for row in months:
+                    row.update(members_end=None, new_members=None, churned_members=None, member_visits=None)
+            single = self.membership_programs and all(
+                g == {pid} for g in grants.values() if g is not None and pid in g)
+            gross = {}
+            for t in txns:
+                m = t.invoice.membership
+                if t.invoice.id in invs and m is not None and t.type == "Payment" and t.method != "Store Credit" \
+                        and pid in (grants.get(m.id) or ()):
+                    mo = month_start(local(t.at)).isoformat()
+                    gross[mo] = gross.get(mo, 0) + t.amount
+            for row in months:
+                row["collected_gross"] = round(gross.get(row["month"], 0), 2) if single else None
+            programs.append({"program_id": pid, "months": months})
         return {"gym": self.index, "time_zone": self.tz_name, "history_start": hist.isoformat(),
-                "months": months}
+                "months": figures(None), "programs": programs}
 
     def loc_ref(self, i):
         loc = self.locations[i]
@@ -937,6 +984,8 @@ class Gym:
             "scheduled_deactivation_date": fmt_d(end + timedelta(days=1) if end else None),
             "cancellation_requested_on": fmt_d(self.tz.to_local(m.req_at).date() if requested else None),
             "location_id": loc_id, "location": loc_name,
+            **({"programs": [{"program_id": self.programs[i]["id"], "program": self.programs[i]["name"]}
+                             for i in self.plan_programs[plan.key]]} if self.membership_programs else {}),
             "payment_plan": {
                 "payment_plan_name": f"{plan.name} - " + (
                     "Paid in Full" if plan.bp_len == 0 else f"Every {plan.bp_len} {plan.bp_unit}"),

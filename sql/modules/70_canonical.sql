@@ -100,9 +100,11 @@ CREATE TABLE ironwod.memberships (
     source_updated_at     timestamptz,
     deleted_at            timestamptz,
     deleted_by_run        bigint,
+    program_ids           bigint[],
     PRIMARY KEY (tenant_id, gym_id, membership_id)
 );
 COMMENT ON TABLE ironwod.memberships IS 'Canonical memberships: end_date is the last day of access (inclusive, NULL = open-ended); price and billing period from payment_plan';
+COMMENT ON COLUMN ironwod.memberships.program_ids IS 'The Wodify program ids the membership gives access to (its programs field, wodify-api.md §11), sorted and distinct; NULL when the record has no programs field (programs unknown), empty when it grants none';
 CREATE INDEX ON ironwod.memberships (tenant_id, gym_id, member_id);
 
 CREATE TABLE ironwod.membership_holds (

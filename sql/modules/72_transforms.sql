@@ -73,6 +73,16 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT coalesce(p -> 'payment_plan', p -> 'payload_plan', '{}') $$;
 COMMENT ON FUNCTION ironwod.j_plan(jsonb) IS 'The payment plan object of a Wodify membership (payment_plan, or the misspelt payload_plan some payloads carry)';
 
+CREATE FUNCTION ironwod.j_ids(p jsonb, p_field text) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN jsonb_typeof(p) = 'array'
+                THEN ARRAY(SELECT DISTINCT x.id
+                           FROM (SELECT ironwod.j_id(e -> p_field) AS id FROM jsonb_array_elements(p) AS e) x
+                           WHERE x.id IS NOT NULL ORDER BY x.id) END
+$$;
+COMMENT ON FUNCTION ironwod.j_ids(jsonb, text) IS 'The ids in one field of the objects of a JSON array (a membership''s programs[].program_id), sorted and distinct, sentinels left out; NULL when the value is not an array (the field is absent)';
+
 -- The gym's zone: the first Wodify location by id that names a valid IANA zone, else
 -- the connection's time_zone, else UTC.
 CREATE FUNCTION ironwod.gym_time_zone(p_tenant_id uuid, p_gym_id uuid) RETURNS text
@@ -139,10 +149,10 @@ INSERT INTO ironwod.canonical_maps (entity, canonical, key_column, dirty_from, r
     ('memberships', 'memberships', 'membership_id',
      $$CASE WHEN o.membership_id IS NULL
                  OR (o.member_id, o.start_date, o.price, o.membership_type, o.is_deleted, o.location_id,
-                     o.billing_period_length, o.billing_period_unit)
+                     o.billing_period_length, o.billing_period_unit, o.program_ids)
                     IS DISTINCT FROM
                     (u.member_id, u.start_date, u.price, u.membership_type, u.is_deleted, u.location_id,
-                     u.billing_period_length, u.billing_period_unit)
+                     u.billing_period_length, u.billing_period_unit, u.program_ids)
             THEN least(o.start_date, u.start_date)
             ELSE least(o.end_date + 1, u.end_date + 1, o.cancellation_requested_on, u.cancellation_requested_on)
        END$$, 'c.start_date'),
@@ -196,6 +206,7 @@ SELECT x.entity, x.ord, x.col, x.expr FROM (VALUES
     ('memberships', 15, 'deleted_at',
      $$CASE WHEN (p ->> 'is_deleted')::boolean THEN coalesce(l.source_updated_at, l.ingested_at) END$$),
     ('memberships', 16, 'deleted_by_run', $$CASE WHEN (p ->> 'is_deleted')::boolean THEN l.ingest_run_id END$$),
+    ('memberships', 17, 'program_ids', $$ironwod.j_ids(p -> 'programs', 'program_id')$$),
     ('membership_holds', 1, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
     ('membership_holds', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
     ('membership_holds', 3, 'hold_start_date', $$ironwod.j_date(p ->> 'hold_start_date')$$),
@@ -459,7 +470,7 @@ $$;
 COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of every record of the current scope from raw (used by replay)';
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
-    ironwod.j_plan(jsonb), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean),
+    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean),
     ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer),
     ironwod.analyze_if_stale(name, bigint), ironwod.transform_run(bigint), ironwod.transform_all()
     TO ironwod_worker;

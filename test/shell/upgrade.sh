@@ -6,7 +6,10 @@
 #  2. ALTER EXTENSION ironwod UPDATE to the default version, following the
 #     committed upgrade scripts;
 #  3. the data is intact: the row count of every table that existed in 1.0,
-#     every sequence, and the gym's digest (ironwod.digest, then ironwod_replay);
+#     every sequence and every metrics cache row (the install-time rows of the
+#     registry and the raw -> canonical maps are the update's); the memberships' new
+#     program_ids, which the update fills from raw, are what a fresh transform
+#     writes: ironwod_replay gives the upgraded gym's digest;
 #  4. ironwod.check_config() reports the versions; at a version the library
 #     does not drive, the supervisor idles with one WARNING;
 #  5. the schema equals a fresh install of the default version: pg_dump
@@ -58,7 +61,7 @@ SQL
 )
 [ "$status" = succeeded ] || fail "backfill on $FROM: $status"
 
-# Rows per table and sequence positions (of what 1.0 has), and the gym's digest.
+# Rows per table and sequence positions (of what 1.0 has), and the gym's cache rows.
 snapshot() {
     psql -qAtX -v ON_ERROR_STOP=1 -v tables="$tables" <<SQL
 SELECT format('%s rows=%s', c.relname,
@@ -69,11 +72,23 @@ SELECT format('%s last_value=%s', s.sequencename, s.last_value) FROM pg_sequence
 WHERE s.schemaname = 'ironwod' AND s.sequencename = ANY (:'tables'::text[]) ORDER BY 1;
 BEGIN;
 SELECT ironwod_set_scope('$T', '$G') \\g /dev/null
-SELECT 'digest ' || ironwod.digest('$T', '$G');
+SELECT 'cache ' || md5(string_agg((to_jsonb(c) - 'computed_at')::text, E'\n' ORDER BY c.location_key, c.program_key, c.month_start))
+FROM ironwod.gym_monthly_metrics_cache c WHERE c.tenant_id = '$T' AND c.gym_id = '$G';
 COMMIT;
 SQL
 }
-tables=$(psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT array_agg(relname) FROM pg_class WHERE relnamespace = 'ironwod'::regnamespace AND relkind IN ('r', 'S')")
+digest() {
+    psql -qAtX -v ON_ERROR_STOP=1 <<SQL
+BEGIN;
+SELECT ironwod_set_scope('$T', '$G') \\g /dev/null
+SELECT 'digest ' || $1('$T', '$G');
+COMMIT;
+SQL
+}
+# The install-time rows of the tables without a tenant (registry, raw -> canonical
+# maps) are the update's to change; every other table and sequence is data.
+tables=$(psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT array_agg(relname) FROM pg_class c WHERE relnamespace = 'ironwod'::regnamespace AND relkind IN ('r', 'S')
+    AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'installed_definition' AND NOT a.attisdropped)")
 before=$(snapshot)
 echo "$before" | grep -q '^wodify_raw_clients rows=[1-9]' || fail "nothing landed on $FROM: $before"
 echo "$before" | grep -q '^gym_monthly_metrics_cache rows=[1-9]' || fail "no cache on $FROM"
@@ -87,15 +102,12 @@ v=$(psql -qAtX -c "SELECT extversion FROM pg_extension WHERE extname = 'ironwod'
 after=$(snapshot)
 [ "$after" = "$before" ] || fail "the update changed the data:
 $(diff <(echo "$before") <(echo "$after") || true)"
-replayed=$(psql -qAtX -v ON_ERROR_STOP=1 <<SQL
-BEGIN;
-SELECT ironwod_set_scope('$T', '$G') \\g /dev/null
-SELECT 'digest ' || ironwod_replay('$T', '$G');
-COMMIT;
-SQL
-)
-[ "$replayed" = "$(echo "$before" | grep '^digest ')" ] || fail "replay after the update gives another digest: $replayed"
-echo "ok - $FROM to $TO: $(echo "$after" | grep -c rows=) tables and $(echo "$after" | grep -c last_value=) sequences intact, replay digest equal"
+psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT count(*) FILTER (WHERE program_ids IS NOT NULL) > 0 FROM ironwod.memberships" | grep -qx t ||
+    fail "the update filled no membership's program_ids from raw"
+upgraded=$(digest ironwod.digest)
+replayed=$(digest ironwod_replay)
+[ "$replayed" = "$upgraded" ] || fail "replay after the update gives another digest than the upgraded tables: $replayed, not $upgraded"
+echo "ok - $FROM to $TO: $(echo "$after" | grep -c rows=) tables, $(echo "$after" | grep -c last_value=) sequences and the cache intact, program_ids filled as a replay fills them"
 
 # ---- 4. the version check and a version the library does not drive ----------
 version_check() {
