@@ -194,3 +194,66 @@ UPDATE ironwod.memberships m
   FROM ironwod.wodify_raw_memberships r
  WHERE r.tenant_id = m.tenant_id AND r.gym_id = m.gym_id AND r.raw_id = m.raw_id
    AND jsonb_typeof(r.payload_json -> 'programs') = 'array';
+-- plan_entity reads the checkpointed windows into an array before it plans the
+-- units (on Citus, the outer join from the units to backfill_checkpoints crashed
+-- the planner in every run that was not a backfill).
+CREATE OR REPLACE FUNCTION ironwod.plan_entity(p_run_id bigint, p_entity text)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_t0 timestamptz := clock_timestamp();
+    v_mode text;
+    v_ordinal integer;
+    v_keys text[];
+    v_urls text[];
+    v_done text[];
+    v_total integer;
+    v_skipped integer;
+    v_ms double precision;
+BEGIN
+    SELECT r.mode INTO STRICT v_mode FROM ironwod.sync_runs r
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+    SELECT x.ordinal INTO STRICT v_ordinal FROM ironwod.entities x WHERE x.entity = p_entity;
+    SELECT coalesce(array_agg(u.window_key ORDER BY u.ord), '{}'), coalesce(array_agg(u.url ORDER BY u.ord), '{}')
+    INTO v_keys, v_urls
+    FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord);
+    -- The windows the campaign already checkpointed, read into an array first
+    -- and joined as one: Citus plans an outer join from a function (unnest) to
+    -- a distributed table by planning the table as a subquery, and with the
+    -- constant-false join clause of a run that is not a backfill that plan
+    -- crashed the PostgreSQL planner (Citus 12.1.12, from
+    -- RecursivelyPlanRecurringTupleOuterJoinWalker: SIGSEGV in
+    -- deconstruct_jointree, the run worker lost).  Two arrays join like the
+    -- table did (a hash join, linear in the units).
+    SELECT coalesce(array_agg(b.window_key), '{}') INTO v_done
+    FROM ironwod.backfill_checkpoints b
+    WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity AND v_mode = 'backfill';
+
+    -- ON CONFLICT DO NOTHING (a unit is planned once; nothing conflicts) for
+    -- Citus: it runs this INSERT ... SELECT through the coordinator, and without
+    -- ON CONFLICT or RETURNING it would COPY the rows into the shard, which
+    -- row-level security refuses ("COPY FROM not supported with row-level
+    -- security").
+    INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
+    SELECT v_t, v_g, p_run_id, p_entity, u.ord, v_ordinal, u.window_key, u.url,
+           CASE WHEN d.window_key IS NULL THEN 'pending' ELSE 'skipped' END
+    FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
+    LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_total = ROW_COUNT;
+    SELECT count(*) INTO v_skipped FROM ironwod.run_units u
+    WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+      AND u.status = 'skipped';
+    v_ms := extract(epoch FROM clock_timestamp() - v_t0) * 1000;
+
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, units_total, units_skipped, plan_ms)
+    VALUES (v_t, v_g, p_run_id, p_entity, v_total, v_skipped, v_ms)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET units_total = excluded.units_total, units_skipped = excluded.units_skipped, plan_ms = excluded.plan_ms;
+    RETURN v_total - v_skipped;
+END
+$$;
+COMMENT ON FUNCTION ironwod.plan_entity(bigint, text) IS 'Worker: derive an entity''s units of work once and persist them with the run (run_units); returns how many are left to fetch';

@@ -331,6 +331,7 @@ DECLARE
     v_ordinal integer;
     v_keys text[];
     v_urls text[];
+    v_done text[];
     v_total integer;
     v_skipped integer;
     v_ms double precision;
@@ -341,6 +342,17 @@ BEGIN
     SELECT coalesce(array_agg(u.window_key ORDER BY u.ord), '{}'), coalesce(array_agg(u.url ORDER BY u.ord), '{}')
     INTO v_keys, v_urls
     FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord);
+    -- The windows the campaign already checkpointed, read into an array first
+    -- and joined as one: Citus plans an outer join from a function (unnest) to
+    -- a distributed table by planning the table as a subquery, and with the
+    -- constant-false join clause of a run that is not a backfill that plan
+    -- crashed the PostgreSQL planner (Citus 12.1.12, from
+    -- RecursivelyPlanRecurringTupleOuterJoinWalker: SIGSEGV in
+    -- deconstruct_jointree, the run worker lost).  Two arrays join like the
+    -- table did (a hash join, linear in the units).
+    SELECT coalesce(array_agg(b.window_key), '{}') INTO v_done
+    FROM ironwod.backfill_checkpoints b
+    WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity AND v_mode = 'backfill';
 
     -- ON CONFLICT DO NOTHING (a unit is planned once; nothing conflicts) for
     -- Citus: it runs this INSERT ... SELECT through the coordinator, and without
@@ -349,11 +361,9 @@ BEGIN
     -- security").
     INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
     SELECT v_t, v_g, p_run_id, p_entity, u.ord, v_ordinal, u.window_key, u.url,
-           CASE WHEN b.window_key IS NULL THEN 'pending' ELSE 'skipped' END
+           CASE WHEN d.window_key IS NULL THEN 'pending' ELSE 'skipped' END
     FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
-    LEFT JOIN ironwod.backfill_checkpoints b
-           ON b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity
-          AND b.window_key = u.window_key AND v_mode = 'backfill'
+    LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_total = ROW_COUNT;
     SELECT count(*) INTO v_skipped FROM ironwod.run_units u
