@@ -257,3 +257,139 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.plan_entity(bigint, text) IS 'Worker: derive an entity''s units of work once and persist them with the run (run_units); returns how many are left to fetch';
+
+-- reconcile_deletions reads the vanished records and the records the run saw
+-- first and joins them as arrays with the latest versions (on Citus, the
+-- correlated subqueries next to latest_raw_versions() were refused: every
+-- reconciliation failed).
+CREATE OR REPLACE FUNCTION ironwod.reconcile_deletions(p_run_id bigint, e ironwod.entities)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_pred text;
+    v_from timestamptz;
+    v_vanished bigint[];
+    v_seen_ids bigint[];
+    v_before bigint;
+    v_seen bigint;
+    v_deleted bigint;
+BEGIN
+    SELECT greatest(ironwod.backfill_since(), coalesce(r.started_at, now()) - make_interval(days => c.sync_window_days))
+    INTO STRICT v_from
+    FROM ironwod.sync_runs r
+    JOIN ironwod.integrations_wodify_connection c ON c.tenant_id = r.tenant_id AND c.gym_id = r.gym_id
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+
+    v_pred := CASE
+        WHEN e.backfill_strategy = 'full' THEN 'true'
+        WHEN e.due_field IS NOT NULL THEN
+            format('(payload_json ->> %L) ~ ''^\d{4}-\d\d-\d\d'' AND (payload_json ->> %L)::date >= %L::date',
+                   e.due_field, e.due_field, (v_from AT TIME ZONE 'UTC')::date)
+        ELSE format('ironwod.parse_ts(payload_json ->> %L) >= %L::timestamptz', e.window_field, v_from)
+    END;
+
+    -- The records already vanished and those this run saw, read first (each one
+    -- statement on the gym's shard), then joined as arrays with the latest
+    -- versions: on Citus a correlated subquery over a distributed table next to
+    -- a set-returning function is refused (0A000), and an outer join from a
+    -- function to a distributed table is planned as a subquery (see
+    -- plan_entity).  Hash joins, linear in the gym's records.
+    SELECT coalesce(array_agg(v.wodify_id), '{}') INTO v_vanished
+    FROM ironwod.vanished_records v
+    WHERE v.tenant_id = v_t AND v.gym_id = v_g AND v.entity = e.entity;
+    EXECUTE format('SELECT coalesce(array_agg(DISTINCT r.wodify_id), ''{}'') FROM ironwod.%I r
+                    WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.last_seen_run_id = $3', e.raw_table)
+    INTO v_seen_ids USING v_t, v_g, p_run_id;
+    v_seen := cardinality(v_seen_ids);
+
+    -- v_pred reads payload_json of the record's latest version.
+    EXECUTE format($q$
+        SELECT count(*)
+        FROM ironwod.latest_raw_versions($1, $2, $3) l
+        LEFT JOIN unnest($4::bigint[]) AS v(wodify_id) ON v.wodify_id = l.wodify_id
+        WHERE v.wodify_id IS NULL AND %s$q$, v_pred)
+    INTO v_before USING e.entity, v_t, v_g, v_vanished;
+
+    IF v_seen < v_before * current_setting('ironwod.reconcile_sanity_share')::numeric THEN
+        PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.reconcile.deletes_skipped', e.entity,
+            jsonb_build_object('seen', v_seen, 'previously', v_before));
+        RETURN;
+    END IF;
+
+    -- Vanished: inside the window, and no version of it seen by this run.
+    EXECUTE format($q$
+        INSERT INTO ironwod.vanished_records (tenant_id, gym_id, entity, wodify_id, vanished_by_run)
+        SELECT $2, $3, $1, l.wodify_id, $5
+        FROM ironwod.latest_raw_versions($1, $2, $3) l
+        LEFT JOIN unnest($4::bigint[]) AS s(wodify_id) ON s.wodify_id = l.wodify_id
+        WHERE s.wodify_id IS NULL AND %s
+        ON CONFLICT DO NOTHING$q$, v_pred)
+    USING e.entity, v_t, v_g, v_seen_ids, p_run_id;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    UPDATE ironwod.sync_run_entities s SET deleted = v_deleted
+     WHERE s.tenant_id = v_t AND s.gym_id = v_g
+       AND s.run_id = p_run_id AND s.entity = e.entity;
+END
+$$;
+COMMENT ON FUNCTION ironwod.reconcile_deletions(bigint, ironwod.entities) IS 'Worker: soft-delete records that vanished from a complete reconciliation window';
+
+-- ironwod_tick joins each gym's latest run instead of probing with a correlated
+-- NOT EXISTS (on Citus, refused next to a CTE: the tick queued nothing).
+CREATE OR REPLACE FUNCTION @extschema@.ironwod_tick()
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_queued integer;
+BEGIN
+    PERFORM ironwod.preloaded();
+    WITH candidates AS (
+        SELECT c.tenant_id, c.gym_id, c.backfill_completed_at, c.reconcile_weekday,
+               coalesce(c.time_zone, 'UTC') AS tz,
+               c.nightly_local_time
+               + make_interval(secs => ((hashtext(c.gym_id::text) & 2147483647) % 3600)) AS local_slot_time
+        FROM ironwod.integrations_wodify_connection c
+        WHERE c.api_key_ciphertext IS NOT NULL
+          AND (c.status = 'connected' OR (c.status = 'error' AND c.next_retry_at IS NOT NULL))
+          AND coalesce(c.next_retry_at, '-infinity') <= now()
+    ), slots AS (
+        SELECT k.*, s.slot
+        FROM candidates k,
+             LATERAL (SELECT (((now() AT TIME ZONE k.tz)::date + k.local_slot_time) AT TIME ZONE k.tz) AS today_slot) t,
+             LATERAL (SELECT CASE WHEN t.today_slot > now() THEN t.today_slot - interval '1 day'
+                                  ELSE t.today_slot END AS slot) s
+    ), latest AS (
+        -- Each gym's latest run that counts, joined below rather than probed by a
+        -- correlated NOT EXISTS: Citus plans no correlated subquery over a
+        -- distributed table next to a CTE (0A000); grouped by tenant, this one
+        -- runs on every shard at once.  A slot is at most a day old, so older
+        -- runs never decide anything.
+        SELECT r.tenant_id, r.gym_id, max(r.requested_at) AS requested_at
+        FROM ironwod.sync_runs r
+        WHERE r.mode <> 'validate' AND r.status NOT IN ('failed', 'cancelled')
+          AND r.requested_at >= now() - interval '2 days'
+        GROUP BY r.tenant_id, r.gym_id
+    ), due AS (
+        SELECT s.tenant_id, s.gym_id,
+               CASE WHEN s.backfill_completed_at IS NULL THEN 'backfill'
+                    WHEN extract(dow FROM s.slot AT TIME ZONE s.tz) = s.reconcile_weekday THEN 'reconcile'
+                    ELSE 'incremental' END AS mode
+        FROM slots s
+        LEFT JOIN latest l ON l.tenant_id = s.tenant_id AND l.gym_id = s.gym_id
+        WHERE s.backfill_completed_at IS NULL OR l.requested_at IS NULL OR l.requested_at < s.slot
+    )
+    INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, requested_by)
+    SELECT d.tenant_id, d.gym_id, d.mode, 'ironwod_tick' FROM due d
+    ON CONFLICT (tenant_id, gym_id) WHERE status IN ('queued', 'running') DO NOTHING;
+    GET DIAGNOSTICS v_queued = ROW_COUNT;
+    IF v_queued > 0 THEN
+        PERFORM ironwod.wake();
+    END IF;
+    RETURN v_queued;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_tick() IS 'Queue due work for every gym: nightly incremental, weekly reconciliation, breaker retries, unfinished backfills';

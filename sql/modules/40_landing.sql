@@ -515,8 +515,12 @@ RETURNS void
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     v_pred text;
     v_from timestamptz;
+    v_vanished bigint[];
+    v_seen_ids bigint[];
     v_before bigint;
     v_seen bigint;
     v_deleted bigint;
@@ -525,7 +529,7 @@ BEGIN
     INTO STRICT v_from
     FROM ironwod.sync_runs r
     JOIN ironwod.integrations_wodify_connection c ON c.tenant_id = r.tenant_id AND c.gym_id = r.gym_id
-    WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id;
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
 
     v_pred := CASE
         WHEN e.backfill_strategy = 'full' THEN 'true'
@@ -535,16 +539,27 @@ BEGIN
         ELSE format('ironwod.parse_ts(payload_json ->> %L) >= %L::timestamptz', e.window_field, v_from)
     END;
 
+    -- The records already vanished and those this run saw, read first (each one
+    -- statement on the gym's shard), then joined as arrays with the latest
+    -- versions: on Citus a correlated subquery over a distributed table next to
+    -- a set-returning function is refused (0A000), and an outer join from a
+    -- function to a distributed table is planned as a subquery (see
+    -- plan_entity).  Hash joins, linear in the gym's records.
+    SELECT coalesce(array_agg(v.wodify_id), '{}') INTO v_vanished
+    FROM ironwod.vanished_records v
+    WHERE v.tenant_id = v_t AND v.gym_id = v_g AND v.entity = e.entity;
+    EXECUTE format('SELECT coalesce(array_agg(DISTINCT r.wodify_id), ''{}'') FROM ironwod.%I r
+                    WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.last_seen_run_id = $3', e.raw_table)
+    INTO v_seen_ids USING v_t, v_g, p_run_id;
+    v_seen := cardinality(v_seen_ids);
+
     -- v_pred reads payload_json of the record's latest version.
     EXECUTE format($q$
-        SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
-                                                  WHERE v.tenant_id = ironwod.scope_tenant()
-                                                    AND v.gym_id = ironwod.scope_gym()
-                                                    AND v.entity = $2 AND v.wodify_id = l.wodify_id)),
-               (SELECT count(DISTINCT wodify_id) FROM ironwod.%1$I
-                WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym() AND last_seen_run_id = $1)
-        FROM ironwod.latest_raw_versions($2) l WHERE %2$s$q$, e.raw_table, v_pred)
-    INTO v_before, v_seen USING p_run_id, e.entity;
+        SELECT count(*)
+        FROM ironwod.latest_raw_versions($1, $2, $3) l
+        LEFT JOIN unnest($4::bigint[]) AS v(wodify_id) ON v.wodify_id = l.wodify_id
+        WHERE v.wodify_id IS NULL AND %s$q$, v_pred)
+    INTO v_before USING e.entity, v_t, v_g, v_vanished;
 
     IF v_seen < v_before * current_setting('ironwod.reconcile_sanity_share')::numeric THEN
         PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.reconcile.deletes_skipped', e.entity,
@@ -555,17 +570,15 @@ BEGIN
     -- Vanished: inside the window, and no version of it seen by this run.
     EXECUTE format($q$
         INSERT INTO ironwod.vanished_records (tenant_id, gym_id, entity, wodify_id, vanished_by_run)
-        SELECT ironwod.scope_tenant(), ironwod.scope_gym(), $2, l.wodify_id, $1
-        FROM ironwod.latest_raw_versions($2) l
-        WHERE %2$s
-          AND NOT EXISTS (SELECT 1 FROM ironwod.%1$I s
-                          WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
-                            AND s.wodify_id = l.wodify_id AND s.last_seen_run_id = $1)
-        ON CONFLICT DO NOTHING$q$, e.raw_table, v_pred)
-    USING p_run_id, e.entity;
+        SELECT $2, $3, $1, l.wodify_id, $5
+        FROM ironwod.latest_raw_versions($1, $2, $3) l
+        LEFT JOIN unnest($4::bigint[]) AS s(wodify_id) ON s.wodify_id = l.wodify_id
+        WHERE s.wodify_id IS NULL AND %s
+        ON CONFLICT DO NOTHING$q$, v_pred)
+    USING e.entity, v_t, v_g, v_seen_ids, p_run_id;
     GET DIAGNOSTICS v_deleted = ROW_COUNT;
     UPDATE ironwod.sync_run_entities s SET deleted = v_deleted
-     WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+     WHERE s.tenant_id = v_t AND s.gym_id = v_g
        AND s.run_id = p_run_id AND s.entity = e.entity;
 END
 $$;

@@ -397,17 +397,25 @@ BEGIN
              LATERAL (SELECT (((now() AT TIME ZONE k.tz)::date + k.local_slot_time) AT TIME ZONE k.tz) AS today_slot) t,
              LATERAL (SELECT CASE WHEN t.today_slot > now() THEN t.today_slot - interval '1 day'
                                   ELSE t.today_slot END AS slot) s
+    ), latest AS (
+        -- Each gym's latest run that counts, joined below rather than probed by a
+        -- correlated NOT EXISTS: Citus plans no correlated subquery over a
+        -- distributed table next to a CTE (0A000); grouped by tenant, this one
+        -- runs on every shard at once.  A slot is at most a day old, so older
+        -- runs never decide anything.
+        SELECT r.tenant_id, r.gym_id, max(r.requested_at) AS requested_at
+        FROM ironwod.sync_runs r
+        WHERE r.mode <> 'validate' AND r.status NOT IN ('failed', 'cancelled')
+          AND r.requested_at >= now() - interval '2 days'
+        GROUP BY r.tenant_id, r.gym_id
     ), due AS (
         SELECT s.tenant_id, s.gym_id,
                CASE WHEN s.backfill_completed_at IS NULL THEN 'backfill'
                     WHEN extract(dow FROM s.slot AT TIME ZONE s.tz) = s.reconcile_weekday THEN 'reconcile'
                     ELSE 'incremental' END AS mode
         FROM slots s
-        WHERE s.backfill_completed_at IS NULL
-           OR NOT EXISTS (SELECT 1 FROM ironwod.sync_runs r
-                          WHERE r.tenant_id = s.tenant_id AND r.gym_id = s.gym_id
-                            AND r.mode <> 'validate' AND r.requested_at >= s.slot
-                            AND r.status NOT IN ('failed', 'cancelled'))
+        LEFT JOIN latest l ON l.tenant_id = s.tenant_id AND l.gym_id = s.gym_id
+        WHERE s.backfill_completed_at IS NULL OR l.requested_at IS NULL OR l.requested_at < s.slot
     )
     INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, requested_by)
     SELECT d.tenant_id, d.gym_id, d.mode, 'ironwod_tick' FROM due d
