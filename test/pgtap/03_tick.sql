@@ -3,6 +3,13 @@
 BEGIN;
 SELECT plan(11);
 
+-- Functions first: on Citus no function is created after a parallel write in the
+-- same transaction (the UPDATE below touches every shard).
+CREATE FUNCTION pg_temp.runs() RETURNS text LANGUAGE sql AS $$
+    SELECT coalesce(string_agg(mode || ':' || status, ',' ORDER BY run_id), '')
+    FROM ironwod.sync_runs WHERE tenant_id = 'abababab-abab-abab-abab-abababababab'
+$$;
+
 -- Only the fixture gym may be due: park every other connection.
 UPDATE ironwod.integrations_wodify_connection SET next_retry_at = now() + interval '1 day';
 INSERT INTO ironwod.integrations_wodify_connection
@@ -15,11 +22,6 @@ UPDATE ironwod.integrations_wodify_connection
    SET reconcile_weekday = (extract(dow FROM now() AT TIME ZONE 'America/New_York')::int + 3) % 7
  WHERE tenant_id = 'abababab-abab-abab-abab-abababababab';
 
-CREATE FUNCTION pg_temp.runs() RETURNS text LANGUAGE sql AS $$
-    SELECT coalesce(string_agg(mode || ':' || status, ',' ORDER BY run_id), '')
-    FROM ironwod.sync_runs WHERE tenant_id = 'abababab-abab-abab-abab-abababababab'
-$$;
-
 SELECT is(ironwod_tick(), 1, 'a connected gym past its night slot gets one run');
 SELECT is(pg_temp.runs(), 'incremental:queued', 'the nightly run is incremental');
 SELECT is(ironwod_tick(), 0, 'a second tick queues nothing while a run is queued');
@@ -27,10 +29,13 @@ UPDATE ironwod.sync_runs SET status = 'succeeded' WHERE tenant_id = 'abababab-ab
 SELECT is(ironwod_tick(), 0, 'nor after the night''s run finished');
 
 DELETE FROM ironwod.sync_runs WHERE tenant_id = 'abababab-abab-abab-abab-abababababab';
-UPDATE ironwod.integrations_wodify_connection
-   SET reconcile_weekday = extract(dow FROM (CASE WHEN (now() AT TIME ZONE 'America/New_York')::time
-                                                    >= nightly_local_time + make_interval(secs => (hashtext(gym_id::text) & 2147483647) % 3600)
-                                               THEN now() ELSE now() - interval '1 day' END) AT TIME ZONE 'America/New_York')::int
+-- The weekday of the night's slot, read first (Citus allows no CASE over now() in
+-- an UPDATE).
+SELECT extract(dow FROM (CASE WHEN (now() AT TIME ZONE 'America/New_York')::time
+                                   >= nightly_local_time + make_interval(secs => (hashtext(gym_id::text) & 2147483647) % 3600)
+                              THEN now() ELSE now() - interval '1 day' END) AT TIME ZONE 'America/New_York')::int AS slot_dow
+FROM ironwod.integrations_wodify_connection WHERE tenant_id = 'abababab-abab-abab-abab-abababababab' \gset
+UPDATE ironwod.integrations_wodify_connection SET reconcile_weekday = :slot_dow
  WHERE tenant_id = 'abababab-abab-abab-abab-abababababab';
 SELECT ironwod_tick();
 SELECT is(pg_temp.runs(), 'reconcile:queued', 'on the reconcile weekday the night''s run is the weekly reconciliation');

@@ -1,9 +1,13 @@
 -- pgTAP: reconciliation soft deletes, against fixture pages, as the worker role.
+-- The fixture connection is committed first (parked, so ironwod_tick leaves it
+-- alone) and deleted at the end: on Citus the worker could not read placements
+-- the owner wrote in the same transaction (25001).
+INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext, next_retry_at)
+VALUES ('cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd', 'cdcdcdcd-0000-0000-0000-000000000001', 'connected', '\x00', 'infinity')
+ON CONFLICT DO NOTHING;
 BEGIN;
 SELECT plan(9);
 
-INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, api_key_ciphertext)
-VALUES ('cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd', 'cdcdcdcd-0000-0000-0000-000000000001', 'connected', '\x00');
 SELECT ironwod_set_scope('cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd', 'cdcdcdcd-0000-0000-0000-000000000001');
 
 -- One run at a time, each landing the clients roster it is given (one full page).
@@ -49,3 +53,4 @@ SELECT is((SELECT count(*) FROM ironwod.members WHERE deleted_at IS NULL), 4::bi
 
 SELECT * FROM finish();
 ROLLBACK;
+DELETE FROM ironwod.integrations_wodify_connection WHERE tenant_id = 'cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd';

@@ -52,19 +52,29 @@ LEFT JOIN sim_gyms g ON (g.expected->>'clients')::int = coalesce(n.n, 0)
 GROUP BY s.tenant_id, s.gym_id;
 SELECT count(*) AS gyms_with_data, count(DISTINCT idx) AS distinct_sim_gyms FROM sim_scopes;
 
+-- Each step in a transaction block, as the worker runs it: on Citus a read opens
+-- a transaction on the node, which is where SET LOCAL sends the scope, only inside
+-- one.
+BEGIN;
 SELECT count(*) FILTER (WHERE worker_step(tenant_id, gym_id, 'transform') > 0) AS transformed FROM sim_scopes;
+COMMIT;
+BEGIN;
 SELECT count(*) FILTER (WHERE worker_step(tenant_id, gym_id, 'refresh') > 0) AS refreshed FROM sim_scopes;
+COMMIT;
 
 -- Canonical tables hold exactly one row per raw record, including records first
 -- landed by the backfill that test 05 killed.
-SELECT count(*) AS gyms, bool_and(r.n = c.n) AS one_canonical_row_per_record
-FROM sim_scopes s,
-     LATERAL (SELECT (SELECT count(DISTINCT wodify_id) FROM ironwod.wodify_raw_memberships x WHERE x.tenant_id = s.tenant_id AND x.gym_id = s.gym_id)
-                   + (SELECT count(DISTINCT wodify_id) FROM ironwod.wodify_raw_class_signins x WHERE x.tenant_id = s.tenant_id AND x.gym_id = s.gym_id)
-                   + (SELECT count(DISTINCT wodify_id) FROM ironwod.wodify_raw_transactions x WHERE x.tenant_id = s.tenant_id AND x.gym_id = s.gym_id) AS n) r,
-     LATERAL (SELECT (SELECT count(*) FROM ironwod.memberships x WHERE x.tenant_id = s.tenant_id AND x.gym_id = s.gym_id)
-                   + (SELECT count(*) FROM ironwod.attendance_events x WHERE x.tenant_id = s.tenant_id AND x.gym_id = s.gym_id)
-                   + (SELECT count(*) FROM ironwod.transactions x WHERE x.tenant_id = s.tenant_id AND x.gym_id = s.gym_id) AS n) c;
+-- Counted per gym and joined (Citus pushes a join of per-tenant groups to the
+-- nodes; it plans no correlated subquery over a local table).
+SELECT count(*) AS gyms, bool_and(coalesce(r1.n, 0) + coalesce(r2.n, 0) + coalesce(r3.n, 0)
+                                  = coalesce(c1.n, 0) + coalesce(c2.n, 0) + coalesce(c3.n, 0)) AS one_canonical_row_per_record
+FROM sim_scopes s
+LEFT JOIN (SELECT tenant_id, gym_id, count(DISTINCT wodify_id) AS n FROM ironwod.wodify_raw_memberships GROUP BY 1, 2) r1 USING (tenant_id, gym_id)
+LEFT JOIN (SELECT tenant_id, gym_id, count(DISTINCT wodify_id) AS n FROM ironwod.wodify_raw_class_signins GROUP BY 1, 2) r2 USING (tenant_id, gym_id)
+LEFT JOIN (SELECT tenant_id, gym_id, count(DISTINCT wodify_id) AS n FROM ironwod.wodify_raw_transactions GROUP BY 1, 2) r3 USING (tenant_id, gym_id)
+LEFT JOIN (SELECT tenant_id, gym_id, count(*) AS n FROM ironwod.memberships GROUP BY 1, 2) c1 USING (tenant_id, gym_id)
+LEFT JOIN (SELECT tenant_id, gym_id, count(*) AS n FROM ironwod.attendance_events GROUP BY 1, 2) c2 USING (tenant_id, gym_id)
+LEFT JOIN (SELECT tenant_id, gym_id, count(*) AS n FROM ironwod.transactions GROUP BY 1, 2) c3 USING (tenant_id, gym_id);
 
 -- Every cached month of every gym and location: the snapshot identity, the MRR
 -- bridge, and start = previous end.
@@ -107,8 +117,12 @@ BEGIN;
 SELECT ironwod_set_scope(:ta, :g1);
 SELECT ironwod.digest(:ta, :g1) AS live_digest \gset
 COMMIT;
+BEGIN;
 SELECT worker_step(:ta, :g1, 'transform') > 0 AS transformed_again;
+COMMIT;
+BEGIN;
 SELECT worker_step(:ta, :g1, 'refresh') > 0 AS refreshed_again;
+COMMIT;
 BEGIN;
 SELECT ironwod_set_scope(:ta, :g1);
 SELECT ironwod.digest(:ta, :g1) = :'live_digest' AS digest_unchanged;
