@@ -194,6 +194,7 @@ UPDATE ironwod.memberships m
   FROM ironwod.wodify_raw_memberships r
  WHERE r.tenant_id = m.tenant_id AND r.gym_id = m.gym_id AND r.raw_id = m.raw_id
    AND jsonb_typeof(r.payload_json -> 'programs') = 'array';
+
 -- plan_entity reads the checkpointed windows into an array before it plans the
 -- units (on Citus, the outer join from the units to backfill_checkpoints crashed
 -- the planner in every run that was not a backfill).

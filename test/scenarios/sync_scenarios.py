@@ -121,13 +121,19 @@ def set_guc(name, value):
 
 def latest_versions(gym):
     """Latest payload version of every record, per entity, as a set of text rows."""
+    # Both sides read first and anti-joined: Citus plans no correlated subquery over
+    # a distributed table next to the entities (a reference table there).
     rows = scoped(gym, """
-        SELECT e.entity || ':' || x.wodify_id || ':' || encode(x.payload_hash, 'hex')
-        FROM ironwod.entities e,
-             LATERAL (SELECT * FROM ironwod.latest_raw_versions(e.entity)) x
-        WHERE NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
-                          WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym()
-                            AND v.entity = e.entity AND v.wodify_id = x.wodify_id)""")
+        WITH x AS MATERIALIZED (
+            SELECT e.entity, l.wodify_id, l.payload_hash
+            FROM ironwod.entities e,
+                 LATERAL ironwod.latest_raw_versions(e.entity, ironwod.scope_tenant(), ironwod.scope_gym(), NULL, false) l
+        ), v AS MATERIALIZED (
+            SELECT v.entity, v.wodify_id FROM ironwod.vanished_records v
+            WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym()
+        )
+        SELECT x.entity || ':' || x.wodify_id || ':' || encode(x.payload_hash, 'hex')
+        FROM x LEFT JOIN v USING (entity, wodify_id) WHERE v.wodify_id IS NULL""")
     return set(rows)
 
 
@@ -738,9 +744,13 @@ def memory_scenario():
                      f"FROM ironwod.sync_runs WHERE tenant_id = ironwod.scope_tenant() "
                      f"AND gym_id = ironwod.scope_gym() AND run_id = {run}")
     peak, page = (int(x) for x in row.split(","))
+    # On a Citus coordinator the worker also holds the landing statement as Citus
+    # deparses it for the node, the page's records inlined as text, and libpq's
+    # copy of it on its way out: two more pages (README, Scaling out with Citus).
+    factor = 5 if psql("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")[0] == "1" else 3
     print(f"# worker peak private memory {peak / MB:.1f} MB for a largest page of {page / MB:.1f} MB")
-    check(outcome == "succeeded" and page >= 40 * MB and 0 < peak <= 3 * page + MEMORY_CONSTANT,
-          "a page of 40 records of 1 MB: the worker's private memory peaks at most at 3x the page "
+    check(outcome == "succeeded" and page >= 40 * MB and 0 < peak <= factor * page + MEMORY_CONSTANT,
+          f"a page of 40 records of 1 MB: the worker's private memory peaks at most at {factor}x the page "
           f"plus {MEMORY_CONSTANT // MB} MB", f"{outcome}, peak {peak}, page {page}")
     sim("DELETE", "/_sim/faults")
 
