@@ -167,13 +167,18 @@ read_memory_status(int64 *hwm, int64 *shared)
 	*shared = 0;
 	if (f == NULL)
 		return false;
+	/* twice a page: look at the three lines only, not sscanf every line */
 	while (fgets(line, sizeof(line), f) != NULL)
 	{
-		if (sscanf(line, "VmHWM: %lld kB", &kb) == 1)
+		if (line[0] == 'V' && strncmp(line, "VmHWM:", 6) == 0 &&
+			sscanf(line + 6, "%lld", &kb) == 1)
 			*hwm = (int64) kb * 1024, found++;
-		else if (sscanf(line, "RssFile: %lld kB", &kb) == 1 ||
-				 sscanf(line, "RssShmem: %lld kB", &kb) == 1)
+		else if (line[0] == 'R' &&
+				 ((strncmp(line, "RssFile:", 8) == 0 && sscanf(line + 8, "%lld", &kb) == 1) ||
+				  (strncmp(line, "RssShmem:", 9) == 0 && sscanf(line + 9, "%lld", &kb) == 1)))
 			*shared += (int64) kb * 1024, found++;
+		if (found == 3)
+			break;
 	}
 	FreeFile(f);
 	return found == 3;

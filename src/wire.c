@@ -95,6 +95,42 @@ vendor_ts_shape(const char *s, int len, bool *has_zone)
 }
 
 /*
+ * The shape Wodify sends nearly always, YYYY-MM-DDTHH:MM:SS[Z] (already
+ * checked by vendor_ts_shape), converted without ParseDateTime and
+ * DecodeDateTime: landing reads two or three per record.  Only fields in
+ * their plain ranges, for which the result is the one DecodeDateTime gives;
+ * anything else (a leap second, 24:00:00, year 0, a zone offset, fractions)
+ * is left to the general path.
+ */
+static bool
+plain_vendor_ts(const char *s, int len, TimestampTz *result)
+{
+	int			y,
+				mo,
+				d,
+				h,
+				mi,
+				sec;
+
+	if (!(len == 19 || (len == 20 && s[19] == 'Z')) || s[16] != ':')
+		return false;
+#define IW_2DIGITS(p) (((p)[0] - '0') * 10 + ((p)[1] - '0'))
+	y = IW_2DIGITS(s) * 100 + IW_2DIGITS(s + 2);
+	mo = IW_2DIGITS(s + 5);
+	d = IW_2DIGITS(s + 8);
+	h = IW_2DIGITS(s + 11);
+	mi = IW_2DIGITS(s + 14);
+	sec = IW_2DIGITS(s + 17);
+#undef IW_2DIGITS
+	if (y < 1 || mo < 1 || mo > MONTHS_PER_YEAR || d < 1 || d > day_tab[isleap(y)][mo - 1] ||
+		h > 23 || mi > 59 || sec > 59)
+		return false;
+	*result = ((int64) (date2j(y, mo, d) - POSTGRES_EPOCH_JDATE) * SECS_PER_DAY +
+			   h * SECS_PER_HOUR + mi * SECS_PER_MINUTE + sec) * USECS_PER_SEC;
+	return true;
+}
+
+/*
  * A Wodify datetime as a timestamptz, or false: the sentinel 1900-01-01
  * ("no value"), any other shape, and impossible dates (month 13) are all "no
  * value" rather than errors, because one odd field must not stop a page.
@@ -120,6 +156,8 @@ iw_parse_vendor_ts(const char *s, int len, TimestampTz *result)
 		return false;
 	if (strncmp(s, "1900-01-01", 10) == 0)
 		return false;
+	if (plain_vendor_ts(s, len, result))
+		return IS_VALID_TIMESTAMP(*result);
 	memcpy(buf, s, len);
 	buf[len] = '\0';
 	if (ParseDateTime(buf, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf) != 0)

@@ -851,32 +851,41 @@ COMMENT ON FUNCTION ironwod.unvanish(text, bigint[]) IS 'Worker: records seen ag
 -- per column; the worker prepares both once per run.  $1 tenant, $2 gym
 -- (parameters, so a distributed table routes to one shard), $3 run, $4 the
 -- landing transaction's time, $5..$8 ids, payloads, payload hashes,
--- source_updated_at.  Both return the number of new versions.
+-- source_updated_at.
+-- The arrays are unnested in the select list, side by side (they are equally
+-- long): a set-returning function in FROM would first copy every payload into
+-- a tuplestore.
 --   p_upsert false: a plain INSERT, for pages of versions never seen before
---                   (a backfill); a version already stored fails it with a
---                   unique violation, and the page is landed again with
+--                   (a backfill); every row it returns is a new version, so
+--                   the worker counts them as they come (no CTE, no count).
+--                   RETURNING stays for Citus: an INSERT ... SELECT without it
+--                   or ON CONFLICT is COPYed into the shard, which row-level
+--                   security refuses.  A version already stored fails it with
+--                   a unique violation, and the page is landed again with
 --   p_upsert true:  INSERT ... ON CONFLICT, where a version seen again only
---                   bumps last_seen_run_id (twice the cost of the plain one).
+--                   bumps last_seen_run_id (twice the cost of the plain one);
+--                   it returns the number of new versions.
 CREATE FUNCTION ironwod.landing_statement(p_entity text, p_upsert boolean) RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
-BEGIN
-    RETURN format($s$
-        WITH ins AS (
+DECLARE
+    v_insert text := format($s$
             INSERT INTO ironwod.%I AS t
                 (tenant_id, gym_id, wodify_id, payload_json, payload_hash, source_updated_at,
                  ingest_run_id, last_seen_run_id, ingested_at, last_seen_at)
-            SELECT $1, $2, r.wodify_id, r.payload_json, r.payload_hash, r.source_updated_at, $3, $3, $4, $4
-            FROM unnest($5::bigint[], $6::jsonb[], $7::bytea[], $8::timestamptz[])
-                 AS r(wodify_id, payload_json, payload_hash, source_updated_at)
-            %s
+            SELECT $1, $2, unnest($5::bigint[]), unnest($6::jsonb[]), unnest($7::bytea[]),
+                   unnest($8::timestamptz[]), $3, $3, $4, $4$s$,
+        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity));
+BEGIN
+    IF NOT p_upsert THEN
+        RETURN v_insert || ' RETURNING 1';
+    END IF;
+    RETURN format($s$
+        WITH ins AS (%s
+            ON CONFLICT (tenant_id, gym_id, wodify_id, payload_hash)
+            DO UPDATE SET last_seen_run_id = excluded.last_seen_run_id, last_seen_at = excluded.last_seen_at
             RETURNING (xmax = 0) AS inserted)
-        SELECT (count(*) FILTER (WHERE inserted))::integer FROM ins$s$,
-        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
-        CASE WHEN p_upsert THEN
-            'ON CONFLICT (tenant_id, gym_id, wodify_id, payload_hash)
-             DO UPDATE SET last_seen_run_id = excluded.last_seen_run_id, last_seen_at = excluded.last_seen_at'
-        ELSE '' END);
+        SELECT (count(*) FILTER (WHERE inserted))::integer FROM ins$s$, v_insert);
 END
 $$;
 COMMENT ON FUNCTION ironwod.landing_statement(text, boolean) IS 'Worker: the prepared statements that land a page''s records in an entity''s raw table (plain insert, or upsert)';
