@@ -441,3 +441,238 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.landing_statement(text, boolean) IS 'Worker: the prepared statements that land a page''s records in an entity''s raw table (plain insert, or upsert)';
+
+-- Transforms whose plans do not depend on estimates (issue 7): the raw versions
+-- of a run's records read by "= ANY" of their Wodify ids, not a join with
+-- unnest (a nested loop over it, planned on a one-row estimate for a gym the
+-- statistics predate, was quadratic); the stored rows read by key, a written row
+-- paired with the row it replaced by a sort, not a join; the run worker's
+-- ANALYZE of a raw table at statistics target 10, so its sample of payloads
+-- stays under 10 MB of the worker's memory; a run's records transformed in
+-- batches of 10,000 keys, so no plan holds a large "= ANY" array (one over a
+-- large gym's 190,000 sign-ins held 110 MB).
+CREATE OR REPLACE FUNCTION ironwod.latest_raw_versions(p_entity text, p_tenant_id uuid, p_gym_id uuid,
+                                            p_ids bigint[] DEFAULT NULL, p_payload boolean DEFAULT true)
+RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb,
+               ingest_run_id bigint, last_seen_run_id bigint)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_lo bigint;
+    v_hi bigint;
+BEGIN
+    -- "= ANY", not a join with unnest($3): index probes for a few ids, one scan
+    -- for a whole backfill's, linear either way.  A join is planned on the raw
+    -- table's estimate for the gym, which is one row while its statistics predate
+    -- the gym, and a nested loop over the unnest on that estimate is quadratic.
+    -- The ids' range bounds the scan too (the transform asks in batches of ids).
+    IF p_ids IS NOT NULL THEN
+        SELECT min(i), max(i) INTO v_lo, v_hi FROM unnest(p_ids) AS i;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT DISTINCT ON (r.wodify_id) r.wodify_id, r.raw_id, r.payload_hash, %s,
+                r.ingest_run_id, r.last_seen_run_id
+         FROM ironwod.%I r
+         WHERE r.tenant_id = $1 AND r.gym_id = $2 %s
+         ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC',
+        CASE WHEN p_payload THEN 'r.payload_json' ELSE 'NULL::jsonb' END,
+        (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
+        CASE WHEN p_ids IS NOT NULL THEN 'AND r.wodify_id = ANY ($3) AND r.wodify_id BETWEEN $4 AND $5' ELSE '' END)
+    USING p_tenant_id, p_gym_id, p_ids, v_lo, v_hi;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean) RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    m ironwod.canonical_maps;
+    v_raw name;
+    v_col name[];
+    v_expr text[];
+BEGIN
+    SELECT * INTO STRICT m FROM ironwod.canonical_maps x WHERE x.entity = p_entity;
+    SELECT e.raw_table INTO STRICT v_raw FROM ironwod.entities e WHERE e.entity = p_entity;
+    SELECT array_agg(c.column_name ORDER BY c.ord), array_agg(c.expr ORDER BY c.ord)
+      INTO v_col, v_expr FROM ironwod.canonical_columns c WHERE c.entity = p_entity;
+    -- lineage; deleted_at / deleted_by_run are NULL unless the mapping says otherwise
+    SELECT v_col || array_agg(x.col ORDER BY x.n), v_expr || array_agg(x.expr ORDER BY x.n)
+      INTO v_col, v_expr
+      FROM (VALUES (1, 'deleted_at'::name, 'NULL'), (2, 'deleted_by_run', 'NULL'),
+                   (3, 'raw_id', 'l.raw_id'), (4, 'source_updated_at', 'l.source_updated_at')) x(n, col, expr)
+     WHERE x.col <> ALL (v_col);
+    -- With change tracking, the rows as they were are read in a CTE of their own,
+    -- materialized before the upsert: on Citus each CTE is a step of its own and
+    -- a later step would see the upsert's rows, not the old ones.  Each written
+    -- row (u) is then paired with the one it replaced (o, NULL for a new record)
+    -- by lag() over the two sets sorted by key, old first.
+    RETURN format($q$
+        WITH %8$s up AS (
+            INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
+            SELECT $1, $2, l.wodify_id, %4$s
+            FROM ironwod.%2$I l, LATERAL (SELECT l.payload_json AS p) x
+            WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)
+            ON CONFLICT (tenant_id, gym_id, %3$I) DO UPDATE SET %6$s
+            WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
+            RETURNING c.*
+        )
+        SELECT count(*)::integer, min(%7$s)
+        FROM %9$s$q$,
+        m.canonical, v_raw, m.key_column,
+        (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
+        (SELECT string_agg(quote_ident(c), ', ') FROM unnest(v_col) c),
+        (SELECT string_agg(format('%1$I = excluded.%1$I', c), ', ') FROM unnest(v_col) c),
+        CASE WHEN p_track THEN coalesce(m.dirty_from, 'NULL::date') ELSE 'NULL::date' END,
+        CASE WHEN p_track THEN format(
+            'old AS MATERIALIZED (
+                SELECT o.* FROM ironwod.%1$I o
+                WHERE o.tenant_id = $1 AND o.gym_id = $2 AND o.%2$I = ANY ($5)
+                  AND o.%2$I BETWEEN $5[1] AND $5[cardinality($5)]),',
+            m.canonical, m.key_column) ELSE '' END,
+        CASE WHEN p_track THEN format(
+            '(SELECT y.side, y.r AS u, lag(y.r) OVER (PARTITION BY (y.r).%2$I ORDER BY y.side) AS o
+              FROM (SELECT 0 AS side, o::ironwod.%1$I AS r FROM old o
+                    UNION ALL SELECT 1, u::ironwod.%1$I FROM up u) y) z,
+             LATERAL (SELECT (z.o).*) o, LATERAL (SELECT (z.u).*) u
+            WHERE z.side = 1',
+            m.canonical, m.key_column) ELSE 'up u' END);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.analyze_if_stale(p_table name, p_changed bigint DEFAULT 0)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_distributed boolean := false;
+    v_target text;
+BEGIN
+    -- A Citus distributed table is analyzed where its rows are, by each node's
+    -- autovacuum on its shards; ANALYZE on the coordinator would run as this
+    -- function's owner on placements the worker role wrote in this transaction,
+    -- which Citus refuses (25001).  pg_dist_partition exists only with Citus.
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition d
+                                JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
+                                WHERE c.relname = $1 AND c.relnamespace = ''ironwod''::regnamespace)'
+            INTO v_distributed USING p_table;
+        IF v_distributed THEN
+            RETURN false;
+        END IF;
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace AND s.nspname = 'ironwod'
+        LEFT JOIN pg_stat_all_tables st ON st.relid = c.oid
+        WHERE c.relname = p_table
+          AND (c.relname IN (SELECT e.raw_table FROM ironwod.entities e)
+               OR c.relname IN (SELECT m.canonical FROM ironwod.canonical_maps m))
+          AND (c.reltuples < 0
+               OR greatest(coalesce(p_changed, 0), coalesce(st.n_mod_since_analyze, 0)) > 0.2 * c.reltuples)) THEN
+        RETURN false;
+    END IF;
+    -- A raw table's rows carry their payload (1-2 KB each), and ANALYZE holds
+    -- its whole sample (300 x the statistics target rows) in the caller's
+    -- memory: at the default target of 100 that is 30,000 payloads, about 45 MB
+    -- of the run worker's.  The statistics the transform's plans read (gym,
+    -- run, id and raw id) need no such sample: a target of 10 (3,000 rows) is
+    -- ample, and keeps the worker's ANALYZE under 10 MB.
+    IF p_table IN (SELECT e.raw_table FROM ironwod.entities e) THEN
+        v_target := current_setting('default_statistics_target');
+        PERFORM set_config('default_statistics_target', '10', true);
+        EXECUTE format('ANALYZE (SKIP_LOCKED) ironwod.%I', p_table);
+        PERFORM set_config('default_statistics_target', v_target, true);
+    ELSE
+        EXECUTE format('ANALYZE (SKIP_LOCKED) ironwod.%I', p_table);
+    END IF;
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.transform_records(p_run_id bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET jit = off
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_batch constant integer := 10000;
+    v_tz text;
+    v_out jsonb := '{}';
+    v_runs bigint[];
+    v_ids bigint[];
+    v_part bigint[];
+    v_raw bigint[];
+    v_sql text;
+    v_n integer;
+    v_bn integer;
+    v_dirty date;
+    v_bdirty date;
+    e record;
+BEGIN
+    IF v_t IS NULL OR v_g IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    IF p_run_id IS NOT NULL THEN
+        v_runs := ARRAY(
+            SELECT x.run_id
+            FROM (SELECT r.run_id FROM ironwod.sync_runs r
+                  WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id <= p_run_id
+                  UNION SELECT p_run_id) x
+            WHERE NOT EXISTS (SELECT 1 FROM ironwod.transformed_runs d
+                              WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = x.run_id)
+            ORDER BY 1);
+    END IF;
+    -- In registry order: locations first, they decide the time zone.
+    FOR e IN SELECT x.entity, x.raw_table, m.canonical FROM ironwod.entities x
+             JOIN ironwod.canonical_maps m USING (entity) ORDER BY x.ordinal LOOP
+        IF e.entity <> 'locations' AND v_tz IS NULL THEN
+            v_tz := ironwod.gym_time_zone(v_t, v_g);
+        END IF;
+        -- v_ids: the raw ids of every record's latest version, or the Wodify ids
+        -- of the records the runs landed a version of, in order: each batch is a
+        -- range of keys, read by an index range scan, not a scan of the gym
+        IF p_run_id IS NULL THEN
+            PERFORM ironwod.analyze_if_stale(e.raw_table);
+            v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
+        ELSE
+            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
+                            WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
+            INTO v_ids USING v_t, v_g, v_runs;
+            IF v_ids IS NOT NULL THEN
+                PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
+            END IF;
+        END IF;
+        v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL);
+        v_n := 0;
+        v_dirty := NULL;
+        FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
+            v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
+            IF p_run_id IS NULL THEN
+                v_raw := v_part;
+            ELSE
+                v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
+            END IF;
+            EXECUTE v_sql INTO v_bn, v_bdirty USING v_t, v_g, v_tz, v_raw, v_part;
+            v_n := v_n + v_bn;
+            v_dirty := least(v_dirty, v_bdirty);
+        END LOOP;
+        IF p_run_id IS NOT NULL THEN
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n);
+        END IF;
+        IF v_n > 0 THEN
+            PERFORM ironwod.analyze_if_stale(e.canonical, v_n);
+        END IF;
+        v_out := v_out || jsonb_build_object(e.entity, v_n);
+    END LOOP;
+
+    INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
+    SELECT v_t, v_g, x, p_run_id FROM unnest(v_runs) AS x
+    ON CONFLICT DO NOTHING;
+    RETURN v_out;
+END
+$$;

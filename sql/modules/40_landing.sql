@@ -64,19 +64,28 @@ RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json
                ingest_run_id bigint, last_seen_run_id bigint)
 LANGUAGE plpgsql STABLE
 AS $$
+DECLARE
+    v_lo bigint;
+    v_hi bigint;
 BEGIN
-    -- A join, not "= ANY": a plan that fits both a few ids (index probes) and a
-    -- whole backfill's (one scan).
+    -- "= ANY", not a join with unnest($3): index probes for a few ids, one scan
+    -- for a whole backfill's, linear either way.  A join is planned on the raw
+    -- table's estimate for the gym, which is one row while its statistics predate
+    -- the gym, and a nested loop over the unnest on that estimate is quadratic.
+    -- The ids' range bounds the scan too (the transform asks in batches of ids).
+    IF p_ids IS NOT NULL THEN
+        SELECT min(i), max(i) INTO v_lo, v_hi FROM unnest(p_ids) AS i;
+    END IF;
     RETURN QUERY EXECUTE format(
         'SELECT DISTINCT ON (r.wodify_id) r.wodify_id, r.raw_id, r.payload_hash, %s,
                 r.ingest_run_id, r.last_seen_run_id
-         FROM ironwod.%I r %s
-         WHERE r.tenant_id = $1 AND r.gym_id = $2
+         FROM ironwod.%I r
+         WHERE r.tenant_id = $1 AND r.gym_id = $2 %s
          ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC',
         CASE WHEN p_payload THEN 'r.payload_json' ELSE 'NULL::jsonb' END,
         (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
-        CASE WHEN p_ids IS NOT NULL THEN 'JOIN unnest($3) AS i(id) ON i.id = r.wodify_id' ELSE '' END)
-    USING p_tenant_id, p_gym_id, p_ids;
+        CASE WHEN p_ids IS NOT NULL THEN 'AND r.wodify_id = ANY ($3) AND r.wodify_id BETWEEN $4 AND $5' ELSE '' END)
+    USING p_tenant_id, p_gym_id, p_ids, v_lo, v_hi;
 END
 $$;
 COMMENT ON FUNCTION ironwod.latest_raw_versions(text, uuid, uuid, bigint[], boolean) IS 'Latest raw version of records of an entity of one gym: the given Wodify ids, or all when NULL (payload only when asked for)';

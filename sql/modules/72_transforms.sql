@@ -259,7 +259,16 @@ $check$;
 -- The upsert of one entity, from its mapping: the canonical rows of the raw
 -- versions $4 (raw ids), written only where they differ from the stored ones.  It
 -- returns the rows written and, with change tracking, the earliest civil date the
--- changes touched (the join reads the rows as they were before the statement).
+-- changes touched, from each written row and the row it replaced.
+--
+-- No plan of it depends on an estimate being right.  A gym's first transform in
+-- a cluster whose statistics predate it is estimated at one row, and a join
+-- between two row sets planned on that estimate (a nested loop over a CTE or a
+-- function scan) is quadratic in the records: minutes for a medium gym.  So the
+-- raw versions are read by raw id ($4) and the stored rows by key ($5, the
+-- records' Wodify ids, in order, so a batch also bounds the key range), each
+-- "= ANY" of one table (index probes or one scan, linear either way), and a
+-- written row meets the row it replaced by a sort on the key, never by a join.
 CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean) RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
@@ -281,8 +290,9 @@ BEGIN
      WHERE x.col <> ALL (v_col);
     -- With change tracking, the rows as they were are read in a CTE of their own,
     -- materialized before the upsert: on Citus each CTE is a step of its own and
-    -- a later step would see the upsert's rows, not the old ones.  Without it,
-    -- no join at all (Citus plans no outer join on a constant condition).
+    -- a later step would see the upsert's rows, not the old ones.  Each written
+    -- row (u) is then paired with the one it replaced (o, NULL for a new record)
+    -- by lag() over the two sets sorted by key, old first.
     RETURN format($q$
         WITH %8$s up AS (
             INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
@@ -294,7 +304,7 @@ BEGIN
             RETURNING c.*
         )
         SELECT count(*)::integer, min(%7$s)
-        FROM up u %9$s$q$,
+        FROM %9$s$q$,
         m.canonical, v_raw, m.key_column,
         (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
         (SELECT string_agg(quote_ident(c), ', ') FROM unnest(v_col) c),
@@ -303,11 +313,16 @@ BEGIN
         CASE WHEN p_track THEN format(
             'old AS MATERIALIZED (
                 SELECT o.* FROM ironwod.%1$I o
-                WHERE o.tenant_id = $1 AND o.gym_id = $2
-                  AND o.%3$I IN (SELECT l.wodify_id FROM ironwod.%2$I l
-                                 WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4))),',
-            m.canonical, v_raw, m.key_column) ELSE '' END,
-        CASE WHEN p_track THEN format('LEFT JOIN old o ON o.%1$I = u.%1$I', m.key_column) ELSE '' END);
+                WHERE o.tenant_id = $1 AND o.gym_id = $2 AND o.%2$I = ANY ($5)
+                  AND o.%2$I BETWEEN $5[1] AND $5[cardinality($5)]),',
+            m.canonical, m.key_column) ELSE '' END,
+        CASE WHEN p_track THEN format(
+            '(SELECT y.side, y.r AS u, lag(y.r) OVER (PARTITION BY (y.r).%2$I ORDER BY y.side) AS o
+              FROM (SELECT 0 AS side, o::ironwod.%1$I AS r FROM old o
+                    UNION ALL SELECT 1, u::ironwod.%1$I FROM up u) y) z,
+             LATERAL (SELECT (z.o).*) o, LATERAL (SELECT (z.u).*) u
+            WHERE z.side = 1',
+            m.canonical, m.key_column) ELSE 'up u' END);
 END
 $$;
 COMMENT ON FUNCTION ironwod.transform_sql(text, boolean) IS 'The upsert statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
@@ -342,6 +357,7 @@ SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_distributed boolean := false;
+    v_target text;
 BEGIN
     -- A Citus distributed table is analyzed where its rows are, by each node's
     -- autovacuum on its shards; ANALYZE on the coordinator would run as this
@@ -367,7 +383,20 @@ BEGIN
                OR greatest(coalesce(p_changed, 0), coalesce(st.n_mod_since_analyze, 0)) > 0.2 * c.reltuples)) THEN
         RETURN false;
     END IF;
-    EXECUTE format('ANALYZE (SKIP_LOCKED) ironwod.%I', p_table);
+    -- A raw table's rows carry their payload (1-2 KB each), and ANALYZE holds
+    -- its whole sample (300 x the statistics target rows) in the caller's
+    -- memory: at the default target of 100 that is 30,000 payloads, about 45 MB
+    -- of the run worker's.  The statistics the transform's plans read (gym,
+    -- run, id and raw id) need no such sample: a target of 10 (3,000 rows) is
+    -- ample, and keeps the worker's ANALYZE under 10 MB.
+    IF p_table IN (SELECT e.raw_table FROM ironwod.entities e) THEN
+        v_target := current_setting('default_statistics_target');
+        PERFORM set_config('default_statistics_target', '10', true);
+        EXECUTE format('ANALYZE (SKIP_LOCKED) ironwod.%I', p_table);
+        PERFORM set_config('default_statistics_target', v_target, true);
+    ELSE
+        EXECUTE format('ANALYZE (SKIP_LOCKED) ironwod.%I', p_table);
+    END IF;
     RETURN true;
 END
 $$;
@@ -376,6 +405,13 @@ COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE a
 -- Rebuild canonical rows from raw.  p_run_id NULL = every record of the scope (and no
 -- change tracking); otherwise the records with a new version landed in that run and
 -- in earlier runs not yet transformed.
+--
+-- In batches of 10,000 records.  EXECUTE plans with its parameters as constants,
+-- so each "= ANY" array is copied into the plan, and the planner estimates its
+-- selectivity element by element, several times over: one statement over the
+-- 190,000 sign-ins of a large gym held 110 MB of the run worker's memory and
+-- spent seconds planning.  A batch's statements plan in under 10 MB, and the
+-- work stays linear in the records (each batch reads its own rows by key).
 CREATE FUNCTION ironwod.transform_records(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -384,13 +420,18 @@ AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
+    v_batch constant integer := 10000;
     v_tz text;
     v_out jsonb := '{}';
     v_runs bigint[];
     v_ids bigint[];
+    v_part bigint[];
     v_raw bigint[];
+    v_sql text;
     v_n integer;
+    v_bn integer;
     v_dirty date;
+    v_bdirty date;
     e record;
 BEGIN
     IF v_t IS NULL OR v_g IS NULL THEN
@@ -414,21 +455,36 @@ BEGIN
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
         END IF;
+        -- v_ids: the raw ids of every record's latest version, or the Wodify ids
+        -- of the records the runs landed a version of, in order: each batch is a
+        -- range of keys, read by an index range scan, not a scan of the gym
         IF p_run_id IS NULL THEN
             PERFORM ironwod.analyze_if_stale(e.raw_table);
-            v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
-            EXECUTE ironwod.transform_sql(e.entity, false) INTO v_n, v_dirty USING v_t, v_g, v_tz, v_raw;
+            v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
         ELSE
-            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id) FROM ironwod.%I r
+            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
                             WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
             INTO v_ids USING v_t, v_g, v_runs;
-            v_n := 0;
             IF v_ids IS NOT NULL THEN
                 PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
-                v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_ids, false) l);
-                EXECUTE ironwod.transform_sql(e.entity, true) INTO v_n, v_dirty USING v_t, v_g, v_tz, v_raw;
-                PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n);
             END IF;
+        END IF;
+        v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL);
+        v_n := 0;
+        v_dirty := NULL;
+        FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
+            v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
+            IF p_run_id IS NULL THEN
+                v_raw := v_part;
+            ELSE
+                v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
+            END IF;
+            EXECUTE v_sql INTO v_bn, v_bdirty USING v_t, v_g, v_tz, v_raw, v_part;
+            v_n := v_n + v_bn;
+            v_dirty := least(v_dirty, v_bdirty);
+        END LOOP;
+        IF p_run_id IS NOT NULL THEN
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n);
         END IF;
         IF v_n > 0 THEN
             PERFORM ironwod.analyze_if_stale(e.canonical, v_n);
