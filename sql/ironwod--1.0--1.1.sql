@@ -490,8 +490,15 @@ DECLARE
     v_raw name;
     v_col name[];
     v_expr text[];
+    v_people text := 'NULL::bigint[]';
 BEGIN
     SELECT * INTO STRICT m FROM ironwod.canonical_maps x WHERE x.entity = p_entity;
+    IF p_track AND m.key_column <> 'member_id' AND EXISTS (
+           SELECT 1 FROM pg_attribute a
+           WHERE a.attrelid = ('ironwod.' || quote_ident(m.canonical))::regclass
+             AND a.attname = 'member_id' AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        v_people := 'array_remove(array_agg(DISTINCT o.member_id) || array_agg(DISTINCT u.member_id), NULL)';
+    END IF;
     SELECT e.raw_table INTO STRICT v_raw FROM ironwod.entities e WHERE e.entity = p_entity;
     SELECT array_agg(c.column_name ORDER BY c.ord), array_agg(c.expr ORDER BY c.ord)
       INTO v_col, v_expr FROM ironwod.canonical_columns c WHERE c.entity = p_entity;
@@ -516,7 +523,7 @@ BEGIN
             WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
             RETURNING c.*
         )
-        SELECT count(*)::integer, min(%7$s)
+        SELECT count(*)::integer, min(%7$s), %10$s
         FROM %9$s$q$,
         m.canonical, v_raw, m.key_column,
         (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
@@ -535,7 +542,8 @@ BEGIN
                     UNION ALL SELECT 1, u::ironwod.%1$I FROM up u) y) z,
              LATERAL (SELECT (z.o).*) o, LATERAL (SELECT (z.u).*) u
             WHERE z.side = 1',
-            m.canonical, m.key_column) ELSE 'up u' END);
+            m.canonical, m.key_column) ELSE 'up u' END,
+        v_people);
 END
 $$;
 
@@ -610,6 +618,8 @@ DECLARE
     v_bn integer;
     v_dirty date;
     v_bdirty date;
+    v_people bigint[];
+    v_bpeople bigint[];
     e record;
 BEGIN
     IF v_t IS NULL OR v_g IS NULL THEN
@@ -650,6 +660,7 @@ BEGIN
         v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL);
         v_n := 0;
         v_dirty := NULL;
+        v_people := '{}';
         FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
             v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
             IF p_run_id IS NULL THEN
@@ -657,12 +668,16 @@ BEGIN
             ELSE
                 v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
             END IF;
-            EXECUTE v_sql INTO v_bn, v_bdirty USING v_t, v_g, v_tz, v_raw, v_part;
+            EXECUTE v_sql INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
             v_n := v_n + v_bn;
             v_dirty := least(v_dirty, v_bdirty);
+            -- NULL (a table without people) stays NULL: everyone
+            IF v_bn > 0 THEN
+                v_people := CASE WHEN v_people IS NOT NULL AND v_bpeople IS NOT NULL THEN v_people || v_bpeople END;
+            END IF;
         END LOOP;
         IF p_run_id IS NOT NULL THEN
-            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n);
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n, v_people);
         END IF;
         IF v_n > 0 THEN
             PERFORM ironwod.analyze_if_stale(e.canonical, v_n);
@@ -676,3 +691,575 @@ BEGIN
     RETURN v_out;
 END
 $$;
+
+-- The nightly refresh narrowed to the people who changed (issue 7, metrics.md
+-- §5.4): metric_dirty records the people on the canonical rows a run changed;
+-- compute_metrics recomputes the months before the one the last refresh computed
+-- to date only for them, for everyone whose spells or spans changed, and for
+-- those billed on their memberships.  The stages take the first month to
+-- recompute for everyone and the people.
+ALTER TABLE ironwod.metric_dirty ADD COLUMN member_ids bigint[];
+COMMENT ON TABLE ironwod.metric_dirty IS 'Per run and entity: the earliest civil date a canonical change touched and the people on the changed rows (the inputs of the recompute policy, metrics.md §5.4)';
+DROP FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer);
+DROP FUNCTION ironwod.compute_metrics(date);
+DROP FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date);
+DROP FUNCTION ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date);
+DROP FUNCTION ironwod.metrics_month_flags(uuid, uuid, date, date);
+CREATE FUNCTION ironwod.note_dirty(p_tenant_id uuid, p_gym_id uuid, p_run_id bigint, p_entity text,
+                                   p_dirty_from date, p_changed integer, p_member_ids bigint[])
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_run_id IS NULL OR p_dirty_from IS NULL THEN
+        RETURN;
+    END IF;
+    -- member_ids NULL (people not known) absorbs any list: everyone
+    INSERT INTO ironwod.metric_dirty AS d (tenant_id, gym_id, run_id, entity, dirty_from, changed, member_ids)
+    VALUES (p_tenant_id, p_gym_id, p_run_id, p_entity, p_dirty_from, p_changed, p_member_ids)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET dirty_from = least(d.dirty_from, excluded.dirty_from), changed = d.changed + excluded.changed,
+           member_ids = CASE WHEN d.member_ids IS NOT NULL AND excluded.member_ids IS NOT NULL
+                             THEN d.member_ids || excluded.member_ids END;
+END
+$$;
+COMMENT ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]) IS 'Record the earliest civil date a run''s canonical changes to an entity touched, and the people on the changed rows (NULL: not known)';
+CREATE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                       p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+    v_win integer := p_s.decline_recent_days + p_s.decline_prior_days;
+    -- local midnight of the cut, three days early (a zone's offset moves by less)
+    v_cut timestamptz := (p_open - v_win - 3)::timestamp AT TIME ZONE p_tz;
+BEGIN
+    DELETE FROM ironwod.member_visit_month
+    WHERE tenant_id = p_tenant AND gym_id = p_gym
+      AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    WITH vd AS (
+        SELECT x.member_id, x.d, x.location_id, count(*)::integer AS n
+        FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
+                     coalesce(a.class_id, -a.signin_id) AS class_key
+              FROM ironwod.attendance_events a
+              WHERE a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
+                AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL
+                AND (p_people IS NULL OR a.class_start_at >= v_cut OR a.member_id = ANY (p_people))) x
+        GROUP BY 1, 2, 3
+    ), dt AS (
+        SELECT vd.member_id, vd.d, sum(vd.n)::integer AS n FROM vd WHERE vd.d <= p_today GROUP BY 1, 2
+        UNION ALL
+        -- everyone else's last visit before the cut, counted as no visit
+        SELECT a.member_id, max((a.class_start_at AT TIME ZONE p_tz)::date), 0
+        FROM ironwod.attendance_events a
+        WHERE p_people IS NOT NULL AND a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
+          AND a.member_id IS NOT NULL AND a.class_start_at < v_cut AND a.member_id <> ALL (p_people)
+        GROUP BY 1
+    ), mo AS (
+        SELECT mo::date AS month_start, least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo
+    ), vk AS (
+        SELECT k.location_key, vd.member_id, date_trunc('month', vd.d)::date AS month_start,
+               sum(vd.n)::integer AS visits, coalesce(sum(vd.n) FILTER (WHERE s.state = 'ACTIVE'), 0)::integer AS member_visits
+        FROM vd CROSS JOIN LATERAL (VALUES ('ALL'), (vd.location_id::text)) AS k(location_key)
+        LEFT JOIN ironwod.member_state_span s
+               ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = k.location_key
+              AND s.member_id = vd.member_id AND s.span_start <= vd.d AND vd.d < s.span_end_excl
+        WHERE k.location_key IS NOT NULL AND vd.d >= p_from AND vd.d <= p_today
+          AND (p_people IS NULL OR vd.d >= p_open OR vd.member_id = ANY (p_people))
+        GROUP BY 1, 2, 3
+    ), va AS (
+        SELECT x.member_id, x.month_start,
+               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 4))::integer AS anywhere,
+               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 2))::integer AS recent,
+               (max(x.cv) FILTER (WHERE x.k = 2) - max(x.cv) FILTER (WHERE x.k = 3))::integer AS prior,
+               max(x.lastd) FILTER (WHERE x.k = 1) AS last_visit
+        FROM (SELECT y.*, sum(y.n) OVER w AS cv, max(CASE WHEN y.k = 0 THEN y.d END) OVER w AS lastd
+              FROM (SELECT dt.member_id, dt.d, 0 AS k, dt.n, NULL::date AS month_start FROM dt
+                    UNION ALL
+                    SELECT p.member_id, l.d, l.k, 0, mo.month_start
+                    FROM (SELECT DISTINCT dt.member_id FROM dt) p CROSS JOIN mo
+                    CROSS JOIN LATERAL (VALUES (1, mo.as_of), (2, mo.as_of - p_s.decline_recent_days),
+                                               (3, mo.as_of - v_win), (4, mo.month_start - 1)) AS l(k, d)
+                    WHERE p_people IS NULL OR mo.month_start >= p_open OR p.member_id = ANY (p_people)) y
+              WINDOW w AS (PARTITION BY y.member_id ORDER BY y.d, y.k ROWS UNBOUNDED PRECEDING)) x
+        WHERE x.k > 0
+        GROUP BY x.member_id, x.month_start
+        HAVING max(x.lastd) FILTER (WHERE x.k = 1) IS NOT NULL
+    )
+    INSERT INTO ironwod.member_visit_month
+        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
+         visits_recent, visits_prior, last_visit)
+    SELECT p_tenant, p_gym, x.location_key, x.member_id, x.month_start,
+           coalesce(max(x.visits), 0), coalesce(max(x.member_visits), 0), coalesce(max(va.anywhere), 0),
+           coalesce(max(va.recent), 0), coalesce(max(va.prior), 0), max(va.last_visit)
+    FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
+          UNION ALL
+          SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
+    LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
+    GROUP BY x.location_key, x.member_id, x.month_start
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]) IS 'Refresh stage 3, metrics.md §4.13-4.15 (attendance, absence, decline): rebuild member_visit_month of a gym from the given month on (before p_open only for the given people); returns the row count';
+CREATE FUNCTION ironwod.metrics_month_facts(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_keys text[],
+                                            p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+    v_r integer := p_s.decline_recent_days;
+    v_p integer := p_s.decline_recent_days + p_s.decline_prior_days;
+BEGIN
+    DELETE FROM ironwod.member_month_fact
+    WHERE tenant_id = p_tenant AND gym_id = p_gym
+      AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    WITH mo AS (
+        SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
+               least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo, unnest(p_keys) AS k(location_key)
+    ), cand AS (
+        SELECT DISTINCT mo.*, c.member_id
+        FROM (SELECT s.location_key, s.member_id, m::date AS month_start, s.span_start AS a, s.span_end_excl AS b, true AS st
+              FROM ironwod.member_state_span s,
+                   generate_series(date_trunc('month', greatest(s.span_start, p_from)), s.span_end_excl, interval '1 month') m
+              WHERE s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.state <> 'NOT_MEMBER' AND s.span_end_excl >= p_from
+              UNION ALL
+              SELECT v.location_key, v.member_id, v.month_start, NULL, NULL, false FROM ironwod.member_visit_month v
+              WHERE v.tenant_id = p_tenant AND v.gym_id = p_gym AND v.month_start >= p_from AND v.visits > 0
+              UNION ALL
+              SELECT q.location_key, q.member_id, m::date, q.start_date, q.end_excl, false
+              FROM ironwod.metric_memberships q,
+                   generate_series(date_trunc('month', greatest(q.start_date, p_from)),
+                                   least(q.end_excl - 1, p_today), interval '1 month') m
+              WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND NOT q.qualifying AND q.end_excl > p_from) c
+        JOIN mo ON mo.location_key = c.location_key AND mo.month_start = c.month_start
+        WHERE (c.a IS NULL OR (c.st AND c.a <= mo.as_of AND c.b >= mo.month_start)
+               OR (NOT c.st AND c.a <= mo.as_of AND mo.as_of < c.b))
+          AND (p_people IS NULL OR mo.month_start >= p_open OR c.member_id = ANY (p_people))
+    ), snap AS (
+        SELECT c.location_key, c.month_start, c.last_day, c.as_of, c.member_id,
+               coalesce(va.visits_anywhere, 0) AS visits_anywhere,
+               coalesce(va.visits_recent, 0) AS visits_r, coalesce(va.visits_prior, 0) AS visits_p,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN va.last_visit - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= va.last_visit AND va.last_visit < s.span_end_excl), 0) AS cum_lv,
+               coalesce(max(s.state) FILTER (WHERE s.span_start <= c.month_start - 1 AND c.month_start - 1 < s.span_end_excl), 'NOT_MEMBER') AS state_start,
+               coalesce(max(s.mrr) FILTER (WHERE s.span_start <= c.month_start - 1 AND c.month_start - 1 < s.span_end_excl), 0) AS mrr_start,
+               coalesce(max(s.state) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 'NOT_MEMBER') AS state_end,
+               coalesce(max(s.mrr) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 0) AS mrr_end,
+               max(s.spell_end_excl) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl) AS end_spell_end,
+               max(s.spell_no) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl) AS end_spell_no,
+               coalesce(max(s.spell_active_before) FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 0) AS before_spell,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN c.as_of - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= c.as_of AND c.as_of < s.span_end_excl), 0) AS cum_end,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN c.as_of - v_r - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= c.as_of - v_r AND c.as_of - v_r < s.span_end_excl), 0) AS cum_r,
+               coalesce(max(s.active_before + CASE WHEN s.state = 'ACTIVE' THEN c.as_of - v_p - s.span_start + 1 ELSE 0 END)
+                        FILTER (WHERE s.span_start <= c.as_of - v_p AND c.as_of - v_p < s.span_end_excl), 0) AS cum_p,
+               coalesce(sum(least(s.span_end_excl, c.as_of + 1) - greatest(s.span_start, c.month_start))
+                        FILTER (WHERE s.state = 'ACTIVE' AND s.span_start <= c.as_of AND s.span_end_excl > c.month_start), 0) AS active_days,
+               coalesce(sum(least(s.span_end_excl, c.as_of + 1) - greatest(s.span_start, c.month_start))
+                        FILTER (WHERE s.state = 'ON_HOLD' AND s.span_start <= c.as_of AND s.span_end_excl > c.month_start), 0) AS hold_days
+        FROM cand c
+        LEFT JOIN ironwod.member_visit_month va
+               ON va.tenant_id = p_tenant AND va.gym_id = p_gym AND va.location_key = 'ALL'
+              AND va.member_id = c.member_id AND va.month_start = c.month_start
+        LEFT JOIN ironwod.member_state_span s
+               ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = c.location_key AND s.member_id = c.member_id
+        GROUP BY c.location_key, c.month_start, c.last_day, c.as_of, c.member_id,
+                 va.visits_anywhere, va.visits_recent, va.visits_prior
+    ), ev AS (
+        SELECT c.location_key, c.month_start, c.member_id,
+               count(*) FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of AND sp.spell_no = 1) AS new_events,
+               count(*) FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of AND sp.spell_no > 1) AS react_events,
+               count(*) FILTER (WHERE sp.spell_end_excl BETWEEN c.month_start AND c.as_of) AS churn_events,
+               count(*) FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of
+                                  AND sp.spell_end_excl BETWEEN c.month_start AND c.as_of) AS new_and_churned,
+               bool_or(sp.spell_end_excl > sp.spell_start + p_s.cohort_days)
+                   FILTER (WHERE sp.spell_start BETWEEN c.month_start AND c.as_of AND sp.spell_no = 1) AS retained
+        FROM cand c
+        JOIN ironwod.member_spell sp
+          ON sp.tenant_id = p_tenant AND sp.gym_id = p_gym AND sp.location_key = c.location_key
+         AND sp.member_id = c.member_id AND NOT sp.rescinded
+         AND (sp.spell_start BETWEEN c.month_start AND c.as_of OR sp.spell_end_excl BETWEEN c.month_start AND c.as_of)
+        GROUP BY c.location_key, c.month_start, c.member_id
+    ), pay AS (
+        SELECT DISTINCT q.location_key, i.member_id, date_trunc('month', i.due_date)::date AS month_start
+        FROM ironwod.invoices i
+        JOIN ironwod.metric_memberships q
+          ON q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.membership_id = i.membership_id AND q.qualifying
+        WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL AND i.status IS DISTINCT FROM 'Voided'
+          AND i.paid_on IS NOT NULL AND i.amount > 0 AND i.due_date >= p_from
+    ), pend AS (
+        SELECT q.location_key, q.member_id, q.end_excl, min(coalesce(q.cancellation_requested_on, q.start_date)) AS known_on
+        FROM ironwod.metric_memberships q
+        WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.qualifying AND q.end_excl <> 'infinity'
+        GROUP BY 1, 2, 3
+    ), fl AS (
+        SELECT b.*, coalesce(ev.new_events, 0) AS new_events, coalesce(ev.react_events, 0) AS react_events,
+               coalesce(ev.churn_events, 0) AS churn_events, coalesce(ev.new_and_churned, 0) AS new_and_churned, ev.retained,
+               coalesce(vk.visits, 0) AS visits, coalesce(vk.member_visits, 0) AS member_visits,
+               CASE WHEN b.state_end = 'ACTIVE' THEN b.cum_end - greatest(b.cum_lv, b.before_spell) END AS absent_days,
+               b.cum_end - b.cum_r AS e_r, b.cum_r - b.cum_p AS e_p,
+               pay.member_id IS NOT NULL AS is_paying,
+               b.state_end <> 'NOT_MEMBER' AND pend.known_on <= b.as_of AS is_pending_cancel
+        FROM snap b
+        LEFT JOIN ev USING (location_key, month_start, member_id)
+        LEFT JOIN pay USING (location_key, month_start, member_id)
+        LEFT JOIN pend ON pend.location_key = b.location_key AND pend.member_id = b.member_id AND pend.end_excl = b.end_spell_end
+        LEFT JOIN ironwod.member_visit_month vk
+               ON vk.tenant_id = p_tenant AND vk.gym_id = p_gym AND vk.location_key = b.location_key
+              AND vk.member_id = b.member_id AND vk.month_start = b.month_start
+    )
+    INSERT INTO ironwod.member_month_fact
+        (tenant_id, gym_id, location_key, member_id, month_start, as_of, state_start, state_end,
+         mrr_start, mrr_end, movement, mrr_delta, new_events, reactivated_events, churn_events,
+         new_and_churned, active_days, hold_days, visits, member_visits, tenure_active_days,
+         absent_active_days, is_past_due_end, is_comped_end, is_pending_cancel_end, is_zero_visits,
+         is_no_visit_short, is_no_visit_long, is_declining, is_paying, cohort_retained_90d)
+    SELECT p_tenant, p_gym, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
+           f.mrr_start, f.mrr_end,
+           CASE WHEN f.state_start = 'NOT_MEMBER' AND f.state_end <> 'NOT_MEMBER'
+                     THEN CASE WHEN f.end_spell_no = 1 THEN 'new' ELSE 'reactivation' END
+                WHEN f.state_start <> 'NOT_MEMBER' AND f.state_end = 'NOT_MEMBER' THEN 'churn'
+                WHEN f.state_start = 'ACTIVE' AND f.state_end = 'ON_HOLD' THEN 'hold_out'
+                WHEN f.state_start = 'ON_HOLD' AND f.state_end = 'ACTIVE' THEN 'hold_in'
+                WHEN f.state_start = 'ACTIVE' AND f.state_end = 'ACTIVE' AND f.mrr_end > f.mrr_start THEN 'expansion'
+                WHEN f.state_start = 'ACTIVE' AND f.state_end = 'ACTIVE' AND f.mrr_end < f.mrr_start THEN 'contraction'
+           END,
+           f.mrr_end - f.mrr_start,
+           f.new_events, f.react_events, f.churn_events, f.new_and_churned, f.active_days, f.hold_days,
+           f.visits, f.member_visits, f.cum_end, f.absent_days, false, false, coalesce(f.is_pending_cancel, false),
+           f.active_days = f.as_of - f.month_start + 1 AND f.visits_anywhere = 0,
+           f.state_end = 'ACTIVE' AND f.absent_days >= p_s.absence_short_days,
+           f.state_end = 'ACTIVE' AND f.absent_days >= p_s.absence_long_days,
+           f.state_end = 'ACTIVE'
+               AND f.e_p >= p_s.decline_min_exposure * p_s.decline_prior_days
+               AND f.e_r >= p_s.decline_min_exposure * p_s.decline_recent_days
+               AND f.visits_p / (f.e_p / 7.0) >= p_s.decline_min_weekly_rate
+               AND f.visits_r / (f.e_r / 7.0) <= p_s.decline_ratio * (f.visits_p / (f.e_p / 7.0)),
+           f.is_paying,
+           CASE WHEN f.new_events > 0 THEN coalesce(f.retained, false) END
+    FROM fl f
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]) IS 'Refresh stage 4, metrics.md §3 and §4.1-4.17 (month snapshot algebra and per-person metrics), §5.3 member_month_fact: rebuild the facts of a gym from the given month on (before p_open only for the given people); returns the fact count';
+CREATE FUNCTION ironwod.metrics_month_flags(p_tenant uuid, p_gym uuid, p_from date, p_today date,
+                                            p_open date, p_people bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    UPDATE ironwod.member_month_fact f
+       SET is_past_due_end = x.past_due AND f.state_end <> 'NOT_MEMBER',
+           is_comped_end = x.comped AND f.state_end = 'NOT_MEMBER'
+      FROM (SELECT y.location_key, y.member_id, y.month_start, bool_or(y.past_due) AS past_due, bool_or(NOT y.past_due) AS comped
+            FROM (SELECT q.location_key, i.member_id, m::date AS month_start, true AS past_due
+                  FROM ironwod.invoices i
+                  JOIN ironwod.metric_memberships q
+                    ON q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.membership_id = i.membership_id AND q.qualifying,
+                       generate_series(date_trunc('month', greatest(i.due_date, p_from)),
+                                       least(coalesce(i.paid_on, p_today), p_today), interval '1 month') m
+                  WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
+                    AND i.status IS DISTINCT FROM 'Voided' AND i.member_id IS NOT NULL
+                    AND (p_people IS NULL OR m::date >= p_open OR i.member_id = ANY (p_people))
+                    AND i.due_date < least((m + interval '1 month')::date - 1, p_today)
+                    AND (i.paid_on IS NULL OR i.paid_on >= least((m + interval '1 month')::date - 1, p_today))
+                  UNION ALL
+                  SELECT q.location_key, q.member_id, m::date, false
+                  FROM ironwod.metric_memberships q,
+                       generate_series(date_trunc('month', greatest(q.start_date, p_from)),
+                                       least(q.end_excl - 1, p_today), interval '1 month') m
+                  WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND NOT q.qualifying AND q.end_excl > p_from
+                    AND (p_people IS NULL OR m::date >= p_open OR q.member_id = ANY (p_people))
+                    AND q.start_date <= least((m + interval '1 month')::date - 1, p_today)
+                    AND least((m + interval '1 month')::date - 1, p_today) < q.end_excl) y
+            GROUP BY 1, 2, 3) x
+     WHERE f.tenant_id = p_tenant AND f.gym_id = p_gym AND f.month_start >= p_from
+       AND (p_people IS NULL OR f.month_start >= p_open OR f.member_id = ANY (p_people))
+       AND f.location_key = x.location_key AND f.member_id = x.member_id AND f.month_start = x.month_start
+       AND ((x.past_due AND f.state_end <> 'NOT_MEMBER') OR (x.comped AND f.state_end = 'NOT_MEMBER'));
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]) IS 'Refresh stage 4b, metrics.md §2.4 (PAST_DUE flag) and §4.1 (comped members): set is_past_due_end and is_comped_end on the facts of a gym from the given month on; returns the rows flagged';
+CREATE FUNCTION ironwod.metrics_person_hashes(p_tenant uuid, p_gym uuid, p_open date)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN (
+        SELECT coalesce(jsonb_object_agg(x.member_id::text, x.h), '{}')
+        FROM (SELECT y.member_id, md5(string_agg(y.r, '|' ORDER BY y.r)) AS h
+              FROM (SELECT s.member_id,
+                           'spell' || ROW(s.location_key, s.spell_start, s.spell_end_excl, s.spell_no, s.is_first,
+                                          s.rescinded, s.net_revenue, s.membership_ids)::text AS r
+                    FROM ironwod.member_spell s
+                    WHERE s.tenant_id = p_tenant AND s.gym_id = p_gym
+                    UNION ALL
+                    SELECT p.member_id,
+                           'span' || ROW(p.location_key, p.span_start, least(p.span_end_excl, p_open), p.state, p.mrr,
+                                         p.spell_start, p.spell_end_excl, p.spell_no, p.active_before,
+                                         p.spell_active_before)::text
+                    FROM ironwod.member_state_span p
+                    WHERE p.tenant_id = p_tenant AND p.gym_id = p_gym AND p.span_start < p_open) y
+              GROUP BY y.member_id) x);
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_person_hashes(uuid, uuid, date) IS 'Refresh, metrics.md §5.4 (recompute policy): per person of a gym, a hash of their spells and of their daily-state spans before the given day (compute_metrics compares them before and after stages 1-2 to find the people whose closed months change)';
+CREATE FUNCTION ironwod.compute_metrics(p_from date, p_people bigint[] DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET jit = off
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    s ironwod.metric_settings;
+    v_tz text;
+    v_today date;
+    v_hist date;
+    v_cur date;
+    v_from date;
+    v_keys text[];
+    v_open date;
+    v_people bigint[] := p_people;
+    v_before jsonb;
+    v_after jsonb;
+    v_wm timestamptz;
+    v_spells integer;
+    v_facts integer;
+    v_rows integer;
+BEGIN
+    IF v_t IS NULL OR v_g IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    s := ironwod.metric_config();
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
+    v_today := ironwod.metrics_today(v_tz);
+    v_cur := date_trunc('month', v_today)::date;
+    v_hist := least(ironwod.history_start(v_tz), v_cur);
+    v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
+    SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
+    FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
+
+    -- the first month everyone is recomputed in: the one the last refresh
+    -- computed to date (its as_of is the last refresh's today)
+    v_open := v_from;
+    IF v_people IS NOT NULL THEN
+        SELECT greatest(v_from, least(date_trunc('month', max(c.month_start + c.period_days - 1))::date, v_cur))
+          INTO v_open
+          FROM ironwod.gym_monthly_metrics_cache c
+         WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.location_key = 'ALL' AND c.program_key = 'ALL';
+        v_open := coalesce(v_open, v_from);
+    END IF;
+    IF v_open > v_from THEN
+        v_before := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+    END IF;
+
+    v_spells := ironwod.metrics_spells(v_t, v_g, s);
+    PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
+
+    IF v_open > v_from THEN
+        v_after := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT k::bigint FROM jsonb_object_keys(v_before || v_after) AS k
+              WHERE v_before -> k IS DISTINCT FROM v_after -> k) x;
+        -- and who is billed on their memberships (past due and paying are the
+        -- invoice's person's, by the membership's location)
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT i.member_id FROM ironwod.invoices i
+              JOIN ironwod.memberships m
+                ON m.tenant_id = v_t AND m.gym_id = v_g AND m.membership_id = i.membership_id
+              WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.member_id IS NOT NULL
+                AND m.member_id = ANY (v_people)) x;
+        v_people := coalesce(v_people, '{}');
+    END IF;
+    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today, v_open, v_people);
+    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
+
+    SELECT greatest(
+        (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.attendance_events WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
+    INTO v_wm;
+    -- the hash is computed once here and passed in: the cache's INSERT calls no
+    -- function of ours (on Citus one that reads a table must not run in it)
+    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm,
+                                         ironwod.config_hash(s));
+    PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
+
+    -- The newest source change is stamped on every cached month, not only on the
+    -- months recomputed now: the recompute policy recomputed every month a change
+    -- could touch, so each one reflects the sources up to v_wm, and a replay, which
+    -- recomputes them all, stamps the same value.
+    UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
+     WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
+    -- Unknown is NULL: metrics of entities the gym's plan does not include (82_unknowns).
+    PERFORM ironwod.mask_unknown_metrics();
+
+    RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
+                              'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows)
+           || CASE WHEN v_open > v_from THEN jsonb_build_object('everyone_from', v_open, 'people', cardinality(v_people))
+                   ELSE '{}' END;
+END
+$$;
+COMMENT ON FUNCTION ironwod.compute_metrics(date, bigint[]) IS 'Rebuild spells and daily states, and visits, member-month facts, money and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope: the refresh stages in order; with people given, the months before the one the last refresh computed to date only for them and those whose spells or spans changed';
+CREATE OR REPLACE FUNCTION ironwod.apply_vanished(p_run_id bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    m record;
+    v_tz text := ironwod.gym_time_zone(v_t, v_g);
+    v_changed integer;
+    v_dirty date;
+    v_people bigint[];
+    v_cand bigint[];
+    v_seen_ids bigint[];
+    v_seen_runs bigint[];
+    v_out jsonb := '{}';
+BEGIN
+    FOR m IN SELECT x.* FROM ironwod.canonical_maps x JOIN ironwod.entities e USING (entity) ORDER BY e.ordinal LOOP
+        -- Soft-deleted rows that may be back: their latest version, when not deleted by Wodify itself.
+        EXECUTE format('SELECT array_agg(c.%2$I) FROM ironwod.%1$I c
+                        WHERE c.tenant_id = $1 AND c.gym_id = $2 AND c.deleted_by_run IS NOT NULL',
+                       m.canonical, m.key_column)
+        INTO v_cand USING v_t, v_g;
+        v_seen_ids := NULL;
+        v_seen_runs := NULL;
+        IF v_cand IS NOT NULL THEN
+            SELECT array_agg(l.wodify_id), array_agg(l.last_seen_run_id) INTO v_seen_ids, v_seen_runs
+            FROM ironwod.latest_raw_versions(m.entity, v_t, v_g, v_cand) l
+            WHERE coalesce((l.payload_json ->> 'is_deleted')::boolean, false) = false;
+        END IF;
+        EXECUTE format($q$
+            WITH gone AS (
+                UPDATE ironwod.%1$I c
+                   SET deleted_at = v.vanished_at, deleted_by_run = v.vanished_by_run
+                  FROM ironwod.vanished_records v
+                 WHERE c.tenant_id = $1 AND c.gym_id = $2
+                   AND v.tenant_id = $1 AND v.gym_id = $2 AND v.entity = $4
+                   AND v.wodify_id = c.%2$I AND c.deleted_at IS NULL
+                RETURNING c.*
+            ), back AS (
+                -- Seen again after it vanished.
+                UPDATE ironwod.%1$I c
+                   SET deleted_at = NULL, deleted_by_run = NULL
+                  FROM unnest($5::bigint[], $6::bigint[]) AS l(wodify_id, last_seen_run_id)
+                 WHERE c.tenant_id = $1 AND c.gym_id = $2
+                   AND l.wodify_id = c.%2$I AND c.deleted_by_run IS NOT NULL
+                   AND l.last_seen_run_id > c.deleted_by_run
+                   AND NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
+                                   WHERE v.tenant_id = $1 AND v.gym_id = $2
+                                     AND v.entity = $4 AND v.wodify_id = c.%2$I)
+                RETURNING c.*
+            )
+            SELECT (SELECT count(*) FROM gone)::integer + (SELECT count(*) FROM back)::integer,
+                   (SELECT min(%3$s) FROM (SELECT * FROM gone UNION ALL SELECT * FROM back) c),
+                   %4$s$q$,
+            m.canonical, m.key_column, coalesce(m.row_day, 'NULL::date'),
+            -- the people on the rows (NULL when the table names none: everyone)
+            CASE WHEN m.key_column <> 'member_id' AND EXISTS (
+                     SELECT 1 FROM pg_attribute a
+                     WHERE a.attrelid = ('ironwod.' || quote_ident(m.canonical))::regclass
+                       AND a.attname = 'member_id' AND a.attnum > 0 AND NOT a.attisdropped)
+                 THEN '(SELECT array_remove(array_agg(DISTINCT c.member_id), NULL)
+                        FROM (SELECT * FROM gone UNION ALL SELECT * FROM back) c)'
+                 ELSE 'NULL::bigint[]' END)
+        INTO v_changed, v_dirty, v_people USING v_t, v_g, v_tz, m.entity, v_seen_ids, v_seen_runs;
+        IF v_changed > 0 THEN
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, m.entity, v_dirty, v_changed, v_people);
+            v_out := v_out || jsonb_build_object(m.entity, v_changed);
+        END IF;
+    END LOOP;
+    RETURN v_out;
+END
+$$;
+CREATE OR REPLACE FUNCTION ironwod.refresh_metrics(p_run_id bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    s ironwod.metric_settings;
+    v_tz text;
+    v_cur date;
+    v_dirty date;
+    v_unknown boolean;
+    v_people bigint[];
+    v_from date;
+    v_full boolean;
+BEGIN
+    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    s := ironwod.metric_config();
+    v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
+    v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
+    SELECT min(d.dirty_from), coalesce(bool_or(d.member_ids IS NULL), false) INTO v_dirty, v_unknown
+    FROM ironwod.metric_dirty d
+    WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
+    -- the people on the canonical rows the run changed (NULL: not known, everyone)
+    IF NOT v_unknown THEN
+        v_people := ARRAY(SELECT DISTINCT x FROM ironwod.metric_dirty d, unnest(d.member_ids) AS x
+                          WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
+                            AND d.run_id = p_run_id);
+    END IF;
+    v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
+              OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+                           AND (c.config_hash <> ironwod.config_hash(s)
+                                OR c.definitions_version <> s.definitions_version
+                                OR c.time_zone <> v_tz));
+    v_from := CASE WHEN v_full THEN NULL
+                   ELSE least((v_cur - make_interval(months => s.trailing_months))::date,
+                              v_dirty - greatest(s.merge_gap_days, s.cohort_days + 1)) END;
+    RETURN ironwod.compute_metrics(v_from, CASE WHEN NOT v_full THEN v_people END)
+           || jsonb_build_object('run_id', p_run_id, 'full', v_full);
+END
+$$;
+COMMENT ON FUNCTION ironwod.refresh_metrics(bigint) IS 'Worker, after transform_run: recompute the trailing months plus every month the run''s backdated changes touched, the months closed before the last refresh only for the people whose inputs changed (whole history on first build or a parameter change); returns the range and row counts';
+GRANT EXECUTE ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
+    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
+    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
+    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
+    ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
+    TO ironwod_worker;
+REVOKE ALL ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
+    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
+    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
+    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
+    ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
+    FROM PUBLIC;

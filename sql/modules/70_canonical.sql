@@ -222,9 +222,11 @@ CREATE TABLE ironwod.metric_dirty (
     entity      text NOT NULL,
     dirty_from  date NOT NULL,
     changed     integer NOT NULL DEFAULT 0,
+    -- the people on the changed rows; NULL: not known (everyone)
+    member_ids  bigint[],
     PRIMARY KEY (tenant_id, gym_id, run_id, entity)
 );
-COMMENT ON TABLE ironwod.metric_dirty IS 'Per run and entity: the earliest civil date a canonical change touched (the backdated-change input of the recompute policy, metrics.md §5.4)';
+COMMENT ON TABLE ironwod.metric_dirty IS 'Per run and entity: the earliest civil date a canonical change touched and the people on the changed rows (the inputs of the recompute policy, metrics.md §5.4)';
 
 -- Merged coverage spells per person, gym-wide (location_key ALL) and per location.
 CREATE TABLE ironwod.member_spell (

@@ -259,7 +259,8 @@ $check$;
 -- The upsert of one entity, from its mapping: the canonical rows of the raw
 -- versions $4 (raw ids), written only where they differ from the stored ones.  It
 -- returns the rows written and, with change tracking, the earliest civil date the
--- changes touched, from each written row and the row it replaced.
+-- changes touched, from each written row and the row it replaced, and the people
+-- on them (member_id, before and after; NULL when the table names no person).
 --
 -- No plan of it depends on an estimate being right.  A gym's first transform in
 -- a cluster whose statistics predate it is estimated at one row, and a join
@@ -277,8 +278,15 @@ DECLARE
     v_raw name;
     v_col name[];
     v_expr text[];
+    v_people text := 'NULL::bigint[]';
 BEGIN
     SELECT * INTO STRICT m FROM ironwod.canonical_maps x WHERE x.entity = p_entity;
+    IF p_track AND m.key_column <> 'member_id' AND EXISTS (
+           SELECT 1 FROM pg_attribute a
+           WHERE a.attrelid = ('ironwod.' || quote_ident(m.canonical))::regclass
+             AND a.attname = 'member_id' AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        v_people := 'array_remove(array_agg(DISTINCT o.member_id) || array_agg(DISTINCT u.member_id), NULL)';
+    END IF;
     SELECT e.raw_table INTO STRICT v_raw FROM ironwod.entities e WHERE e.entity = p_entity;
     SELECT array_agg(c.column_name ORDER BY c.ord), array_agg(c.expr ORDER BY c.ord)
       INTO v_col, v_expr FROM ironwod.canonical_columns c WHERE c.entity = p_entity;
@@ -303,7 +311,7 @@ BEGIN
             WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
             RETURNING c.*
         )
-        SELECT count(*)::integer, min(%7$s)
+        SELECT count(*)::integer, min(%7$s), %10$s
         FROM %9$s$q$,
         m.canonical, v_raw, m.key_column,
         (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
@@ -322,13 +330,14 @@ BEGIN
                     UNION ALL SELECT 1, u::ironwod.%1$I FROM up u) y) z,
              LATERAL (SELECT (z.o).*) o, LATERAL (SELECT (z.u).*) u
             WHERE z.side = 1',
-            m.canonical, m.key_column) ELSE 'up u' END);
+            m.canonical, m.key_column) ELSE 'up u' END,
+        v_people);
 END
 $$;
 COMMENT ON FUNCTION ironwod.transform_sql(text, boolean) IS 'The upsert statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
 
 CREATE FUNCTION ironwod.note_dirty(p_tenant_id uuid, p_gym_id uuid, p_run_id bigint, p_entity text,
-                                   p_dirty_from date, p_changed integer)
+                                   p_dirty_from date, p_changed integer, p_member_ids bigint[])
 RETURNS void
 LANGUAGE plpgsql
 AS $$
@@ -336,13 +345,16 @@ BEGIN
     IF p_run_id IS NULL OR p_dirty_from IS NULL THEN
         RETURN;
     END IF;
-    INSERT INTO ironwod.metric_dirty AS d (tenant_id, gym_id, run_id, entity, dirty_from, changed)
-    VALUES (p_tenant_id, p_gym_id, p_run_id, p_entity, p_dirty_from, p_changed)
+    -- member_ids NULL (people not known) absorbs any list: everyone
+    INSERT INTO ironwod.metric_dirty AS d (tenant_id, gym_id, run_id, entity, dirty_from, changed, member_ids)
+    VALUES (p_tenant_id, p_gym_id, p_run_id, p_entity, p_dirty_from, p_changed, p_member_ids)
     ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
-       SET dirty_from = least(d.dirty_from, excluded.dirty_from), changed = d.changed + excluded.changed;
+       SET dirty_from = least(d.dirty_from, excluded.dirty_from), changed = d.changed + excluded.changed,
+           member_ids = CASE WHEN d.member_ids IS NOT NULL AND excluded.member_ids IS NOT NULL
+                             THEN d.member_ids || excluded.member_ids END;
 END
 $$;
-COMMENT ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer) IS 'Record the earliest civil date a run''s canonical changes to an entity touched';
+COMMENT ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]) IS 'Record the earliest civil date a run''s canonical changes to an entity touched, and the people on the changed rows (NULL: not known)';
 
 -- Statistics before the planner sees landed or rebuilt rows: ANALYZE an ironwod
 -- table that never was analyzed, or whose rows changed (by its statistics, or by
@@ -432,6 +444,8 @@ DECLARE
     v_bn integer;
     v_dirty date;
     v_bdirty date;
+    v_people bigint[];
+    v_bpeople bigint[];
     e record;
 BEGIN
     IF v_t IS NULL OR v_g IS NULL THEN
@@ -472,6 +486,7 @@ BEGIN
         v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL);
         v_n := 0;
         v_dirty := NULL;
+        v_people := '{}';
         FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
             v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
             IF p_run_id IS NULL THEN
@@ -479,12 +494,16 @@ BEGIN
             ELSE
                 v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
             END IF;
-            EXECUTE v_sql INTO v_bn, v_bdirty USING v_t, v_g, v_tz, v_raw, v_part;
+            EXECUTE v_sql INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
             v_n := v_n + v_bn;
             v_dirty := least(v_dirty, v_bdirty);
+            -- NULL (a table without people) stays NULL: everyone
+            IF v_bn > 0 THEN
+                v_people := CASE WHEN v_people IS NOT NULL AND v_bpeople IS NOT NULL THEN v_people || v_bpeople END;
+            END IF;
         END LOOP;
         IF p_run_id IS NOT NULL THEN
-            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n);
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n, v_people);
         END IF;
         IF v_n > 0 THEN
             PERFORM ironwod.analyze_if_stale(e.canonical, v_n);
@@ -527,7 +546,7 @@ COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of ev
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
     ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean),
-    ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer),
+    ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
     ironwod.analyze_if_stale(name, bigint), ironwod.transform_run(bigint), ironwod.transform_all()
     TO ironwod_worker;
 -- Global configuration like the entity registry: everyone reads it, nobody writes it.

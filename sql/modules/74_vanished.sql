@@ -14,6 +14,7 @@ DECLARE
     v_tz text := ironwod.gym_time_zone(v_t, v_g);
     v_changed integer;
     v_dirty date;
+    v_people bigint[];
     v_cand bigint[];
     v_seen_ids bigint[];
     v_seen_runs bigint[];
@@ -55,11 +56,20 @@ BEGIN
                 RETURNING c.*
             )
             SELECT (SELECT count(*) FROM gone)::integer + (SELECT count(*) FROM back)::integer,
-                   (SELECT min(%3$s) FROM (SELECT * FROM gone UNION ALL SELECT * FROM back) c)$q$,
-            m.canonical, m.key_column, coalesce(m.row_day, 'NULL::date'))
-        INTO v_changed, v_dirty USING v_t, v_g, v_tz, m.entity, v_seen_ids, v_seen_runs;
+                   (SELECT min(%3$s) FROM (SELECT * FROM gone UNION ALL SELECT * FROM back) c),
+                   %4$s$q$,
+            m.canonical, m.key_column, coalesce(m.row_day, 'NULL::date'),
+            -- the people on the rows (NULL when the table names none: everyone)
+            CASE WHEN m.key_column <> 'member_id' AND EXISTS (
+                     SELECT 1 FROM pg_attribute a
+                     WHERE a.attrelid = ('ironwod.' || quote_ident(m.canonical))::regclass
+                       AND a.attname = 'member_id' AND a.attnum > 0 AND NOT a.attisdropped)
+                 THEN '(SELECT array_remove(array_agg(DISTINCT c.member_id), NULL)
+                        FROM (SELECT * FROM gone UNION ALL SELECT * FROM back) c)'
+                 ELSE 'NULL::bigint[]' END)
+        INTO v_changed, v_dirty, v_people USING v_t, v_g, v_tz, m.entity, v_seen_ids, v_seen_runs;
         IF v_changed > 0 THEN
-            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, m.entity, v_dirty, v_changed);
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, m.entity, v_dirty, v_changed, v_people);
             v_out := v_out || jsonb_build_object(m.entity, v_changed);
         END IF;
     END LOOP;

@@ -383,9 +383,13 @@ COMMENT ON FUNCTION ironwod.metrics_day_states(uuid, uuid, date) IS 'Refresh sta
 -- visits at the key's locations and those on the person's ACTIVE days there; visits
 -- anywhere in the month and in the decline windows ending on the as-of day (from
 -- a running count of the person's visits, read at the window edges) and the last
--- visit on or before the as-of day.  Months from p_from on.
+-- visit on or before the as-of day.  Months from p_from on; before p_open only
+-- for the people p_people (NULL: everyone; see compute_metrics).  Everyone else's
+-- visits are read from a few days before their first window edge (p_open less the
+-- decline windows) only: the running count starts later, by the same amount at
+-- every edge, and their last visit before that is one max() per person.
 CREATE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
-                                       p_from date, p_hist date, p_today date)
+                                       p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
 SET enable_nestloop = off SET enable_mergejoin = off
@@ -393,19 +397,30 @@ AS $$
 DECLARE
     v_n integer;
     v_win integer := p_s.decline_recent_days + p_s.decline_prior_days;
+    -- local midnight of the cut, three days early (a zone's offset moves by less)
+    v_cut timestamptz := (p_open - v_win - 3)::timestamp AT TIME ZONE p_tz;
 BEGIN
     DELETE FROM ironwod.member_visit_month
-    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WHERE tenant_id = p_tenant AND gym_id = p_gym
+      AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
     WITH vd AS (
         SELECT x.member_id, x.d, x.location_id, count(*)::integer AS n
         FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
                      coalesce(a.class_id, -a.signin_id) AS class_key
               FROM ironwod.attendance_events a
               WHERE a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
-                AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL) x
+                AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL
+                AND (p_people IS NULL OR a.class_start_at >= v_cut OR a.member_id = ANY (p_people))) x
         GROUP BY 1, 2, 3
     ), dt AS (
         SELECT vd.member_id, vd.d, sum(vd.n)::integer AS n FROM vd WHERE vd.d <= p_today GROUP BY 1, 2
+        UNION ALL
+        -- everyone else's last visit before the cut, counted as no visit
+        SELECT a.member_id, max((a.class_start_at AT TIME ZONE p_tz)::date), 0
+        FROM ironwod.attendance_events a
+        WHERE p_people IS NOT NULL AND a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
+          AND a.member_id IS NOT NULL AND a.class_start_at < v_cut AND a.member_id <> ALL (p_people)
+        GROUP BY 1
     ), mo AS (
         SELECT mo::date AS month_start, least((mo + interval '1 month')::date - 1, p_today) AS as_of
         FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo
@@ -417,6 +432,7 @@ BEGIN
                ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = k.location_key
               AND s.member_id = vd.member_id AND s.span_start <= vd.d AND vd.d < s.span_end_excl
         WHERE k.location_key IS NOT NULL AND vd.d >= p_from AND vd.d <= p_today
+          AND (p_people IS NULL OR vd.d >= p_open OR vd.member_id = ANY (p_people))
         GROUP BY 1, 2, 3
     ), va AS (
         SELECT x.member_id, x.month_start,
@@ -430,7 +446,8 @@ BEGIN
                     SELECT p.member_id, l.d, l.k, 0, mo.month_start
                     FROM (SELECT DISTINCT dt.member_id FROM dt) p CROSS JOIN mo
                     CROSS JOIN LATERAL (VALUES (1, mo.as_of), (2, mo.as_of - p_s.decline_recent_days),
-                                               (3, mo.as_of - v_win), (4, mo.month_start - 1)) AS l(k, d)) y
+                                               (3, mo.as_of - v_win), (4, mo.month_start - 1)) AS l(k, d)
+                    WHERE p_people IS NULL OR mo.month_start >= p_open OR p.member_id = ANY (p_people)) y
               WINDOW w AS (PARTITION BY y.member_id ORDER BY y.d, y.k ROWS UNBOUNDED PRECEDING)) x
         WHERE x.k > 0
         GROUP BY x.member_id, x.month_start
@@ -454,7 +471,7 @@ BEGIN
     RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date) IS 'Refresh stage 3, metrics.md §4.13-4.15 (attendance, absence, decline): rebuild member_visit_month of a gym from the given month on; returns the row count';
+COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]) IS 'Refresh stage 3, metrics.md §4.13-4.15 (attendance, absence, decline): rebuild member_visit_month of a gym from the given month on (before p_open only for the given people); returns the row count';
 
 -- Stage 4 (metrics.md §3, §4.1-4.7, §4.13-4.17, §5.3): one fact row per person,
 -- location key and month from p_from on, for everyone with a state, a visit at the
@@ -464,8 +481,9 @@ COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, 
 -- decrease, so the absence count is the later of the last two) are read from the
 -- person's spans (at most a few per person), visits from member_visit_month
 -- (visits anywhere from the person's ALL row).  Past due and comped: stage 4b.
+-- Before p_open only for the people p_people (NULL: everyone).
 CREATE FUNCTION ironwod.metrics_month_facts(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_keys text[],
-                                            p_from date, p_hist date, p_today date)
+                                            p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
 SET enable_nestloop = off SET enable_mergejoin = off
@@ -476,7 +494,8 @@ DECLARE
     v_p integer := p_s.decline_recent_days + p_s.decline_prior_days;
 BEGIN
     DELETE FROM ironwod.member_month_fact
-    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WHERE tenant_id = p_tenant AND gym_id = p_gym
+      AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
     WITH mo AS (
         SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
                least((mo + interval '1 month')::date - 1, p_today) AS as_of
@@ -497,8 +516,9 @@ BEGIN
                                    least(q.end_excl - 1, p_today), interval '1 month') m
               WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND NOT q.qualifying AND q.end_excl > p_from) c
         JOIN mo ON mo.location_key = c.location_key AND mo.month_start = c.month_start
-        WHERE c.a IS NULL OR (c.st AND c.a <= mo.as_of AND c.b >= mo.month_start)
-           OR (NOT c.st AND c.a <= mo.as_of AND mo.as_of < c.b)
+        WHERE (c.a IS NULL OR (c.st AND c.a <= mo.as_of AND c.b >= mo.month_start)
+               OR (NOT c.st AND c.a <= mo.as_of AND mo.as_of < c.b))
+          AND (p_people IS NULL OR mo.month_start >= p_open OR c.member_id = ANY (p_people))
     ), snap AS (
         SELECT c.location_key, c.month_start, c.last_day, c.as_of, c.member_id,
                coalesce(va.visits_anywhere, 0) AS visits_anywhere,
@@ -610,14 +630,16 @@ BEGIN
     RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date) IS 'Refresh stage 4, metrics.md §3 and §4.1-4.17 (month snapshot algebra and per-person metrics), §5.3 member_month_fact: rebuild the facts of a gym from the given month on; returns the fact count';
+COMMENT ON FUNCTION ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]) IS 'Refresh stage 4, metrics.md §3 and §4.1-4.17 (month snapshot algebra and per-person metrics), §5.3 member_month_fact: rebuild the facts of a gym from the given month on (before p_open only for the given people); returns the fact count';
 
 -- Stage 4b (metrics.md §2.4 past due, §4.1 comped): the two flags that read
 -- invoices and memberships by date range, set on the few facts they hold for.
 -- Past due on as_of: a member with an unpaid, non-voided invoice of a qualifying
 -- membership due before it; comped: a non-member covered by a $0 membership on as_of.
 -- An invoice is past due only in the months from its due date to its payment.
-CREATE FUNCTION ironwod.metrics_month_flags(p_tenant uuid, p_gym uuid, p_from date, p_today date)
+-- Before p_open only on the facts of the people p_people (NULL: everyone).
+CREATE FUNCTION ironwod.metrics_month_flags(p_tenant uuid, p_gym uuid, p_from date, p_today date,
+                                            p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
 SET enable_nestloop = off SET enable_mergejoin = off
@@ -637,6 +659,7 @@ BEGIN
                                        least(coalesce(i.paid_on, p_today), p_today), interval '1 month') m
                   WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
                     AND i.status IS DISTINCT FROM 'Voided' AND i.member_id IS NOT NULL
+                    AND (p_people IS NULL OR m::date >= p_open OR i.member_id = ANY (p_people))
                     AND i.due_date < least((m + interval '1 month')::date - 1, p_today)
                     AND (i.paid_on IS NULL OR i.paid_on >= least((m + interval '1 month')::date - 1, p_today))
                   UNION ALL
@@ -645,17 +668,19 @@ BEGIN
                        generate_series(date_trunc('month', greatest(q.start_date, p_from)),
                                        least(q.end_excl - 1, p_today), interval '1 month') m
                   WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND NOT q.qualifying AND q.end_excl > p_from
+                    AND (p_people IS NULL OR m::date >= p_open OR q.member_id = ANY (p_people))
                     AND q.start_date <= least((m + interval '1 month')::date - 1, p_today)
                     AND least((m + interval '1 month')::date - 1, p_today) < q.end_excl) y
             GROUP BY 1, 2, 3) x
      WHERE f.tenant_id = p_tenant AND f.gym_id = p_gym AND f.month_start >= p_from
+       AND (p_people IS NULL OR f.month_start >= p_open OR f.member_id = ANY (p_people))
        AND f.location_key = x.location_key AND f.member_id = x.member_id AND f.month_start = x.month_start
        AND ((x.past_due AND f.state_end <> 'NOT_MEMBER') OR (x.comped AND f.state_end = 'NOT_MEMBER'));
     GET DIAGNOSTICS v_n = ROW_COUNT;
     RETURN v_n;
 END
 $$;
-COMMENT ON FUNCTION ironwod.metrics_month_flags(uuid, uuid, date, date) IS 'Refresh stage 4b, metrics.md §2.4 (PAST_DUE flag) and §4.1 (comped members): set is_past_due_end and is_comped_end on the facts of a gym from the given month on; returns the rows flagged';
+COMMENT ON FUNCTION ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]) IS 'Refresh stage 4b, metrics.md §2.4 (PAST_DUE flag) and §4.1 (comped members): set is_past_due_end and is_comped_end on the facts of a gym from the given month on; returns the rows flagged';
 
 -- Stage 5 (metrics.md §4.8-4.9): money per location key and month from p_from on.
 -- Cash by local processed date and transaction location; a failed invoice counted
@@ -920,10 +945,48 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.metrics_pooled(uuid, uuid, date) IS 'Refresh stage 7, metrics.md §4.11 (LEG) and §4.12 (LTV): six-month pooled arm_6m, leg_months_6m and ltv on the cache rows of a gym from the given month on';
 
+-- What a person's closed months are computed from, besides their own canonical
+-- rows: their spells, and their spans up to p_open (cut there: a span that
+-- reached the day of the last refresh reaches today now).  One hash per person.
+CREATE FUNCTION ironwod.metrics_person_hashes(p_tenant uuid, p_gym uuid, p_open date)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RETURN (
+        SELECT coalesce(jsonb_object_agg(x.member_id::text, x.h), '{}')
+        FROM (SELECT y.member_id, md5(string_agg(y.r, '|' ORDER BY y.r)) AS h
+              FROM (SELECT s.member_id,
+                           'spell' || ROW(s.location_key, s.spell_start, s.spell_end_excl, s.spell_no, s.is_first,
+                                          s.rescinded, s.net_revenue, s.membership_ids)::text AS r
+                    FROM ironwod.member_spell s
+                    WHERE s.tenant_id = p_tenant AND s.gym_id = p_gym
+                    UNION ALL
+                    SELECT p.member_id,
+                           'span' || ROW(p.location_key, p.span_start, least(p.span_end_excl, p_open), p.state, p.mrr,
+                                         p.spell_start, p.spell_end_excl, p.spell_no, p.active_before,
+                                         p.spell_active_before)::text
+                    FROM ironwod.member_state_span p
+                    WHERE p.tenant_id = p_tenant AND p.gym_id = p_gym AND p.span_start < p_open) y
+              GROUP BY y.member_id) x);
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_person_hashes(uuid, uuid, date) IS 'Refresh, metrics.md §5.4 (recompute policy): per person of a gym, a hash of their spells and of their daily-state spans before the given day (compute_metrics compares them before and after stages 1-2 to find the people whose closed months change)';
+
 -- A refresh: spells and daily state for the whole history (both are small: a few
 -- rows per membership), visits, facts, money and cache rows for months >= p_from
 -- (clamped to history start), then the pooled figures.
-CREATE FUNCTION ironwod.compute_metrics(p_from date)
+--
+-- p_people narrows the months before the one the last refresh computed to date
+-- (v_open) to the people whose inputs changed (metrics.md §5.4): a closed month
+-- of a person is computed from that person's memberships, holds, invoices,
+-- sign-ins, spells and spans alone, and no closed day moves as the clock does.
+-- Those people are p_people (the people on the canonical rows the run changed),
+-- everyone whose spells or spans before v_open changed in stages 1-2 (a hold,
+-- a rescinded spell, a bridged gap whose coverage resumed since), and the
+-- people billed on the memberships of all of them.  From v_open on, and on a
+-- NULL p_people, everyone.  Money and the cache rows are per gym: from p_from.
+CREATE FUNCTION ironwod.compute_metrics(p_from date, p_people bigint[] DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET jit = off
@@ -938,6 +1001,10 @@ DECLARE
     v_cur date;
     v_from date;
     v_keys text[];
+    v_open date;
+    v_people bigint[] := p_people;
+    v_before jsonb;
+    v_after jsonb;
     v_wm timestamptz;
     v_spells integer;
     v_facts integer;
@@ -957,11 +1024,45 @@ BEGIN
     SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
     FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
 
+    -- the first month everyone is recomputed in: the one the last refresh
+    -- computed to date (its as_of is the last refresh's today)
+    v_open := v_from;
+    IF v_people IS NOT NULL THEN
+        SELECT greatest(v_from, least(date_trunc('month', max(c.month_start + c.period_days - 1))::date, v_cur))
+          INTO v_open
+          FROM ironwod.gym_monthly_metrics_cache c
+         WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.location_key = 'ALL' AND c.program_key = 'ALL';
+        v_open := coalesce(v_open, v_from);
+    END IF;
+    IF v_open > v_from THEN
+        v_before := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+    END IF;
+
     v_spells := ironwod.metrics_spells(v_t, v_g, s);
     PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
-    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today);
-    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today);
-    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today);
+
+    IF v_open > v_from THEN
+        v_after := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT k::bigint FROM jsonb_object_keys(v_before || v_after) AS k
+              WHERE v_before -> k IS DISTINCT FROM v_after -> k) x;
+        -- and who is billed on their memberships (past due and paying are the
+        -- invoice's person's, by the membership's location)
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT i.member_id FROM ironwod.invoices i
+              JOIN ironwod.memberships m
+                ON m.tenant_id = v_t AND m.gym_id = v_g AND m.membership_id = i.membership_id
+              WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.member_id IS NOT NULL
+                AND m.member_id = ANY (v_people)) x;
+        v_people := coalesce(v_people, '{}');
+    END IF;
+    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today, v_open, v_people);
+    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today, v_open, v_people);
     PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
 
     SELECT greatest(
@@ -987,10 +1088,12 @@ BEGIN
     PERFORM ironwod.mask_unknown_metrics();
 
     RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
-                              'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows);
+                              'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows)
+           || CASE WHEN v_open > v_from THEN jsonb_build_object('everyone_from', v_open, 'people', cardinality(v_people))
+                   ELSE '{}' END;
 END
 $$;
-COMMENT ON FUNCTION ironwod.compute_metrics(date) IS 'Rebuild spells and daily states, and visits, member-month facts, money and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope: the refresh stages in order';
+COMMENT ON FUNCTION ironwod.compute_metrics(date, bigint[]) IS 'Rebuild spells and daily states, and visits, member-month facts, money and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope: the refresh stages in order; with people given, the months before the one the last refresh computed to date only for them and those whose spells or spans changed';
 
 -- Recompute policy (metrics.md §5.4): the trailing months, plus every month a change
 -- landed by the run touched (its earliest civil date, less the merge gap and the
@@ -1005,6 +1108,8 @@ DECLARE
     v_tz text;
     v_cur date;
     v_dirty date;
+    v_unknown boolean;
+    v_people bigint[];
     v_from date;
     v_full boolean;
 BEGIN
@@ -1016,8 +1121,15 @@ BEGIN
     s := ironwod.metric_config();
     v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
     v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
-    SELECT min(d.dirty_from) INTO v_dirty FROM ironwod.metric_dirty d
+    SELECT min(d.dirty_from), coalesce(bool_or(d.member_ids IS NULL), false) INTO v_dirty, v_unknown
+    FROM ironwod.metric_dirty d
     WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
+    -- the people on the canonical rows the run changed (NULL: not known, everyone)
+    IF NOT v_unknown THEN
+        v_people := ARRAY(SELECT DISTINCT x FROM ironwod.metric_dirty d, unnest(d.member_ids) AS x
+                          WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
+                            AND d.run_id = p_run_id);
+    END IF;
     v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                           WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
               OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
@@ -1028,10 +1140,11 @@ BEGIN
     v_from := CASE WHEN v_full THEN NULL
                    ELSE least((v_cur - make_interval(months => s.trailing_months))::date,
                               v_dirty - greatest(s.merge_gap_days, s.cohort_days + 1)) END;
-    RETURN ironwod.compute_metrics(v_from) || jsonb_build_object('run_id', p_run_id, 'full', v_full);
+    RETURN ironwod.compute_metrics(v_from, CASE WHEN NOT v_full THEN v_people END)
+           || jsonb_build_object('run_id', p_run_id, 'full', v_full);
 END
 $$;
-COMMENT ON FUNCTION ironwod.refresh_metrics(bigint) IS 'Worker, after transform_run: recompute the trailing months plus every month the run''s backdated changes touched (whole history on first build or a parameter change); returns the range and row counts';
+COMMENT ON FUNCTION ironwod.refresh_metrics(bigint) IS 'Worker, after transform_run: recompute the trailing months plus every month the run''s backdated changes touched, the months closed before the last refresh only for the people whose inputs changed (whole history on first build or a parameter change); returns the range and row counts';
 
 CREATE FUNCTION ironwod.refresh_metrics_all()
 RETURNS jsonb
@@ -1041,13 +1154,14 @@ COMMENT ON FUNCTION ironwod.refresh_metrics_all() IS 'Recompute spells, facts an
 
 GRANT EXECUTE ON FUNCTION ironwod.metrics_today(text), ironwod.metric_config(), ironwod.config_hash(ironwod.metric_settings),
     ironwod.monthly_price(numeric, integer, text), ironwod.spread_months(integer, text, integer),
-    ironwod.history_start(text), ironwod.compute_metrics(date), ironwod.refresh_metrics(bigint),
+    ironwod.history_start(text), ironwod.compute_metrics(date, bigint[]), ironwod.refresh_metrics(bigint),
+    ironwod.metrics_person_hashes(uuid, uuid, date),
     ironwod.refresh_metrics_all(),
     ironwod.metrics_spells(uuid, uuid, ironwod.metric_settings),
     ironwod.metrics_day_states(uuid, uuid, date),
-    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date),
-    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date),
-    ironwod.metrics_month_flags(uuid, uuid, date, date),
+    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
+    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
+    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
     ironwod.metrics_month_money(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date),
     ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz, text),
     ironwod.metrics_pooled(uuid, uuid, date)

@@ -1,9 +1,10 @@
 -- pgTAP: the refresh stages of 80_metrics on a small fixture gym (raw Wodify JSON,
 -- transformed and computed with the clock frozen), for what the worked cases of
 -- test 07 do not reach: the absence count of a returning member starts at the new
--- spell, the spans cover every day once, and each stage names its metrics.md section.
+-- spell, the spans cover every day once, each stage names its metrics.md section,
+-- and a nightly refresh recomputes the closed months only for the people who changed.
 BEGIN;
-SELECT plan(7);
+SELECT plan(10);
 SET LOCAL client_min_messages = warning;
 
 CREATE FUNCTION pg_temp.raw(p_entity text, p_payload jsonb) RETURNS void
@@ -88,6 +89,32 @@ SELECT cmp_ok((SELECT count(*) FROM pg_proc p
                WHERE p.pronamespace = 'ironwod'::regnamespace AND p.proname LIKE 'metrics\_%'
                  AND p.proname <> 'metrics_today'),
               '>=', 7::bigint, 'the refresh runs as named stages');
+
+-- §5.4, narrowed: a day later, run 9 changes member 902's current price.  The
+-- refresh recomputes from November 2023 (the change, less the cohort window), May
+-- for everyone (the month the last refresh computed to date), the months before
+-- it only for 902: its facts are 902's from November on and everyone's in May.
+INSERT INTO ironwod.sync_runs (tenant_id, gym_id, run_id, mode, status)
+VALUES ('f7000000-0000-0000-0000-000000000000', 'f7000000-0000-0000-0000-000000000001', 9, 'incremental', 'succeeded');
+INSERT INTO ironwod.wodify_raw_memberships (tenant_id, gym_id, wodify_id, payload_json, payload_hash,
+                                            source_updated_at, ingest_run_id, last_seen_run_id)
+SELECT tenant_id, gym_id, wodify_id, p, sha256(convert_to(p::text, 'UTF8')), '2024-05-16 00:00Z', 9, 9
+FROM ironwod.wodify_raw_memberships, LATERAL (SELECT jsonb_set(payload_json, '{payment_plan,price}', '160') AS p) x
+WHERE gym_id = 'f7000000-0000-0000-0000-000000000001' AND wodify_id = 9022;
+SET LOCAL ironwod_metrics.today = '2024-05-16';
+SELECT ironwod.transform_run(9);
+CREATE TEMP TABLE narrowed AS SELECT ironwod.refresh_metrics(9) AS r;
+SELECT is((SELECT (r ->> 'from', r ->> 'everyone_from', r ->> 'people') FROM narrowed),
+          ('2023-11-01'::text, '2024-05-01'::text, '1'::text), 'the nightly refresh: closed months for the one person who changed');
+SELECT is((SELECT (r ->> 'facts')::bigint FROM narrowed),
+          (SELECT count(*) FROM ironwod.member_month_fact
+           WHERE gym_id = 'f7000000-0000-0000-0000-000000000001'
+             AND (month_start >= '2024-05-01' OR (member_id = 902 AND month_start >= '2023-11-01'))),
+          'it writes the facts of that person and of the open month only');
+SELECT ironwod.digest('f7000000-0000-0000-0000-000000000000', 'f7000000-0000-0000-0000-000000000001') AS live \gset
+SELECT ironwod.refresh_metrics_all();
+SELECT is(ironwod.digest('f7000000-0000-0000-0000-000000000000', 'f7000000-0000-0000-0000-000000000001'), :'live',
+          'and its cache, facts and visits equal a full recompute''s');
 
 SELECT * FROM finish();
 ROLLBACK;
