@@ -17,6 +17,11 @@
 #                 ON CONFLICT, one transaction per page, synchronous_commit off
 #   landing       ironwod's run worker, the entities' wall time less the time spent
 #                 waiting on HTTP (latency), the rate limiter and backoff, and planning
+#   CPU columns   the same three by CPU time, which a busy 2-core machine moves far
+#                 less than wall time: the parse limit's (its mean over three
+#                 passes) and the peer's backend (/proc), and the run worker's
+#                 CPU from its start to its last entity's completion, HTTP and
+#                 planning included (so an upper bound of landing's own)
 #   planning      sync_run_entities.plan_ms; transform and refresh: the worker's
 #                 transform_step and refresh_metrics (pg_stat_user_functions)
 #   exponent      least-squares slope of log(time) over log(records landed)
@@ -108,7 +113,8 @@ WITH e AS (
 ), m AS (
     SELECT max(mem.hwm) / 1024.0 AS hwm, max(mem.anon) FILTER (WHERE mem.at <= r.landed_at) / 1024.0 AS anon_land,
            max(mem.anon) FILTER (WHERE mem.at > r.landed_at) / 1024.0 AS anon_after,
-           (max(mem.cpu) - min(mem.cpu))::numeric / :hz AS cpu_s
+           (max(mem.cpu) - min(mem.cpu))::numeric / :hz AS cpu_s,
+           (max(mem.cpu) FILTER (WHERE mem.at <= r.landed_at) - min(mem.cpu))::numeric / :hz AS cpu_land_s
     FROM mem, r
 )
 INSERT INTO bench (section, what, scale, records, seconds, value, unit)
@@ -117,6 +123,7 @@ FROM e, f, r, m, LATERAL (VALUES
     ('wall', r.wall_s, NULL::numeric, NULL::text),
     ('http', e.http_s, r.requests, 'requests'),
     ('landing', e.landing_s, e.records / nullif(e.landing_s, 0), 'rec/s'),
+    ('landing cpu', m.cpu_land_s, e.records / nullif(m.cpu_land_s, 0), 'rec/CPU s'),
     ('planning', e.plan_s, 100 * e.plan_s / nullif(e.landing_s, 0), '% of landing'),
     ('transform', f.transform_s, 100 * f.transform_s / nullif(r.wall_s, 0), '% of wall'),
     ('refresh', f.refresh_s, e.records / nullif(f.refresh_s, 0), 'rec/s'),
@@ -153,7 +160,7 @@ wait_run() {
 # peers SCALE GYM: rebuild the gym's landed records as pages, time the parse-only
 # limit and the set-based peer on them.
 peers() {
-    q -v g="$2" -v scale="$1" <<'SQL'
+    q -v g="$2" -v scale="$1" -v hz="$(getconf CLK_TCK)" <<'SQL'
 SET synchronous_commit = off;
 TRUNCATE bench_pages, bench_peer;
 SELECT set_config('bench.gym', :'g', false) \g /dev/null
@@ -173,15 +180,25 @@ BEGIN
 END
 $$;
 VACUUM ANALYZE bench_pages;
+SELECT pg_backend_pid() AS pid \gset
+\setenv PID :pid
 -- The parse limit: every page's body through the jsonb parser, nothing written.
 SELECT clock_timestamp() AS t0 \gset
+\set cpu0 `awk '{print $14 + $15}' /proc/$PID/stat`
 SELECT sum(jsonb_array_length((body::jsonb) -> records_key)) AS n FROM bench_pages \gset
+SELECT extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) AS wall \gset
+-- twice more for its CPU time: a small gym's parse is a few clock ticks
+SELECT sum(jsonb_array_length((body::jsonb) -> records_key)) FROM bench_pages \g /dev/null
+SELECT sum(jsonb_array_length((body::jsonb) -> records_key)) FROM bench_pages \g /dev/null
+\set cpu1 `awk '{print $14 + $15}' /proc/$PID/stat`
 INSERT INTO bench (section, what, scale, records, seconds, value, unit)
-SELECT 'peers', 'parse limit', :'scale', :n, s, :n / nullif(s, 0), 'rec/s'
-FROM (SELECT extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) AS s) x;
+SELECT 'peers', x.what, :'scale', :n, x.s, :n / nullif(x.s, 0), x.u
+FROM (VALUES ('parse limit', :wall::numeric, 'rec/s'),
+             ('parse limit cpu', (:cpu1 - :cpu0)::numeric / :hz / 3, 'rec/CPU s')) AS x(what, s, u);
 -- The set-based peer: one INSERT ... SELECT jsonb_array_elements ... ON CONFLICT per
 -- page, each page its own transaction.
 SELECT clock_timestamp() AS t0 \gset
+\set cpu0 `awk '{print $14 + $15}' /proc/$PID/stat`
 DO $$
 DECLARE
     p record;
@@ -195,9 +212,11 @@ BEGIN
     END LOOP;
 END
 $$;
+\set cpu1 `awk '{print $14 + $15}' /proc/$PID/stat`
 INSERT INTO bench (section, what, scale, records, seconds, value, unit)
-SELECT 'peers', 'set-based', :'scale', :n, s, :n / nullif(s, 0), 'rec/s'
-FROM (SELECT extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) AS s) x;
+SELECT 'peers', x.what, :'scale', :n, x.s, :n / nullif(x.s, 0), x.u
+FROM (VALUES ('set-based', extract(epoch FROM clock_timestamp() - :'t0'::timestamptz), 'rec/s'),
+             ('set-based cpu', (:cpu1 - :cpu0)::numeric / :hz, 'rec/CPU s')) AS x(what, s, u);
 SQL
 }
 
@@ -299,13 +318,17 @@ GROUP BY 1;
 SELECT format('ironwod bench, %s, %s cores, simulator unthrottled (one run; ratios are the claims)',
               to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"'), :cores);
 SELECT '';
-SELECT '| path, same pages (records landed by the backfill) | scale | records | s | records/s | vs parse limit |';
-SELECT '|---|---|---|---|---|---|';
-SELECT format('| %s | %s | %s | %s | %s | %s |', x.what, x.scale, x.records, round(x.seconds, 2), round(x.value),
-              round(x.value / p.value, 2))
+SELECT '| path, same pages (records landed by the backfill) | scale | records | s | records/s | vs parse limit | CPU s | records per CPU s | vs parse limit, CPU |';
+SELECT '|---|---|---|---|---|---|---|---|---|';
+SELECT format('| %s | %s | %s | %s | %s | %s | %s | %s | %s |', x.what, x.scale, x.records, round(x.seconds, 2),
+              round(x.value), round(x.value / p.value, 2), round(c.seconds, 2), round(c.value),
+              round(c.value / pc.value, 2))
 FROM (SELECT b.*, CASE b.what WHEN 'parse limit' THEN 1 WHEN 'set-based' THEN 2 ELSE 3 END AS k
-      FROM bench b WHERE (b.section = 'peers') OR (b.section = 'backfill' AND b.what = 'landing')) x
+      FROM bench b WHERE (b.section = 'peers' AND b.what IN ('parse limit', 'set-based'))
+                      OR (b.section = 'backfill' AND b.what = 'landing')) x
 JOIN bench p ON p.section = 'peers' AND p.what = 'parse limit' AND p.scale = x.scale
+LEFT JOIN bench c ON c.section = x.section AND c.scale = x.scale AND c.what = x.what || ' cpu'
+LEFT JOIN bench pc ON pc.section = 'peers' AND pc.what = 'parse limit cpu' AND pc.scale = x.scale
 ORDER BY x.records, x.k;
 SELECT '';
 SELECT '| run | records | wall s | HTTP s (requests) | landing s | planning s (% of landing) | transform s (% of wall) | refresh s | worker CPU s | worker VmHWM MB | worker RssAnon MB, landing / transform+refresh |';
