@@ -415,28 +415,25 @@ scope_uuid(const char *guc)
 }
 
 /*
- * Run one of the entity's landing statements: the plain INSERT returns a row
- * per new version, the upsert one row with their count.
+ * Run one of the entity's landing statements and return how many new versions
+ * it stored.  The statement's result says how it counts: 1.1's plain INSERT
+ * returns a row per new version, its upsert (and both statements of the 1.0
+ * SQL, which this library still drives until ALTER EXTENSION ironwod UPDATE)
+ * one row holding the count.
  */
 static int
-run_store(SPIPlanPtr plan, bool upsert, Datum *params, const char *nulls, const char *entity)
+run_store(SPIPlanPtr plan, Datum *params, const char *nulls, const char *entity)
 {
 	bool		isnull;
 	int			rc = SPI_execute_plan(plan, params, nulls, false, 0);
 	int			n;
 
-	if (!upsert)
-	{
-		if (rc != SPI_OK_INSERT_RETURNING)
-			elog(ERROR, "ironwod: landing the records of %s failed", entity);
+	if (rc == SPI_OK_INSERT_RETURNING)
 		n = (int) SPI_processed;
-	}
-	else
-	{
-		if (rc != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "ironwod: landing the records of %s failed", entity);
+	else if (rc == SPI_OK_SELECT && SPI_processed == 1)
 		n = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	}
+	else
+		elog(ERROR, "ironwod: landing the records of %s failed", entity);
 	SPI_freetuptable(SPI_tuptable);
 	return n;
 }
@@ -462,7 +459,7 @@ store_batch(IwLanding *l, Datum *params, const char *nulls)
 		MemoryContextSwitchTo(cxt);
 		PG_TRY();
 		{
-			n = run_store(l->insert, false, params, nulls, l->spec.entity);
+			n = run_store(l->insert, params, nulls, l->spec.entity);
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(cxt);
 			CurrentResourceOwner = owner;
@@ -485,7 +482,7 @@ store_batch(IwLanding *l, Datum *params, const char *nulls)
 		PG_END_TRY();
 	}
 	if (n < 0)
-		n = run_store(l->upsert, true, params, nulls, l->spec.entity);
+		n = run_store(l->upsert, params, nulls, l->spec.entity);
 	return n;
 }
 
