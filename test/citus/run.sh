@@ -137,7 +137,7 @@ SELECT citus_add_node('127.0.0.1', ${NODE_PORT[w2]});
 -- The isolation tester asks pg_isolation_test_session_is_blocked() whether a step
 -- waits; on Citus a step waits on a worker node, where only Citus's version of the
 -- function sees it (as in Citus's own isolation suite).
-SELECT citus.replace_isolation_tester_func();
+SELECT citus_internal.replace_isolation_tester_func();
 SQL
 
 load_fixtures
