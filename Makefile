@@ -8,6 +8,8 @@
 #   make bench         issue 7's table: parse limit, set-based peer, landing, planning, transform,
 #                      refresh per scale with growth exponents, nightly, concurrent gyms (not in make test)
 #   make test-citus    the suite on a three-node Citus cluster (builds Citus from ../shared/vendor)
+#   make bench-citus   issue 12's scale-out table: N gyms' backfills, nightly runs and dashboard
+#                      reads on one node and on a coordinator + 2 workers, side by side
 #
 # Released install and upgrade scripts (sql/ironwod--1.0.sql, sql/ironwod--1.0--1.1.sql,
 # ...) are committed and never edited.  The install script of the current version
@@ -76,7 +78,7 @@ ifneq ($(strip $(ISOLATION)),)
 	$(pg_isolation_regress_installcheck) $(ISOLATION_OPTS) $(ISOLATION)
 endif
 
-.PHONY: test test-citus demo bench installcheck installcheck-running
+.PHONY: test test-citus demo bench bench-citus installcheck installcheck-running
 test:
 	bash test/run-tests.sh
 
@@ -88,3 +90,6 @@ demo:
 
 bench:
 	bash test/bench.sh
+
+bench-citus:
+	bash test/citus/bench.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build Citus for the test suite (sourced by test/citus/run.sh, not run).
+# Build Citus for the test suite (sourced by test/citus/run.sh and bench.sh, not run).
 #
 # citus_build TARBALL sets CITUS_ROOT to a staging tree (usr/lib/postgresql/15/lib,
 # usr/share/postgresql/15/extension) that install_citus_private copies into the
@@ -68,4 +68,26 @@ install_citus_private() {
     if [ -n "${CITUS_ROOT:-}" ]; then
         cp -a "$CITUS_ROOT/usr/." "$WORK/pg/usr/"
     fi
+}
+
+# citus_find: Citus for the suite's private copy: the installed one, else built
+# from the vendored source (CITUS_TARBALL, else ../shared/vendor next to the repo,
+# else /work/shared/vendor: CI runs a clean clone of main somewhere on this
+# machine).  Sets CITUS_ROOT (empty for an installed Citus); fails when there is
+# neither.
+citus_find() {
+    local c
+    if citus_installed; then
+        echo "using the installed Citus"
+        CITUS_ROOT=
+        return 0
+    fi
+    for c in "${CITUS_TARBALL:-}" "$REPO/../shared/vendor/citus-12.1.12.tar.gz" \
+             /work/shared/vendor/citus-12.1.12.tar.gz; do
+        if [ -n "$c" ] && [ -f "$c" ]; then
+            citus_build "$c"
+            return 0
+        fi
+    done
+    return 1
 }
