@@ -31,7 +31,6 @@ cd "$REPO"
 NGYMS=${BENCH_CITUS_GYMS:-4}
 SCALE=${BENCH_CITUS_SCALE:-medium}
 READS=${BENCH_CITUS_READS:-500}
-T=c1c1c1c1-0000-4000-8000-000000000001
 BEGAN=$(date +%s)
 
 citus_find || { echo "SKIP: no Citus installed and no Citus source (set CITUS_TARBALL or put citus-12.1.12.tar.gz in ../shared/vendor)"; exit 0; }
@@ -43,8 +42,11 @@ install_citus_private
 : >"$WORK/results"
 
 SETTINGS=("ironwod.requests_per_second = 2000" "ironwod.burst = 200" "ironwod.cluster_requests_per_second = 5000"
-          "ironwod.max_workers = 4" "ironwod.naptime = 500")
-gym_uuid() { printf 'c1c1c1c1-0000-4000-8000-%012d' "$1"; }
+          "ironwod.max_workers = 4" "ironwod.naptime = 500" "track_functions = all")
+# One tenant per gym: Citus places each tenant's rows on one node, so gyms of one
+# tenant would all land on the same worker.
+tenant_uuid() { printf 'c1c1c1c1-0000-4000-8000-%012d' "$1"; }
+gym_uuid() { printf 'c1c1c1c1-1111-4000-8000-%012d' "$1"; }
 q() { psql -qAtX -v ON_ERROR_STOP=1 "$@"; }
 result() { echo "$1|$2|$3" >>"$WORK/results"; }
 
@@ -64,15 +66,40 @@ cpu_record() {
 }
 
 wait_run() {
-    local g
-    g=$(q -c "SELECT gym_id FROM ironwod.sync_runs WHERE run_id = $1")
-    q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_wait($1, '30 minutes')" -c "COMMIT" | sed -n 2p
+    local t g
+    read -r t g < <(q -F ' ' -c "SELECT tenant_id, gym_id FROM ironwod.sync_runs WHERE run_id = $1")
+    q -c "BEGIN" -c "SELECT ironwod_set_scope('$t', '$g')" -c "SELECT ironwod_wait($1, '30 minutes')" -c "COMMIT" | sed -n 2p
+}
+
+# phase_split SETUP PHASE "RUN...": the runs' mean landing time (start to the last
+# entity landed) and mean time after it (transform and metrics refresh), and the
+# run workers' transform_step and refresh_metrics totals (pg_stat_user_functions,
+# reset before the phase).
+phase_split() {
+    q -v setup="$1" -v phase="$2" -v runs="{${3// /,}}" <<'SQL' >>"$WORK/results"
+SELECT pg_sleep(0.2) \g /dev/null
+SELECT format('%s|%s landing s|%s', :'setup', :'phase', round(avg(extract(epoch FROM e.landed - r.started_at))::numeric, 2))
+FROM ironwod.sync_runs r, LATERAL (SELECT max(x.completed_at) AS landed FROM ironwod.sync_run_entities x
+                                   WHERE x.tenant_id = r.tenant_id AND x.gym_id = r.gym_id AND x.run_id = r.run_id) e
+WHERE r.run_id = ANY (:'runs'::bigint[]);
+SELECT format('%s|%s after landing s|%s', :'setup', :'phase', round(avg(extract(epoch FROM r.finished_at - e.landed))::numeric, 2))
+FROM ironwod.sync_runs r, LATERAL (SELECT max(x.completed_at) AS landed FROM ironwod.sync_run_entities x
+                                   WHERE x.tenant_id = r.tenant_id AND x.gym_id = r.gym_id AND x.run_id = r.run_id) e
+WHERE r.run_id = ANY (:'runs'::bigint[]);
+SELECT format('%s|%s transform s|%s', :'setup', :'phase',
+              round((coalesce(sum(total_time) FILTER (WHERE funcname = 'transform_step'), 0) / 1000)::numeric, 2))
+       || E'\n' ||
+       format('%s|%s refresh s|%s', :'setup', :'phase',
+              round((coalesce(sum(total_time) FILTER (WHERE funcname = 'refresh_metrics'), 0) / 1000)::numeric, 2))
+FROM pg_stat_user_functions WHERE schemaname = 'ironwod';
+SELECT pg_stat_reset() \g /dev/null
+SQL
 }
 
 # measure SETUP DATADIR...: the whole measurement against the server PGHOST/PGPORT
 # name (one node, or the Citus coordinator); DATADIRs are the servers to count.
 measure() {
-    local setup=$1 i g key sealed runs=() r t0 ok start
+    local setup=$1 i t g key sealed runs=() r t0 ok
     shift
     q -c 'CREATE EXTENSION ironwod' >/dev/null
     if [ "$setup" = citus ]; then
@@ -84,14 +111,16 @@ measure() {
     gyms_json=$(curl -sf "$SIM_URL/_sim/gyms")
 
     # The backfills, all connected at once (each connect queues its backfill).
+    q -c 'SELECT pg_stat_reset()' >/dev/null
     cpu_mark "$@"
     t0=$(date +%s.%N)
     for i in $(seq 0 $((NGYMS - 1))); do
+        t=$(tenant_uuid "$i")
         g=$(gym_uuid "$i")
         key=$(printf '%s' "$gyms_json" | python3 -c "import json,sys; print(json.load(sys.stdin)['gyms'][$i]['api_key'])")
-        sealed=$(printf %s "$key" | seal_key "$T" "$g")
-        q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_connect('$T', '$g', '$sealed'::bytea)" -c "COMMIT" >/dev/null
-        runs+=("$(q -c "SELECT max(run_id) FROM ironwod.sync_runs WHERE gym_id = '$g' AND mode = 'backfill'")")
+        sealed=$(printf %s "$key" | seal_key "$t" "$g")
+        q -c "BEGIN" -c "SELECT ironwod_set_scope('$t', '$g')" -c "SELECT ironwod_connect('$t', '$g', '$sealed'::bytea)" -c "COMMIT" >/dev/null
+        runs+=("$(q -c "SELECT max(run_id) FROM ironwod.sync_runs WHERE tenant_id = '$t' AND gym_id = '$g' AND mode = 'backfill'")")
     done
     ok=0
     for r in "${runs[@]}"; do [ "$(wait_run "$r")" = succeeded ] && ok=$((ok + 1)); done
@@ -99,6 +128,7 @@ measure() {
     result "$setup" "backfill ok" "$ok"
     result "$setup" "backfill records" "$(q -c "SELECT sum(pulled) FROM ironwod.sync_run_entities WHERE run_id = ANY ('{$(IFS=,; echo "${runs[*]}")}')")"
     cpu_record "$setup" backfill "$@"
+    phase_split "$setup" backfill "${runs[*]}"
     echo "bench-citus: $setup: $NGYMS backfills done at +$(( $(date +%s) - BEGAN )) s" >&2
 
     # A night passes; every gym's nightly incremental run, requested at once.
@@ -113,11 +143,13 @@ measure() {
         done
     fi
     runs=()
+    q -c 'SELECT pg_stat_reset()' >/dev/null
     cpu_mark "$@"
     t0=$(date +%s.%N)
     for i in $(seq 0 $((NGYMS - 1))); do
+        t=$(tenant_uuid "$i")
         g=$(gym_uuid "$i")
-        runs+=("$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)")
+        runs+=("$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$t', '$g')" -c "SELECT ironwod_sync('$t', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)")
     done
     ok=0
     for r in "${runs[@]}"; do [ "$(wait_run "$r")" = succeeded ] && ok=$((ok + 1)); done
@@ -125,17 +157,19 @@ measure() {
     result "$setup" "nightly ok" "$ok"
     result "$setup" "nightly records" "$(q -c "SELECT sum(pulled) FROM ironwod.sync_run_entities WHERE run_id = ANY ('{$(IFS=,; echo "${runs[*]}")}')")"
     cpu_record "$setup" nightly "$@"
+    phase_split "$setup" nightly "${runs[*]}"
 
     # The dashboard read of one gym, as the app.
+    t=$(tenant_uuid 0)
     g=$(gym_uuid 0)
     cat >"$WORK/read.sql" <<SQL
 BEGIN;
-SELECT ironwod_set_scope('$T', '$g');
-SELECT count(*) FROM ironwod_dashboard('$T', '$g', (date_trunc('month', current_date) - interval '23 months')::date, current_date);
+SELECT ironwod_set_scope('$t', '$g');
+SELECT count(*) FROM ironwod_dashboard('$t', '$g', (date_trunc('month', current_date) - interval '23 months')::date, current_date);
 COMMIT;
 SQL
-    q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" \
-      -c "SELECT count(*) FROM ironwod_dashboard('$T', '$g', (date_trunc('month', current_date) - interval '23 months')::date, current_date)" \
+    q -c "BEGIN" -c "SELECT ironwod_set_scope('$t', '$g')" \
+      -c "SELECT count(*) FROM ironwod_dashboard('$t', '$g', (date_trunc('month', current_date) - interval '23 months')::date, current_date)" \
       -c "COMMIT" | sed -n 2p | { read -r months; result "$setup" "dashboard months" "$months"; }
     rm -f "$WORK"/pgbench_log.*
     (cd "$WORK" && "$PGBIN/pgbench" -n -U bench_app -f read.sql -t "$READS" -l postgres >/dev/null 2>&1)
@@ -145,14 +179,19 @@ SQL
         END { printf "%s|read p50 ms|%.2f\n%s|read p95 ms|%.2f\n%s|read mean ms|%.2f\n", s, v[int(NR * 0.5)] / 1000,
               s, v[int(NR * 0.95)] / 1000, s, sum / NR / 1000 }' >>"$WORK/results"
 
-    # Where the data is: ironwod's relations on each server.
-    local d port
-    for d in "$@"; do
-        port=$(sed -n 's/^port = //p' "$d/postgresql.conf" | tail -1)
-        result "$setup" "bytes $(basename "$d")" "$(psql -qAtX -h "$WORK" -p "$port" -U postgres -d postgres -c \
-            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c
-             WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind IN ('r', 'p')")"
-    done
+    # Where the data is: ironwod's tables on this server (on a coordinator, the
+    # empty shells and the reference tables' local copies) and, on Citus, on each
+    # worker node, shards included (Citus hides them from pg_class otherwise).
+    result "$setup" "bytes $(basename "$1")" "$(q -c "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c
+        WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind IN ('r', 'p')")"
+    if [ "$setup" = citus ]; then
+        for n in w1 w2; do
+            result "$setup" "bytes $n" "$(psql -qAtX -h "$WORK" -p "${NODE_PORT[$n]}" -U postgres -d postgres \
+                -c "SET citus.show_shards_for_app_name_prefixes = '*'" \
+                -c "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c
+                    WHERE c.relnamespace = 'ironwod'::regnamespace AND c.relkind IN ('r', 'p')")"
+        done
+    fi
 }
 
 # 1. One node.
@@ -199,6 +238,12 @@ for phase in ("backfill", "nightly"):
     print(f"| {phase}: CPU s, workers (w1 + w2) | | {cw:.1f} ({c(phase + ' cpu w1'):.1f} + {c(phase + ' cpu w2'):.1f}) | |")
     print(f"| {phase}: CPU s, all servers | {sc:.1f} | {cc + cw:.1f} | {ratio(cc + cw, sc)} |")
     print(f"| {phase}: share of the cluster's CPU on the workers | | {100 * cw / (cc + cw) if cc + cw else 0:.0f} % | |")
+    for w in ("landing s", "after landing s"):
+        print(f"| {phase}: {w.replace('after landing', 'transform + refresh')} per run (mean) | {s(phase + ' ' + w):.2f} | "
+              f"{c(phase + ' ' + w):.2f} | {ratio(c(phase + ' ' + w), s(phase + ' ' + w))} |")
+    for w in ("transform s", "refresh s"):
+        print(f"| {phase}: run workers' {w.split()[0]} s, all runs | {s(phase + ' ' + w):.2f} | {c(phase + ' ' + w):.2f} | "
+              f"{ratio(c(phase + ' ' + w), s(phase + ' ' + w))} |")
 for w in ("p50", "p95", "mean"):
     print(f"| dashboard read ({reads} x 24 months, as the app), {w} ms | {s('read ' + w + ' ms'):.2f} | "
           f"{c('read ' + w + ' ms'):.2f} | {ratio(c('read ' + w + ' ms'), s('read ' + w + ' ms'))} |")
