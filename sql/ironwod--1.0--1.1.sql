@@ -18,6 +18,14 @@
 -- payload by ironwod.j_ids.  The update fills it for the memberships 1.0 already
 -- holds, from the raw version each canonical row was built from, so the canonical
 -- rows equal what a fresh transform of the same raw rows writes (a replay).
+-- The metrics gain program rows (program_key = a Wodify program id, at location
+-- ALL): the refresh stages carry a key program:<id> beside ALL and the locations,
+-- 82_unknowns masks what the memberships do not tell, and ironwod_dashboard and
+-- ironwod_explain take a program (a new last argument, default 'ALL', so every
+-- 1.0 call still works).  The definitions are metrics-v1.1: the update moves the
+-- gyms on the 1.0 default there, so their next refresh recomputes every month and
+-- writes the program rows; until then the cache holds what 1.0 computed,
+-- labelled metrics-v1.0.
 
 \echo Use "ALTER EXTENSION ironwod UPDATE" to load this file. \quit
 
@@ -1263,3 +1271,832 @@ REVOKE ALL ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, intege
     ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
     ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
     FROM PUBLIC;
+
+-- ---- program breakdowns: program rows in the metrics ---------------------------
+
+-- A new program, or one deleted or back, recomputes every month.
+UPDATE ironwod.canonical_maps m
+   SET dirty_from = $$CASE WHEN o.program_id IS NULL OR o.deleted_at IS DISTINCT FROM u.deleted_at THEN date '0001-01-01' END$$,
+       installed_definition = NULL
+ WHERE m.entity = 'programs' AND (to_jsonb(m) - 'installed_definition') = m.installed_definition;
+SELECT ironwod.track_install_rows('ironwod.canonical_maps');
+
+ALTER TABLE ironwod.metric_settings ALTER COLUMN definitions_version SET DEFAULT 'metrics-v1.1';
+UPDATE ironwod.metric_settings SET definitions_version = 'metrics-v1.1' WHERE definitions_version = 'metrics-v1.0';
+COMMENT ON TABLE ironwod.gym_monthly_metrics_cache IS 'Monthly gym metrics (metrics.md §5.2, v1 scope): per location and ALL (distinct people) with program_key ALL, and per program (program_key = Wodify program id) at location ALL (people with access to it, visits to its classes; NULL where the memberships do not say their programs, money NULL where it cannot be split); flows are NULL in the history-start month; retail_revenue_net is omitted in v1 (no revenue categories)';
+
+CREATE OR REPLACE VIEW ironwod.metric_memberships WITH (security_invoker = true) AS
+SELECT m.tenant_id, m.gym_id, k.location_key, m.member_id, m.membership_id, m.start_date,
+       coalesce(m.end_date + 1, 'infinity'::date) AS end_excl,
+       m.price > 0 AS qualifying,
+       ironwod.monthly_price(m.price, m.billing_period_length, m.billing_period_unit) AS mrr,
+       m.cancellation_requested_on
+FROM ironwod.memberships m
+JOIN ironwod.metric_settings s ON s.tenant_id = m.tenant_id AND s.gym_id = m.gym_id
+CROSS JOIN LATERAL (VALUES ('ALL'), (m.location_id::text)) AS k(location_key)
+WHERE m.deleted_at IS NULL AND NOT m.is_deleted
+  AND m.membership_type = ANY (s.qualifying_types) AND m.price >= 0
+  AND m.member_id IS NOT NULL AND m.start_date IS NOT NULL
+  AND coalesce(m.end_date + 1, 'infinity'::date) > m.start_date
+  AND k.location_key IS NOT NULL
+UNION ALL
+SELECT m.tenant_id, m.gym_id, 'program:' || p.program_id, m.member_id, m.membership_id, m.start_date,
+       coalesce(m.end_date + 1, 'infinity'::date),
+       m.price > 0,
+       ironwod.monthly_price(m.price, m.billing_period_length, m.billing_period_unit),
+       m.cancellation_requested_on
+FROM ironwod.memberships m
+JOIN ironwod.metric_settings s ON s.tenant_id = m.tenant_id AND s.gym_id = m.gym_id
+CROSS JOIN LATERAL unnest(m.program_ids) AS p(program_id)
+WHERE m.deleted_at IS NULL AND NOT m.is_deleted
+  AND m.membership_type = ANY (s.qualifying_types) AND m.price >= 0
+  AND m.member_id IS NOT NULL AND m.start_date IS NOT NULL
+  AND coalesce(m.end_date + 1, 'infinity'::date) > m.start_date;
+COMMENT ON VIEW ironwod.metric_memberships IS 'metrics.md §2.2-2.3, §2.5: the memberships the metrics read, per key (ALL, their location, and program:<id> for each program they give access to), as half-open coverage with monthly-normalised price; qualifying = price > 0, else comped';
+
+CREATE OR REPLACE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                       p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+    v_win integer := p_s.decline_recent_days + p_s.decline_prior_days;
+    -- local midnight of the cut, three days early (a zone's offset moves by less)
+    v_cut timestamptz := (p_open - v_win - 3)::timestamp AT TIME ZONE p_tz;
+BEGIN
+    DELETE FROM ironwod.member_visit_month
+    WHERE tenant_id = p_tenant AND gym_id = p_gym
+      AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    WITH vd AS (
+        SELECT x.member_id, x.d, x.location_id, x.program_id, count(*)::integer AS n
+        FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
+                     a.program_id, coalesce(a.class_id, -a.signin_id) AS class_key
+              FROM ironwod.attendance_events a
+              WHERE a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
+                AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL
+                AND (p_people IS NULL OR a.class_start_at >= v_cut OR a.member_id = ANY (p_people))) x
+        GROUP BY 1, 2, 3, 4
+    ), dt AS (
+        SELECT vd.member_id, vd.d, sum(vd.n)::integer AS n FROM vd WHERE vd.d <= p_today GROUP BY 1, 2
+        UNION ALL
+        -- everyone else's last visit before the cut, counted as no visit
+        SELECT a.member_id, max((a.class_start_at AT TIME ZONE p_tz)::date), 0
+        FROM ironwod.attendance_events a
+        WHERE p_people IS NOT NULL AND a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
+          AND a.member_id IS NOT NULL AND a.class_start_at < v_cut AND a.member_id <> ALL (p_people)
+        GROUP BY 1
+    ), mo AS (
+        SELECT mo::date AS month_start, least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo
+    ), vk AS (
+        SELECT k.location_key, vd.member_id, date_trunc('month', vd.d)::date AS month_start,
+               sum(vd.n)::integer AS visits, coalesce(sum(vd.n) FILTER (WHERE s.state = 'ACTIVE'), 0)::integer AS member_visits
+        FROM vd CROSS JOIN LATERAL (VALUES ('ALL'), (vd.location_id::text), ('program:' || vd.program_id)) AS k(location_key)
+        LEFT JOIN ironwod.member_state_span s
+               ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = k.location_key
+              AND s.member_id = vd.member_id AND s.span_start <= vd.d AND vd.d < s.span_end_excl
+        WHERE k.location_key IS NOT NULL AND vd.d >= p_from AND vd.d <= p_today
+          AND (p_people IS NULL OR vd.d >= p_open OR vd.member_id = ANY (p_people))
+        GROUP BY 1, 2, 3
+    ), va AS (
+        SELECT x.member_id, x.month_start,
+               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 4))::integer AS anywhere,
+               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 2))::integer AS recent,
+               (max(x.cv) FILTER (WHERE x.k = 2) - max(x.cv) FILTER (WHERE x.k = 3))::integer AS prior,
+               max(x.lastd) FILTER (WHERE x.k = 1) AS last_visit
+        FROM (SELECT y.*, sum(y.n) OVER w AS cv, max(CASE WHEN y.k = 0 THEN y.d END) OVER w AS lastd
+              FROM (SELECT dt.member_id, dt.d, 0 AS k, dt.n, NULL::date AS month_start FROM dt
+                    UNION ALL
+                    SELECT p.member_id, l.d, l.k, 0, mo.month_start
+                    FROM (SELECT DISTINCT dt.member_id FROM dt) p CROSS JOIN mo
+                    CROSS JOIN LATERAL (VALUES (1, mo.as_of), (2, mo.as_of - p_s.decline_recent_days),
+                                               (3, mo.as_of - v_win), (4, mo.month_start - 1)) AS l(k, d)
+                    WHERE p_people IS NULL OR mo.month_start >= p_open OR p.member_id = ANY (p_people)) y
+              WINDOW w AS (PARTITION BY y.member_id ORDER BY y.d, y.k ROWS UNBOUNDED PRECEDING)) x
+        WHERE x.k > 0
+        GROUP BY x.member_id, x.month_start
+        HAVING max(x.lastd) FILTER (WHERE x.k = 1) IS NOT NULL
+    )
+    INSERT INTO ironwod.member_visit_month
+        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
+         visits_recent, visits_prior, last_visit)
+    SELECT p_tenant, p_gym, x.location_key, x.member_id, x.month_start,
+           coalesce(max(x.visits), 0), coalesce(max(x.member_visits), 0), coalesce(max(va.anywhere), 0),
+           coalesce(max(va.recent), 0), coalesce(max(va.prior), 0), max(va.last_visit)
+    FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
+          UNION ALL
+          SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
+    LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
+    GROUP BY x.location_key, x.member_id, x.month_start
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]) IS 'Refresh stage 3, metrics.md §4.13-4.15 (attendance, absence, decline): rebuild member_visit_month of a gym from the given month on (before p_open only for the given people); returns the row count';
+
+CREATE OR REPLACE FUNCTION ironwod.metrics_month_money(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                            p_keys text[], p_from date, p_hist date, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM ironwod.gym_month_money
+    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WITH mo AS (
+        SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
+               least((mo + interval '1 month')::date - 1, p_today) AS as_of
+        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo, unnest(p_keys) AS k(location_key)
+    ), tx AS MATERIALIZED (
+        SELECT t.location_id, t.transaction_type, t.payment_method, t.amount, t.invoice_id,
+               date_trunc('month', (t.processed_at AT TIME ZONE p_tz)::date)::date AS mo,
+               i.membership_id, i.amount AS invoice_amount, m.billing_period_length, m.billing_period_unit,
+               m.program_ids
+        FROM ironwod.transactions t
+        LEFT JOIN ironwod.invoices i
+               ON i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.invoice_id = t.invoice_id AND i.deleted_at IS NULL
+        LEFT JOIN ironwod.memberships m
+               ON m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.membership_id = i.membership_id
+        WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.processed_at IS NOT NULL
+    ), txk AS (
+        -- gym-wide, at the transaction's location, and under each program of its
+        -- invoice's membership (revenue follows the membership, metrics.md §2.5)
+        SELECT k.location_key, tx.*
+        FROM tx CROSS JOIN LATERAL (VALUES ('ALL'), (tx.location_id::text)) AS k(location_key)
+        WHERE k.location_key IS NOT NULL
+        UNION ALL
+        SELECT 'program:' || p.program_id, tx.* FROM tx CROSS JOIN LATERAL unnest(tx.program_ids) AS p(program_id)
+    ), cash AS (
+        SELECT t.location_key, t.mo AS month_start,
+               coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Payment'
+                                                AND t.payment_method IS DISTINCT FROM 'Store Credit'), 0) AS gross,
+               coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Refund'), 0) AS refunds,
+               count(DISTINCT t.invoice_id) FILTER (WHERE t.transaction_type = 'Failed Payment') AS failed_n
+        FROM txk t GROUP BY 1, 2
+    ), failed AS (
+        SELECT x.location_key, x.mo AS month_start, sum(x.invoice_amount) AS failed_amount
+        FROM (SELECT DISTINCT t.location_key, t.mo, t.invoice_id, coalesce(t.invoice_amount, t.amount) AS invoice_amount
+              FROM txk t WHERE t.transaction_type = 'Failed Payment') x
+        GROUP BY 1, 2
+    ), recog AS (
+        SELECT x.location_key, x.month_start, sum(x.amount) AS membership_revenue
+        FROM (
+            SELECT t.location_key, (t.mo + make_interval(months => k))::date AS month_start, t.amount / n.n AS amount
+            FROM txk t
+            CROSS JOIN LATERAL (SELECT ironwod.spread_months(t.billing_period_length, t.billing_period_unit,
+                                                             p_s.max_spread_months) AS n) n
+            CROSS JOIN LATERAL generate_series(0, n.n - 1) AS k
+            WHERE t.transaction_type = 'Payment' AND t.payment_method IS DISTINCT FROM 'Store Credit'
+              AND t.membership_id IS NOT NULL
+            UNION ALL
+            SELECT t.location_key, t.mo, -t.amount FROM txk t WHERE t.transaction_type = 'Refund' AND t.membership_id IS NOT NULL
+        ) x GROUP BY 1, 2
+    ), iv AS MATERIALIZED (
+        SELECT i.location_id, i.amount, i.due_date, i.paid_on, coalesce(c.collected, 0) AS collected, m.program_ids
+        FROM ironwod.invoices i
+        LEFT JOIN (SELECT t.invoice_id, sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
+                                                                    WHEN 'Refund' THEN -t.amount ELSE 0 END) AS collected
+                   FROM ironwod.transactions t
+                   WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id IS NOT NULL
+                   GROUP BY 1) c ON c.invoice_id = i.invoice_id
+        LEFT JOIN ironwod.memberships m
+               ON m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.membership_id = i.membership_id
+        WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
+          AND i.status IS DISTINCT FROM 'Voided' AND i.due_date IS NOT NULL
+    ), inv AS (
+        SELECT k.location_key, iv.amount, iv.due_date, iv.paid_on, iv.collected
+        FROM iv CROSS JOIN LATERAL (VALUES ('ALL'), (iv.location_id::text)) AS k(location_key)
+        WHERE k.location_key IS NOT NULL
+        UNION ALL
+        SELECT 'program:' || p.program_id, iv.amount, iv.due_date, iv.paid_on, iv.collected
+        FROM iv CROSS JOIN LATERAL unnest(iv.program_ids) AS p(program_id)
+    ), invm AS (
+        SELECT mo.location_key, mo.month_start,
+               coalesce(sum(i.amount) FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced,
+               coalesce(sum(least(greatest(i.collected, 0), i.amount))
+                        FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced_collected,
+               coalesce(sum(i.amount) FILTER (WHERE i.due_date <= mo.as_of
+                                                AND (i.paid_on IS NULL OR i.paid_on > mo.as_of)), 0) AS past_due_amount
+        FROM inv i
+        CROSS JOIN LATERAL generate_series(date_trunc('month', greatest(i.due_date, p_from)),
+                                           greatest(i.due_date, least(coalesce(i.paid_on, p_today), p_today)),
+                                           interval '1 month') AS m
+        JOIN mo ON mo.location_key = i.location_key AND mo.month_start = m::date
+        GROUP BY 1, 2
+    )
+    INSERT INTO ironwod.gym_month_money
+        (tenant_id, gym_id, location_key, month_start, gross, refunds, failed_n, failed_amount,
+         membership_revenue, invoiced, invoiced_collected, past_due_amount)
+    SELECT p_tenant, p_gym, mo.location_key, mo.month_start, coalesce(cash.gross, 0), coalesce(cash.refunds, 0),
+           coalesce(cash.failed_n, 0), coalesce(failed.failed_amount, 0), coalesce(recog.membership_revenue, 0),
+           coalesce(invm.invoiced, 0), coalesce(invm.invoiced_collected, 0), coalesce(invm.past_due_amount, 0)
+    FROM mo
+    LEFT JOIN cash USING (location_key, month_start)
+    LEFT JOIN failed USING (location_key, month_start)
+    LEFT JOIN recog USING (location_key, month_start)
+    LEFT JOIN invm USING (location_key, month_start)
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_month_money(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date) IS 'Refresh stage 5, metrics.md §4.8 (cash, refunds, failed payments, invoiced, past due) and §4.9 (recognised revenue): rebuild gym_month_money of a gym from the given month on; returns the row count';
+
+CREATE OR REPLACE FUNCTION ironwod.metrics_cache_rows(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
+                                           p_keys text[], p_from date, p_hist date, p_today date,
+                                           p_watermark timestamptz, p_hash text)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM ironwod.gym_monthly_metrics_cache
+    WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    WITH fa AS (
+        SELECT f.location_key AS fa_location_key, f.month_start AS fa_month_start,
+               count(*) FILTER (WHERE f.state_start <> 'NOT_MEMBER') AS members_start,
+               count(*) FILTER (WHERE f.state_end <> 'NOT_MEMBER') AS members_end,
+               count(*) FILTER (WHERE f.state_end = 'ACTIVE') AS active_end,
+               count(*) FILTER (WHERE f.state_end = 'ON_HOLD') AS on_hold_end,
+               count(*) FILTER (WHERE f.is_past_due_end) AS past_due_end,
+               count(*) FILTER (WHERE f.is_comped_end) AS comped_end,
+               count(*) FILTER (WHERE f.is_pending_cancel_end) AS pending_cancel_end,
+               sum(f.new_events) AS new_members, sum(f.reactivated_events) AS reactivated,
+               sum(f.churn_events) AS churned,
+               count(*) FILTER (WHERE f.state_start <> 'NOT_MEMBER' AND f.state_end = 'NOT_MEMBER') AS churned_from_start,
+               sum(f.new_and_churned) AS new_and_churned,
+               sum(f.active_days) AS active_days,
+               count(*) FILTER (WHERE f.is_paying) AS paying,
+               sum(f.mrr_start) AS mrr_start, sum(f.mrr_end) AS mrr_end,
+               coalesce(sum(f.mrr_delta) FILTER (WHERE f.movement = 'new'), 0) AS mrr_new,
+               coalesce(sum(f.mrr_delta) FILTER (WHERE f.movement = 'reactivation'), 0) AS mrr_react,
+               coalesce(sum(f.mrr_delta) FILTER (WHERE f.movement = 'expansion'), 0) AS mrr_exp,
+               coalesce(-sum(f.mrr_delta) FILTER (WHERE f.movement = 'contraction'), 0) AS mrr_contr,
+               coalesce(-sum(f.mrr_delta) FILTER (WHERE f.movement = 'churn'), 0) AS mrr_churn,
+               coalesce(-sum(f.mrr_delta) FILTER (WHERE f.movement = 'hold_out'), 0) AS mrr_hold_out,
+               coalesce(sum(f.mrr_delta) FILTER (WHERE f.movement = 'hold_in'), 0) AS mrr_hold_in,
+               avg(f.tenure_active_days) FILTER (WHERE f.state_end <> 'NOT_MEMBER') AS tenure_days,
+               sum(f.member_visits) AS member_visits, sum(f.visits) AS all_visits,
+               count(*) FILTER (WHERE f.is_zero_visits) AS zero_visits,
+               count(*) FILTER (WHERE f.is_no_visit_short) AS no_visit_short,
+               count(*) FILTER (WHERE f.is_no_visit_long) AS no_visit_long,
+               count(*) FILTER (WHERE f.is_declining) AS declining,
+               count(*) FILTER (WHERE f.new_events > 0) AS cohort_new,
+               count(*) FILTER (WHERE f.cohort_retained_90d) AS cohort_retained
+        FROM ironwod.member_month_fact f
+        WHERE f.tenant_id = p_tenant AND f.gym_id = p_gym AND f.month_start >= p_from
+        GROUP BY f.location_key, f.month_start
+    ), c AS (
+        SELECT mo.location_key, mo.month_start, mo.last_day, mo.as_of,
+               (mo.as_of - mo.month_start + 1) AS period_days,
+               mo.month_start = p_hist AS first_month,
+               fa.*, coalesce(y.gross, 0) AS gross, coalesce(y.refunds, 0) AS refunds_amt,
+               coalesce(y.failed_n, 0) AS failed_n, coalesce(y.failed_amount, 0) AS failed_amount,
+               coalesce(y.membership_revenue, 0) AS membership_revenue,
+               coalesce(y.invoiced, 0) AS invoiced, coalesce(y.invoiced_collected, 0) AS invoiced_collected,
+               coalesce(y.past_due_amount, 0) AS past_due_amount
+        FROM (SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
+                     least((mo + interval '1 month')::date - 1, p_today) AS as_of
+              FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo,
+                   unnest(p_keys) AS k(location_key)) mo
+        LEFT JOIN fa ON fa.fa_location_key = mo.location_key AND fa.fa_month_start = mo.month_start
+        LEFT JOIN ironwod.gym_month_money y
+               ON y.tenant_id = p_tenant AND y.gym_id = p_gym AND y.location_key = mo.location_key
+              AND y.month_start = mo.month_start
+    )
+    INSERT INTO ironwod.gym_monthly_metrics_cache
+        (tenant_id, gym_id, location_key, program_key, month_start, time_zone, period_days, is_partial,
+         history_start_date, computed_at, source_watermark, definitions_version, config_hash,
+         members_start, members_end, active_members_end, on_hold_members_end, past_due_members_end,
+         comped_members_end, members_pending_cancel_end, new_members, reactivated_members, churned_members,
+         churned_from_start, new_and_churned_same_month, net_member_change, churn_rate, retention_rate,
+         net_member_growth_rate, active_member_days, avg_active_members, paying_members, mrr_start, mrr_end,
+         mrr_new, mrr_reactivation, mrr_expansion, mrr_contraction, mrr_churn, mrr_hold_out, mrr_hold_in,
+         collected_gross, refunds, collected_net, failed_payment_invoices, failed_payment_amount,
+         invoiced_amount, invoiced_collected_to_date, past_due_amount_end, membership_revenue_recognised,
+         service_revenue_net, arm, service_revenue_per_active_member, avg_tenure_months_end,
+         member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
+         members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
+         cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
+    SELECT p_tenant, p_gym,
+           CASE WHEN c.location_key LIKE 'program:%' THEN 'ALL' ELSE c.location_key END,
+           CASE WHEN c.location_key LIKE 'program:%' THEN substr(c.location_key, 9) ELSE 'ALL' END,
+           c.month_start, p_tz, c.period_days,
+           p_today <= c.last_day + p_s.merge_gap_days, p_hist, now(), p_watermark, p_s.definitions_version, p_hash,
+           coalesce(c.members_start, 0), coalesce(c.members_end, 0), coalesce(c.active_end, 0),
+           coalesce(c.on_hold_end, 0), coalesce(c.past_due_end, 0), coalesce(c.comped_end, 0),
+           coalesce(c.pending_cancel_end, 0),
+           CASE WHEN NOT c.first_month THEN coalesce(c.new_members, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.reactivated, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.churned, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.churned_from_start, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.new_and_churned, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.members_end, 0) - coalesce(c.members_start, 0) END,
+           CASE WHEN NOT c.first_month AND c.members_start > 0
+                THEN round(c.churned_from_start::numeric / c.members_start, 5) END,
+           CASE WHEN NOT c.first_month AND c.members_start > 0
+                THEN 1 - round(c.churned_from_start::numeric / c.members_start, 5) END,
+           CASE WHEN NOT c.first_month AND c.members_start > 0
+                THEN round((c.members_end - c.members_start)::numeric / c.members_start, 5) END,
+           coalesce(c.active_days, 0), round(coalesce(c.active_days, 0)::numeric / c.period_days, 2),
+           coalesce(c.paying, 0), coalesce(c.mrr_start, 0), coalesce(c.mrr_end, 0),
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_new, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_react, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_exp, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_contr, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_churn, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_hold_out, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.mrr_hold_in, 0) END,
+           c.gross, c.refunds_amt, c.gross - c.refunds_amt, c.failed_n, c.failed_amount,
+           c.invoiced, c.invoiced_collected, c.past_due_amount, round(c.membership_revenue, 2),
+           c.gross - c.refunds_amt,
+           CASE WHEN c.active_days > 0 THEN round(c.membership_revenue / (c.active_days::numeric / c.period_days), 2) END,
+           CASE WHEN c.active_days > 0 THEN round((c.gross - c.refunds_amt) / (c.active_days::numeric / c.period_days), 2) END,
+           round(c.tenure_days / 30.4375, 2),
+           coalesce(c.member_visits, 0), coalesce(c.all_visits, 0),
+           CASE WHEN c.active_days > 0 THEN round(c.member_visits / (c.active_days / 7.0), 3) END,
+           coalesce(c.zero_visits, 0), coalesce(c.no_visit_short, 0), coalesce(c.no_visit_long, 0),
+           coalesce(c.declining, 0),
+           CASE WHEN NOT c.first_month THEN coalesce(c.cohort_new, 0) END,
+           CASE WHEN NOT c.first_month THEN coalesce(c.cohort_retained, 0) END,
+           CASE WHEN NOT c.first_month AND c.cohort_new > 0 THEN round(c.cohort_retained::numeric / c.cohort_new, 5) END,
+           CASE WHEN NOT c.first_month THEN c.last_day + p_s.cohort_days < p_today END
+    FROM c
+    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
+    -- through intermediate results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date, timestamptz, text) IS 'Refresh stage 6, metrics.md §5.2 (cache columns): rebuild the gym_monthly_metrics_cache rows of a gym from the given month on from its facts and money; returns the row count';
+
+CREATE OR REPLACE FUNCTION ironwod.compute_metrics(p_from date, p_people bigint[] DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET jit = off
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    s ironwod.metric_settings;
+    v_tz text;
+    v_today date;
+    v_hist date;
+    v_cur date;
+    v_from date;
+    v_keys text[];
+    v_open date;
+    v_people bigint[] := p_people;
+    v_before jsonb;
+    v_after jsonb;
+    v_wm timestamptz;
+    v_spells integer;
+    v_facts integer;
+    v_rows integer;
+BEGIN
+    IF v_t IS NULL OR v_g IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    s := ironwod.metric_config();
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
+    v_today := ironwod.metrics_today(v_tz);
+    v_cur := date_trunc('month', v_today)::date;
+    v_hist := least(ironwod.history_start(v_tz), v_cur);
+    v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
+    SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
+    FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
+    -- every program of the gym is a key too (metrics.md §5.1: location ALL x program)
+    SELECT v_keys || coalesce(array_agg('program:' || p.program_id ORDER BY p.program_id), '{}') INTO v_keys
+    FROM ironwod.programs p WHERE p.tenant_id = v_t AND p.gym_id = v_g AND p.deleted_at IS NULL;
+
+    -- the first month everyone is recomputed in: the one the last refresh
+    -- computed to date (its as_of is the last refresh's today)
+    v_open := v_from;
+    IF v_people IS NOT NULL THEN
+        SELECT greatest(v_from, least(date_trunc('month', max(c.month_start + c.period_days - 1))::date, v_cur))
+          INTO v_open
+          FROM ironwod.gym_monthly_metrics_cache c
+         WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.location_key = 'ALL' AND c.program_key = 'ALL';
+        v_open := coalesce(v_open, v_from);
+    END IF;
+    IF v_open > v_from THEN
+        v_before := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+    END IF;
+
+    v_spells := ironwod.metrics_spells(v_t, v_g, s);
+    PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
+
+    IF v_open > v_from THEN
+        v_after := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT k::bigint FROM jsonb_object_keys(v_before || v_after) AS k
+              WHERE v_before -> k IS DISTINCT FROM v_after -> k) x;
+        -- and who is billed on their memberships (past due and paying are the
+        -- invoice's person's, by the membership's location)
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT i.member_id FROM ironwod.invoices i
+              JOIN ironwod.memberships m
+                ON m.tenant_id = v_t AND m.gym_id = v_g AND m.membership_id = i.membership_id
+              WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.member_id IS NOT NULL
+                AND m.member_id = ANY (v_people)) x;
+        v_people := coalesce(v_people, '{}');
+    END IF;
+    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today, v_open, v_people);
+    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
+
+    SELECT greatest(
+        (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.attendance_events WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
+    INTO v_wm;
+    -- the hash is computed once here and passed in: the cache's INSERT calls no
+    -- function of ours (on Citus one that reads a table must not run in it)
+    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm,
+                                         ironwod.config_hash(s));
+    PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
+
+    -- The newest source change is stamped on every cached month, not only on the
+    -- months recomputed now: the recompute policy recomputed every month a change
+    -- could touch, so each one reflects the sources up to v_wm, and a replay, which
+    -- recomputes them all, stamps the same value.
+    UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
+     WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
+    -- Unknown is NULL: metrics of entities the gym's plan does not include (82_unknowns).
+    PERFORM ironwod.mask_unknown_metrics();
+
+    RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
+                              'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows)
+           || CASE WHEN v_open > v_from THEN jsonb_build_object('everyone_from', v_open, 'people', cardinality(v_people))
+                   ELSE '{}' END;
+END
+$$;
+COMMENT ON FUNCTION ironwod.compute_metrics(date, bigint[]) IS 'Rebuild spells and daily states, and visits, member-month facts, money and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope: the refresh stages in order; with people given, the months before the one the last refresh computed to date only for them and those whose spells or spans changed';
+
+CREATE OR REPLACE FUNCTION ironwod.refresh_metrics(p_run_id bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    s ironwod.metric_settings;
+    v_tz text;
+    v_cur date;
+    v_dirty date;
+    v_unknown boolean;
+    v_people bigint[];
+    v_from date;
+    v_full boolean;
+    k record;
+BEGIN
+    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    s := ironwod.metric_config();
+    v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
+    v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
+    SELECT min(d.dirty_from), coalesce(bool_or(d.member_ids IS NULL), false) INTO v_dirty, v_unknown
+    FROM ironwod.metric_dirty d
+    WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
+    -- the people on the canonical rows the run changed (NULL: not known, everyone)
+    IF NOT v_unknown THEN
+        v_people := ARRAY(SELECT DISTINCT x FROM ironwod.metric_dirty d, unnest(d.member_ids) AS x
+                          WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
+                            AND d.run_id = p_run_id);
+    END IF;
+    -- A program row's hash carries the note of its masking (82_unknowns): when what
+    -- the memberships say about programs changed, every month is recomputed.
+    k := ironwod.program_knowledge(ironwod.scope_tenant(), ironwod.scope_gym());
+    v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
+              OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+                           AND (c.config_hash <> ironwod.config_hash(s)
+                                                 || CASE WHEN c.program_key = 'ALL' THEN ''
+                                                         WHEN NOT k.programs_known THEN ' programs unknown'
+                                                         WHEN c.program_key = ANY (k.unsplit) THEN ' revenue not split'
+                                                         ELSE '' END
+                                OR c.definitions_version <> s.definitions_version
+                                OR c.time_zone <> v_tz));
+    v_from := CASE WHEN v_full THEN NULL
+                   ELSE least((v_cur - make_interval(months => s.trailing_months))::date,
+                              v_dirty - greatest(s.merge_gap_days, s.cohort_days + 1)) END;
+    RETURN ironwod.compute_metrics(v_from, CASE WHEN NOT v_full THEN v_people END)
+           || jsonb_build_object('run_id', p_run_id, 'full', v_full);
+END
+$$;
+COMMENT ON FUNCTION ironwod.refresh_metrics(bigint) IS 'Worker, after transform_run: recompute the trailing months plus every month the run''s backdated changes touched, the months closed before the last refresh only for the people whose inputs changed (whole history on first build or a parameter change); returns the range and row counts';
+
+CREATE FUNCTION ironwod.program_knowledge(p_tenant uuid, p_gym uuid, OUT programs_known boolean, OUT unsplit text[])
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    programs_known := NOT EXISTS (SELECT 1 FROM ironwod.memberships m
+                                  WHERE m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.deleted_at IS NULL
+                                    AND NOT m.is_deleted AND m.program_ids IS NULL);
+    SELECT coalesce(array_agg(DISTINCT p.program_id::text ORDER BY p.program_id::text), '{}') INTO unsplit
+    FROM ironwod.memberships m CROSS JOIN LATERAL unnest(m.program_ids) AS p(program_id)
+    WHERE m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.deleted_at IS NULL AND NOT m.is_deleted
+      AND cardinality(m.program_ids) > 1;
+END
+$$;
+COMMENT ON FUNCTION ironwod.program_knowledge(uuid, uuid) IS 'metrics.md §2.5: whether every membership of a gym says which programs it gives access to (programs_known), and the program keys whose revenue cannot be split because a membership shares them with another program (unsplit)';
+
+CREATE FUNCTION ironwod.program_revenue_metrics() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT ARRAY['mrr_start', 'mrr_end', 'mrr_new', 'mrr_reactivation', 'mrr_expansion', 'mrr_contraction',
+                 'mrr_churn', 'mrr_hold_out', 'mrr_hold_in', 'collected_gross', 'refunds', 'collected_net',
+                 'failed_payment_invoices', 'failed_payment_amount', 'invoiced_amount',
+                 'invoiced_collected_to_date', 'past_due_amount_end', 'membership_revenue_recognised',
+                 'service_revenue_net', 'arm', 'service_revenue_per_active_member', 'arm_6m', 'ltv']
+$$;
+COMMENT ON FUNCTION ironwod.program_revenue_metrics() IS 'The cache columns of a program row that are NULL when the program''s revenue cannot be split (metrics.md §5.1)';
+
+CREATE OR REPLACE FUNCTION ironwod.mask_unknown_metrics()
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_refused text[];
+    v_note text := '';
+    v_set text;
+    v_rows integer := 0;
+    v_n integer;
+    k record;
+BEGIN
+    -- Two steps, so the query on the (distributed) entitlements joins nothing.
+    SELECT array_agg(n.entity ORDER BY n.entity) INTO v_refused FROM ironwod.entity_entitlements n
+    WHERE n.tenant_id = v_t AND n.gym_id = v_g;
+    SELECT string_agg(format('%I = NULL', x.metric), ', ' ORDER BY x.metric) INTO v_set
+    FROM (SELECT DISTINCT d.metric FROM ironwod.metric_sources() d WHERE d.entity = ANY (v_refused)) x;
+    IF v_set IS NOT NULL THEN
+        v_note := ' not entitled: ' || array_to_string(v_refused, ',');
+        EXECUTE format('UPDATE ironwod.gym_monthly_metrics_cache x SET %s, config_hash = split_part(x.config_hash, '' '', 1) || $3 '
+                       'WHERE x.tenant_id = $1 AND x.gym_id = $2', v_set)
+            USING v_t, v_g, v_note;
+        GET DIAGNOSTICS v_rows = ROW_COUNT;
+    END IF;
+    -- Program rows: unknown people and money, or unsplit money (program_knowledge),
+    -- noted after the settings' hash and the entitlement note.
+    k := ironwod.program_knowledge(v_t, v_g);
+    IF NOT k.programs_known THEN
+        SELECT string_agg(format('%I = NULL', x.metric), ', ' ORDER BY x.metric) INTO v_set
+        FROM (SELECT DISTINCT d.metric FROM ironwod.metric_sources() d
+              WHERE d.entity IN ('memberships', 'invoices', 'transactions')) x;
+        EXECUTE format('UPDATE ironwod.gym_monthly_metrics_cache x SET %s, config_hash = split_part(x.config_hash, '' '', 1) || $3 '
+                       'WHERE x.tenant_id = $1 AND x.gym_id = $2 AND x.program_key <> ''ALL''', v_set)
+            USING v_t, v_g, v_note || ' programs unknown';
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_rows := v_rows + v_n;
+    ELSIF cardinality(k.unsplit) > 0 THEN
+        SELECT string_agg(format('%I = NULL', x.metric), ', ' ORDER BY x.metric) INTO v_set
+        FROM unnest(ironwod.program_revenue_metrics()) AS x(metric);
+        EXECUTE format('UPDATE ironwod.gym_monthly_metrics_cache x SET %s, config_hash = split_part(x.config_hash, '' '', 1) || $3 '
+                       'WHERE x.tenant_id = $1 AND x.gym_id = $2 AND x.program_key = ANY ($4)', v_set)
+            USING v_t, v_g, v_note || ' revenue not split', k.unsplit;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        v_rows := v_rows + v_n;
+    END IF;
+    RETURN v_rows;
+END
+$$;
+COMMENT ON FUNCTION ironwod.mask_unknown_metrics() IS 'Last step of a metrics computation: NULL (unknown) in every cached month for the metrics that depend on an entity the gym''s plan does not include, and those entities named in config_hash (so the next refresh recomputes every month); on program rows, NULL people and money when the memberships do not say their programs, NULL money when a program''s revenue cannot be split (noted in config_hash too)';
+
+
+REVOKE ALL ON FUNCTION ironwod.program_knowledge(uuid, uuid), ironwod.program_revenue_metrics() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.program_knowledge(uuid, uuid), ironwod.program_revenue_metrics() TO ironwod_worker;
+
+-- The read API takes a program: the 1.0 signatures go, calls with their
+-- arguments resolve to the new ones through the default.
+DROP FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text);
+DROP FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text);
+
+CREATE FUNCTION @extschema@.ironwod_dashboard(p_tenant_id uuid, p_gym_id uuid, p_from_month date,
+                                              p_to_month date, p_location text DEFAULT 'ALL',
+                                              p_program text DEFAULT 'ALL')
+RETURNS SETOF ironwod.gym_monthly_metrics_cache
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_from date := date_trunc('month', p_from_month)::date;
+    v_to date := date_trunc('month', p_to_month)::date;
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF p_from_month IS NULL OR p_to_month IS NULL OR p_location IS NULL THEN
+        RAISE EXCEPTION 'from_month, to_month and location must not be null'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Pass the first and last month wanted (any day of the month) and ''ALL'' or a location id.';
+    END IF;
+    IF p_program IS NULL THEN
+        RAISE EXCEPTION 'program must not be null'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''ALL'' or a Wodify program id.';
+    END IF;
+    PERFORM ironwod.assert_program_key(p_tenant_id, p_gym_id, p_location, p_program);
+    IF v_from > v_to THEN
+        RAISE EXCEPTION 'from_month % is after to_month %', v_from, v_to
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Swap the two months.';
+    END IF;
+    IF v_to > v_from + interval '120 months' THEN
+        RAISE EXCEPTION 'at most 121 months can be read at once'
+            USING ERRCODE = 'program_limit_exceeded', HINT = 'Read a shorter range.';
+    END IF;
+    IF p_location <> 'ALL' AND NOT EXISTS (
+            SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+            WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = p_location) THEN
+        RAISE EXCEPTION 'unknown location "%"', p_location
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Valid locations: ' || coalesce((
+                      SELECT string_agg(DISTINCT c.location_key, ', ')
+                      FROM ironwod.gym_monthly_metrics_cache c
+                      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id), 'ALL') || '.';
+    END IF;
+    RETURN QUERY
+        SELECT c.* FROM ironwod.gym_monthly_metrics_cache c
+        WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = p_location
+          AND c.program_key = p_program AND c.month_start BETWEEN v_from AND v_to
+        ORDER BY c.month_start;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text) IS 'Cached monthly metrics of a gym (location ''ALL'' or a Wodify location id; program ''ALL'' or a Wodify program id, at location ALL) for months from..to; reads only gym_monthly_metrics_cache';
+
+CREATE FUNCTION ironwod.assert_program_key(p_tenant_id uuid, p_gym_id uuid, p_location text, p_program text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_program = 'ALL' THEN
+        RETURN;
+    END IF;
+    IF p_location <> 'ALL' THEN
+        RAISE EXCEPTION 'program rows exist for location ALL only'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass location ''ALL'' with a program, or program ''ALL'' with a location.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = 'ALL'
+                     AND c.program_key = p_program) THEN
+        RAISE EXCEPTION 'unknown program "%"', p_program
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Valid programs: ' || coalesce((
+                      SELECT string_agg(DISTINCT c.program_key, ', ')
+                      FROM ironwod.gym_monthly_metrics_cache c
+                      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id), 'ALL') || '.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.assert_program_key(uuid, uuid, text, text) IS 'Read API: a program argument other than ALL must name a cached program row, at location ALL; else 22023 with the valid programs';
+
+CREATE FUNCTION @extschema@.ironwod_explain(p_tenant_id uuid, p_gym_id uuid, p_month date, p_metric text,
+                                            p_location text DEFAULT 'ALL', p_program text DEFAULT 'ALL')
+RETURNS TABLE (member_id bigint, location_key text, month_start date, contribution numeric,
+               state_start text, state_end text, mrr_start numeric, mrr_end numeric, movement text,
+               active_days integer, visits integer, absent_active_days integer, flags text[])
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_month date := date_trunc('month', p_month)::date;
+    v_sources text[];
+    v_refused text;
+    v_note text;
+    -- the facts of a program row are those of key program:<id> (80_metrics)
+    v_key text := CASE WHEN p_program = 'ALL' THEN p_location ELSE 'program:' || p_program END;
+BEGIN
+    PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
+    IF p_month IS NULL OR p_metric IS NULL OR p_location IS NULL THEN
+        RAISE EXCEPTION 'month, metric and location must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF p_program IS NULL THEN
+        RAISE EXCEPTION 'program must not be null'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''ALL'' or a Wodify program id.';
+    END IF;
+    PERFORM ironwod.assert_program_key(p_tenant_id, p_gym_id, p_location, p_program);
+    IF NOT p_metric = ANY (ironwod.explain_metrics()) THEN
+        RAISE EXCEPTION 'unknown metric "%"', p_metric
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Valid metrics: ' || array_to_string(ironwod.explain_metrics(), ', ') || '.';
+    END IF;
+    -- A metric the cache holds as unknown (82_unknowns) has no members to list.
+    SELECT array_agg(DISTINCT d.entity) INTO v_sources FROM ironwod.metric_sources() d
+    WHERE d.metric = ANY (CASE p_metric WHEN 'at_risk'
+                              THEN ARRAY['members_no_visit_14d_end', 'members_attendance_declining_end']
+                              ELSE ARRAY[p_metric] END);
+    SELECT string_agg(n.entity, ', ' ORDER BY n.entity) INTO v_refused FROM ironwod.entity_entitlements n
+    WHERE n.tenant_id = p_tenant_id AND n.gym_id = p_gym_id AND n.entity = ANY (v_sources);
+    IF v_refused IS NOT NULL THEN
+        RAISE EXCEPTION 'metric "%" is unknown for this gym', p_metric
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('It depends on %s, which the gym''s Wodify plan does not include.', v_refused),
+                  HINT = 'The weekly reconciliation asks Wodify again and computes it once the plan includes it.';
+    END IF;
+    -- So does one a program row holds as unknown (82_unknowns, noted in config_hash).
+    SELECT c.config_hash INTO v_note FROM ironwod.gym_monthly_metrics_cache c
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = 'ALL'
+      AND c.program_key = p_program AND c.month_start = v_month AND p_program <> 'ALL';
+    IF v_note LIKE '% programs unknown%'
+       OR (v_note LIKE '% revenue not split%' AND p_metric = ANY (ironwod.program_revenue_metrics())) THEN
+        RAISE EXCEPTION 'metric "%" is unknown for program %', p_metric, p_program
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = CASE WHEN v_note LIKE '% programs unknown%'
+                                THEN 'The gym''s memberships do not say which programs they give access to.'
+                                ELSE 'A membership gives access to this program and another, so its money cannot be split between them.' END;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id
+                     AND c.location_key = p_location AND c.program_key = p_program AND c.month_start = v_month) THEN
+        RAISE EXCEPTION 'no cached metrics for month % at location "%"', v_month, p_location
+            USING ERRCODE = 'no_data_found',
+                  HINT = coalesce((SELECT format('Cached months run from %s to %s; locations: %s.',
+                                                 min(c.month_start), max(c.month_start),
+                                                 string_agg(DISTINCT c.location_key, ', '))
+                                   FROM ironwod.gym_monthly_metrics_cache c
+                                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id),
+                                  'Nothing is cached for this gym yet: run a sync first.');
+    END IF;
+    RETURN QUERY
+    SELECT f.member_id, f.location_key, f.month_start,
+           CASE WHEN p_metric LIKE 'mrr\_%' THEN abs(f.mrr_delta)
+                WHEN p_metric IN ('new_members', 'cohort_new_members') THEN f.new_events::numeric
+                WHEN p_metric = 'reactivated_members' THEN f.reactivated_events::numeric
+                WHEN p_metric = 'churned_members' THEN f.churn_events::numeric
+                WHEN p_metric = 'new_and_churned_same_month' THEN f.new_and_churned::numeric
+                ELSE 1 END,
+           f.state_start, f.state_end, f.mrr_start, f.mrr_end, f.movement, f.active_days, f.visits,
+           f.absent_active_days,
+           array_remove(ARRAY[CASE WHEN f.is_past_due_end THEN 'past_due' END,
+                              CASE WHEN f.is_pending_cancel_end THEN 'pending_cancel' END,
+                              CASE WHEN f.is_no_visit_short THEN 'no_visit_14d' END,
+                              CASE WHEN f.is_no_visit_long THEN 'no_visit_30d' END,
+                              CASE WHEN f.is_declining THEN 'attendance_declining' END,
+                              CASE WHEN f.is_zero_visits THEN 'zero_visits' END,
+                              CASE WHEN f.is_comped_end THEN 'comped' END], NULL)
+    FROM ironwod.member_month_fact f
+    WHERE f.tenant_id = p_tenant_id AND f.gym_id = p_gym_id AND f.location_key = v_key
+      AND f.month_start = v_month
+      AND CASE p_metric
+            WHEN 'members_start' THEN f.state_start <> 'NOT_MEMBER'
+            WHEN 'members_end' THEN f.state_end <> 'NOT_MEMBER'
+            WHEN 'active_members_end' THEN f.state_end = 'ACTIVE'
+            WHEN 'on_hold_members_end' THEN f.state_end = 'ON_HOLD'
+            WHEN 'past_due_members_end' THEN f.is_past_due_end
+            WHEN 'comped_members_end' THEN f.is_comped_end
+            WHEN 'members_pending_cancel_end' THEN f.is_pending_cancel_end
+            WHEN 'new_members' THEN f.new_events > 0
+            WHEN 'cohort_new_members' THEN f.new_events > 0
+            WHEN 'cohort_retained_90d' THEN f.cohort_retained_90d
+            WHEN 'reactivated_members' THEN f.reactivated_events > 0
+            WHEN 'churned_members' THEN f.churn_events > 0
+            WHEN 'churned_from_start' THEN f.state_start <> 'NOT_MEMBER' AND f.state_end = 'NOT_MEMBER'
+            WHEN 'new_and_churned_same_month' THEN f.new_and_churned > 0
+            WHEN 'paying_members' THEN f.is_paying
+            WHEN 'mrr_new' THEN f.movement = 'new'
+            WHEN 'mrr_reactivation' THEN f.movement = 'reactivation'
+            WHEN 'mrr_expansion' THEN f.movement = 'expansion'
+            WHEN 'mrr_contraction' THEN f.movement = 'contraction'
+            WHEN 'mrr_churn' THEN f.movement = 'churn'
+            WHEN 'mrr_hold_out' THEN f.movement = 'hold_out'
+            WHEN 'mrr_hold_in' THEN f.movement = 'hold_in'
+            WHEN 'members_zero_visits_month' THEN f.is_zero_visits
+            WHEN 'members_no_visit_14d_end' THEN f.is_no_visit_short
+            WHEN 'members_no_visit_30d_end' THEN f.is_no_visit_long
+            WHEN 'members_attendance_declining_end' THEN f.is_declining
+            WHEN 'at_risk' THEN f.is_no_visit_short OR f.is_declining
+          END
+    ORDER BY f.member_id;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text, text) IS 'Drill-down: the members behind a cached metric of a month (who churned, who is new, who is at risk ...) at a location or a program (location_key program:<id>), from member_month_fact only; at_risk = no visit in 14 active days or attendance declining; refused (55000) for a metric that is unknown because the gym''s plan does not include its entity, or for a program because the memberships do not say their programs or its money cannot be split';
+
+
+REVOKE ALL ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text),
+    @extschema@.ironwod_explain(uuid, uuid, date, text, text, text), ironwod.assert_program_key(uuid, uuid, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text),
+    @extschema@.ironwod_explain(uuid, uuid, date, text, text, text)
+    TO ironwod_app, ironwod_admin;

@@ -159,6 +159,14 @@ CREATE TABLE public.sim_truth AS
            (m->>'churned_members')::int AS churned_members, (m->>'all_visits')::int AS all_visits,
            (m->>'member_visits')::int AS member_visits
     FROM jsonb_array_elements((:'truth')::jsonb) AS g, jsonb_array_elements(g->'months') AS m;
+-- and per program (program rows: location ALL, program_key the program id)
+CREATE TABLE public.sim_truth_programs AS
+    SELECT (g->>'gym')::int AS idx, p->>'program_id' AS program_key, (m->>'month')::date AS month_start,
+           (m->>'members_end')::int AS members_end, (m->>'new_members')::int AS new_members,
+           (m->>'churned_members')::int AS churned_members, (m->>'all_visits')::int AS all_visits,
+           (m->>'member_visits')::int AS member_visits, (m->>'collected_gross')::numeric AS collected_gross
+    FROM jsonb_array_elements((:'truth')::jsonb) AS g, jsonb_array_elements(g->'programs') AS p,
+         jsonb_array_elements(p->'months') AS m;
 CREATE TABLE public.test_dev_key AS
     SELECT split_part(:'devkey', ' ', 1) AS key_id, decode(split_part(:'devkey', ' ', 2), 'hex') AS public_key;
 SQL

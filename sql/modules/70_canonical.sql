@@ -206,7 +206,7 @@ CREATE TABLE ironwod.metric_settings (
     max_spread_months        integer NOT NULL DEFAULT 12 CHECK (max_spread_months BETWEEN 1 AND 36),
     qualifying_types         text[] NOT NULL DEFAULT '{Class Plan}',
     history_start_date       date,
-    definitions_version      text NOT NULL DEFAULT 'metrics-v1.0',
+    definitions_version      text NOT NULL DEFAULT 'metrics-v1.1',
     PRIMARY KEY (tenant_id, gym_id),
     FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection,
     CHECK (history_start_date IS NULL OR extract(day FROM history_start_date) = 1)
@@ -358,7 +358,7 @@ CREATE TABLE ironwod.gym_monthly_metrics_cache (
     cohort_90d_is_final           boolean,
     PRIMARY KEY (tenant_id, gym_id, location_key, program_key, month_start)
 );
-COMMENT ON TABLE ironwod.gym_monthly_metrics_cache IS 'Monthly gym metrics (metrics.md §5.2, v1 scope): per location and ALL (distinct people), program_key ALL; flows are NULL in the history-start month; retail_revenue_net is omitted in v1 (no revenue categories)';
+COMMENT ON TABLE ironwod.gym_monthly_metrics_cache IS 'Monthly gym metrics (metrics.md §5.2, v1 scope): per location and ALL (distinct people) with program_key ALL, and per program (program_key = Wodify program id) at location ALL (people with access to it, visits to its classes; NULL where the memberships do not say their programs, money NULL where it cannot be split); flows are NULL in the history-start month; retail_revenue_net is omitted in v1 (no revenue categories)';
 
 SELECT ironwod.apply_tenant_policies(t::regclass)
 FROM unnest(ARRAY['ironwod.locations', 'ironwod.programs', 'ironwod.members', 'ironwod.memberships',

@@ -143,7 +143,9 @@ INSERT INTO ironwod.canonical_maps (entity, canonical, key_column, dirty_from, r
     ('locations', 'locations', 'location_id',
      $$CASE WHEN o.location_id IS NULL OR (o.time_zone, o.deleted_at) IS DISTINCT FROM (u.time_zone, u.deleted_at)
             THEN date '0001-01-01' END$$, NULL),
-    ('programs', 'programs', 'program_id', NULL, NULL),
+    -- a new program, or one deleted or back: everything (its cache rows are per month)
+    ('programs', 'programs', 'program_id',
+     $$CASE WHEN o.program_id IS NULL OR o.deleted_at IS DISTINCT FROM u.deleted_at THEN date '0001-01-01' END$$, NULL),
     ('clients', 'members', 'member_id', NULL, NULL),
     -- from the start when coverage, price or location moved, else from the end
     ('memberships', 'memberships', 'membership_id',

@@ -3,7 +3,8 @@
 --
 -- Pipeline of one refresh, all set-based, one function per stage (see "The stages
 -- of a refresh" below):
---   qualifying memberships (per location key: ALL and each location id)   metric_memberships
+--   qualifying memberships (per key: ALL, each location id, and program:<id> for
+--   each program a membership gives access to, metrics.md §2.5)            metric_memberships
 --   -> merged spells (gap <= merge_gap_days; rescinded spells marked)     member_spell
 --   -> daily state ACTIVE / ON_HOLD / NOT_MEMBER with MRR, as spans (bridged gap
 --      days are ACTIVE and carry the MRR of the membership that resumes coverage)
@@ -134,8 +135,11 @@ COMMENT ON FUNCTION ironwod.history_start(text) IS 'history_start_date of the sc
 -- ---------------------------------------------------------------------------------
 
 -- Member-qualifying (price > 0) and comped (price = 0) memberships of the types the
--- gym counts, once gym-wide (location key ALL) and once under their location, as
--- half-open coverage [start_date, end_excl).  security_invoker: the caller's RLS.
+-- gym counts, once gym-wide (location key ALL), once under their location and once
+-- under each program they give access to (key 'program:<id>', metrics.md §2.5), as
+-- half-open coverage [start_date, end_excl).  The refresh stages carry the key
+-- through unchanged, so program rows come out of the same set-based pass as the
+-- location rows.  security_invoker: the caller's RLS.
 CREATE VIEW ironwod.metric_memberships WITH (security_invoker = true) AS
 SELECT m.tenant_id, m.gym_id, k.location_key, m.member_id, m.membership_id, m.start_date,
        coalesce(m.end_date + 1, 'infinity'::date) AS end_excl,
@@ -149,8 +153,21 @@ WHERE m.deleted_at IS NULL AND NOT m.is_deleted
   AND m.membership_type = ANY (s.qualifying_types) AND m.price >= 0
   AND m.member_id IS NOT NULL AND m.start_date IS NOT NULL
   AND coalesce(m.end_date + 1, 'infinity'::date) > m.start_date
-  AND k.location_key IS NOT NULL;
-COMMENT ON VIEW ironwod.metric_memberships IS 'metrics.md §2.2-2.3: the memberships the metrics read, per location key (ALL and their location), as half-open coverage with monthly-normalised price; qualifying = price > 0, else comped';
+  AND k.location_key IS NOT NULL
+UNION ALL
+SELECT m.tenant_id, m.gym_id, 'program:' || p.program_id, m.member_id, m.membership_id, m.start_date,
+       coalesce(m.end_date + 1, 'infinity'::date),
+       m.price > 0,
+       ironwod.monthly_price(m.price, m.billing_period_length, m.billing_period_unit),
+       m.cancellation_requested_on
+FROM ironwod.memberships m
+JOIN ironwod.metric_settings s ON s.tenant_id = m.tenant_id AND s.gym_id = m.gym_id
+CROSS JOIN LATERAL unnest(m.program_ids) AS p(program_id)
+WHERE m.deleted_at IS NULL AND NOT m.is_deleted
+  AND m.membership_type = ANY (s.qualifying_types) AND m.price >= 0
+  AND m.member_id IS NOT NULL AND m.start_date IS NOT NULL
+  AND coalesce(m.end_date + 1, 'infinity'::date) > m.start_date;
+COMMENT ON VIEW ironwod.metric_memberships IS 'metrics.md §2.2-2.3, §2.5: the memberships the metrics read, per key (ALL, their location, and program:<id> for each program they give access to), as half-open coverage with monthly-normalised price; qualifying = price > 0, else comped';
 
 -- Daily state (metrics.md §2.4) in interval form: from a person's first spell to
 -- today, maximal runs of days on which the covering memberships, holds and spell do
@@ -378,9 +395,10 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.metrics_day_states(uuid, uuid, date) IS 'Refresh stage 2, metrics.md §2.4 (daily member state): rebuild member_state_span of a gym, the ACTIVE / ON_HOLD / NOT_MEMBER state and MRR of every day from each person''s first spell to today as spans; returns the span count';
 
--- Stage 3 (metrics.md §4.13-4.15): visits per person, local day and class location
--- (one per class instance), turned into per person, location key and month: the
--- visits at the key's locations and those on the person's ACTIVE days there; visits
+-- Stage 3 (metrics.md §4.13-4.15): visits per person, local day, class location and
+-- class program (one per class instance), turned into per person, key and month: the
+-- visits at the key's locations (or to its program's classes, metrics.md §2.5) and
+-- those on the person's ACTIVE days there; visits
 -- anywhere in the month and in the decline windows ending on the as-of day (from
 -- a running count of the person's visits, read at the window edges) and the last
 -- visit on or before the as-of day.  Months from p_from on; before p_open only
@@ -404,14 +422,14 @@ BEGIN
     WHERE tenant_id = p_tenant AND gym_id = p_gym
       AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
     WITH vd AS (
-        SELECT x.member_id, x.d, x.location_id, count(*)::integer AS n
+        SELECT x.member_id, x.d, x.location_id, x.program_id, count(*)::integer AS n
         FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
-                     coalesce(a.class_id, -a.signin_id) AS class_key
+                     a.program_id, coalesce(a.class_id, -a.signin_id) AS class_key
               FROM ironwod.attendance_events a
               WHERE a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
                 AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL
                 AND (p_people IS NULL OR a.class_start_at >= v_cut OR a.member_id = ANY (p_people))) x
-        GROUP BY 1, 2, 3
+        GROUP BY 1, 2, 3, 4
     ), dt AS (
         SELECT vd.member_id, vd.d, sum(vd.n)::integer AS n FROM vd WHERE vd.d <= p_today GROUP BY 1, 2
         UNION ALL
@@ -427,7 +445,7 @@ BEGIN
     ), vk AS (
         SELECT k.location_key, vd.member_id, date_trunc('month', vd.d)::date AS month_start,
                sum(vd.n)::integer AS visits, coalesce(sum(vd.n) FILTER (WHERE s.state = 'ACTIVE'), 0)::integer AS member_visits
-        FROM vd CROSS JOIN LATERAL (VALUES ('ALL'), (vd.location_id::text)) AS k(location_key)
+        FROM vd CROSS JOIN LATERAL (VALUES ('ALL'), (vd.location_id::text), ('program:' || vd.program_id)) AS k(location_key)
         LEFT JOIN ironwod.member_state_span s
                ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = k.location_key
               AND s.member_id = vd.member_id AND s.span_start <= vd.d AND vd.d < s.span_end_excl
@@ -701,18 +719,25 @@ BEGIN
         SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
                least((mo + interval '1 month')::date - 1, p_today) AS as_of
         FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo, unnest(p_keys) AS k(location_key)
-    ), txk AS (
-        SELECT k.location_key, t.transaction_type, t.payment_method, t.amount, t.invoice_id,
+    ), tx AS MATERIALIZED (
+        SELECT t.location_id, t.transaction_type, t.payment_method, t.amount, t.invoice_id,
                date_trunc('month', (t.processed_at AT TIME ZONE p_tz)::date)::date AS mo,
-               i.membership_id, i.amount AS invoice_amount, m.billing_period_length, m.billing_period_unit
+               i.membership_id, i.amount AS invoice_amount, m.billing_period_length, m.billing_period_unit,
+               m.program_ids
         FROM ironwod.transactions t
         LEFT JOIN ironwod.invoices i
                ON i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.invoice_id = t.invoice_id AND i.deleted_at IS NULL
         LEFT JOIN ironwod.memberships m
                ON m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.membership_id = i.membership_id
-        CROSS JOIN LATERAL (VALUES ('ALL'), (t.location_id::text)) AS k(location_key)
         WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.processed_at IS NOT NULL
-          AND k.location_key IS NOT NULL
+    ), txk AS (
+        -- gym-wide, at the transaction's location, and under each program of its
+        -- invoice's membership (revenue follows the membership, metrics.md §2.5)
+        SELECT k.location_key, tx.*
+        FROM tx CROSS JOIN LATERAL (VALUES ('ALL'), (tx.location_id::text)) AS k(location_key)
+        WHERE k.location_key IS NOT NULL
+        UNION ALL
+        SELECT 'program:' || p.program_id, tx.* FROM tx CROSS JOIN LATERAL unnest(tx.program_ids) AS p(program_id)
     ), cash AS (
         SELECT t.location_key, t.mo AS month_start,
                coalesce(sum(t.amount) FILTER (WHERE t.transaction_type = 'Payment'
@@ -738,17 +763,25 @@ BEGIN
             UNION ALL
             SELECT t.location_key, t.mo, -t.amount FROM txk t WHERE t.transaction_type = 'Refund' AND t.membership_id IS NOT NULL
         ) x GROUP BY 1, 2
-    ), inv AS (
-        SELECT k.location_key, i.amount, i.due_date, i.paid_on, coalesce(c.collected, 0) AS collected
+    ), iv AS MATERIALIZED (
+        SELECT i.location_id, i.amount, i.due_date, i.paid_on, coalesce(c.collected, 0) AS collected, m.program_ids
         FROM ironwod.invoices i
         LEFT JOIN (SELECT t.invoice_id, sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
                                                                     WHEN 'Refund' THEN -t.amount ELSE 0 END) AS collected
                    FROM ironwod.transactions t
                    WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id IS NOT NULL
                    GROUP BY 1) c ON c.invoice_id = i.invoice_id
-        CROSS JOIN LATERAL (VALUES ('ALL'), (i.location_id::text)) AS k(location_key)
-        WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL AND k.location_key IS NOT NULL
+        LEFT JOIN ironwod.memberships m
+               ON m.tenant_id = p_tenant AND m.gym_id = p_gym AND m.membership_id = i.membership_id
+        WHERE i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
           AND i.status IS DISTINCT FROM 'Voided' AND i.due_date IS NOT NULL
+    ), inv AS (
+        SELECT k.location_key, iv.amount, iv.due_date, iv.paid_on, iv.collected
+        FROM iv CROSS JOIN LATERAL (VALUES ('ALL'), (iv.location_id::text)) AS k(location_key)
+        WHERE k.location_key IS NOT NULL
+        UNION ALL
+        SELECT 'program:' || p.program_id, iv.amount, iv.due_date, iv.paid_on, iv.collected
+        FROM iv CROSS JOIN LATERAL unnest(iv.program_ids) AS p(program_id)
     ), invm AS (
         SELECT mo.location_key, mo.month_start,
                coalesce(sum(i.amount) FILTER (WHERE i.due_date BETWEEN mo.month_start AND mo.last_day), 0) AS invoiced,
@@ -784,8 +817,9 @@ $$;
 COMMENT ON FUNCTION ironwod.metrics_month_money(uuid, uuid, ironwod.metric_settings, text, text[], date, date, date) IS 'Refresh stage 5, metrics.md §4.8 (cash, refunds, failed payments, invoiced, past due) and §4.9 (recognised revenue): rebuild gym_month_money of a gym from the given month on; returns the row count';
 
 -- Stage 6 (metrics.md §5.1-5.2): the cache rows from p_from on, a GROUP BY over the
--- facts (people counted once per key, never summed over locations) joined to the
--- money of stage 5.  Flows are NULL in the history-start month.
+-- facts (people counted once per key, never summed over locations or programs)
+-- joined to the money of stage 5.  Key program:<id> is the row of location ALL and
+-- program <id>.  Flows are NULL in the history-start month.
 CREATE FUNCTION ironwod.metrics_cache_rows(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
                                            p_keys text[], p_from date, p_hist date, p_today date,
                                            p_watermark timestamptz, p_hash text)
@@ -864,7 +898,10 @@ BEGIN
          member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
          members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
          cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
-    SELECT p_tenant, p_gym, c.location_key, 'ALL', c.month_start, p_tz, c.period_days,
+    SELECT p_tenant, p_gym,
+           CASE WHEN c.location_key LIKE 'program:%' THEN 'ALL' ELSE c.location_key END,
+           CASE WHEN c.location_key LIKE 'program:%' THEN substr(c.location_key, 9) ELSE 'ALL' END,
+           c.month_start, p_tz, c.period_days,
            p_today <= c.last_day + p_s.merge_gap_days, p_hist, now(), p_watermark, p_s.definitions_version, p_hash,
            coalesce(c.members_start, 0), coalesce(c.members_end, 0), coalesce(c.active_end, 0),
            coalesce(c.on_hold_end, 0), coalesce(c.past_due_end, 0), coalesce(c.comped_end, 0),
@@ -1023,6 +1060,9 @@ BEGIN
     v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
     SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
     FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
+    -- every program of the gym is a key too (metrics.md §5.1: location ALL x program)
+    SELECT v_keys || coalesce(array_agg('program:' || p.program_id ORDER BY p.program_id), '{}') INTO v_keys
+    FROM ironwod.programs p WHERE p.tenant_id = v_t AND p.gym_id = v_g AND p.deleted_at IS NULL;
 
     -- the first month everyone is recomputed in: the one the last refresh
     -- computed to date (its as_of is the last refresh's today)
@@ -1112,6 +1152,7 @@ DECLARE
     v_people bigint[];
     v_from date;
     v_full boolean;
+    k record;
 BEGIN
     IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
@@ -1130,11 +1171,18 @@ BEGIN
                           WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
                             AND d.run_id = p_run_id);
     END IF;
+    -- A program row's hash carries the note of its masking (82_unknowns): when what
+    -- the memberships say about programs changed, every month is recomputed.
+    k := ironwod.program_knowledge(ironwod.scope_tenant(), ironwod.scope_gym());
     v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                           WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
               OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
                            AND (c.config_hash <> ironwod.config_hash(s)
+                                                 || CASE WHEN c.program_key = 'ALL' THEN ''
+                                                         WHEN NOT k.programs_known THEN ' programs unknown'
+                                                         WHEN c.program_key = ANY (k.unsplit) THEN ' revenue not split'
+                                                         ELSE '' END
                                 OR c.definitions_version <> s.definitions_version
                                 OR c.time_zone <> v_tz));
     v_from := CASE WHEN v_full THEN NULL

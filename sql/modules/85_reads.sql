@@ -2,7 +2,8 @@
 -- replay from raw, and the digest that proves a replay reproduces the live tables.
 
 CREATE FUNCTION @extschema@.ironwod_dashboard(p_tenant_id uuid, p_gym_id uuid, p_from_month date,
-                                              p_to_month date, p_location text DEFAULT 'ALL')
+                                              p_to_month date, p_location text DEFAULT 'ALL',
+                                              p_program text DEFAULT 'ALL')
 RETURNS SETOF ironwod.gym_monthly_metrics_cache
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -17,6 +18,11 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed',
                   HINT = 'Pass the first and last month wanted (any day of the month) and ''ALL'' or a location id.';
     END IF;
+    IF p_program IS NULL THEN
+        RAISE EXCEPTION 'program must not be null'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''ALL'' or a Wodify program id.';
+    END IF;
+    PERFORM ironwod.assert_program_key(p_tenant_id, p_gym_id, p_location, p_program);
     IF v_from > v_to THEN
         RAISE EXCEPTION 'from_month % is after to_month %', v_from, v_to
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Swap the two months.';
@@ -38,11 +44,40 @@ BEGIN
     RETURN QUERY
         SELECT c.* FROM ironwod.gym_monthly_metrics_cache c
         WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = p_location
-          AND c.program_key = 'ALL' AND c.month_start BETWEEN v_from AND v_to
+          AND c.program_key = p_program AND c.month_start BETWEEN v_from AND v_to
         ORDER BY c.month_start;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text) IS 'Cached monthly metrics of a gym (location ''ALL'' or a Wodify location id) for months from..to; reads only gym_monthly_metrics_cache';
+COMMENT ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text) IS 'Cached monthly metrics of a gym (location ''ALL'' or a Wodify location id; program ''ALL'' or a Wodify program id, at location ALL) for months from..to; reads only gym_monthly_metrics_cache';
+
+-- A program other than ALL names a cached program row, which exists at location
+-- ALL only (metrics.md §5.1); else 22023 with the valid programs.
+CREATE FUNCTION ironwod.assert_program_key(p_tenant_id uuid, p_gym_id uuid, p_location text, p_program text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF p_program = 'ALL' THEN
+        RETURN;
+    END IF;
+    IF p_location <> 'ALL' THEN
+        RAISE EXCEPTION 'program rows exist for location ALL only'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass location ''ALL'' with a program, or program ''ALL'' with a location.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
+                   WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = 'ALL'
+                     AND c.program_key = p_program) THEN
+        RAISE EXCEPTION 'unknown program "%"', p_program
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Valid programs: ' || coalesce((
+                      SELECT string_agg(DISTINCT c.program_key, ', ')
+                      FROM ironwod.gym_monthly_metrics_cache c
+                      WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id), 'ALL') || '.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.assert_program_key(uuid, uuid, text, text) IS 'Read API: a program argument other than ALL must name a cached program row, at location ALL; else 22023 with the valid programs';
 
 -- Metric name -> which member-month facts make up the number.
 CREATE FUNCTION ironwod.explain_metrics() RETURNS text[]
@@ -61,7 +96,7 @@ $$;
 COMMENT ON FUNCTION ironwod.explain_metrics() IS 'Metric names ironwod_explain can break down into members';
 
 CREATE FUNCTION @extschema@.ironwod_explain(p_tenant_id uuid, p_gym_id uuid, p_month date, p_metric text,
-                                            p_location text DEFAULT 'ALL')
+                                            p_location text DEFAULT 'ALL', p_program text DEFAULT 'ALL')
 RETURNS TABLE (member_id bigint, location_key text, month_start date, contribution numeric,
                state_start text, state_end text, mrr_start numeric, mrr_end numeric, movement text,
                active_days integer, visits integer, absent_active_days integer, flags text[])
@@ -72,12 +107,20 @@ DECLARE
     v_month date := date_trunc('month', p_month)::date;
     v_sources text[];
     v_refused text;
+    v_note text;
+    -- the facts of a program row are those of key program:<id> (80_metrics)
+    v_key text := CASE WHEN p_program = 'ALL' THEN p_location ELSE 'program:' || p_program END;
 BEGIN
     PERFORM ironwod.assert_scope(p_tenant_id, p_gym_id);
     IF p_month IS NULL OR p_metric IS NULL OR p_location IS NULL THEN
         RAISE EXCEPTION 'month, metric and location must not be null'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    IF p_program IS NULL THEN
+        RAISE EXCEPTION 'program must not be null'
+            USING ERRCODE = 'null_value_not_allowed', HINT = 'Pass ''ALL'' or a Wodify program id.';
+    END IF;
+    PERFORM ironwod.assert_program_key(p_tenant_id, p_gym_id, p_location, p_program);
     IF NOT p_metric = ANY (ironwod.explain_metrics()) THEN
         RAISE EXCEPTION 'unknown metric "%"', p_metric
             USING ERRCODE = 'invalid_parameter_value',
@@ -96,9 +139,21 @@ BEGIN
                   DETAIL = format('It depends on %s, which the gym''s Wodify plan does not include.', v_refused),
                   HINT = 'The weekly reconciliation asks Wodify again and computes it once the plan includes it.';
     END IF;
+    -- So does one a program row holds as unknown (82_unknowns, noted in config_hash).
+    SELECT c.config_hash INTO v_note FROM ironwod.gym_monthly_metrics_cache c
+    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id AND c.location_key = 'ALL'
+      AND c.program_key = p_program AND c.month_start = v_month AND p_program <> 'ALL';
+    IF v_note LIKE '% programs unknown%'
+       OR (v_note LIKE '% revenue not split%' AND p_metric = ANY (ironwod.program_revenue_metrics())) THEN
+        RAISE EXCEPTION 'metric "%" is unknown for program %', p_metric, p_program
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = CASE WHEN v_note LIKE '% programs unknown%'
+                                THEN 'The gym''s memberships do not say which programs they give access to.'
+                                ELSE 'A membership gives access to this program and another, so its money cannot be split between them.' END;
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
                    WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id
-                     AND c.location_key = p_location AND c.month_start = v_month) THEN
+                     AND c.location_key = p_location AND c.program_key = p_program AND c.month_start = v_month) THEN
         RAISE EXCEPTION 'no cached metrics for month % at location "%"', v_month, p_location
             USING ERRCODE = 'no_data_found',
                   HINT = coalesce((SELECT format('Cached months run from %s to %s; locations: %s.',
@@ -126,7 +181,7 @@ BEGIN
                               CASE WHEN f.is_zero_visits THEN 'zero_visits' END,
                               CASE WHEN f.is_comped_end THEN 'comped' END], NULL)
     FROM ironwod.member_month_fact f
-    WHERE f.tenant_id = p_tenant_id AND f.gym_id = p_gym_id AND f.location_key = p_location
+    WHERE f.tenant_id = p_tenant_id AND f.gym_id = p_gym_id AND f.location_key = v_key
       AND f.month_start = v_month
       AND CASE p_metric
             WHEN 'members_start' THEN f.state_start <> 'NOT_MEMBER'
@@ -160,7 +215,7 @@ BEGIN
     ORDER BY f.member_id;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text) IS 'Drill-down: the members behind a cached metric of a month (who churned, who is new, who is at risk ...), from member_month_fact only; at_risk = no visit in 14 active days or attendance declining; refused (55000) for a metric that is unknown because the gym''s plan does not include its entity';
+COMMENT ON FUNCTION @extschema@.ironwod_explain(uuid, uuid, date, text, text, text) IS 'Drill-down: the members behind a cached metric of a month (who churned, who is new, who is at risk ...) at a location or a program (location_key program:<id>), from member_month_fact only; at_risk = no visit in 14 active days or attendance declining; refused (55000) for a metric that is unknown because the gym''s plan does not include its entity, or for a program because the memberships do not say their programs or its money cannot be split';
 
 -- SHA-256 over a canonical rendering (jsonb text, rows in key order, computed_at left
 -- out) of every derived row of one gym: the canonical tables and every metrics stage
@@ -229,11 +284,11 @@ END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_replay(uuid, uuid) IS 'Rebuild a gym''s canonical tables, spells, facts and metric cache from its raw tables alone (no HTTP) and return their digest';
 
-REVOKE ALL ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text),
-    @extschema@.ironwod_explain(uuid, uuid, date, text, text),
+REVOKE ALL ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text),
+    @extschema@.ironwod_explain(uuid, uuid, date, text, text, text),
     @extschema@.ironwod_replay(uuid, uuid) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text),
-    @extschema@.ironwod_explain(uuid, uuid, date, text, text),
+GRANT EXECUTE ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text),
+    @extschema@.ironwod_explain(uuid, uuid, date, text, text, text),
     @extschema@.ironwod_replay(uuid, uuid)
     TO ironwod_app, ironwod_admin;
 GRANT EXECUTE ON FUNCTION ironwod.digest(uuid, uuid), ironwod.explain_metrics()

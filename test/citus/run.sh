@@ -68,7 +68,7 @@ load_fixtures
 # The fixtures are read in joins with ironwod's tables: reference tables.
 psql -qAtX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
 SET client_min_messages = warning;
-SELECT create_reference_table(t) FROM unnest('{public.sim_gyms,public.sim_truth,public.test_dev_key}'::regclass[]) t;
+SELECT create_reference_table(t) FROM unnest('{public.sim_gyms,public.sim_truth,public.sim_truth_programs,public.test_dev_key}'::regclass[]) t;
 SQL
 export IRONWOD_TEST_DISTRIBUTE=1
 

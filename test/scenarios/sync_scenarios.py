@@ -366,7 +366,9 @@ def unknown_scenario(gym, entity, refused):
                || ',' || count(*) FILTER (WHERE {' AND '.join(f'{c} IS NOT NULL' for c in unknown_cols[:3])})
                || ',' || count(*) FILTER (WHERE {' AND '.join(f'{c} IS NOT NULL' for c in kept_cols)})
         FROM ironwod.gym_monthly_metrics_cache c WHERE {scope} AND c.month_start > {first}
-          AND c.avg_active_members IS DISTINCT FROM 0""")
+          AND c.avg_active_members IS DISTINCT FROM 0
+          -- program rows have NULLs of their own (unsplit money, programs unknown)
+          AND c.program_key = 'ALL'""")
     n, unknown, known, others = (int(x) for x in row.split(","))
     col = unknown_cols[0]
     board = one(gym, f"""

@@ -77,6 +77,13 @@ FROM ironwod.gym_monthly_metrics_cache c WHERE c.tenant_id = '$T' AND c.gym_id =
 COMMIT;
 SQL
 }
+# The gym-wide and location rows, without what the definitions version changes.
+all_rows() {
+    psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT md5(string_agg((to_jsonb(c) - 'computed_at' - 'definitions_version' - 'config_hash')::text, E'\\n'
+                                              ORDER BY c.location_key, c.month_start))
+                                      FROM ironwod.gym_monthly_metrics_cache c
+                                      WHERE c.tenant_id = '$T' AND c.gym_id = '$G' AND c.program_key = 'ALL'"
+}
 digest() {
     psql -qAtX -v ON_ERROR_STOP=1 <<SQL
 BEGIN;
@@ -90,6 +97,7 @@ SQL
 tables=$(psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT array_agg(relname) FROM pg_class c WHERE relnamespace = 'ironwod'::regnamespace AND relkind IN ('r', 'S')
     AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'installed_definition' AND NOT a.attisdropped)")
 before=$(snapshot)
+all_before=$(all_rows)
 echo "$before" | grep -q '^wodify_raw_clients rows=[1-9]' || fail "nothing landed on $FROM: $before"
 echo "$before" | grep -q '^gym_monthly_metrics_cache rows=[1-9]' || fail "no cache on $FROM"
 
@@ -104,10 +112,25 @@ after=$(snapshot)
 $(diff <(echo "$before") <(echo "$after") || true)"
 psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT count(*) FILTER (WHERE program_ids IS NOT NULL) > 0 FROM ironwod.memberships" | grep -qx t ||
     fail "the update filled no membership's program_ids from raw"
+# The update moved the gym to the metrics-v1.1 definitions: its next refresh (the
+# worker's, after the next run) recomputes every month and adds the program rows;
+# the ALL rows come out as 1.0 computed them, relabelled.
+refresh=$(psql -qAtX -v ON_ERROR_STOP=1 <<SQL
+BEGIN;
+SELECT ironwod_set_scope('$T', '$G') \\g /dev/null
+SET LOCAL ROLE ironwod_worker;
+SELECT r->>'full' FROM ironwod.refresh_metrics((SELECT max(run_id) FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G')) r;
+SELECT count(*) FROM ironwod.gym_monthly_metrics_cache WHERE program_key <> 'ALL';
+COMMIT;
+SQL
+)
+refresh=$(echo $refresh)
+case "$refresh" in "true "[1-9]*) ;; *) fail "the first refresh after the update (full, program rows): $refresh" ;; esac
+[ "$(all_rows)" = "$all_before" ] || fail "the refresh after the update changed the ALL rows beyond their definitions version and config hash"
 upgraded=$(digest ironwod.digest)
 replayed=$(digest ironwod_replay)
 [ "$replayed" = "$upgraded" ] || fail "replay after the update gives another digest than the upgraded tables: $replayed, not $upgraded"
-echo "ok - $FROM to $TO: $(echo "$after" | grep -c rows=) tables, $(echo "$after" | grep -c last_value=) sequences and the cache intact, program_ids filled as a replay fills them"
+echo "ok - $FROM to $TO: $(echo "$after" | grep -c rows=) tables, $(echo "$after" | grep -c last_value=) sequences and the cache intact, program_ids filled as a replay fills them; the next refresh adds $(echo "$refresh" | cut -d' ' -f2) program rows, keeps the ALL rows and equals a replay"
 
 # ---- 4. the version check and a version the library does not drive ----------
 version_check() {

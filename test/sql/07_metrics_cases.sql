@@ -248,4 +248,89 @@ SELECT ironwod.digest(fx_tenant(), fx_gym_id(17)) AS d1 \gset
 SELECT ironwod.refresh_metrics(2) ->> 'cache_rows' IS NOT NULL AS refreshed_again;
 SELECT ironwod.digest(fx_tenant(), fx_gym_id(17)) = :'d1' AS digest_unchanged;
 COMMIT;
+
+-- 18 Program rows (metrics.md §2.5, §5.1).  Programs 501 CrossFit, 502 Oly, 503 Yoga.
+--    Client 118 has a plan giving access to 501 and 502 from Jan, and adds a 503
+--    plan on 1 Mar; client 218 has a 503 plan Jan - Mar.  In Feb 118 visits an Oly
+--    class, 218 a CrossFit class.  19: a gym whose memberships say nothing of
+--    programs, with one class of its program 601.
+CREATE FUNCTION public.fx_mem_programs(p_case int, p_id bigint, p_client bigint, p_start date, p_end date,
+                                       p_price numeric, p_programs bigint[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT fx_raw(p_case, 'memberships', jsonb_build_object(
+        'id', p_id, 'client_id', p_client, 'name', 'Plan ' || p_id, 'membership_type', 'Class Plan',
+        'is_deleted', false, 'start_date', p_start, 'end_date', coalesce(p_end, '1900-01-01'),
+        'cancellation_requested_on', '1900-01-01', 'location_id', 1001,
+        'programs', (SELECT jsonb_agg(jsonb_build_object('program_id', x, 'program', 'Program ' || x)) FROM unnest(p_programs) x),
+        'payment_plan', jsonb_build_object('price', p_price, 'billing_period_length', 1,
+                                           'billing_period_unit', 'Month(s)', 'is_auto_renew', true)))
+$$;
+CREATE FUNCTION public.fx_class(p_case int, p_id bigint, p_client bigint, p_at timestamp, p_program bigint) RETURNS void
+LANGUAGE sql AS $$
+    SELECT fx_raw(p_case, 'class_signins', jsonb_build_object('id', p_id, 'client_id', p_client,
+        'class_id', p_id * 10, 'location_id', 1001, 'membership_id', 0, 'program_id', p_program,
+        'utc_class_start_datetime', to_char((p_at AT TIME ZONE 'America/Chicago') AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')))
+$$;
+BEGIN;
+SELECT fx_gym(18);
+SELECT fx_raw(18, 'programs', jsonb_build_object('id', p, 'name', 'Program ' || p, 'is_active', true))
+FROM unnest('{501,502,503}'::bigint[]) p;
+SELECT fx_mem_programs(18, 181, 118, '2024-01-01', NULL, 175, '{501,502}'),
+       fx_mem_programs(18, 182, 218, '2024-01-01', '2024-03-31', 80, '{503}'),
+       fx_mem_programs(18, 183, 118, '2024-03-01', NULL, 80, '{503}'),
+       fx_inv(18, 1811, 118, 181, '2024-02-01', '2024-02-01', 'Paid', 175),
+       fx_txn(18, 18001, 1811, 118, '2024-02-01 09:00', 175),
+       fx_inv(18, 1821, 218, 182, '2024-02-01', '2024-02-01', 'Paid', 80),
+       fx_txn(18, 18002, 1821, 218, '2024-02-01 09:30', 80),
+       fx_class(18, 18101, 118, '2024-02-10 09:00', 502),
+       fx_class(18, 18102, 218, '2024-02-12 18:00', 501);
+SELECT fx_gym(19), fx_raw(19, 'programs', '{"id": 601, "name": "CrossFit", "is_active": true}'),
+       fx_mem(19, 191, 119, '2024-01-01', NULL, 150), fx_class(19, 19101, 119, '2024-02-10 09:00', 601);
+COMMIT;
+BEGIN;
+SELECT fx_build(18), fx_build(19);
+COMMIT;
+SELECT program_ids FROM ironwod.memberships WHERE gym_id = fx_gym_id(18) ORDER BY membership_id;
+-- One row per program at location ALL, besides the ALL rows.
+SELECT location_key, program_key, count(*) AS months FROM ironwod.gym_monthly_metrics_cache
+WHERE gym_id = fx_gym_id(18) GROUP BY 1, 2 ORDER BY 1, 2;
+-- Feb: 118 counts in 501 and 502, 218 in 503, each person once at ALL (counts do not
+-- add up); visits follow the class's program (218's CrossFit visit is not a member
+-- visit there); 503's money is its plan's alone, 501's and 502's cannot be split.
+SELECT program_key, members_end, active_members_end, all_visits, member_visits, mrr_end, collected_gross,
+       membership_revenue_recognised, arm
+FROM ironwod.gym_monthly_metrics_cache
+WHERE gym_id = fx_gym_id(18) AND location_key = 'ALL' AND month_start = '2024-02-01' ORDER BY program_key;
+-- Mar: 118 is new at 503 (a first spell there) while the gym sees no flow; Apr: 218 churns at 503 and ALL.
+SELECT month_start, program_key, members_start, members_end, new_members, churned_members, mrr_new, mrr_churn
+FROM ironwod.gym_monthly_metrics_cache
+WHERE gym_id = fx_gym_id(18) AND location_key = 'ALL' AND month_start IN ('2024-03-01', '2024-04-01')
+  AND program_key IN ('ALL', '503')
+ORDER BY 1, 2;
+-- Without programs on the memberships: the program row has its visits, and people and money unknown.
+SELECT program_key, members_end, new_members, member_visits, all_visits, mrr_end, collected_gross
+FROM ironwod.gym_monthly_metrics_cache
+WHERE gym_id = fx_gym_id(19) AND location_key = 'ALL' AND month_start = '2024-02-01' ORDER BY program_key;
+-- The snapshot identity and the MRR bridge hold on every program row of every case.
+SELECT count(*) > 0 AS program_rows,
+       count(*) FILTER (WHERE new_members IS NOT NULL
+                          AND members_end <> members_start + new_members + reactivated_members - churned_members) AS identity_broken,
+       count(*) FILTER (WHERE mrr_new IS NOT NULL
+                          AND mrr_end <> mrr_start + mrr_new + mrr_reactivation + mrr_expansion - mrr_contraction
+                                         - mrr_churn - mrr_hold_out + mrr_hold_in) AS bridge_broken
+FROM ironwod.gym_monthly_metrics_cache WHERE tenant_id = fx_tenant() AND program_key <> 'ALL';
+-- Reads take a program: the dashboard, and a drill-down of the program's facts.
+BEGIN;
+SELECT ironwod_set_scope(fx_tenant(), fx_gym_id(18));
+SELECT month_start, program_key, members_end FROM ironwod_dashboard(fx_tenant(), fx_gym_id(18), '2024-02-01', '2024-04-01', 'ALL', '503');
+SELECT member_id, location_key, state_start, state_end FROM ironwod_explain(fx_tenant(), fx_gym_id(18), '2024-03-01', 'new_members', 'ALL', '503');
+SELECT count(*) AS members_end_502 FROM ironwod_explain(fx_tenant(), fx_gym_id(18), '2024-02-01', 'members_end', p_program => '502');
+SELECT try(format('SELECT * FROM ironwod_explain(%L, %L, %L, %L, %L, %L)', fx_tenant(), fx_gym_id(18), '2024-03-01', 'mrr_new', 'ALL', '501')) AS unsplit_mrr;
+SELECT try(format('SELECT * FROM ironwod_dashboard(%L, %L, %L, %L, %L, %L)', fx_tenant(), fx_gym_id(18), '2024-02-01', '2024-03-01', 'ALL', '999')) AS unknown_program;
+SELECT try(format('SELECT * FROM ironwod_dashboard(%L, %L, %L, %L, %L, %L)', fx_tenant(), fx_gym_id(18), '2024-02-01', '2024-03-01', '1001', '501')) AS program_at_a_location;
+COMMIT;
+BEGIN;
+SELECT ironwod_set_scope(fx_tenant(), fx_gym_id(19));
+SELECT try(format('SELECT * FROM ironwod_explain(%L, %L, %L, %L, %L, %L)', fx_tenant(), fx_gym_id(19), '2024-02-01', 'members_end', 'ALL', '601')) AS programs_unknown;
+COMMIT;
 RESET client_min_messages;

@@ -109,8 +109,62 @@ SELECT count(*) >= 3 * 20 AS compared_enough_months,
 FROM sim_scopes s
 JOIN sim_truth t ON t.idx = s.idx
 JOIN ironwod.gym_monthly_metrics_cache c
-  ON c.tenant_id = s.tenant_id AND c.gym_id = s.gym_id AND c.location_key = 'ALL' AND c.month_start = t.month_start
+  ON c.tenant_id = s.tenant_id AND c.gym_id = s.gym_id AND c.location_key = 'ALL' AND c.program_key = 'ALL'
+ AND c.month_start = t.month_start
 WHERE NOT c.is_partial;
+
+-- Program rows (metrics.md §2.5, §5.1) agree with the simulator's truth per program:
+-- people with access through their memberships' programs, visits to the program's
+-- classes, money where the program's memberships grant it alone; and for the gym
+-- whose memberships carry no programs, visits with people and money unknown.
+SELECT count(DISTINCT (s.idx, t.program_key)) >= 12 AS compared_programs,
+       count(*) FILTER (WHERE c.month_start IS NULL) AS missing_program_rows,
+       count(*) FILTER (WHERE t.members_end IS DISTINCT FROM c.members_end) AS members_mismatch,
+       count(*) FILTER (WHERE t.new_members IS DISTINCT FROM c.new_members) AS new_mismatch,
+       count(*) FILTER (WHERE t.churned_members IS DISTINCT FROM c.churned_members) AS churned_mismatch,
+       count(*) FILTER (WHERE t.all_visits IS DISTINCT FROM c.all_visits) AS visits_mismatch,
+       count(*) FILTER (WHERE t.member_visits IS DISTINCT FROM c.member_visits) AS member_visits_mismatch,
+       count(*) FILTER (WHERE t.collected_gross IS DISTINCT FROM c.collected_gross) AS collected_mismatch,
+       bool_or(t.members_end IS NULL) AND bool_or(t.members_end > 0) AS people_known_and_unknown,
+       bool_or(t.collected_gross IS NULL AND t.members_end > 0) AND bool_or(t.collected_gross > 0) AS money_split_and_not
+FROM sim_scopes s
+JOIN sim_truth_programs t ON t.idx = s.idx
+JOIN ironwod.gym_monthly_metrics_cache a
+  ON a.tenant_id = s.tenant_id AND a.gym_id = s.gym_id AND a.location_key = 'ALL' AND a.program_key = 'ALL'
+ AND a.month_start = t.month_start AND NOT a.is_partial
+LEFT JOIN ironwod.gym_monthly_metrics_cache c
+  ON c.tenant_id = s.tenant_id AND c.gym_id = s.gym_id AND c.location_key = 'ALL' AND c.program_key = t.program_key
+ AND c.month_start = t.month_start;
+-- On every program row: the snapshot identity, the MRR bridge and start = previous
+-- end; people never more than the gym's (counted once at ALL, not added up: the
+-- programs together hold more); visits add up to the gym's (every class has one
+-- program); money at most the gym's.
+SELECT count(*) > 100 AS many_program_rows,
+       count(*) FILTER (WHERE p.new_members IS NOT NULL
+                          AND p.members_end <> p.members_start + p.new_members + p.reactivated_members - p.churned_members) AS identity_broken,
+       count(*) FILTER (WHERE p.mrr_new IS NOT NULL
+                          AND p.mrr_end <> p.mrr_start + p.mrr_new + p.mrr_reactivation + p.mrr_expansion - p.mrr_contraction
+                                           - p.mrr_churn - p.mrr_hold_out + p.mrr_hold_in) AS bridge_broken,
+       count(*) FILTER (WHERE p.members_start <> q.members_end OR p.mrr_start <> q.mrr_end) AS start_is_not_previous_end,
+       count(*) FILTER (WHERE p.members_end > a.members_end OR p.active_member_days > a.active_member_days) AS program_exceeds_all,
+       count(*) FILTER (WHERE p.collected_gross > a.collected_gross OR p.mrr_end > a.mrr_end) AS money_exceeds_all
+FROM ironwod.gym_monthly_metrics_cache p
+JOIN sim_scopes s ON s.tenant_id = p.tenant_id AND s.gym_id = p.gym_id
+JOIN ironwod.gym_monthly_metrics_cache a
+  ON a.tenant_id = p.tenant_id AND a.gym_id = p.gym_id AND a.location_key = 'ALL' AND a.program_key = 'ALL'
+ AND a.month_start = p.month_start
+LEFT JOIN ironwod.gym_monthly_metrics_cache q
+  ON q.tenant_id = p.tenant_id AND q.gym_id = p.gym_id AND q.location_key = 'ALL' AND q.program_key = p.program_key
+ AND q.month_start = (p.month_start - interval '1 month')::date
+WHERE p.program_key <> 'ALL';
+SELECT count(*) AS gym_months, count(*) FILTER (WHERE p.members_end > a.members_end) > 0 AS programs_hold_more_people,
+       count(*) FILTER (WHERE p.all_visits <> a.all_visits) AS visits_do_not_add_up
+FROM (SELECT p.tenant_id, p.gym_id, p.month_start, sum(p.members_end) AS members_end, sum(p.all_visits) AS all_visits
+      FROM ironwod.gym_monthly_metrics_cache p JOIN sim_scopes s ON s.tenant_id = p.tenant_id AND s.gym_id = p.gym_id
+      WHERE p.program_key <> 'ALL' GROUP BY 1, 2, 3) p
+JOIN ironwod.gym_monthly_metrics_cache a
+  ON a.tenant_id = p.tenant_id AND a.gym_id = p.gym_id AND a.location_key = 'ALL' AND a.program_key = 'ALL'
+ AND a.month_start = p.month_start;
 
 -- Running both steps again changes nothing.
 BEGIN;
@@ -163,6 +217,16 @@ SELECT try(format('SELECT * FROM ironwod_explain(%L, %L, %L, %L)', :ta, :g1, '19
 SELECT try(format('SELECT * FROM ironwod_dashboard(%L, %L, %L, %L)', :ta, :g1, '2025-06-01', '2025-01-01')) AS reversed_range;
 SELECT try(format('SELECT * FROM ironwod_dashboard(%L, %L, NULL, %L)', :ta, :g1, '2025-01-01')) AS null_month;
 SELECT try(format('SELECT * FROM ironwod_dashboard(%L, %L, %L, %L, %L)', :ta, :g1, '2025-01-01', '2025-02-01', 'nowhere')) ~ '^22023' AS unknown_location;
+-- A program's dashboard and drill-downs: its twelve months, the people behind its counts.
+SELECT min(program_key) AS program FROM ironwod.gym_monthly_metrics_cache
+WHERE program_key <> 'ALL' AND members_end > 0 \gset
+SELECT count(*) = 12 AS twelve_program_months, bool_and(program_key = :'program') AS that_program
+FROM ironwod_dashboard(:ta, :g1, (:'last_month'::date - interval '11 months')::date, :'last_month', 'ALL', :'program');
+SELECT bool_and(e.n = c.members_end) AS program_members_end_explained,
+       bool_and(e2.n = c.new_members OR c.new_members IS NULL) AS program_new_members_explained
+FROM ironwod_dashboard(:ta, :g1, (:'last_month'::date - interval '11 months')::date, :'last_month', 'ALL', :'program') c,
+     LATERAL (SELECT count(*) AS n FROM ironwod_explain(:ta, :g1, c.month_start, 'members_end', 'ALL', :'program')) e,
+     LATERAL (SELECT count(*) AS n FROM ironwod_explain(:ta, :g1, c.month_start, 'new_members', 'ALL', :'program')) e2;
 COMMIT;
 -- The app cannot call the worker's functions, nor write the cache.
 SELECT try('SELECT ironwod.refresh_metrics_all()') AS app_refresh;
