@@ -732,90 +732,6 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]) IS 'Record the earliest civil date a run''s canonical changes to an entity touched, and the people on the changed rows (NULL: not known)';
-CREATE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_tz text,
-                                       p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
-RETURNS integer
-LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
-AS $$
-DECLARE
-    v_n integer;
-    v_win integer := p_s.decline_recent_days + p_s.decline_prior_days;
-    -- local midnight of the cut, three days early (a zone's offset moves by less)
-    v_cut timestamptz := (p_open - v_win - 3)::timestamp AT TIME ZONE p_tz;
-BEGIN
-    DELETE FROM ironwod.member_visit_month
-    WHERE tenant_id = p_tenant AND gym_id = p_gym
-      AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
-    WITH vd AS (
-        SELECT x.member_id, x.d, x.location_id, count(*)::integer AS n
-        FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
-                     coalesce(a.class_id, -a.signin_id) AS class_key
-              FROM ironwod.attendance_events a
-              WHERE a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
-                AND a.member_id IS NOT NULL AND a.class_start_at IS NOT NULL
-                AND (p_people IS NULL OR a.class_start_at >= v_cut OR a.member_id = ANY (p_people))) x
-        GROUP BY 1, 2, 3
-    ), dt AS (
-        SELECT vd.member_id, vd.d, sum(vd.n)::integer AS n FROM vd WHERE vd.d <= p_today GROUP BY 1, 2
-        UNION ALL
-        -- everyone else's last visit before the cut, counted as no visit
-        SELECT a.member_id, max((a.class_start_at AT TIME ZONE p_tz)::date), 0
-        FROM ironwod.attendance_events a
-        WHERE p_people IS NOT NULL AND a.tenant_id = p_tenant AND a.gym_id = p_gym AND a.deleted_at IS NULL
-          AND a.member_id IS NOT NULL AND a.class_start_at < v_cut AND a.member_id <> ALL (p_people)
-        GROUP BY 1
-    ), mo AS (
-        SELECT mo::date AS month_start, least((mo + interval '1 month')::date - 1, p_today) AS as_of
-        FROM generate_series(p_from, date_trunc('month', p_today), interval '1 month') AS mo
-    ), vk AS (
-        SELECT k.location_key, vd.member_id, date_trunc('month', vd.d)::date AS month_start,
-               sum(vd.n)::integer AS visits, coalesce(sum(vd.n) FILTER (WHERE s.state = 'ACTIVE'), 0)::integer AS member_visits
-        FROM vd CROSS JOIN LATERAL (VALUES ('ALL'), (vd.location_id::text)) AS k(location_key)
-        LEFT JOIN ironwod.member_state_span s
-               ON s.tenant_id = p_tenant AND s.gym_id = p_gym AND s.location_key = k.location_key
-              AND s.member_id = vd.member_id AND s.span_start <= vd.d AND vd.d < s.span_end_excl
-        WHERE k.location_key IS NOT NULL AND vd.d >= p_from AND vd.d <= p_today
-          AND (p_people IS NULL OR vd.d >= p_open OR vd.member_id = ANY (p_people))
-        GROUP BY 1, 2, 3
-    ), va AS (
-        SELECT x.member_id, x.month_start,
-               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 4))::integer AS anywhere,
-               (max(x.cv) FILTER (WHERE x.k = 1) - max(x.cv) FILTER (WHERE x.k = 2))::integer AS recent,
-               (max(x.cv) FILTER (WHERE x.k = 2) - max(x.cv) FILTER (WHERE x.k = 3))::integer AS prior,
-               max(x.lastd) FILTER (WHERE x.k = 1) AS last_visit
-        FROM (SELECT y.*, sum(y.n) OVER w AS cv, max(CASE WHEN y.k = 0 THEN y.d END) OVER w AS lastd
-              FROM (SELECT dt.member_id, dt.d, 0 AS k, dt.n, NULL::date AS month_start FROM dt
-                    UNION ALL
-                    SELECT p.member_id, l.d, l.k, 0, mo.month_start
-                    FROM (SELECT DISTINCT dt.member_id FROM dt) p CROSS JOIN mo
-                    CROSS JOIN LATERAL (VALUES (1, mo.as_of), (2, mo.as_of - p_s.decline_recent_days),
-                                               (3, mo.as_of - v_win), (4, mo.month_start - 1)) AS l(k, d)
-                    WHERE p_people IS NULL OR mo.month_start >= p_open OR p.member_id = ANY (p_people)) y
-              WINDOW w AS (PARTITION BY y.member_id ORDER BY y.d, y.k ROWS UNBOUNDED PRECEDING)) x
-        WHERE x.k > 0
-        GROUP BY x.member_id, x.month_start
-        HAVING max(x.lastd) FILTER (WHERE x.k = 1) IS NOT NULL
-    )
-    INSERT INTO ironwod.member_visit_month
-        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
-         visits_recent, visits_prior, last_visit)
-    SELECT p_tenant, p_gym, x.location_key, x.member_id, x.month_start,
-           coalesce(max(x.visits), 0), coalesce(max(x.member_visits), 0), coalesce(max(va.anywhere), 0),
-           coalesce(max(va.recent), 0), coalesce(max(va.prior), 0), max(va.last_visit)
-    FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
-          UNION ALL
-          SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
-    LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
-    GROUP BY x.location_key, x.member_id, x.month_start
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
-    ON CONFLICT DO NOTHING;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    RETURN v_n;
-END
-$$;
-COMMENT ON FUNCTION ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]) IS 'Refresh stage 3, metrics.md §4.13-4.15 (attendance, absence, decline): rebuild member_visit_month of a gym from the given month on (before p_open only for the given people); returns the row count';
 CREATE FUNCTION ironwod.metrics_month_facts(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings, p_keys text[],
                                             p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
@@ -1032,114 +948,6 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.metrics_person_hashes(uuid, uuid, date) IS 'Refresh, metrics.md §5.4 (recompute policy): per person of a gym, a hash of their spells and of their daily-state spans before the given day (compute_metrics compares them before and after stages 1-2 to find the people whose closed months change)';
-CREATE FUNCTION ironwod.compute_metrics(p_from date, p_people bigint[] DEFAULT NULL)
-RETURNS jsonb
-LANGUAGE plpgsql
-SET jit = off
-AS $$
-DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
-    s ironwod.metric_settings;
-    v_tz text;
-    v_today date;
-    v_hist date;
-    v_cur date;
-    v_from date;
-    v_keys text[];
-    v_open date;
-    v_people bigint[] := p_people;
-    v_before jsonb;
-    v_after jsonb;
-    v_wm timestamptz;
-    v_spells integer;
-    v_facts integer;
-    v_rows integer;
-BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
-    s := ironwod.metric_config();
-    v_tz := ironwod.gym_time_zone(v_t, v_g);
-    v_today := ironwod.metrics_today(v_tz);
-    v_cur := date_trunc('month', v_today)::date;
-    v_hist := least(ironwod.history_start(v_tz), v_cur);
-    v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
-    SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
-    FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
-
-    -- the first month everyone is recomputed in: the one the last refresh
-    -- computed to date (its as_of is the last refresh's today)
-    v_open := v_from;
-    IF v_people IS NOT NULL THEN
-        SELECT greatest(v_from, least(date_trunc('month', max(c.month_start + c.period_days - 1))::date, v_cur))
-          INTO v_open
-          FROM ironwod.gym_monthly_metrics_cache c
-         WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.location_key = 'ALL' AND c.program_key = 'ALL';
-        v_open := coalesce(v_open, v_from);
-    END IF;
-    IF v_open > v_from THEN
-        v_before := ironwod.metrics_person_hashes(v_t, v_g, v_open);
-    END IF;
-
-    v_spells := ironwod.metrics_spells(v_t, v_g, s);
-    PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
-
-    IF v_open > v_from THEN
-        v_after := ironwod.metrics_person_hashes(v_t, v_g, v_open);
-        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
-        FROM (SELECT unnest(v_people) AS p
-              UNION ALL
-              SELECT k::bigint FROM jsonb_object_keys(v_before || v_after) AS k
-              WHERE v_before -> k IS DISTINCT FROM v_after -> k) x;
-        -- and who is billed on their memberships (past due and paying are the
-        -- invoice's person's, by the membership's location)
-        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
-        FROM (SELECT unnest(v_people) AS p
-              UNION ALL
-              SELECT i.member_id FROM ironwod.invoices i
-              JOIN ironwod.memberships m
-                ON m.tenant_id = v_t AND m.gym_id = v_g AND m.membership_id = i.membership_id
-              WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.member_id IS NOT NULL
-                AND m.member_id = ANY (v_people)) x;
-        v_people := coalesce(v_people, '{}');
-    END IF;
-    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today, v_open, v_people);
-    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today, v_open, v_people);
-    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today, v_open, v_people);
-    PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
-
-    SELECT greatest(
-        (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.attendance_events WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
-        (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
-    INTO v_wm;
-    -- the hash is computed once here and passed in: the cache's INSERT calls no
-    -- function of ours (on Citus one that reads a table must not run in it)
-    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm,
-                                         ironwod.config_hash(s));
-    PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
-
-    -- The newest source change is stamped on every cached month, not only on the
-    -- months recomputed now: the recompute policy recomputed every month a change
-    -- could touch, so each one reflects the sources up to v_wm, and a replay, which
-    -- recomputes them all, stamps the same value.
-    UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
-     WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
-    -- Unknown is NULL: metrics of entities the gym's plan does not include (82_unknowns).
-    PERFORM ironwod.mask_unknown_metrics();
-
-    RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
-                              'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows)
-           || CASE WHEN v_open > v_from THEN jsonb_build_object('everyone_from', v_open, 'people', cardinality(v_people))
-                   ELSE '{}' END;
-END
-$$;
-COMMENT ON FUNCTION ironwod.compute_metrics(date, bigint[]) IS 'Rebuild spells and daily states, and visits, member-month facts, money and cache rows for months from the given one (clamped to history start) to the current local month, for the current scope: the refresh stages in order; with people given, the months before the one the last refresh computed to date only for them and those whose spells or spans changed';
 CREATE OR REPLACE FUNCTION ironwod.apply_vanished(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -1213,64 +1021,6 @@ BEGIN
     RETURN v_out;
 END
 $$;
-CREATE OR REPLACE FUNCTION ironwod.refresh_metrics(p_run_id bigint)
-RETURNS jsonb
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    s ironwod.metric_settings;
-    v_tz text;
-    v_cur date;
-    v_dirty date;
-    v_unknown boolean;
-    v_people bigint[];
-    v_from date;
-    v_full boolean;
-BEGIN
-    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
-    s := ironwod.metric_config();
-    v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
-    v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
-    SELECT min(d.dirty_from), coalesce(bool_or(d.member_ids IS NULL), false) INTO v_dirty, v_unknown
-    FROM ironwod.metric_dirty d
-    WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
-    -- the people on the canonical rows the run changed (NULL: not known, everyone)
-    IF NOT v_unknown THEN
-        v_people := ARRAY(SELECT DISTINCT x FROM ironwod.metric_dirty d, unnest(d.member_ids) AS x
-                          WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
-                            AND d.run_id = p_run_id);
-    END IF;
-    v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
-                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
-              OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
-                         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                           AND (c.config_hash <> ironwod.config_hash(s)
-                                OR c.definitions_version <> s.definitions_version
-                                OR c.time_zone <> v_tz));
-    v_from := CASE WHEN v_full THEN NULL
-                   ELSE least((v_cur - make_interval(months => s.trailing_months))::date,
-                              v_dirty - greatest(s.merge_gap_days, s.cohort_days + 1)) END;
-    RETURN ironwod.compute_metrics(v_from, CASE WHEN NOT v_full THEN v_people END)
-           || jsonb_build_object('run_id', p_run_id, 'full', v_full);
-END
-$$;
-COMMENT ON FUNCTION ironwod.refresh_metrics(bigint) IS 'Worker, after transform_run: recompute the trailing months plus every month the run''s backdated changes touched, the months closed before the last refresh only for the people whose inputs changed (whole history on first build or a parameter change); returns the range and row counts';
-GRANT EXECUTE ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
-    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
-    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
-    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
-    ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
-    TO ironwod_worker;
-REVOKE ALL ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
-    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
-    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
-    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
-    ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
-    FROM PUBLIC;
 
 -- ---- program breakdowns: program rows in the metrics ---------------------------
 
@@ -1808,6 +1558,19 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.refresh_metrics(bigint) IS 'Worker, after transform_run: recompute the trailing months plus every month the run''s backdated changes touched, the months closed before the last refresh only for the people whose inputs changed (whole history on first build or a parameter change); returns the range and row counts';
+-- The refresh stages with their new signatures (narrowed refresh) are the worker's.
+GRANT EXECUTE ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
+    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
+    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
+    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
+    ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
+    TO ironwod_worker;
+REVOKE ALL ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
+    ironwod.metrics_visits(uuid, uuid, ironwod.metric_settings, text, date, date, date, date, bigint[]),
+    ironwod.metrics_month_facts(uuid, uuid, ironwod.metric_settings, text[], date, date, date, date, bigint[]),
+    ironwod.metrics_month_flags(uuid, uuid, date, date, date, bigint[]),
+    ironwod.metrics_person_hashes(uuid, uuid, date), ironwod.compute_metrics(date, bigint[])
+    FROM PUBLIC;
 
 CREATE FUNCTION ironwod.program_knowledge(p_tenant uuid, p_gym uuid, OUT programs_known boolean, OUT unsplit text[])
 LANGUAGE plpgsql STABLE
