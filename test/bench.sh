@@ -92,7 +92,20 @@ watch_mem() {
 run_figures() {
     local run=$1 scale=$2 section=$3 mem=$4
     q -v run="$run" -v scale="$scale" -v section="$section" -v mem="$mem" -v hz="$(getconf CLK_TCK)" <<'SQL'
-SELECT pg_sleep(0.2);
+-- The run workers' function statistics reach pg_stat_user_functions as they
+-- exit, a moment after their runs finish: wait for that, not for a pause.
+DO $w$
+BEGIN
+    FOR i IN 1..12000 LOOP
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run') THEN
+        RAISE EXCEPTION 'ironwod run workers still running 600 s after their runs finished';
+    END IF;
+END
+$w$;
+SELECT pg_stat_clear_snapshot();
 CREATE TEMP TABLE mem (at double precision, hwm bigint, anon bigint, cpu bigint);
 \set cmd 'COPY mem FROM ' :'mem' ' WITH (DELIMITER '' '')'
 :cmd;
