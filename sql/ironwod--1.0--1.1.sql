@@ -1031,6 +1031,15 @@ UPDATE ironwod.canonical_maps m
  WHERE m.entity = 'programs' AND (to_jsonb(m) - 'installed_definition') = m.installed_definition;
 SELECT ironwod.track_install_rows('ironwod.canonical_maps');
 
+-- A location or program that a reconciliation soft-deletes or restores recomputes
+-- every month too (1.0 noted nothing: its stale cache rows stayed until a full
+-- recompute).
+UPDATE ironwod.canonical_maps m
+   SET row_day = $$date '0001-01-01'$$,
+       installed_definition = NULL
+ WHERE m.entity IN ('locations', 'programs') AND (to_jsonb(m) - 'installed_definition') = m.installed_definition;
+SELECT ironwod.track_install_rows('ironwod.canonical_maps');
+
 ALTER TABLE ironwod.metric_settings ALTER COLUMN definitions_version SET DEFAULT 'metrics-v1.1';
 UPDATE ironwod.metric_settings SET definitions_version = 'metrics-v1.1' WHERE definitions_version = 'metrics-v1.0';
 COMMENT ON TABLE ironwod.gym_monthly_metrics_cache IS 'Monthly gym metrics (metrics.md §5.2, v1 scope): per location and ALL (distinct people) with program_key ALL, and per program (program_key = Wodify program id) at location ALL (people with access to it, visits to its classes; NULL where the memberships do not say their programs, money NULL where it cannot be split); flows are NULL in the history-start month; retail_revenue_net is omitted in v1 (no revenue categories)';

@@ -122,7 +122,8 @@ CREATE TABLE ironwod.canonical_maps (
     key_column  name NOT NULL,
     -- the earliest civil date a change touched (NULL: no metric depends on it)
     dirty_from  text,
-    -- the earliest civil date a row affects (for soft deletes and restores)
+    -- the earliest civil date a row affects (for soft deletes and restores);
+    -- NULL: no metric depends on the row
     row_day     text
 );
 COMMENT ON TABLE ironwod.canonical_maps IS 'Raw -> canonical mapping per entity: canonical table, key, and the earliest civil date a change touches';
@@ -142,10 +143,11 @@ INSERT INTO ironwod.canonical_maps (entity, canonical, key_column, dirty_from, r
     -- a new location, or one whose zone or deletion changed: everything
     ('locations', 'locations', 'location_id',
      $$CASE WHEN o.location_id IS NULL OR (o.time_zone, o.deleted_at) IS DISTINCT FROM (u.time_zone, u.deleted_at)
-            THEN date '0001-01-01' END$$, NULL),
+            THEN date '0001-01-01' END$$, $$date '0001-01-01'$$),
     -- a new program, or one deleted or back: everything (its cache rows are per month)
     ('programs', 'programs', 'program_id',
-     $$CASE WHEN o.program_id IS NULL OR o.deleted_at IS DISTINCT FROM u.deleted_at THEN date '0001-01-01' END$$, NULL),
+     $$CASE WHEN o.program_id IS NULL OR o.deleted_at IS DISTINCT FROM u.deleted_at THEN date '0001-01-01' END$$,
+     $$date '0001-01-01'$$),
     ('clients', 'members', 'member_id', NULL, NULL),
     -- from the start when coverage, price or location moved, else from the end
     ('memberships', 'memberships', 'membership_id',

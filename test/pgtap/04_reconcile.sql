@@ -6,12 +6,12 @@ INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status, a
 VALUES ('cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd', 'cdcdcdcd-0000-0000-0000-000000000001', 'connected', '\x00', 'infinity')
 ON CONFLICT DO NOTHING;
 BEGIN;
-SELECT plan(9);
+SELECT plan(13);
 
 SELECT ironwod_set_scope('cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd', 'cdcdcdcd-0000-0000-0000-000000000001');
 
--- One run at a time, each landing the clients roster it is given (one full page).
-CREATE FUNCTION pg_temp.run_with(p_mode text, p_ids int[]) RETURNS bigint
+-- One run at a time, each landing the roster of one entity it is given (one full page).
+CREATE FUNCTION pg_temp.run_with(p_mode text, p_ids int[], p_entity text DEFAULT 'clients') RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_run bigint;
@@ -21,15 +21,15 @@ BEGIN
     INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at)
     VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_mode, 'running', now())
     RETURNING run_id INTO v_run;
-    PERFORM ironwod.plan_entity(v_run, 'clients');
-    PERFORM ironwod.land_page(v_run, 'clients', 'full', 1,
-        jsonb_build_object('clients', (SELECT jsonb_agg(jsonb_build_object('id', i, 'first_name', 'n' || i)) FROM unnest(p_ids) i),
+    PERFORM ironwod.plan_entity(v_run, p_entity);
+    PERFORM ironwod.land_page(v_run, p_entity, 'full', 1,
+        jsonb_build_object(p_entity, (SELECT jsonb_agg(jsonb_build_object('id', i, 'name', 'n' || i)) FROM unnest(p_ids) i),
                            'pagination', jsonb_build_object('page', 1, 'has_more', false))::text, 1);
     PERFORM ironwod.transform_run(v_run);
     RETURN v_run;
 END
 $$;
-GRANT EXECUTE ON FUNCTION pg_temp.run_with(text, int[]) TO ironwod_worker;
+GRANT EXECUTE ON FUNCTION pg_temp.run_with(text, int[], text) TO ironwod_worker;
 SET LOCAL ROLE ironwod_worker;
 
 SELECT lives_ok($$SELECT pg_temp.run_with('backfill', ARRAY[1, 2, 3, 4])$$, 'backfill lands four clients');
@@ -50,6 +50,20 @@ SELECT is((SELECT count(*) FROM ironwod.sync_events WHERE event = 'wodify.sync.r
 SELECT pg_temp.run_with('reconcile', ARRAY[1, 2, 3, 4]);
 SELECT is((SELECT count(*) FROM ironwod.vanished_records), 0::bigint, 'seen again: no longer vanished');
 SELECT is((SELECT count(*) FROM ironwod.members WHERE deleted_at IS NULL), 4::bigint, 'and restored in the canonical table');
+
+-- A program (or location) that vanishes or comes back changes rows of every
+-- month (its cache rows, the people in it): the run marks all of them dirty.
+SELECT pg_temp.run_with('backfill', ARRAY[1, 2, 3, 4], 'programs');
+SELECT pg_temp.run_with('reconcile', ARRAY[1, 2, 3], 'programs') AS program_gone \gset
+SELECT results_eq($$SELECT p.program_id, p.deleted_at IS NOT NULL FROM ironwod.programs p ORDER BY 1$$,
+                  $$VALUES (1::bigint, false), (2, false), (3, false), (4, true)$$,
+                  'the vanished program is soft-deleted');
+SELECT is((SELECT dirty_from FROM ironwod.metric_dirty WHERE run_id = :program_gone AND entity = 'programs'),
+          date '0001-01-01', 'a vanished program recomputes every month');
+SELECT pg_temp.run_with('reconcile', ARRAY[1, 2, 3, 4], 'programs') AS program_back \gset
+SELECT is((SELECT dirty_from FROM ironwod.metric_dirty WHERE run_id = :program_back AND entity = 'programs'),
+          date '0001-01-01', 'a program seen again recomputes every month');
+SELECT is((SELECT count(*) FROM ironwod.programs WHERE deleted_at IS NULL), 4::bigint, 'and is restored');
 
 SELECT * FROM finish();
 ROLLBACK;
