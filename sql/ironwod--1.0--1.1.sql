@@ -1872,3 +1872,10 @@ REVOKE ALL ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, tex
 GRANT EXECUTE ON FUNCTION @extschema@.ironwod_dashboard(uuid, uuid, date, date, text, text),
     @extschema@.ironwod_explain(uuid, uuid, date, text, text, text)
     TO ironwod_app, ironwod_admin;
+
+-- The stage tables' location_key also holds program:<id> since program rows.
+COMMENT ON COLUMN ironwod.member_spell.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
+COMMENT ON COLUMN ironwod.member_month_fact.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
+COMMENT ON COLUMN ironwod.member_state_span.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
+COMMENT ON COLUMN ironwod.member_visit_month.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
+COMMENT ON COLUMN ironwod.gym_month_money.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';

@@ -228,7 +228,8 @@ CREATE TABLE ironwod.metric_dirty (
 );
 COMMENT ON TABLE ironwod.metric_dirty IS 'Per run and entity: the earliest civil date a canonical change touched and the people on the changed rows (the inputs of the recompute policy, metrics.md §5.4)';
 
--- Merged coverage spells per person, gym-wide (location_key ALL) and per location.
+-- Merged coverage spells per person, gym-wide (location_key ALL), per location and
+-- per program (program:<id>).
 CREATE TABLE ironwod.member_spell (
     tenant_id      uuid NOT NULL,
     gym_id         uuid NOT NULL,
@@ -244,6 +245,7 @@ CREATE TABLE ironwod.member_spell (
     PRIMARY KEY (tenant_id, gym_id, location_key, member_id, spell_start)
 );
 COMMENT ON TABLE ironwod.member_spell IS 'Merged member-qualifying coverage spells (metrics.md §2.3); rescinded spells are kept for audit but count nowhere';
+COMMENT ON COLUMN ironwod.member_spell.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 
 -- One row per person, location key and month (metrics.md §5.3): the cache is a
 -- GROUP BY over it, and drill-downs read it.
@@ -283,6 +285,7 @@ CREATE TABLE ironwod.member_month_fact (
     PRIMARY KEY (tenant_id, gym_id, location_key, month_start, member_id)
 );
 COMMENT ON TABLE ironwod.member_month_fact IS 'Member-month facts (metrics.md §5.3): state and MRR at both snapshots, movement, flows, visits, active days and risk flags';
+COMMENT ON COLUMN ironwod.member_month_fact.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 
 CREATE TABLE ironwod.gym_monthly_metrics_cache (
     tenant_id                     uuid NOT NULL,

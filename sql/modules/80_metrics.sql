@@ -191,6 +191,7 @@ CREATE TABLE ironwod.member_state_span (
     PRIMARY KEY (tenant_id, gym_id, location_key, member_id, span_start)
 );
 COMMENT ON TABLE ironwod.member_state_span IS 'Daily member state (metrics.md §2.4, §5.3 member_day_state in interval form): runs of days with one state and MRR per person and location key, with the ACTIVE days before each run and before its spell';
+COMMENT ON COLUMN ironwod.member_state_span.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 
 -- Visit figures per person, location key and month (metrics.md §4.13-4.15):
 -- visits at the key's locations and those on ACTIVE days; and, from visits
@@ -211,6 +212,7 @@ CREATE TABLE ironwod.member_visit_month (
     PRIMARY KEY (tenant_id, gym_id, location_key, month_start, member_id)
 );
 COMMENT ON TABLE ironwod.member_visit_month IS 'Visit figures per person, location key and month (metrics.md §4.13-4.15): visits, member visits, visits anywhere, decline windows, last visit';
+COMMENT ON COLUMN ironwod.member_visit_month.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 
 -- Money per location key and month (metrics.md §4.8-4.9), before rounding.
 CREATE TABLE ironwod.gym_month_money (
@@ -229,6 +231,7 @@ CREATE TABLE ironwod.gym_month_money (
     PRIMARY KEY (tenant_id, gym_id, location_key, month_start)
 );
 COMMENT ON TABLE ironwod.gym_month_money IS 'Cash, failed payments, invoices and recognised membership revenue per location key and month (metrics.md §4.8-4.9), unrounded; the cache rows read it';
+COMMENT ON COLUMN ironwod.gym_month_money.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 
 SELECT ironwod.apply_tenant_policies(t::regclass)
 FROM unnest(ARRAY['ironwod.member_state_span', 'ironwod.member_visit_month', 'ironwod.gym_month_money']) AS t;
