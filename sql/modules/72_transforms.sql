@@ -274,7 +274,12 @@ $check$;
 -- records' Wodify ids, in order, so a batch also bounds the key range), each
 -- "= ANY" of one table (index probes or one scan, linear either way), and a
 -- written row meets the row it replaced by a sort on the key, never by a join.
-CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean) RETURNS text
+--
+-- Without p_upsert the statement is a plain INSERT, for records none of which has
+-- a canonical row yet (every record of a backfill): no speculative insertion,
+-- which costs as much again as the insert itself, and no old rows to read, so
+-- each written row meets an all-NULL o, what the upsert pairs a new record with.
+CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean, p_upsert boolean) RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
@@ -311,8 +316,7 @@ BEGIN
             SELECT $1, $2, l.wodify_id, %4$s
             FROM ironwod.%2$I l, LATERAL (SELECT l.payload_json AS p) x
             WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)
-            ON CONFLICT (tenant_id, gym_id, %3$I) DO UPDATE SET %6$s
-            WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)
+            %6$s
             RETURNING c.*
         )
         SELECT count(*)::integer, min(%7$s), %10$s
@@ -320,15 +324,20 @@ BEGIN
         m.canonical, v_raw, m.key_column,
         (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
         (SELECT string_agg(quote_ident(c), ', ') FROM unnest(v_col) c),
-        (SELECT string_agg(format('%1$I = excluded.%1$I', c), ', ') FROM unnest(v_col) c),
+        CASE WHEN p_upsert THEN format(
+            'ON CONFLICT (tenant_id, gym_id, %I) DO UPDATE SET %s
+            WHERE ROW(c.*) IS DISTINCT FROM ROW(excluded.*)',
+            m.key_column, (SELECT string_agg(format('%1$I = excluded.%1$I', c), ', ') FROM unnest(v_col) c))
+             ELSE '' END,
         CASE WHEN p_track THEN coalesce(m.dirty_from, 'NULL::date') ELSE 'NULL::date' END,
-        CASE WHEN p_track THEN format(
+        CASE WHEN p_track AND p_upsert THEN format(
             'old AS MATERIALIZED (
                 SELECT o.* FROM ironwod.%1$I o
                 WHERE o.tenant_id = $1 AND o.gym_id = $2 AND o.%2$I = ANY ($5)
                   AND o.%2$I BETWEEN $5[1] AND $5[cardinality($5)]),',
             m.canonical, m.key_column) ELSE '' END,
-        CASE WHEN p_track THEN format(
+        CASE WHEN p_track AND NOT p_upsert THEN format('up u, LATERAL (SELECT (NULL::ironwod.%I).*) o', m.canonical)
+             WHEN p_track THEN format(
             '(SELECT y.side, y.r AS u, lag(y.r) OVER (PARTITION BY (y.r).%2$I ORDER BY y.side) AS o
               FROM (SELECT 0 AS side, o::ironwod.%1$I AS r FROM old o
                     UNION ALL SELECT 1, u::ironwod.%1$I FROM up u) y) z,
@@ -338,7 +347,7 @@ BEGIN
         v_people);
 END
 $$;
-COMMENT ON FUNCTION ironwod.transform_sql(text, boolean) IS 'The upsert statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
+COMMENT ON FUNCTION ironwod.transform_sql(text, boolean, boolean) IS 'The upsert (or, for records without a canonical row, plain insert) statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
 
 CREATE FUNCTION ironwod.note_dirty(p_tenant_id uuid, p_gym_id uuid, p_run_id bigint, p_entity text,
                                    p_dirty_from date, p_changed integer, p_member_ids bigint[])
@@ -444,6 +453,9 @@ DECLARE
     v_part bigint[];
     v_raw bigint[];
     v_sql text;
+    v_new_sql text;
+    v_empty boolean;
+    v_fresh boolean;
     v_n integer;
     v_bn integer;
     v_dirty date;
@@ -457,6 +469,11 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
+    -- One transform (or replay) of a gym at a time: a batch of records without
+    -- canonical rows is inserted without ON CONFLICT, which a concurrent writer
+    -- of the same records would turn into a unique violation.  The lock is the
+    -- one ironwod_replay holds while it empties and rebuilds the gym's rows.
+    PERFORM pg_advisory_xact_lock(hashtextextended('ironwod.replay:' || v_t || ':' || v_g, 0));
     IF p_run_id IS NOT NULL THEN
         v_runs := ARRAY(
             SELECT x.run_id
@@ -468,7 +485,7 @@ BEGIN
             ORDER BY 1);
     END IF;
     -- In registry order: locations first, they decide the time zone.
-    FOR e IN SELECT x.entity, x.raw_table, m.canonical FROM ironwod.entities x
+    FOR e IN SELECT x.entity, x.raw_table, m.canonical, m.key_column FROM ironwod.entities x
              JOIN ironwod.canonical_maps m USING (entity) ORDER BY x.ordinal LOOP
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
@@ -487,7 +504,13 @@ BEGIN
                 PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
             END IF;
         END IF;
-        v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL);
+        v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, true);
+        v_new_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false);
+        -- a gym without rows in the canonical table (a backfill, a replay):
+        -- every batch is new records (each batch's records are distinct)
+        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%I c WHERE c.tenant_id = $1 AND c.gym_id = $2)',
+                       e.canonical)
+            INTO v_empty USING v_t, v_g;
         v_n := 0;
         v_dirty := NULL;
         v_people := '{}';
@@ -498,7 +521,17 @@ BEGIN
             ELSE
                 v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
             END IF;
-            EXECUTE v_sql INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
+            -- else a batch of a run is new when none of its records (v_part, their
+            -- Wodify ids in order) has a canonical row
+            v_fresh := v_empty;
+            IF NOT v_fresh AND p_run_id IS NOT NULL THEN
+                EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%1$I c WHERE c.tenant_id = $1 AND c.gym_id = $2
+                                AND c.%2$I = ANY ($3) AND c.%2$I BETWEEN $3[1] AND $3[cardinality($3)])',
+                               e.canonical, e.key_column)
+                    INTO v_fresh USING v_t, v_g, v_part;
+            END IF;
+            EXECUTE CASE WHEN v_fresh THEN v_new_sql ELSE v_sql END
+                INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
             v_n := v_n + v_bn;
             v_dirty := least(v_dirty, v_bdirty);
             -- NULL (a table without people) stays NULL: everyone
@@ -549,7 +582,7 @@ $$;
 COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of every record of the current scope from raw (used by replay)';
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
-    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean),
+    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean, boolean),
     ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
     ironwod.analyze_if_stale(name, bigint), ironwod.transform_run(bigint), ironwod.transform_all()
     TO ironwod_worker;
