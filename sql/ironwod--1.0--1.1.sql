@@ -1912,3 +1912,35 @@ COMMENT ON COLUMN ironwod.member_month_fact.location_key IS 'The key of the row'
 COMMENT ON COLUMN ironwod.member_state_span.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 COMMENT ON COLUMN ironwod.member_visit_month.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
 COMMENT ON COLUMN ironwod.gym_month_money.location_key IS 'The key of the row''s figures: ALL (gym-wide), a Wodify location id, or program:<id> for a Wodify program (metrics.md §2.5; the cache splits it into location_key and program_key)';
+
+-- ironwod_disconnect emits wodify.disconnected through emit_event, so listeners
+-- of ironwod_events hear it (1.0 only inserted the row).
+CREATE OR REPLACE FUNCTION @extschema@.ironwod_disconnect(p_tenant_id uuid, p_gym_id uuid)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- Citus refuses volatile functions in an UPDATE of a distributed table.
+    v_now timestamptz := clock_timestamp();
+    v_run bigint;
+BEGIN
+    PERFORM ironwod.assert_connection(p_tenant_id, p_gym_id);
+    UPDATE ironwod.integrations_wodify_connection c
+       SET status = 'disconnected', api_key_ciphertext = NULL, master_key_id = NULL,
+           next_api_key_ciphertext = NULL, next_master_key_id = NULL, next_api_key_fingerprint = NULL,
+           updated_at = now()
+     WHERE c.tenant_id = p_tenant_id AND c.gym_id = p_gym_id;
+    UPDATE ironwod.sync_runs r
+       SET status = 'cancelled', finished_at = v_now, last_error = 'disconnected', phase = NULL
+     WHERE r.tenant_id = p_tenant_id AND r.gym_id = p_gym_id AND r.status IN ('queued', 'running')
+    RETURNING r.run_id INTO v_run;
+    IF v_run IS NOT NULL THEN
+        PERFORM ironwod.log_run(p_tenant_id, p_gym_id, v_run);
+    END IF;
+    -- recorded and notified like every other event (the scope is the gym's)
+    PERFORM ironwod.emit_event(NULL, 'wodify.disconnected', NULL, jsonb_build_object('cancelled_run', v_run));
+    PERFORM ironwod.wake();
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a gym: cancel queued and running runs, destroy the sealed key, and emit event wodify.disconnected (NOTIFY ironwod_events)';

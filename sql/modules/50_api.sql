@@ -357,11 +357,12 @@ BEGIN
     IF v_run IS NOT NULL THEN
         PERFORM ironwod.log_run(p_tenant_id, p_gym_id, v_run);
     END IF;
-    INSERT INTO ironwod.sync_events (tenant_id, gym_id, event) VALUES (p_tenant_id, p_gym_id, 'wodify.disconnected');
+    -- recorded and notified like every other event (the scope is the gym's)
+    PERFORM ironwod.emit_event(NULL, 'wodify.disconnected', NULL, jsonb_build_object('cancelled_run', v_run));
     PERFORM ironwod.wake();
 END
 $$;
-COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a gym: cancel queued and running runs and destroy the sealed key';
+COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a gym: cancel queued and running runs, destroy the sealed key, and emit event wodify.disconnected (NOTIFY ironwod_events)';
 
 -- The scheduler's heartbeat, called by pg_cron every few minutes (ironwod_schedule).
 -- Queues, set-based and without HTTP or secrets:

@@ -11,7 +11,8 @@ a key as a host app does, test/seal.py), hence /usr/bin/python3.
    LISTEN while tenants A and B sync.  Both hear every event, and each payload is
    only the event's id: no tenant, gym, run or entity.  A's app, reading
    ironwod.sync_events by those ids under its scope, gets its own events and none
-   of B's; the CONNECT-only role cannot read the table at all.
+   of B's; the CONNECT-only role cannot read the table at all.  B's disconnect,
+   an event outside any run, is heard the same way.
 2. The canary key (a real simulator key) in no statistics view: ironwod_connect
    through every documented call path (simple protocol, extended protocol with
    bind parameters, PREPARE/EXECUTE, inside DO, inside a function), sealed to
@@ -202,6 +203,24 @@ def notify_scenario():
     except errors.InsufficientPrivilege:
         denied = True
     check(denied, "the CONNECT-only role cannot read ironwod.sync_events")
+
+    # Events outside a run are notified too: B disconnects while both listen.
+    with su() as c:
+        with c.transaction():
+            c.execute("SELECT ironwod_set_scope(%s, %s)", B)
+            c.execute("SELECT ironwod_disconnect(%s, %s)", B)
+    gone = rows("SELECT max(event_id) FROM ironwod.sync_events WHERE tenant_id = %s AND gym_id = %s "
+                "AND event = 'wodify.disconnected'", B)[0][0]
+    for role, conn in listeners.items():
+        def heard_gone():
+            conn.execute("SELECT 1")
+            return str(gone) in heard[role]
+        try:
+            wait_until(f"{role} to hear B's disconnect", heard_gone, 60)
+            ok = True
+        except RuntimeError:
+            ok = False
+        check(gone is not None and ok, f"{role} hears B's disconnect (event {gone}) as an event id")
     for conn in listeners.values():
         conn.close()
 
