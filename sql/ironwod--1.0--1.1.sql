@@ -162,6 +162,13 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.check_config() IS 'Admin: configuration checks (database, supervisor, extension and library version, worker slots, worker role and pg_hba.conf, base URL, master key, master key command file and output), each with a message naming the cause and a hint naming the fix';
 
+-- ---- the transform's id and date readers in C (src/wire.c) --------------------
+
+CREATE OR REPLACE FUNCTION ironwod.j_date(p text) RETURNS date
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_j_date';
+CREATE OR REPLACE FUNCTION ironwod.j_id(p jsonb) RETURNS bigint
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_j_id';
+
 -- ---- program breakdowns: membership programs ---------------------------------
 
 CREATE FUNCTION ironwod.j_ids(p jsonb, p_field text) RETURNS bigint[]

@@ -2,12 +2,15 @@
  *
  * wire.c
  *	  Wodify's wire formats, read and written without SPI: vendor datetimes
- *	  (ironwod.parse_ts), percent-encoded search values (ironwod.urlencode)
- *	  and time zone names (ironwod.is_time_zone).
+ *	  (ironwod.parse_ts), ids and civil dates (ironwod.j_id, ironwod.j_date),
+ *	  percent-encoded search values (ironwod.urlencode) and time zone names
+ *	  (ironwod.is_time_zone).
  *
- *	  Both run once per record or per planned unit, so they are plain C: the
- *	  SQL versions they replace cost a regular expression and a cast per
- *	  value, and a convert_to() per byte.
+ *	  They run once per record, field or planned unit, so they are plain C:
+ *	  the SQL versions they replace cost a regular expression and a cast per
+ *	  value (j_date, whose cast is only stable, was not even inlined but ran
+ *	  through the SQL function executor for every value), and a convert_to()
+ *	  per byte.
  *
  *-------------------------------------------------------------------------
  */
@@ -18,10 +21,14 @@
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
 #include "pgtime.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(ironwod_parse_ts);
+PG_FUNCTION_INFO_V1(ironwod_j_id);
+PG_FUNCTION_INFO_V1(ironwod_j_date);
 PG_FUNCTION_INFO_V1(ironwod_urlencode);
 PG_FUNCTION_INFO_V1(ironwod_is_time_zone);
 
@@ -179,6 +186,56 @@ ironwod_parse_ts(PG_FUNCTION_ARGS)
 	if (!iw_parse_vendor_ts(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), &ts))
 		PG_RETURN_NULL();
 	PG_RETURN_TIMESTAMPTZ(ts);
+}
+
+/*
+ * A Wodify id: a JSON number, or a string of ASCII digits, as bigint; the 0
+ * sentinel and anything else (null, true, "", "12a", an object) are NULL.  A
+ * fractional number rounds, and one beyond bigint is an error, as the numeric
+ * to bigint cast they go through does.
+ */
+Datum
+ironwod_j_id(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *jb = PG_GETARG_JSONB_P(0);
+	JsonbValue	v;
+	Datum		num;
+
+	if (!JsonbExtractScalar(&jb->root, &v))
+		PG_RETURN_NULL();
+	if (v.type == jbvNumeric)
+		num = NumericGetDatum(v.val.numeric);
+	else if (v.type == jbvString && v.val.string.len > 0 &&
+			 digits(v.val.string.val, v.val.string.len))
+		num = DirectFunctionCall3(numeric_in,
+								  CStringGetDatum(pnstrdup(v.val.string.val, v.val.string.len)),
+								  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+	else
+		PG_RETURN_NULL();
+	if (DatumGetBool(DirectFunctionCall2(numeric_eq, num, NumericGetDatum(int64_to_numeric(0)))))
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(DirectFunctionCall1(numeric_int8, num));
+}
+
+/*
+ * A Wodify civil date: the first 10 characters of YYYY-MM-DD[...] as a date,
+ * never through a time zone; the 1900-01-01 sentinel and any other shape are
+ * NULL.  A well-shaped impossible date (2024-02-30) is date_in's error, as the
+ * text to date cast it goes through gives.
+ */
+Datum
+ironwod_j_date(PG_FUNCTION_ARGS)
+{
+	text	   *t = PG_GETARG_TEXT_PP(0);
+	const char *s = VARDATA_ANY(t);
+	char		day[11];
+
+	if (VARSIZE_ANY_EXHDR(t) < 10 || !digits(s, 4) || s[4] != '-' || !digits(s + 5, 2) ||
+		s[7] != '-' || !digits(s + 8, 2) || memcmp(s, "1900-01-01", 10) == 0)
+		PG_RETURN_NULL();
+	memcpy(day, s, 10);
+	day[10] = '\0';
+	PG_RETURN_DATUM(DirectFunctionCall1(date_in, CStringGetDatum(day)));
 }
 
 /*

@@ -38,21 +38,16 @@ BEGIN
 END
 $idx$;
 
--- Wodify sentinels: 1900-01-01 dates, 0 ids and "" texts mean "no value".
+-- Wodify sentinels: 1900-01-01 dates, 0 ids and "" texts mean "no value".  The
+-- date and id readers run for most fields of every transformed record: in C
+-- (src/wire.c), where the SQL versions cost a regular expression and casts per
+-- value, and j_date (its text to date cast only stable) was not even inlined.
 CREATE FUNCTION ironwod.j_date(p text) RETURNS date
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT CASE WHEN p ~ '^\d{4}-\d{2}-\d{2}' AND left(p, 10) <> '1900-01-01'
-                THEN left(p, 10)::date END
-$$;
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_j_date';
 COMMENT ON FUNCTION ironwod.j_date(text) IS 'Wodify civil date text to date (first 10 characters, never through a time zone); the 1900-01-01 sentinel and garbage become NULL';
 
 CREATE FUNCTION ironwod.j_id(p jsonb) RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-    SELECT CASE WHEN jsonb_typeof(p) = 'number' OR p #>> '{}' ~ '^\d+$'
-                THEN nullif((p #>> '{}')::numeric, 0)::bigint END
-$$;
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_j_id';
 COMMENT ON FUNCTION ironwod.j_id(jsonb) IS 'Wodify id to bigint; the 0 sentinel and non-numbers become NULL';
 
 CREATE FUNCTION ironwod.j_num(p jsonb) RETURNS numeric
