@@ -504,6 +504,106 @@ def dump_all(sim):
     return out
 
 
+def every_answer(sim, full=True):
+    """(path, status, body bytes) of every request a connector backfill of every gym
+    makes (of the first only, unless full), of dump_all's, and of searches at the edges
+    of the search engine: every comparison at a record's own value (where a range
+    lookup one position off shows), two-sided windows, sorts both ways, small pages,
+    errors; on the first gym's every searchable kind (full) or two gyms' transactions
+    and invoices."""
+    out = []
+
+    def fetch(path, key):
+        st, _, b = sim.raw("GET", path, key)
+        out.append((path, st, b))
+        return b
+
+    def walk(path, key):
+        """Up to four pages of a search, seven records each unless path says otherwise."""
+        page = 1
+        while True:
+            b = fetch(f"{path}&page={page}" + ("" if "page_size" in path else "&page_size=7"), key)
+            doc = json.loads(b)
+            if "pagination" not in doc or not doc["pagination"]["has_more"] or page >= 4:
+                return doc
+            page += 1
+    orig = sim.raw
+
+    def raw(method, path, key=None, body=None, headers=None):
+        r = orig(method, path, key, body, headers)
+        if method == "GET" and not path.startswith("/_sim"):
+            out.append((path, r[0], r[2]))
+        return r
+    sim.raw = raw
+    try:
+        for g in sim.gyms["gyms"][:None if full else 1]:
+            backfill(sim, g)
+        dump_all(sim)
+    finally:
+        sim.raw = orig
+    for g in sim.gyms["gyms"][:1 if full else 2]:
+        key = g["api_key"]
+        for path, field in (("/financials/transactions/search", "transaction_date_time"),
+                            ("/financials/invoices/search", "created_on_datetime"),
+                            ("/financials/invoices/search", "payment_due"),
+                            ("/financials/invoices/search", "final_charge"),
+                            ("/financials/transactions/search", "amount"),
+                            ("/memberships/search", "start_date"),
+                            ("/memberships/search", "end_date"),
+                            ("/clients/search", "last_class_sign_in"),
+                            ("/clients/search", "client_status"),
+                            ("/memberships/holds/search", "hold_start_date"))[:None if full else 2]:
+            recs = json.loads(fetch(path.replace("/search", "") + "?sort=id&page_size=100", key))
+            recs = next(v for k, v in recs.items() if isinstance(v, list))
+            if not recs:
+                continue
+            def val(r):
+                v = r.get(field)
+                return v if v is not None else next(x[field] for x in r.values() if isinstance(x, dict) and field in x)
+            vals = sorted({str(val(r)) for r in recs})
+            for v in (vals[0], vals[len(vals) // 2], vals[-1]):
+                for op in ("gte", "gt", "lt", "lte", "eq", "neq"):
+                    walk(f"{path}?q={q(f'{field}|{op}|{v}')}&sort=id", key)
+                walk(f"{path}?q={q(f'{field}|between|{vals[0]}|{v}')}&sort=desc_{field}", key)
+                walk(f"{path}?q={q(f'{field}|gte|{v};{field}|lt|{vals[-1]}')}&sort={field}&page_size=7", key)
+                walk(f"{path}?q={q(f'{field}|lte|{v};id|gt|0')}", key)
+        walk(f"/financials/invoices/search?q={q('final_charge|gt|abc')}", key)
+        walk(f"/financials/invoices/search?q={q('nope|gte|1')}", key)
+        walk(f"/clients/search?q={q('first_name|starts_with|A')}&sort=desc_last_name", key)
+    return out
+
+
+def test_fast_path_bytes():
+    """The simulator's caches and search index change no byte of any answer: a fresh
+    simulator answers everything twice (the second time from its caches) and the same
+    seed under --no-cache, which renders every answer from scratch, must answer the
+    same bytes; again after posted transactions and after /_sim/advance, which must
+    drop what was cached."""
+    fast = Sim("--rate", "100000", "--burst", "100000")
+    ref = Sim("--rate", "100000", "--burst", "100000", "--no-cache")
+    try:
+        for step in ("fresh", "posted", "advanced"):
+            if step == "posted":
+                for s in (fast, ref):
+                    for i, g in enumerate(s.gyms["gyms"]):
+                        s.sim("POST", "/_sim/transactions", {"api_key": g["api_key"], "amount": 12.5 + i,
+                                                             "transaction_date_time": "2026-09-30T23:59:59Z"})
+                    s.sim("POST", "/_sim/transactions", {"api_key": s.gyms["gyms"][1]["api_key"], "generated": False})
+            if step == "advanced":
+                for s in (fast, ref):
+                    s.sim("POST", "/_sim/advance?days=3")
+                    s.gyms = s.sim("GET", "/_sim/gyms")
+            want = every_answer(ref, step == "fresh")
+            for rnd in ("cold", "cached"):
+                got = every_answer(fast, step == "fresh")
+                bad = [w[0] for w, x in zip(want, got) if w != x]
+                check(f"fast path bytes = --no-cache ({step}, {rnd})", len(got) == len(want) and not bad,
+                      f"{len(bad)} of {len(want)} answers differ, first {bad[:2]}")
+    finally:
+        fast.stop()
+        ref.stop()
+
+
 def test_determinism_and_advance(a):
     global TODAY
     b = Sim("--rate", "100000", "--burst", "100000")
@@ -554,6 +654,7 @@ def main():
         test_errors(a)
         test_faults_and_stats(a)
         test_throttle()
+        test_fast_path_bytes()
         test_determinism_and_advance(a)
     finally:
         rc, err = a.stop()

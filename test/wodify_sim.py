@@ -68,6 +68,7 @@ client used.
 """
 
 import argparse
+import bisect
 import hashlib
 import json
 import random
@@ -89,6 +90,7 @@ from zoneinfo import ZoneInfo
 
 SENT_DATE = "1900-01-01"
 SENT_DT = "1900-01-01T00:00:00Z"
+ONE_HOUR = timedelta(hours=1)
 FAR = date(2199, 12, 31)          # "never" for planned ends; never rendered
 
 TIME_ZONES = {
@@ -183,7 +185,14 @@ def rng(*parts):
 
 
 def fmt_dt(dt):
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt is not None else SENT_DT
+    if dt is None:
+        return SENT_DT
+    # isoformat is the same text as the strftime below for a naive datetime with no
+    # microseconds from year 1000 on (every model instant), at a fifth of its cost:
+    # rendering a page is mostly formatting its time stamps.
+    if type(dt) is datetime and not dt.microsecond and dt.tzinfo is None and dt.year >= 1000:
+        return dt.isoformat() + "Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def fmt_d(d):
@@ -303,6 +312,7 @@ class Gym:
 
     def __init__(self, seed, index, scale, anchor, today):
         self.seed, self.index, self.scale = seed, index, scale
+        self.search_index = {}          # kind -> narrow()'s sorted field values
         self.anchor, self.today = anchor, today
         self.cutoff = datetime(today.year, today.month, today.day) + timedelta(days=1)
         self.backfill_since = add_months(month_start(today), -24)
@@ -1050,34 +1060,43 @@ class Gym:
                 "created": audit("created", 0, "System", t.at)}
 
     def r_signin(self, s):
+        # Every sign-in a connector asks for is rendered on request (a large gym's would
+        # not fit in memory pre-rendered), so this is the simulator's hottest code: each
+        # value is computed once (the sign-in instant appears three times).
         c, m = s.client, s.membership
         loc_id, loc_name = self.loc_ref(s.loc)
         prog = self.programs[s.slot_prog]
-        end_local = s.local_start + timedelta(hours=1)
-        by = (c.id, f"{c.first} {c.last}") if s.source[0] == 2 else self.staff[1 % len(self.staff)]
+        local = s.local_start
+        name = f"{c.first} {c.last}"
+        by_id, by = (c.id, name) if s.source[0] == 2 else self.staff[1 % len(self.staff)]
+        signed = fmt_dt(s.signed_at)
+        member = m is not None
+        key = m.plan.key if member else None
+        capped = member and key in PLAN_RATE_CAP
+        pack = member and key == "pack"
         return {
-            "id": s.id, "client_id": c.id, "client": f"{c.first} {c.last}", "email": c.email,
+            "id": s.id, "client_id": c.id, "client": name, "email": c.email,
             "gender_id": c.gender[0], "gender": c.gender[1],
-            "class_id": s.class_id, "class": f"{prog['name']} {s.local_start.strftime('%H:%M')}",
-            "sign_in_date_time": fmt_dt(s.signed_at), "sign_in_source_id": s.source[0],
+            "class_id": s.class_id, "class": f"{prog['name']} {local.hour:02d}:{local.minute:02d}",
+            "sign_in_date_time": signed, "sign_in_source_id": s.source[0],
             "sign_in_source": s.source[1],
             "utc_class_start_datetime": fmt_dt(s.utc_start),
-            "local_class_start_datetime": fmt_dt(s.local_start),
-            "utc_class_end_datetime": fmt_dt(s.utc_start + timedelta(hours=1)),
-            "local_class_end_datetime": fmt_dt(end_local),
+            "local_class_start_datetime": fmt_dt(local),
+            "utc_class_end_datetime": fmt_dt(s.utc_start + ONE_HOUR),
+            "local_class_end_datetime": fmt_dt(local + ONE_HOUR),
             "program_id": prog["id"], "program": prog["name"],
             "location_id": loc_id, "location": loc_name,
-            "membership_id": m.id if m is not None else 0, "membership": m.plan.name if m is not None else "",
+            "membership_id": m.id if member else 0, "membership": m.plan.name if member else "",
             "online_membership_sale_id": 0, "is_drop_in": False, "is_auto_sign_in": s.source[0] == 3,
-            "counts_towards_attendance_limits": m is not None,
-            "is_membership_enforcement_enabled": m is not None,
-            "limited_plan_enforcement_type_id": 1 if m is not None and m.plan.key in PLAN_RATE_CAP else 0,
-            "limited_plan_enforcement_type": "Warn" if m is not None and m.plan.key in PLAN_RATE_CAP else "",
-            "class_pack_enforcement_type_id": 2 if m is not None and m.plan.key == "pack" else 0,
-            "class_pack_enforcement_type": "Block" if m is not None and m.plan.key == "pack" else "",
+            "counts_towards_attendance_limits": member,
+            "is_membership_enforcement_enabled": member,
+            "limited_plan_enforcement_type_id": 1 if capped else 0,
+            "limited_plan_enforcement_type": "Warn" if capped else "",
+            "class_pack_enforcement_type_id": 2 if pack else 0,
+            "class_pack_enforcement_type": "Block" if pack else "",
             "is_attended_email_sent": False,
-            "created": audit("created", by[0], by[1], s.signed_at),
-            "updated": audit("updated", by[0], by[1], s.signed_at),
+            "created": {"created_by_id": by_id, "created_by": by, "created_on_datetime": signed},
+            "updated": {"updated_by_id": by_id, "updated_by": by, "updated_on_datetime": signed},
         }
 
     def _status_history(self, c):
@@ -1344,7 +1363,56 @@ def compile_query(q, sample):
             if not OP_FUNCS[op](value_of(rec, path, ftype), val, ftype):
                 return False
         return True
+    pred.clauses = clauses
     return pred
+
+
+# Which positions of a field's sorted values a comparison keeps: (from, to) as bisect
+# functions of the value, None for an open end.
+RANGE_OPS = {"gte": (bisect.bisect_left, None), "gt": (bisect.bisect_right, None),
+             "lt": (None, bisect.bisect_left), "lte": (None, bisect.bisect_right),
+             "eq": (bisect.bisect_left, bisect.bisect_right)}
+
+
+def narrow(index, coll, clauses):
+    """The records of coll that can pass the range clauses (gte, gt, lt, lte, eq,
+    between), in coll's order: a superset of what the predicate keeps, found by
+    bisecting each field's sorted values instead of testing every record (a windowed
+    search of a large gym's invoices tested all of them for every month).  index maps
+    (path, ftype) to (coll, values sorted, positions in the same order), built on
+    first use; the caller still applies the predicate to what this returns."""
+    lo, hi, path_bounds = 0, len(coll), {}
+    for path, ftype, op, val in clauses:
+        if op not in RANGE_OPS and op != "between":
+            continue
+        ent = index.get((path, ftype))
+        if ent is None or ent[0] is not coll:
+            try:
+                vals = sorted((value_of(r, path, ftype), i) for i, r in enumerate(coll))
+                ent = (coll, [v for v, _ in vals], [i for _, i in vals])
+            except TypeError:       # values that do not compare: no index
+                ent = (coll, None, None)
+            index[(path, ftype)] = ent
+        keys = ent[1]
+        if keys is None:
+            continue
+        a, b = path_bounds.get((path, ftype), (0, len(keys)))
+        try:
+            if op == "between":
+                a, b = max(a, bisect.bisect_left(keys, val[0])), min(b, bisect.bisect_right(keys, val[1]))
+            else:
+                f, t = RANGE_OPS[op]
+                if f:
+                    a = max(a, f(keys, val))
+                if t:
+                    b = min(b, t(keys, val))
+        except TypeError:
+            continue
+        path_bounds[(path, ftype)] = (a, b)
+    if not path_bounds:
+        return coll
+    (path, ftype), (a, b) = min(path_bounds.items(), key=lambda x: x[1][1] - x[1][0])
+    return [coll[i] for i in sorted(index[(path, ftype)][2][a:b])] if a < b else []
 
 
 def sort_records(records, sort, sample):
@@ -1459,6 +1527,9 @@ class Sim:
         self.cache = {}                 # (model id, gym, kind, client, q, sort) -> list
         self.pages = {}                 # cache key + (page, size) -> rendered body bytes
         self.pages_bytes = 0
+        # --no-cache serves every answer the slow, obvious way (no page cache, no
+        # search index): the reference the self-test compares the fast path with.
+        self.fast = not args.no_cache
         self.reset_stats()
 
     def reset_stats(self):
@@ -1915,8 +1986,8 @@ class Handler(BaseHTTPRequestHandler):
         # simulator is not what a fast client waits for.
         pk = ck + (page, size)
         with sim.lock:
-            rendered = sim.pages.get(pk)
-            rows = sim.cache.get(ck) if rendered is None else None
+            rendered = sim.pages.get(pk) if sim.fast else None
+            rows = sim.cache.get(ck) if rendered is None and sim.fast else None
         if rendered is not None:
             return 200, rendered
         if rows is None:
@@ -1924,6 +1995,8 @@ class Handler(BaseHTTPRequestHandler):
                 rows = loader()
                 if q:
                     pred = compile_query(q, sample)
+                    if sim.fast and kind != "signins":
+                        rows = narrow(gym.search_index.setdefault(kind, {}), rows, pred.clauses)
                     rows = [r for r in rows if pred(r)]
                 elif sort and sample is not None:
                     field_path(sample, sort[5:] if sort.startswith("desc_") else sort)
@@ -1939,6 +2012,8 @@ class Handler(BaseHTTPRequestHandler):
                                "pagination": {"page": page, "page_size": size,
                                               "has_more": page * size < len(rows)},
                                "wodify_validation_result": ""}, separators=(",", ":")).encode()
+        if not sim.fast:
+            return 200, rendered
         with sim.lock:
             if sim.pages_bytes + len(rendered) > sim.args.page_cache_mb * 1048576:
                 sim.pages.clear()
@@ -2156,6 +2231,8 @@ def main(argv=None):
     ap.add_argument("--retry-after", dest="retry_after", type=int, default=None)
     ap.add_argument("--page-cache-mb", dest="page_cache_mb", type=int, default=1024,
                     help="memory for rendered pages, served again without re-encoding")
+    ap.add_argument("--no-cache", dest="no_cache", action="store_true",
+                    help="render every answer from scratch (the reference for the fast path)")
     ap.add_argument("--history-start", dest="history_start", default=None,
                     help="YYYY-MM-DD; pins the model's first day (default: 1st of the month "
                          "30 months before --today).  Lets a fresh start reproduce an "
