@@ -1951,3 +1951,8 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a gym: cancel queued and running runs, destroy the sealed key, and emit event wodify.disconnected (NOTIFY ironwod_events)';
+
+-- ironwod.payload_hash(entity, payload) works on Citus over a tenant table's rows
+-- too: it reads the registry, a reference table, on the shard's node, where Citus
+-- allows that only with citus.allow_nested_distributed_execution (see 40_landing).
+ALTER FUNCTION ironwod.payload_hash(text, jsonb) SET citus.allow_nested_distributed_execution = on;

@@ -937,8 +937,21 @@ COMMENT ON FUNCTION ironwod.payload_hash(jsonb) IS 'SHA-256 of a jsonb binary (t
 -- The hash landing stores for a record of an entity, recomputed from a stored
 -- payload: that of the payload without the entity's volatile fields (src/page.c
 -- removes them with the same jsonb "-" operator).
+--
+-- On Citus a call over a tenant table's rows runs on the shard's node, inside
+-- the task Citus sent there, and Citus refuses any query of a Citus table in
+-- such a task ("cannot execute a distributed query from a query on a shard"),
+-- a reference table's too.  The registry is a reference table, with a placement
+-- on every node: this function's one read of it is Citus's local execution on
+-- the node's own placement, in the task's transaction (a registry change made
+-- earlier in the transaction is seen: Citus sends the task over the connection
+-- that made it).  So the function allows nested execution for its own statement,
+-- which reads no distributed table.  The list stays the registry's (an UPDATE
+-- changes it; no other copy exists on the node), so it is read, not passed in.
+-- Without Citus the setting is an unused placeholder.
 CREATE FUNCTION ironwod.payload_hash(p_entity text, p_payload jsonb) RETURNS bytea
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET citus.allow_nested_distributed_execution = on
 AS $$
     SELECT ironwod.payload_hash(p_payload - e.volatile_fields) FROM ironwod.entities e WHERE e.entity = p_entity
 $$;

@@ -107,3 +107,29 @@ FROM pg_temp.plan_tasks($$
       AND c.location_key = 'ALL' AND c.program_key = 'ALL'
       AND c.month_start BETWEEN date '2024-01-01' AND date '2024-12-01'
     ORDER BY c.month_start$$) AS tasks;
+
+-- ironwod.payload_hash(entity, payload) over every raw row of every tenant: Citus
+-- runs it on the shards' nodes, where it reads the registry (a reference table)
+-- from the node's own placement; every hash a run stored is the recomputed one
+-- (07_metrics_cases writes its raw fixtures without a run, with hashes of its own).
+CREATE FUNCTION pg_temp.raw_hashes() RETURNS TABLE (entity text, n bigint, same bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    e record;
+BEGIN
+    FOR e IN SELECT x.entity, x.raw_table FROM ironwod.entities x ORDER BY x.ordinal LOOP
+        entity := e.entity;
+        EXECUTE format('SELECT count(*), count(*) FILTER (WHERE ironwod.payload_hash(%L, r.payload_json) = r.payload_hash)
+                        FROM ironwod.%I r
+                        JOIN ironwod.sync_runs s
+                          ON s.tenant_id = r.tenant_id AND s.gym_id = r.gym_id AND s.run_id = r.ingest_run_id',
+                       e.entity, e.raw_table) INTO n, same;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+SELECT pg_temp.check(sum(n) > 1000 AND bool_and(n = same) AND count(*) FILTER (WHERE n > 0) >= 6,
+                     format('ironwod.payload_hash(entity, payload) runs on the shards: %s raw rows, every stored hash recomputed',
+                            sum(n)),
+                     string_agg(entity || ': ' || same || ' of ' || n, ', '))
+FROM pg_temp.raw_hashes();

@@ -117,6 +117,9 @@ WHERE NOT c.is_partial;
 -- people with access through their memberships' programs, visits to the program's
 -- classes, money where the program's memberships grant it alone; and for the gym
 -- whose memberships carry no programs, visits with people and money unknown.
+-- (The outer join is on the ALL row's tenant: Citus pushes an outer join between
+-- two distributed tables down only when it joins their distribution columns
+-- directly, not through the local sim_scopes.)
 SELECT count(DISTINCT (s.idx, t.program_key)) >= 12 AS compared_programs,
        count(*) FILTER (WHERE c.month_start IS NULL) AS missing_program_rows,
        count(*) FILTER (WHERE t.members_end IS DISTINCT FROM c.members_end) AS members_mismatch,
@@ -133,7 +136,7 @@ JOIN ironwod.gym_monthly_metrics_cache a
   ON a.tenant_id = s.tenant_id AND a.gym_id = s.gym_id AND a.location_key = 'ALL' AND a.program_key = 'ALL'
  AND a.month_start = t.month_start AND NOT a.is_partial
 LEFT JOIN ironwod.gym_monthly_metrics_cache c
-  ON c.tenant_id = s.tenant_id AND c.gym_id = s.gym_id AND c.location_key = 'ALL' AND c.program_key = t.program_key
+  ON c.tenant_id = a.tenant_id AND c.gym_id = a.gym_id AND c.location_key = 'ALL' AND c.program_key = t.program_key
  AND c.month_start = t.month_start;
 -- On every program row: the snapshot identity, the MRR bridge and start = previous
 -- end; people never more than the gym's (counted once at ALL, not added up: the
