@@ -114,7 +114,7 @@ if want checks; then
     rc=0
     out=$(psql -qAtX -v ON_ERROR_STOP=1 -f test/citus/checks.sql 2>&1) || rc=$?
     echo "$out"
-    echo "$out" | grep -q '^not ok' && rc=1
+    grep -q '^not ok' <<<"$out" && rc=1
     note $rc "citus: every table distributed or reference, tenants on one node, RLS forced on every shard"
 
     # The dashboard call itself, as the app: the commands Citus sends to the nodes

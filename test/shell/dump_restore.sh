@@ -81,11 +81,12 @@ COMMIT;
 SQL
 }
 before=$(snapshot postgres)
-echo "$before" | grep -q '^wodify_raw_clients rows=[1-9]' || fail "nothing landed on A: $before"
-echo "$before" | grep -q '^gym_monthly_metrics_cache rows=[1-9]' || fail "no cache on A"
+grep -q '^wodify_raw_clients rows=[1-9]' <<<"$before" || fail "nothing landed on A: $before"
+grep -q '^gym_monthly_metrics_cache rows=[1-9]' <<<"$before" || fail "no cache on A"
 DUMP=$TOP/metrics.dump
 "$PGBIN/pg_dump" -Fc -d postgres -f "$DUMP"
-"$PGBIN/pg_restore" -l "$DUMP" | grep -q 'TABLE DATA ironwod wodify_raw_clients' || fail "the dump has no raw data"
+"$PGBIN/pg_restore" -l "$DUMP" > "$TOP/toc"
+grep -q 'TABLE DATA ironwod wodify_raw_clients' "$TOP/toc" || fail "the dump has no raw data"
 # Of the registry, only the edited row is in the dump (CREATE EXTENSION writes the rest).
 registry=$("$PGBIN/pg_restore" -a -t entities -f - "$DUMP" | sed -n '/^COPY ironwod.entities /,/^\\\.$/p' | sed '1d;$d' | cut -f1)
 [ "$registry" = programs ] || fail "registry rows in the dump: '$registry' (want only the edited programs row)"
@@ -97,8 +98,8 @@ start_cluster ironwod "ironwod.naptime = 2000" "ironwod.master_key_command = '$A
 B_PORT=$PGPORT
 psql -qX -v ON_ERROR_STOP=1 -c 'CREATE DATABASE metrics_restored' >/dev/null
 out=$("$PGBIN/pg_restore" --single-transaction -d metrics_restored "$DUMP" 2>&1 || true)
-echo "$out" | grep -q 'ironwod can only be installed in database "postgres"' || fail "restore into another database was not refused: $out"
-echo "$out" | grep -q "HINT:  .*ironwod.database_name = 'metrics_restored'" || fail "no hint naming the setting: $out"
+grep -q 'ironwod can only be installed in database "postgres"' <<<"$out" || fail "restore into another database was not refused: $out"
+grep -q "HINT:  .*ironwod.database_name = 'metrics_restored'" <<<"$out" || fail "no hint naming the setting: $out"
 [ "$(psql -qAtX -d metrics_restored -c "SELECT count(*) FROM pg_namespace WHERE nspname = 'ironwod'")" = 0 ] \
     || fail "a refused single-transaction restore left ironwod behind"
 # The README's procedure: name the database, restart, restore.
@@ -110,7 +111,7 @@ as_pg "$PGBIN/pg_ctl -D '$WORK/data' -m fast -w restart" >/dev/null
 after=$(snapshot metrics_restored)
 [ "$after" = "$before" ] || fail "restored database differs:
 $(diff <(echo "$before") <(echo "$after") || true)"
-echo "$after" | grep -q 'programs:/programs:50,' || fail "the edited registry row did not survive"
+grep -q 'programs:/programs:50,' <<<"$after" || fail "the edited registry row did not survive"
 replayed=$(psql -qAtX -v ON_ERROR_STOP=1 -d metrics_restored <<SQL
 BEGIN;
 SELECT ironwod_set_scope('$T', '$G') \\g /dev/null

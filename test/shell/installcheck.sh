@@ -23,20 +23,20 @@ out=$(make -s -C "$TMP/clone" installcheck PG_CONFIG="$PG_CONFIG" 2>&1) \
     || fail "make installcheck as root: $out"
 n=$(make -s -C "$TMP/clone" -f - <<<'include Makefile
 print-regress: ; @echo $(words $(REGRESS))' print-regress PG_CONFIG="$PG_CONFIG")
-echo "$out" | grep -q "All $n tests passed" || fail "as root: $out"
-echo "$out" | grep -q 'All 1 tests passed' || fail "as root, isolation: $out"
+grep -q "All $n tests passed" <<<"$out" || fail "as root: $out"
+grep -q 'All 1 tests passed' <<<"$out" || fail "as root, isolation: $out"
 
 # As an ordinary user (postgres) who owns a checkout of their own.
 clean_results
 chown -R postgres "$TMP"
 out=$(su postgres -s /bin/sh -c "make -s -C '$TMP/clone' installcheck PG_CONFIG='$PG_CONFIG' REGRESS=01_install ISOLATION=" 2>&1) \
     || fail "make installcheck as postgres: $out"
-echo "$out" | grep -q 'All 1 tests passed' || fail "as postgres: $out"
+grep -q 'All 1 tests passed' <<<"$out" || fail "as postgres: $out"
 
 # An installation without ironwod: told to run make install.
 mkdir "$TMP/empty"
 printf '#!/bin/sh\ncase "$1" in --pkglibdir|--sharedir) echo %s ;; *) exec %s "$@" ;; esac\n' "$TMP/empty" "$PG_CONFIG" >"$TMP/pg_config"
 chmod 755 "$TMP/pg_config"
 out=$(make -s -C "$TMP/clone" installcheck PG_CONFIG="$TMP/pg_config" 2>&1) && fail "installcheck without ironwod installed passed"
-echo "$out" | grep -q 'ironwod is not installed in the PostgreSQL of .*: run make install first' || fail "no clear message: $out"
+grep -q 'ironwod is not installed in the PostgreSQL of .*: run make install first' <<<"$out" || fail "no clear message: $out"
 echo "ok - make installcheck against an installed PostgreSQL, as root and as its owner; a clear message when ironwod is not installed"

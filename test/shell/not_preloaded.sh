@@ -18,7 +18,7 @@ source "$(dirname "$0")/../cluster.sh"
 worker_hba "$dir/data/pg_hba.conf"
 su postgres -s /bin/sh -c "$PGBIN/pg_ctl -D '$dir/data' -l '$dir/log' -w -o \"-c listen_addresses='' -c unix_socket_directories='$dir' -c port=$port\" start" >/dev/null
 out=$(psql -h "$dir" -p "$port" -U postgres -d postgres -X -v VERBOSITY=verbose -c 'CREATE EXTENSION ironwod' 2>&1 || true)
-echo "$out" | grep -q 'ERROR:  55000: ironwod must be loaded via shared_preload_libraries' || { echo "$out"; exit 1; }
-echo "$out" | grep -q 'HINT:  Add ironwod to shared_preload_libraries' || { echo "$out"; exit 1; }
+grep -q 'ERROR:  55000: ironwod must be loaded via shared_preload_libraries' <<<"$out" || { echo "$out"; exit 1; }
+grep -q 'HINT:  Add ironwod to shared_preload_libraries' <<<"$out" || { echo "$out"; exit 1; }
 left=$(psql -h "$dir" -p "$port" -U postgres -d postgres -XAt -c "SELECT count(*) FROM pg_namespace WHERE nspname = 'ironwod'")
 [ "$left" = 0 ]

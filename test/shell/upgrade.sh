@@ -98,8 +98,8 @@ tables=$(psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT array_agg(relname) FROM pg_cla
     AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'installed_definition' AND NOT a.attisdropped)")
 before=$(snapshot)
 all_before=$(all_rows)
-echo "$before" | grep -q '^wodify_raw_clients rows=[1-9]' || fail "nothing landed on $FROM: $before"
-echo "$before" | grep -q '^gym_monthly_metrics_cache rows=[1-9]' || fail "no cache on $FROM"
+grep -q '^wodify_raw_clients rows=[1-9]' <<<"$before" || fail "nothing landed on $FROM: $before"
+grep -q '^gym_monthly_metrics_cache rows=[1-9]' <<<"$before" || fail "no cache on $FROM"
 
 # ---- 2. ALTER EXTENSION ironwod UPDATE ----------------------------------------
 psql -qX -v ON_ERROR_STOP=1 -c 'ALTER EXTENSION ironwod UPDATE' >/dev/null
