@@ -98,7 +98,9 @@ DO $w$
 BEGIN
     FOR i IN 1..12000 LOOP
         EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
-        PERFORM pg_sleep(0.05);
+        -- pg_stat_activity is read once per transaction unless told to read again
+        PERFORM pg_stat_clear_snapshot();
+        PERFORM ironwod.wait_for_change(50);
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run') THEN
         RAISE EXCEPTION 'ironwod run workers still running 600 s after their runs finished';
