@@ -578,10 +578,18 @@ def test_fast_path_bytes():
     simulator answers everything twice (the second time from its caches) and the same
     seed under --no-cache, which renders every answer from scratch, must answer the
     same bytes; again after posted transactions and after /_sim/advance, which must
-    drop what was cached."""
+    drop what was cached.  With --page-cache-mb 0 no rendered page is kept, and the
+    answers are the same."""
     fast = Sim("--rate", "100000", "--burst", "100000")
     ref = Sim("--rate", "100000", "--burst", "100000", "--no-cache")
+    nopages = Sim("--rate", "100000", "--burst", "100000", "--page-cache-mb", "0")
     try:
+        want = every_answer(ref, True)
+        got = every_answer(nopages, True)
+        kept = nopages.sim("GET", "/_sim/stats")["page_cache"]
+        check("--page-cache-mb 0 keeps no page and changes no byte",
+              got == want and kept["pages"] == 0 and kept["bytes"] == 0,
+              f"{kept}, {sum(w != x for w, x in zip(want, got))} answers differ")
         for step in ("fresh", "posted", "advanced"):
             if step == "posted":
                 for s in (fast, ref):
@@ -599,9 +607,12 @@ def test_fast_path_bytes():
                 bad = [w[0] for w, x in zip(want, got) if w != x]
                 check(f"fast path bytes = --no-cache ({step}, {rnd})", len(got) == len(want) and not bad,
                       f"{len(bad)} of {len(want)} answers differ, first {bad[:2]}")
+        kept = fast.sim("GET", "/_sim/stats")["page_cache"]
+        check("the page cache keeps rendered pages", kept["pages"] > 0 and kept["bytes"] > 0, str(kept))
     finally:
         fast.stop()
         ref.stop()
+        nopages.stop()
 
 
 def test_determinism_and_advance(a):

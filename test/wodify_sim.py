@@ -10,7 +10,8 @@ prints "listening on PORT" once the socket is bound.  The server root plays the 
 https://api.wodify.com/v1.  Ground truth and fault injection live under /_sim/ (no key,
 never throttled, never counted).  GET /_sim/stats counts every other request by endpoint
 and status, and under "by_gym" by the gym of its key and how it ended (2xx, 429, 4xx, 5xx,
-network, envelope, slow), which is what a client's own attempt counters must equal.
+network, envelope, slow), which is what a client's own attempt counters must equal;
+"page_cache" says how many rendered pages (and bytes) are kept for serving again.
 
 How the model stays deterministic and "advanceable"
 ---------------------------------------------------
@@ -1524,7 +1525,12 @@ class Sim:
         # Transactions a test posted (POST /_sim/transactions), per key, and the keys
         # whose generated transactions are withheld; they survive /_sim/advance.
         self.posted, self.posted_seq, self.withheld = {}, 0, set()
-        self.cache = {}                 # (model id, gym, kind, client, q, sort) -> list
+        # Answers are cached per generation: every change to what the vendor serves
+        # (advance, a posted transaction) starts a new one, and an answer computed
+        # from an older generation is never stored (a request in flight across the
+        # change would otherwise cache what the vendor no longer says).
+        self.generation = 0
+        self.cache = {}                 # (generation, gym, kind, client, q, sort) -> list
         self.pages = {}                 # cache key + (page, size) -> rendered body bytes
         self.pages_bytes = 0
         # --no-cache serves every answer the slow, obvious way (no page cache, no
@@ -1666,9 +1672,6 @@ class Sim:
         with self.lock:
             self.model, self.today = model, new_today
             self.apply_posted()
-            self.cache.clear()
-            self.pages.clear()
-            self.pages_bytes = 0
         return new_today
 
     def apply_posted(self):
@@ -1677,6 +1680,7 @@ class Sim:
         for g in self.model.gyms:
             posted = self.posted.get(g.api_key, [])
             g.r_txns = ([] if g.api_key in self.withheld else g.r_txns_generated) + posted
+        self.generation += 1
         self.cache.clear()
         self.pages.clear()
         self.pages_bytes = 0
@@ -1890,8 +1894,9 @@ class Handler(BaseHTTPRequestHandler):
         if tpl is None or method != "GET":
             sim.count(label, 403, key=key)
             return self.send_json(403, {"message": "Missing Authentication Token"})
-        model = sim.model
-        gym = sim.gym_for(key)
+        with sim.lock:
+            generation = sim.generation
+            gym = sim.gym_for(key)
         if gym is None or not sim.entitled(key, path):
             sim.count(label, 403, key=key)
             return self.send_json(403, {"message": "Forbidden"})
@@ -1926,7 +1931,7 @@ class Handler(BaseHTTPRequestHandler):
             if fk == "hold":
                 sim.hold(fault)
             # slow / truncate / hold fall through to a normal body
-        status, obj = self.api(sim, model, gym, kind, ids, params)
+        status, obj = self.api(sim, generation, gym, kind, ids, params)
         fk = fault["kind"] if fault else None
         if fk in BODY_FAULTS and status == 200 and isinstance(obj, bytes):
             obj = poison_page(obj, fault)
@@ -1937,7 +1942,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- API handlers -------------------------------------------------------------------
 
-    def api(self, sim, model, gym, kind, ids, params):
+    def api(self, sim, generation, gym, kind, ids, params):
         not_found = (200, envelope_error(404, "NOT_FOUND", "Record not found for the given id",
                                          "The requested record was not found."))
         if kind in ("client", "membership", "invoice", "transaction", "hold", "program") or kind == "signins":
@@ -1973,7 +1978,7 @@ class Handler(BaseHTTPRequestHandler):
             rid = 0
         q = params.get("q", "") if self.path.split("?")[0].rstrip("/").endswith("/search") else ""
         sort = params.get("sort", "")
-        ck = (id(model), gym.index, kind, rid, q, sort)
+        ck = (generation, gym.index, kind, rid, q, sort)
         try:
             page = max(1, int(params.get("page", 1)))
         except ValueError:
@@ -2006,7 +2011,8 @@ class Handler(BaseHTTPRequestHandler):
             with sim.lock:
                 if len(sim.cache) > 512:
                     sim.cache.clear()
-                sim.cache[ck] = rows
+                if sim.generation == generation:
+                    sim.cache[ck] = rows
         chunk = rows[(page - 1) * size: page * size]
         rendered = json.dumps({LIST_KEYS[kind]: chunk,
                                "pagination": {"page": page, "page_size": size,
@@ -2014,11 +2020,14 @@ class Handler(BaseHTTPRequestHandler):
                                "wodify_validation_result": ""}, separators=(",", ":")).encode()
         if not sim.fast:
             return 200, rendered
+        limit = sim.args.page_cache_mb * 1048576
         with sim.lock:
-            if sim.pages_bytes + len(rendered) > sim.args.page_cache_mb * 1048576:
+            if sim.pages_bytes + len(rendered) > limit:
                 sim.pages.clear()
                 sim.pages_bytes = 0
-            if pk not in sim.pages:
+            # A page larger than the whole cache (every page, with --page-cache-mb 0)
+            # is not kept.
+            if len(rendered) <= limit and sim.generation == generation and pk not in sim.pages:
                 sim.pages[pk] = rendered
                 sim.pages_bytes += len(rendered)
         return 200, rendered
@@ -2035,6 +2044,7 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/_sim/stats" and method == "GET":
             with sim.lock:
                 snap = json.loads(json.dumps(sim.stats))
+                snap["page_cache"] = {"pages": len(sim.pages), "bytes": sim.pages_bytes}
             return self.send_json(200, snap)
         if path == "/_sim/stats/reset" and method == "POST":
             sim.reset_stats()
