@@ -91,23 +91,8 @@ watch_mem() {
 # one finished run (the function statistics were reset before it started).
 run_figures() {
     local run=$1 scale=$2 section=$3 mem=$4
+    wait_run_workers_gone
     q -v run="$run" -v scale="$scale" -v section="$section" -v mem="$mem" -v hz="$(getconf CLK_TCK)" <<'SQL'
--- The run workers' function statistics reach pg_stat_user_functions as they
--- exit, a moment after their runs finish: wait for that, not for a pause.
-DO $w$
-BEGIN
-    FOR i IN 1..12000 LOOP
-        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
-        -- pg_stat_activity is read once per transaction unless told to read again
-        PERFORM pg_stat_clear_snapshot();
-        PERFORM ironwod.wait_for_change(50);
-    END LOOP;
-    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run') THEN
-        RAISE EXCEPTION 'ironwod run workers still running 600 s after their runs finished';
-    END IF;
-END
-$w$;
-SELECT pg_stat_clear_snapshot();
 CREATE TEMP TABLE mem (at double precision, hwm bigint, anon bigint, cpu bigint);
 \set cmd 'COPY mem FROM ' :'mem' ' WITH (DELIMITER '' '')'
 :cmd;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared by test/run-tests.sh and test/demo.sh (sourced, not run): start the
+# Shared by the test runners, the demo and the benches (sourced, not run): start the
 # Wodify simulator and a throwaway PostgreSQL cluster with ironwod preloaded.
 # PostgreSQL refuses to run as root, so the server runs as the postgres OS user;
 # clients run as whoever we are and connect as the postgres database user.
@@ -19,6 +19,27 @@ wait_for() {
     done
 }
 export PG_CONFIG=${PG_CONFIG:-$SYSTEM_PGBIN/pg_config}
+
+# wait_run_workers_gone: until no ironwod run worker is left on the server psql
+# reaches.  A run worker's function statistics reach pg_stat_user_functions as it
+# exits, a moment after its run finishes: the benches wait for that, not for a
+# pause.  pg_stat_activity is read once per transaction unless told to read again.
+wait_run_workers_gone() {
+    psql -qAtX -v ON_ERROR_STOP=1 <<'SQL'
+DO $w$
+BEGIN
+    FOR i IN 1..12000 LOOP
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
+        PERFORM pg_stat_clear_snapshot();
+        PERFORM ironwod.wait_for_change(50);
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run') THEN
+        RAISE EXCEPTION 'ironwod run workers still running 600 s after their runs finished';
+    END IF;
+END
+$w$;
+SQL
+}
 SIM_PID=
 
 # As root the servers run as the postgres OS user (and so does its database

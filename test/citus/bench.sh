@@ -76,23 +76,8 @@ wait_run() {
 # run workers' transform_step and refresh_metrics totals (pg_stat_user_functions,
 # reset before the phase).
 phase_split() {
+    wait_run_workers_gone
     q -v setup="$1" -v phase="$2" -v runs="{${3// /,}}" <<'SQL' >>"$WORK/results"
--- The run workers' function statistics reach pg_stat_user_functions as they
--- exit, a moment after their runs finish: wait for that, not for a pause.
-DO $w$
-BEGIN
-    FOR i IN 1..12000 LOOP
-        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
-        -- pg_stat_activity is read once per transaction unless told to read again
-        PERFORM pg_stat_clear_snapshot();
-        PERFORM ironwod.wait_for_change(50);
-    END LOOP;
-    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run') THEN
-        RAISE EXCEPTION 'ironwod run workers still running 600 s after their runs finished';
-    END IF;
-END
-$w$;
-SELECT pg_stat_clear_snapshot() \g /dev/null
 SELECT format('%s|%s landing s|%s', :'setup', :'phase', round(avg(extract(epoch FROM e.landed - r.started_at))::numeric, 2))
 FROM ironwod.sync_runs r, LATERAL (SELECT max(x.completed_at) AS landed FROM ironwod.sync_run_entities x
                                    WHERE x.tenant_id = r.tenant_id AND x.gym_id = r.gym_id AND x.run_id = r.run_id) e
