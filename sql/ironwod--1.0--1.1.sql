@@ -1956,3 +1956,110 @@ COMMENT ON FUNCTION @extschema@.ironwod_disconnect(uuid, uuid) IS 'Disconnect a 
 -- too: it reads the registry, a reference table, on the shard's node, where Citus
 -- allows that only with citus.allow_nested_distributed_execution (see 40_landing).
 ALTER FUNCTION ironwod.payload_hash(text, jsonb) SET citus.allow_nested_distributed_execution = on;
+
+-- ironwod.run_progress reads each table in a MATERIALIZED CTE of its own and
+-- outer-joins only those (on Citus, an app or admin reading the view crashed the
+-- coordinator: Citus 12.1's planner, planning the outer joins over the
+-- distributed tables under row-level security, next to the entities reference
+-- table).
+CREATE OR REPLACE VIEW ironwod.run_progress WITH (security_invoker = true) AS
+WITH active AS MATERIALIZED (
+    SELECT r.tenant_id, r.gym_id, r.run_id, r.mode, r.status, r.phase, r.requested_at, r.started_at,
+           r.heartbeat_at, r.requests
+    FROM ironwod.sync_runs r
+    WHERE r.status IN ('queued', 'running')
+), run_entities AS MATERIALIZED (
+    SELECT s.tenant_id, s.gym_id, s.run_id, s.entity, s.status, s.units_total, s.units_done, s.units_skipped,
+           s.pulled, s.new_versions, s.pages
+    FROM ironwod.sync_run_entities s
+    JOIN active a ON a.tenant_id = s.tenant_id AND a.gym_id = s.gym_id AND a.run_id = s.run_id
+), registry AS MATERIALIZED (
+    SELECT e.entity, e.ordinal, e.backfill_strategy, e.due_field
+    FROM ironwod.entities e
+    WHERE e.enabled
+), entitlements AS MATERIALIZED (
+    SELECT n.tenant_id, n.gym_id, n.entity, n.last_checked_run
+    FROM ironwod.entity_entitlements n
+    WHERE (n.tenant_id, n.gym_id) IN (SELECT a.tenant_id, a.gym_id FROM active a)
+), previous AS MATERIALIZED (
+    SELECT DISTINCT ON (a.run_id, p.entity) a.run_id, p.entity, p.units_total, p.units_done, p.pages
+    FROM active a
+    JOIN ironwod.sync_runs pr ON pr.tenant_id = a.tenant_id AND pr.gym_id = a.gym_id
+                             AND pr.mode = a.mode AND pr.run_id < a.run_id
+    JOIN ironwod.sync_run_entities p ON p.tenant_id = pr.tenant_id AND p.gym_id = pr.gym_id
+                                    AND p.run_id = pr.run_id AND p.units_total IS NOT NULL
+    ORDER BY a.run_id, p.entity, p.run_id DESC
+), checkpointed AS MATERIALIZED (
+    SELECT b.tenant_id, b.gym_id, b.entity, count(*) AS units
+    FROM ironwod.backfill_checkpoints b
+    JOIN active a ON a.tenant_id = b.tenant_id AND a.gym_id = b.gym_id AND a.mode = 'backfill'
+    GROUP BY b.tenant_id, b.gym_id, b.entity
+), per_entity AS (
+    SELECT a.run_id, e.entity, e.ordinal, s.status AS entity_status,
+           coalesce(s.units_done, 0) + coalesce(s.units_skipped, 0) AS units_done,
+           s.units_total AS units_planned,
+           coalesce(s.units_total,
+                    prev.units_total,
+                    CASE WHEN e.backfill_strategy = 'full' THEN 1
+                         WHEN e.backfill_strategy = 'per_client' THEN cl.pulled
+                         WHEN a.mode = 'backfill' THEN current_setting('ironwod.backfill_months')::int + 1
+                         WHEN a.mode = 'incremental' AND e.due_field IS NOT NULL THEN 2
+                         ELSE 1 END) AS units_expected,
+           CASE WHEN s.units_total IS NULL THEN coalesce(ck.units, 0) ELSE 0 END AS units_checkpointed,
+           coalesce(s.pulled, 0) AS pulled, coalesce(s.new_versions, 0) AS new_versions,
+           coalesce(s.pages::float8 / nullif(s.units_done, 0), prev.pages::float8 / nullif(prev.units_done, 0), 1)
+               AS pages_per_unit
+    FROM active a
+    CROSS JOIN registry e
+    LEFT JOIN run_entities s
+           ON s.tenant_id = a.tenant_id AND s.gym_id = a.gym_id AND s.run_id = a.run_id AND s.entity = e.entity
+    LEFT JOIN run_entities cl
+           ON cl.tenant_id = a.tenant_id AND cl.gym_id = a.gym_id AND cl.run_id = a.run_id AND cl.entity = 'clients'
+          AND cl.status = 'completed'
+    LEFT JOIN previous prev ON prev.run_id = a.run_id AND prev.entity = e.entity
+    LEFT JOIN checkpointed ck ON ck.tenant_id = a.tenant_id AND ck.gym_id = a.gym_id AND ck.entity = e.entity
+    -- Entities the run skips (not entitled), as an anti-join: Citus plans no
+    -- correlated subquery over the materialized "active".
+    LEFT JOIN entitlements n
+           ON n.tenant_id = a.tenant_id AND n.gym_id = a.gym_id AND n.entity = e.entity
+          AND (a.mode <> 'reconcile' OR n.last_checked_run = a.run_id)
+    WHERE a.mode <> 'validate' AND n.entity IS NULL
+), per_run AS (
+    SELECT x.run_id,
+           count(*) FILTER (WHERE x.entity_status = 'completed') AS entities_done,
+           count(*) AS entities_total,
+           (array_agg(x.entity ORDER BY x.ordinal) FILTER (WHERE x.entity_status IS DISTINCT FROM 'completed'))[1]
+               AS current_entity,
+           sum(x.units_done) AS units_done,
+           -- NULL while an entity's size cannot be told yet (sign-ins before the clients)
+           CASE WHEN bool_and(x.units_expected IS NOT NULL) THEN sum(x.units_expected) END AS units_total,
+           bool_and(x.units_planned IS NOT NULL) AS fully_planned,
+           sum(x.pulled) AS records_landed, sum(x.new_versions) AS new_versions,
+           CASE WHEN bool_and(x.units_expected IS NOT NULL) THEN
+               sum(CASE WHEN x.entity_status = 'completed' THEN 0
+                        ELSE greatest(x.units_expected - x.units_checkpointed - x.units_done, 0) * x.pages_per_unit
+                   END) END AS requests_remaining
+    FROM per_entity x
+    GROUP BY x.run_id
+), paced AS (
+    SELECT a.*, coalesce(p.entities_done, 0) AS entities_done, coalesce(p.entities_total, 0) AS entities_total,
+           p.current_entity, coalesce(p.units_done, 0) AS units_done,
+           CASE WHEN a.mode = 'validate' THEN 0 ELSE p.units_total END AS units_total,
+           coalesce(p.fully_planned, true) AS fully_planned,
+           coalesce(p.records_landed, 0) AS records_landed, coalesce(p.new_versions, 0) AS new_versions,
+           CASE WHEN a.mode = 'validate' THEN greatest(1 - a.requests, 0) ELSE ceil(p.requests_remaining) END
+               AS requests_remaining,
+           least(ironwod.connection_rate(a.tenant_id, a.gym_id),
+                 CASE WHEN a.requests >= 10 AND now() - a.started_at >= interval '1 second'
+                      THEN a.requests / extract(epoch FROM now() - a.started_at)::float8 END) AS rate
+    FROM active a
+    LEFT JOIN per_run p ON p.run_id = a.run_id
+)
+SELECT x.tenant_id, x.gym_id, x.run_id, x.mode, x.status, x.phase, x.current_entity, x.requested_at,
+       x.started_at, x.heartbeat_at, x.entities_done, x.entities_total, x.units_done, x.units_total,
+       x.fully_planned, x.records_landed, x.new_versions, x.requests, x.requests_remaining::bigint,
+       round(x.rate::numeric, 2) AS rate,
+       make_interval(secs => round((x.requests_remaining / nullif(x.rate, 0))::numeric)::float8) AS eta,
+       now() + make_interval(secs => (x.requests_remaining / nullif(x.rate, 0))::float8) AS eta_at
+FROM paced x;
+COMMENT ON VIEW ironwod.run_progress IS 'Queued and running runs: current entity, entities and units done of (expected) total, records landed, requests so far and remaining, request rate and ETA of the fetch';

@@ -306,13 +306,33 @@ COMMENT ON VIEW ironwod.endpoint_latency IS 'API latency per endpoint over the l
 -- campaign already checkpointed.  The remaining requests assume the pages per
 -- unit seen so far (this run's, else that last run's, else one).  The ETA divides
 -- them by the connection's token rate, or by the run's own pace when slower.
+--
+-- Every table is read in a MATERIALIZED CTE of its own, without outer joins, and
+-- the outer joins of per_entity and paced join only those: on Citus, with the
+-- caller's row-level security quals, an outer join over distributed tables is
+-- refused ("outer joins and pseudoconstant quals") or, beside the entities
+-- reference table, crashes Citus 12.1's planner; over the CTEs' intermediate
+-- results it runs on the coordinator.  The CTEs hold only the active runs' rows.
 CREATE VIEW ironwod.run_progress WITH (security_invoker = true) AS
-WITH active AS (
+WITH active AS MATERIALIZED (
     SELECT r.tenant_id, r.gym_id, r.run_id, r.mode, r.status, r.phase, r.requested_at, r.started_at,
            r.heartbeat_at, r.requests
     FROM ironwod.sync_runs r
     WHERE r.status IN ('queued', 'running')
-), previous AS (
+), run_entities AS MATERIALIZED (
+    SELECT s.tenant_id, s.gym_id, s.run_id, s.entity, s.status, s.units_total, s.units_done, s.units_skipped,
+           s.pulled, s.new_versions, s.pages
+    FROM ironwod.sync_run_entities s
+    JOIN active a ON a.tenant_id = s.tenant_id AND a.gym_id = s.gym_id AND a.run_id = s.run_id
+), registry AS MATERIALIZED (
+    SELECT e.entity, e.ordinal, e.backfill_strategy, e.due_field
+    FROM ironwod.entities e
+    WHERE e.enabled
+), entitlements AS MATERIALIZED (
+    SELECT n.tenant_id, n.gym_id, n.entity, n.last_checked_run
+    FROM ironwod.entity_entitlements n
+    WHERE (n.tenant_id, n.gym_id) IN (SELECT a.tenant_id, a.gym_id FROM active a)
+), previous AS MATERIALIZED (
     SELECT DISTINCT ON (a.run_id, p.entity) a.run_id, p.entity, p.units_total, p.units_done, p.pages
     FROM active a
     JOIN ironwod.sync_runs pr ON pr.tenant_id = a.tenant_id AND pr.gym_id = a.gym_id
@@ -320,7 +340,7 @@ WITH active AS (
     JOIN ironwod.sync_run_entities p ON p.tenant_id = pr.tenant_id AND p.gym_id = pr.gym_id
                                     AND p.run_id = pr.run_id AND p.units_total IS NOT NULL
     ORDER BY a.run_id, p.entity, p.run_id DESC
-), checkpointed AS (
+), checkpointed AS MATERIALIZED (
     SELECT b.tenant_id, b.gym_id, b.entity, count(*) AS units
     FROM ironwod.backfill_checkpoints b
     JOIN active a ON a.tenant_id = b.tenant_id AND a.gym_id = b.gym_id AND a.mode = 'backfill'
@@ -341,20 +361,20 @@ WITH active AS (
            coalesce(s.pages::float8 / nullif(s.units_done, 0), prev.pages::float8 / nullif(prev.units_done, 0), 1)
                AS pages_per_unit
     FROM active a
-    CROSS JOIN ironwod.entities e
-    LEFT JOIN ironwod.sync_run_entities s
+    CROSS JOIN registry e
+    LEFT JOIN run_entities s
            ON s.tenant_id = a.tenant_id AND s.gym_id = a.gym_id AND s.run_id = a.run_id AND s.entity = e.entity
-    LEFT JOIN ironwod.sync_run_entities cl
+    LEFT JOIN run_entities cl
            ON cl.tenant_id = a.tenant_id AND cl.gym_id = a.gym_id AND cl.run_id = a.run_id AND cl.entity = 'clients'
           AND cl.status = 'completed'
     LEFT JOIN previous prev ON prev.run_id = a.run_id AND prev.entity = e.entity
     LEFT JOIN checkpointed ck ON ck.tenant_id = a.tenant_id AND ck.gym_id = a.gym_id AND ck.entity = e.entity
     -- Entities the run skips (not entitled), as an anti-join: Citus plans no
     -- correlated subquery over the materialized "active".
-    LEFT JOIN ironwod.entity_entitlements n
+    LEFT JOIN entitlements n
            ON n.tenant_id = a.tenant_id AND n.gym_id = a.gym_id AND n.entity = e.entity
           AND (a.mode <> 'reconcile' OR n.last_checked_run = a.run_id)
-    WHERE e.enabled AND a.mode <> 'validate' AND n.entity IS NULL
+    WHERE a.mode <> 'validate' AND n.entity IS NULL
 ), per_run AS (
     SELECT x.run_id,
            count(*) FILTER (WHERE x.entity_status = 'completed') AS entities_done,

@@ -85,23 +85,10 @@ if want regress; then
 fi
 
 if want pgtap; then
-    # Not yet on Citus: 06_operations builds its alert fixtures as the owner and
-    # reads them as the app, the admin and the worker in one transaction, which
-    # Citus refuses (25001, "cannot perform query on placements that were modified
-    # in this transaction by a different user").  Committing its fixtures per case
-    # takes more than moving the INSERTs out: every transaction that runs a check
-    # must commit (pgTAP keeps its count in the session's temp tables, which a
-    # ROLLBACK resets), a committed 'running' or 'queued' fixture run is failed
-    # (reap) or launched by the coordinator's supervisor within ironwod.naptime,
-    # and the ironwod_tick checks park every other gym's connection, which must be
-    # undone before the commit.  It runs in make test (issue 12).
-    skip=" test/pgtap/06_operations.sql "
-    suites=()
-    for f in test/pgtap/*.sql; do [[ "$skip" == *" $f "* ]] || suites+=("$f"); done
-    echo "# pgTAP suites not run on Citus:$skip"
+    # The same files as make test (the head of each says what Citus asks of it).
     rc=0
-    pg_prove --failures "${suites[@]}" || rc=$?
-    note $rc "citus: pgTAP suites (all but$skip)"
+    pg_prove --failures test/pgtap/*.sql || rc=$?
+    note $rc "citus: pgTAP suites"
 fi
 
 if want scenarios; then
