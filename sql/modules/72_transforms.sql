@@ -274,7 +274,15 @@ $check$;
 -- a canonical row yet (every record of a backfill): no speculative insertion,
 -- which costs as much again as the insert itself, and no old rows to read, so
 -- each written row meets an all-NULL o, what the upsert pairs a new record with.
-CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean, p_upsert boolean) RETURNS text
+--
+-- With p_gym (and without p_upsert: the gym has no canonical row of the entity)
+-- the statement reads no list of records but the latest version of every record
+-- of the gym, of the versions landed by the runs $4 (every version when $4 is
+-- NULL): one pass over the gym's range of the raw table's "latest version" index,
+-- which yields the versions in DISTINCT ON's order, so there is no sort, no
+-- array of ids to plan, and no plan that an estimate could make worse.
+CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean, p_upsert boolean, p_gym boolean)
+RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
@@ -284,6 +292,10 @@ DECLARE
     v_expr text[];
     v_people text := 'NULL::bigint[]';
 BEGIN
+    IF p_gym AND p_upsert THEN
+        RAISE EXCEPTION 'the statement over every record of a gym is a plain insert'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT * INTO STRICT m FROM ironwod.canonical_maps x WHERE x.entity = p_entity;
     IF p_track AND m.key_column <> 'member_id' AND EXISTS (
            SELECT 1 FROM pg_attribute a
@@ -309,8 +321,7 @@ BEGIN
         WITH %8$s up AS (
             INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
             SELECT $1, $2, l.wodify_id, %4$s
-            FROM ironwod.%2$I l, LATERAL (SELECT l.payload_json AS p) x
-            WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)
+            FROM %11$s
             %6$s
             RETURNING c.*
         )
@@ -339,10 +350,18 @@ BEGIN
              LATERAL (SELECT (z.o).*) o, LATERAL (SELECT (z.u).*) u
             WHERE z.side = 1',
             m.canonical, m.key_column) ELSE 'up u' END,
-        v_people);
+        v_people,
+        CASE WHEN p_gym THEN format(
+            '(SELECT DISTINCT ON (r.wodify_id) r.*
+              FROM ironwod.%I r
+              WHERE r.tenant_id = $1 AND r.gym_id = $2 AND ($4 IS NULL OR r.ingest_run_id = ANY ($4))
+              ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
+             LATERAL (SELECT l.payload_json AS p) x', v_raw)
+             ELSE format('ironwod.%I l, LATERAL (SELECT l.payload_json AS p) x
+            WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)', v_raw) END);
 END
 $$;
-COMMENT ON FUNCTION ironwod.transform_sql(text, boolean, boolean) IS 'The upsert (or, for records without a canonical row, plain insert) statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking';
+COMMENT ON FUNCTION ironwod.transform_sql(text, boolean, boolean, boolean) IS 'The upsert (or, for records without a canonical row, plain insert) statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking, over the given raw versions or every latest version of the gym';
 
 CREATE FUNCTION ironwod.note_dirty(p_tenant_id uuid, p_gym_id uuid, p_run_id bigint, p_entity text,
                                    p_dirty_from date, p_changed integer, p_member_ids bigint[])
@@ -432,10 +451,22 @@ COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE a
 -- 190,000 sign-ins of a large gym held 110 MB of the run worker's memory and
 -- spent seconds planning.  A batch's statements plan in under 10 MB, and the
 -- work stays linear in the records (each batch reads its own rows by key).
+-- A gym's entity without canonical rows yet is one statement, no batches (see
+-- transform_sql).
+--
+-- No sequential scans: every statement here names the gym, and each of its
+-- tables has an index led by (tenant_id, gym_id), so reading by index costs the
+-- gym's rows (or the batch's), never another gym's.  A sequential scan is only
+-- ever chosen on an estimate (a table last analyzed when this gym made most of
+-- it), and then reads every gym's rows once per batch.  With that choice gone
+-- the plans need no fresh statistics of the canonical tables, which are not
+-- analyzed here (an ANALYZE of them cost a tenth of a backfill's transform);
+-- autovacuum keeps them for the metrics refresh.
 CREATE FUNCTION ironwod.transform_records(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET jit = off
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
@@ -485,60 +516,68 @@ BEGIN
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
         END IF;
-        -- v_ids: the raw ids of every record's latest version, or the Wodify ids
-        -- of the records the runs landed a version of, in order: each batch is a
-        -- range of keys, read by an index range scan, not a scan of the gym
-        IF p_run_id IS NULL THEN
-            PERFORM ironwod.analyze_if_stale(e.raw_table);
-            v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
-        ELSE
-            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
-                            WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
-            INTO v_ids USING v_t, v_g, v_runs;
-            IF v_ids IS NOT NULL THEN
-                PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
-            END IF;
-        END IF;
-        v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, true);
-        v_new_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false);
-        -- a gym without rows in the canonical table (a backfill, a replay):
-        -- every batch is new records (each batch's records are distinct)
+        -- A gym without rows in the canonical table (a backfill, a replay): one
+        -- plain insert of every record's latest version, read in one pass over
+        -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
+        -- the pass reads the gym's range of the "latest version" index whatever
+        -- the estimates, and the gym's new canonical rows plan nothing here.
         EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%I c WHERE c.tenant_id = $1 AND c.gym_id = $2)',
                        e.canonical)
             INTO v_empty USING v_t, v_g;
-        v_n := 0;
-        v_dirty := NULL;
-        v_people := '{}';
-        FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
-            v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
+        IF v_empty THEN
+            EXECUTE ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false, true)
+                INTO v_n, v_dirty, v_people USING v_t, v_g, v_tz, v_runs;
+            IF v_n = 0 THEN
+                v_people := '{}';
+            END IF;
+        ELSE
+            -- v_ids: the raw ids of every record's latest version, or the Wodify
+            -- ids of the records the runs landed a version of, in order: each
+            -- batch is a range of keys, read by index probes, not a scan of the gym
             IF p_run_id IS NULL THEN
-                v_raw := v_part;
+                PERFORM ironwod.analyze_if_stale(e.raw_table);
+                v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
             ELSE
-                v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
+                EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
+                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
+                INTO v_ids USING v_t, v_g, v_runs;
+                IF v_ids IS NOT NULL THEN
+                    PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
+                END IF;
             END IF;
-            -- else a batch of a run is new when none of its records (v_part, their
-            -- Wodify ids in order) has a canonical row
-            v_fresh := v_empty;
-            IF NOT v_fresh AND p_run_id IS NOT NULL THEN
-                EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%1$I c WHERE c.tenant_id = $1 AND c.gym_id = $2
-                                AND c.%2$I = ANY ($3) AND c.%2$I BETWEEN $3[1] AND $3[cardinality($3)])',
-                               e.canonical, e.key_column)
-                    INTO v_fresh USING v_t, v_g, v_part;
-            END IF;
-            EXECUTE CASE WHEN v_fresh THEN v_new_sql ELSE v_sql END
-                INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
-            v_n := v_n + v_bn;
-            v_dirty := least(v_dirty, v_bdirty);
-            -- NULL (a table without people) stays NULL: everyone
-            IF v_bn > 0 THEN
-                v_people := CASE WHEN v_people IS NOT NULL AND v_bpeople IS NOT NULL THEN v_people || v_bpeople END;
-            END IF;
-        END LOOP;
+            v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, true, false);
+            v_new_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false, false);
+            v_n := 0;
+            v_dirty := NULL;
+            v_people := '{}';
+            FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
+                v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
+                IF p_run_id IS NULL THEN
+                    v_raw := v_part;
+                ELSE
+                    v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
+                END IF;
+                -- a batch of a run is new when none of its records (v_part, their
+                -- Wodify ids in order) has a canonical row
+                v_fresh := false;
+                IF p_run_id IS NOT NULL THEN
+                    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%1$I c WHERE c.tenant_id = $1 AND c.gym_id = $2
+                                    AND c.%2$I = ANY ($3) AND c.%2$I BETWEEN $3[1] AND $3[cardinality($3)])',
+                                   e.canonical, e.key_column)
+                        INTO v_fresh USING v_t, v_g, v_part;
+                END IF;
+                EXECUTE CASE WHEN v_fresh THEN v_new_sql ELSE v_sql END
+                    INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
+                v_n := v_n + v_bn;
+                v_dirty := least(v_dirty, v_bdirty);
+                -- NULL (a table without people) stays NULL: everyone
+                IF v_bn > 0 THEN
+                    v_people := CASE WHEN v_people IS NOT NULL AND v_bpeople IS NOT NULL THEN v_people || v_bpeople END;
+                END IF;
+            END LOOP;
+        END IF;
         IF p_run_id IS NOT NULL THEN
             PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n, v_people);
-        END IF;
-        IF v_n > 0 THEN
-            PERFORM ironwod.analyze_if_stale(e.canonical, v_n);
         END IF;
         v_out := v_out || jsonb_build_object(e.entity, v_n);
     END LOOP;
@@ -577,7 +616,7 @@ $$;
 COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of every record of the current scope from raw (used by replay)';
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
-    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean, boolean),
+    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean, boolean, boolean),
     ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
     ironwod.analyze_if_stale(name, bigint), ironwod.transform_run(bigint), ironwod.transform_all()
     TO ironwod_worker;
