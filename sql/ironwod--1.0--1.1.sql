@@ -26,6 +26,10 @@
 -- gyms on the 1.0 default there, so their next refresh recomputes every month and
 -- writes the program rows; until then the cache holds what 1.0 computed,
 -- labelled metrics-v1.0.
+--
+-- The metrics refresh runs on Citus as on one node (issue 12): every stage
+-- statement on the tenant's node, with the stages' planner settings there too
+-- (ironwod.stage_planner_settings).  The metrics are the same.
 
 \echo Use "ALTER EXTENSION ironwod UPDATE" to load this file. \quit
 
@@ -798,16 +802,23 @@ CREATE FUNCTION ironwod.metrics_month_facts(p_tenant uuid, p_gym uuid, p_s ironw
                                             p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
     v_r integer := p_s.decline_recent_days;
     v_p integer := p_s.decline_recent_days + p_s.decline_prior_days;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.member_month_fact
     WHERE tenant_id = p_tenant AND gym_id = p_gym
       AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    INSERT INTO ironwod.member_month_fact
+        (tenant_id, gym_id, location_key, member_id, month_start, as_of, state_start, state_end,
+         mrr_start, mrr_end, movement, mrr_delta, new_events, reactivated_events, churn_events,
+         new_and_churned, active_days, hold_days, visits, member_visits, tenure_active_days,
+         absent_active_days, is_past_due_end, is_comped_end, is_pending_cancel_end, is_zero_visits,
+         is_no_visit_short, is_no_visit_long, is_declining, is_paying, cohort_retained_90d)
     WITH mo AS (
         SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
                least((mo + interval '1 month')::date - 1, p_today) AS as_of
@@ -905,13 +916,8 @@ BEGIN
                ON vk.tenant_id = p_tenant AND vk.gym_id = p_gym AND vk.location_key = b.location_key
               AND vk.member_id = b.member_id AND vk.month_start = b.month_start
     )
-    INSERT INTO ironwod.member_month_fact
-        (tenant_id, gym_id, location_key, member_id, month_start, as_of, state_start, state_end,
-         mrr_start, mrr_end, movement, mrr_delta, new_events, reactivated_events, churn_events,
-         new_and_churned, active_days, hold_days, visits, member_visits, tenure_active_days,
-         absent_active_days, is_past_due_end, is_comped_end, is_pending_cancel_end, is_zero_visits,
-         is_no_visit_short, is_no_visit_long, is_declining, is_paying, cohort_retained_90d)
-    SELECT p_tenant, p_gym, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
            f.mrr_start, f.mrr_end,
            CASE WHEN f.state_start = 'NOT_MEMBER' AND f.state_end <> 'NOT_MEMBER'
                      THEN CASE WHEN f.end_spell_no = 1 THEN 'new' ELSE 'reactivation' END
@@ -934,11 +940,14 @@ BEGIN
                AND f.visits_r / (f.e_r / 7.0) <= p_s.decline_ratio * (f.visits_p / (f.e_p / 7.0)),
            f.is_paying,
            CASE WHEN f.new_events > 0 THEN coalesce(f.retained, false) END
-    FROM fl f
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    FROM fl f, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+                WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -947,11 +956,12 @@ CREATE FUNCTION ironwod.metrics_month_flags(p_tenant uuid, p_gym uuid, p_from da
                                             p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     UPDATE ironwod.member_month_fact f
        SET is_past_due_end = x.past_due AND f.state_end <> 'NOT_MEMBER',
            is_comped_end = x.comped AND f.state_end = 'NOT_MEMBER'
@@ -982,6 +992,7 @@ BEGIN
        AND f.location_key = x.location_key AND f.member_id = x.member_id AND f.month_start = x.month_start
        AND ((x.past_due AND f.state_end <> 'NOT_MEMBER') OR (x.comped AND f.state_end = 'NOT_MEMBER'));
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -1139,7 +1150,7 @@ CREATE OR REPLACE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s
                                        p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
@@ -1147,9 +1158,13 @@ DECLARE
     -- local midnight of the cut, three days early (a zone's offset moves by less)
     v_cut timestamptz := (p_open - v_win - 3)::timestamp AT TIME ZONE p_tz;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.member_visit_month
     WHERE tenant_id = p_tenant AND gym_id = p_gym
       AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    INSERT INTO ironwod.member_visit_month
+        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
+         visits_recent, visits_prior, last_visit)
     WITH vd AS (
         SELECT x.member_id, x.d, x.location_id, x.program_id, count(*)::integer AS n
         FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
@@ -1200,21 +1215,26 @@ BEGIN
         GROUP BY x.member_id, x.month_start
         HAVING max(x.lastd) FILTER (WHERE x.k = 1) IS NOT NULL
     )
-    INSERT INTO ironwod.member_visit_month
-        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
-         visits_recent, visits_prior, last_visit)
-    SELECT p_tenant, p_gym, x.location_key, x.member_id, x.month_start,
-           coalesce(max(x.visits), 0), coalesce(max(x.member_visits), 0), coalesce(max(va.anywhere), 0),
-           coalesce(max(va.recent), 0), coalesce(max(va.prior), 0), max(va.last_visit)
-    FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
-          UNION ALL
-          SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
-    LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
-    GROUP BY x.location_key, x.member_id, x.month_start
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, y.location_key, y.member_id, y.month_start, y.visits, y.member_visits,
+           y.anywhere, y.recent, y.prior, y.last_visit
+    FROM (SELECT x.location_key, x.member_id, x.month_start,
+                 coalesce(max(x.visits), 0) AS visits, coalesce(max(x.member_visits), 0) AS member_visits,
+                 coalesce(max(va.anywhere), 0) AS anywhere, coalesce(max(va.recent), 0) AS recent,
+                 coalesce(max(va.prior), 0) AS prior, max(va.last_visit) AS last_visit
+          FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
+                UNION ALL
+                SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
+          LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
+          GROUP BY x.location_key, x.member_id, x.month_start) y,
+         (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+          WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -1224,13 +1244,17 @@ CREATE OR REPLACE FUNCTION ironwod.metrics_month_money(p_tenant uuid, p_gym uuid
                                             p_keys text[], p_from date, p_hist date, p_today date)
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.gym_month_money
     WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    INSERT INTO ironwod.gym_month_money
+        (tenant_id, gym_id, location_key, month_start, gross, refunds, failed_n, failed_amount,
+         membership_revenue, invoiced, invoiced_collected, past_due_amount)
     WITH mo AS (
         SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
                least((mo + interval '1 month')::date - 1, p_today) AS as_of
@@ -1282,8 +1306,9 @@ BEGIN
     ), iv AS MATERIALIZED (
         SELECT i.location_id, i.amount, i.due_date, i.paid_on, coalesce(c.collected, 0) AS collected, m.program_ids
         FROM ironwod.invoices i
-        LEFT JOIN (SELECT t.invoice_id, sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
-                                                                    WHEN 'Refund' THEN -t.amount ELSE 0 END) AS collected
+        -- a searched CASE, as in metrics_spells (Citus)
+        LEFT JOIN (SELECT t.invoice_id, sum(CASE WHEN t.transaction_type = 'Payment' THEN t.amount
+                                                 WHEN t.transaction_type = 'Refund' THEN -t.amount ELSE 0 END) AS collected
                    FROM ironwod.transactions t
                    WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id IS NOT NULL
                    GROUP BY 1) c ON c.invoice_id = i.invoice_id
@@ -1312,10 +1337,8 @@ BEGIN
         JOIN mo ON mo.location_key = i.location_key AND mo.month_start = m::date
         GROUP BY 1, 2
     )
-    INSERT INTO ironwod.gym_month_money
-        (tenant_id, gym_id, location_key, month_start, gross, refunds, failed_n, failed_amount,
-         membership_revenue, invoiced, invoiced_collected, past_due_amount)
-    SELECT p_tenant, p_gym, mo.location_key, mo.month_start, coalesce(cash.gross, 0), coalesce(cash.refunds, 0),
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, mo.location_key, mo.month_start, coalesce(cash.gross, 0), coalesce(cash.refunds, 0),
            coalesce(cash.failed_n, 0), coalesce(failed.failed_amount, 0), coalesce(recog.membership_revenue, 0),
            coalesce(invm.invoiced, 0), coalesce(invm.invoiced_collected, 0), coalesce(invm.past_due_amount, 0)
     FROM mo
@@ -1323,10 +1346,14 @@ BEGIN
     LEFT JOIN failed USING (location_key, month_start)
     LEFT JOIN recog USING (location_key, month_start)
     LEFT JOIN invm USING (location_key, month_start)
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    CROSS JOIN (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+                WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -1337,13 +1364,28 @@ CREATE OR REPLACE FUNCTION ironwod.metrics_cache_rows(p_tenant uuid, p_gym uuid,
                                            p_watermark timestamptz, p_hash text)
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.gym_monthly_metrics_cache
     WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    INSERT INTO ironwod.gym_monthly_metrics_cache
+        (tenant_id, gym_id, location_key, program_key, month_start, time_zone, period_days, is_partial,
+         history_start_date, computed_at, source_watermark, definitions_version, config_hash,
+         members_start, members_end, active_members_end, on_hold_members_end, past_due_members_end,
+         comped_members_end, members_pending_cancel_end, new_members, reactivated_members, churned_members,
+         churned_from_start, new_and_churned_same_month, net_member_change, churn_rate, retention_rate,
+         net_member_growth_rate, active_member_days, avg_active_members, paying_members, mrr_start, mrr_end,
+         mrr_new, mrr_reactivation, mrr_expansion, mrr_contraction, mrr_churn, mrr_hold_out, mrr_hold_in,
+         collected_gross, refunds, collected_net, failed_payment_invoices, failed_payment_amount,
+         invoiced_amount, invoiced_collected_to_date, past_due_amount_end, membership_revenue_recognised,
+         service_revenue_net, arm, service_revenue_per_active_member, avg_tenure_months_end,
+         member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
+         members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
+         cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
     WITH fa AS (
         SELECT f.location_key AS fa_location_key, f.month_start AS fa_month_start,
                count(*) FILTER (WHERE f.state_start <> 'NOT_MEMBER') AS members_start,
@@ -1396,21 +1438,8 @@ BEGIN
                ON y.tenant_id = p_tenant AND y.gym_id = p_gym AND y.location_key = mo.location_key
               AND y.month_start = mo.month_start
     )
-    INSERT INTO ironwod.gym_monthly_metrics_cache
-        (tenant_id, gym_id, location_key, program_key, month_start, time_zone, period_days, is_partial,
-         history_start_date, computed_at, source_watermark, definitions_version, config_hash,
-         members_start, members_end, active_members_end, on_hold_members_end, past_due_members_end,
-         comped_members_end, members_pending_cancel_end, new_members, reactivated_members, churned_members,
-         churned_from_start, new_and_churned_same_month, net_member_change, churn_rate, retention_rate,
-         net_member_growth_rate, active_member_days, avg_active_members, paying_members, mrr_start, mrr_end,
-         mrr_new, mrr_reactivation, mrr_expansion, mrr_contraction, mrr_churn, mrr_hold_out, mrr_hold_in,
-         collected_gross, refunds, collected_net, failed_payment_invoices, failed_payment_amount,
-         invoiced_amount, invoiced_collected_to_date, past_due_amount_end, membership_revenue_recognised,
-         service_revenue_net, arm, service_revenue_per_active_member, avg_tenure_months_end,
-         member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
-         members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
-         cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
-    SELECT p_tenant, p_gym,
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id,
            CASE WHEN c.location_key LIKE 'program:%' THEN 'ALL' ELSE c.location_key END,
            CASE WHEN c.location_key LIKE 'program:%' THEN substr(c.location_key, 9) ELSE 'ALL' END,
            c.month_start, p_tz, c.period_days,
@@ -1453,11 +1482,14 @@ BEGIN
            CASE WHEN NOT c.first_month THEN coalesce(c.cohort_retained, 0) END,
            CASE WHEN NOT c.first_month AND c.cohort_new > 0 THEN round(c.cohort_retained::numeric / c.cohort_new, 5) END,
            CASE WHEN NOT c.first_month THEN c.last_day + p_s.cohort_days < p_today END
-    FROM c
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    FROM c, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+             WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -1580,7 +1612,12 @@ RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    -- the scope as values, so that each statement names one shard on Citus
+    -- (metric_config)
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     s ironwod.metric_settings;
+    v_hash text;
     v_tz text;
     v_cur date;
     v_dirty date;
@@ -1590,35 +1627,35 @@ DECLARE
     v_full boolean;
     k record;
 BEGIN
-    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
+    IF v_t IS NULL OR v_g IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
     s := ironwod.metric_config();
-    v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
+    v_hash := ironwod.config_hash(s);
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
     v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
     SELECT min(d.dirty_from), coalesce(bool_or(d.member_ids IS NULL), false) INTO v_dirty, v_unknown
     FROM ironwod.metric_dirty d
-    WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
+    WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = p_run_id;
     -- the people on the canonical rows the run changed (NULL: not known, everyone)
     IF NOT v_unknown THEN
         v_people := ARRAY(SELECT DISTINCT x FROM ironwod.metric_dirty d, unnest(d.member_ids) AS x
-                          WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
+                          WHERE d.tenant_id = v_t AND d.gym_id = v_g
                             AND d.run_id = p_run_id);
     END IF;
     -- A program row's hash carries the note of its masking (82_unknowns): when what
     -- the memberships say about programs changed, every month is recomputed.
-    k := ironwod.program_knowledge(ironwod.scope_tenant(), ironwod.scope_gym());
+    k := ironwod.program_knowledge(v_t, v_g);
     v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
-                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
+                          WHERE c.tenant_id = v_t AND c.gym_id = v_g)
               OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
-                         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                           AND (c.config_hash <> ironwod.config_hash(s)
-                                                 || CASE WHEN c.program_key = 'ALL' THEN ''
-                                                         WHEN NOT k.programs_known THEN ' programs unknown'
-                                                         WHEN c.program_key = ANY (k.unsplit) THEN ' revenue not split'
-                                                         ELSE '' END
+                         WHERE c.tenant_id = v_t AND c.gym_id = v_g
+                           AND (c.config_hash <> v_hash || CASE WHEN c.program_key = 'ALL' THEN ''
+                                                                WHEN NOT k.programs_known THEN ' programs unknown'
+                                                                WHEN c.program_key = ANY (k.unsplit) THEN ' revenue not split'
+                                                                ELSE '' END
                                 OR c.definitions_version <> s.definitions_version
                                 OR c.time_zone <> v_tz));
     v_from := CASE WHEN v_full THEN NULL
@@ -2085,3 +2122,250 @@ SELECT x.tenant_id, x.gym_id, x.run_id, x.mode, x.status, x.phase, x.current_ent
        now() + make_interval(secs => (x.requests_remaining / nullif(x.rate, 0))::float8) AS eta_at
 FROM paced x;
 COMMENT ON VIEW ironwod.run_progress IS 'Queued and running runs: current entity, entities and units done of (expected) total, records landed, requests so far and remaining, request rate and ETA of the fetch';
+-- The metrics refresh on Citus (issue 12): each stage statement runs on the
+-- tenant's node as one statement.  The stages forward their planner settings to
+-- the nodes with SET LOCAL (ironwod.stage_planner_settings; JIT off there too),
+-- their INSERT ... SELECTs write tenant_id and gym_id from the gym's settings row
+-- (so Citus runs them on the shard instead of pulling the rows through the
+-- coordinator) with the CTEs inside the SELECT, and metric_config and
+-- refresh_metrics compare tenant_id with values, not with scope_tenant() (which
+-- made Citus read every shard).  See 80_metrics.
+-- The planner settings of a refresh stage (above), forwarded to the Citus nodes
+-- of the transaction: a stage calls this with true first and with false last.
+-- SET LOCAL here lasts until the calling stage returns, whose SET clauses then
+-- restore the session's own values; false puts the nodes back to their defaults
+-- for the rest of the transaction.  Citus forwards SET LOCAL only while
+-- citus.propagate_set_commands is 'local', which ironwod_set_scope and the run
+-- workers set.  Without Citus it repeats what the SET clauses did.
+CREATE FUNCTION ironwod.stage_planner_settings(p_stage boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_stage THEN
+        SET LOCAL enable_nestloop = off;
+        SET LOCAL enable_mergejoin = off;
+        SET LOCAL jit = off;
+    ELSE
+        SET LOCAL enable_nestloop = DEFAULT;
+        SET LOCAL enable_mergejoin = DEFAULT;
+        SET LOCAL jit = DEFAULT;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.stage_planner_settings(boolean) IS 'Refresh stages: nested loop joins, merge joins and JIT off (true) or back to the defaults (false) with SET LOCAL, so that on Citus the nodes that plan a stage''s statements use the settings of its SET clauses too';
+REVOKE ALL ON FUNCTION ironwod.stage_planner_settings(boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.stage_planner_settings(boolean) TO ironwod_worker;
+
+CREATE OR REPLACE FUNCTION ironwod.metric_config() RETURNS ironwod.metric_settings
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    s ironwod.metric_settings;
+    -- The scope as values: on Citus a statement comparing tenant_id with a
+    -- function's result (scope_tenant() is STABLE) runs on every shard, and an
+    -- INSERT ... SELECT of it goes through the coordinator.
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    IF v_t IS NOT NULL THEN
+        INSERT INTO ironwod.metric_settings (tenant_id, gym_id) VALUES (v_t, v_g)
+        ON CONFLICT (tenant_id, gym_id) DO NOTHING;
+    END IF;
+    SELECT * INTO STRICT s FROM ironwod.metric_settings x
+    WHERE x.tenant_id = v_t AND x.gym_id = v_g;
+    RETURN s;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metric_config() IS 'The scoped gym''s metric settings row, created with the defaults when missing';
+
+CREATE OR REPLACE FUNCTION ironwod.metrics_spells(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
+    DELETE FROM ironwod.member_spell WHERE tenant_id = p_tenant AND gym_id = p_gym;
+    INSERT INTO ironwod.member_spell
+        (tenant_id, gym_id, location_key, member_id, spell_start, spell_end_excl, spell_no, is_first,
+         rescinded, net_revenue, membership_ids)
+    WITH o AS (
+        SELECT q.location_key, q.member_id, q.membership_id, q.start_date, q.end_excl,
+               max(q.end_excl) OVER (PARTITION BY q.location_key, q.member_id
+                                     ORDER BY q.start_date, q.end_excl, q.membership_id
+                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
+        FROM ironwod.metric_memberships q
+        WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.qualifying
+    ), g AS (
+        SELECT o.*, sum(CASE WHEN o.prev_end IS NULL OR o.start_date > o.prev_end + p_s.merge_gap_days
+                             THEN 1 ELSE 0 END)
+                    OVER (PARTITION BY o.location_key, o.member_id
+                          ORDER BY o.start_date, o.end_excl, o.membership_id) AS grp
+        FROM o
+    ), net AS (
+        SELECT g.location_key, g.member_id, g.grp,
+               -- a searched CASE: Citus 12.1 sends a simple one (CASE x WHEN ...) in
+               -- an INSERT ... SELECT it runs on the shard as CASE x WHEN NULL::boolean
+               coalesce(sum(CASE WHEN t.transaction_type = 'Payment' THEN t.amount
+                                 WHEN t.transaction_type = 'Refund' THEN -t.amount ELSE 0 END), 0) AS net
+        FROM g
+        LEFT JOIN ironwod.invoices i
+               ON i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
+              AND i.membership_id = g.membership_id
+        LEFT JOIN ironwod.transactions t
+               ON t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id = i.invoice_id
+        GROUP BY g.location_key, g.member_id, g.grp
+    ), r AS (
+        SELECT g.location_key, g.member_id, min(g.start_date) AS s0, max(g.end_excl) AS e0,
+               array_agg(g.membership_id ORDER BY g.membership_id) AS ids, n.net,
+               (max(g.end_excl) <> 'infinity' AND max(g.end_excl) - min(g.start_date) <= p_s.rescind_max_days
+                AND n.net = 0) AS rescinded
+        FROM g JOIN net n USING (location_key, member_id, grp)
+        GROUP BY g.location_key, g.member_id, g.grp, n.net
+    )
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, r.location_key, r.member_id, r.s0, r.e0,
+           CASE WHEN NOT r.rescinded THEN
+               row_number() OVER (PARTITION BY r.location_key, r.member_id, r.rescinded ORDER BY r.s0) END,
+           NOT r.rescinded AND r.s0 = min(r.s0) FILTER (WHERE NOT r.rescinded)
+                                       OVER (PARTITION BY r.location_key, r.member_id),
+           r.rescinded, r.net, r.ids
+    FROM r, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+             WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_spells(uuid, uuid, ironwod.metric_settings) IS 'Refresh stage 1, metrics.md §2.3 (coverage, holds and spells): rebuild member_spell of a gym from its qualifying memberships; returns the spell count';
+
+CREATE OR REPLACE FUNCTION ironwod.metrics_day_states(p_tenant uuid, p_gym uuid, p_today date)
+RETURNS integer
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
+    DELETE FROM ironwod.member_state_span WHERE tenant_id = p_tenant AND gym_id = p_gym;
+    INSERT INTO ironwod.member_state_span
+        (tenant_id, gym_id, location_key, member_id, span_start, span_end_excl, state, mrr, spell_start,
+         spell_end_excl, spell_no, active_before, spell_active_before)
+    WITH sp AS (
+        SELECT s.location_key, s.member_id, s.spell_start, s.spell_end_excl, s.spell_no
+        FROM ironwod.member_spell s
+        WHERE s.tenant_id = p_tenant AND s.gym_id = p_gym AND NOT s.rescinded AND s.spell_start <= p_today
+    ), f AS (
+        SELECT sp.location_key, sp.member_id, min(sp.spell_start) AS first_day FROM sp GROUP BY 1, 2
+    ), m AS (
+        SELECT q.location_key, q.member_id, q.membership_id, q.start_date,
+               least(q.end_excl, p_today + 1) AS end_excl, q.mrr
+        FROM ironwod.metric_memberships q JOIN f USING (location_key, member_id)
+        WHERE q.tenant_id = p_tenant AND q.gym_id = p_gym AND q.qualifying AND q.start_date <= p_today
+    ), h AS (
+        SELECT m.location_key, m.member_id, m.membership_id, x.hold_start_date AS hs,
+               least(coalesce(x.hold_end_date, p_today), p_today) + 1 AS he
+        FROM ironwod.membership_holds x JOIN m ON m.membership_id = x.membership_id
+        WHERE x.tenant_id = p_tenant AND x.gym_id = p_gym AND x.deleted_at IS NULL
+          AND x.hold_start_date IS NOT NULL AND x.hold_start_date <= p_today
+    ), edge AS (
+        SELECT DISTINCT e.location_key, e.member_id, e.d
+        FROM (SELECT location_key, member_id, first_day AS d FROM f
+              UNION ALL SELECT location_key, member_id, p_today + 1 FROM f
+              UNION ALL SELECT location_key, member_id, unnest(ARRAY[start_date, end_excl]) FROM m
+              UNION ALL SELECT location_key, member_id, unnest(ARRAY[hs, he]) FROM h
+              UNION ALL SELECT location_key, member_id, unnest(ARRAY[spell_start, spell_end_excl]) FROM sp) e
+        JOIN f USING (location_key, member_id)
+        WHERE e.d >= f.first_day AND e.d <= p_today + 1
+    ), seg AS (
+        SELECT x.* FROM (SELECT e.*, lead(e.d) OVER (PARTITION BY e.location_key, e.member_id ORDER BY e.d) AS d_end
+                         FROM edge e) x
+        WHERE x.d_end IS NOT NULL
+    ), cm AS (
+        SELECT s.location_key, s.member_id, s.d, m.membership_id, m.mrr, bool_or(h.hs IS NOT NULL) AS held
+        FROM seg s
+        JOIN m ON m.location_key = s.location_key AND m.member_id = s.member_id
+              AND m.start_date <= s.d AND s.d < m.end_excl
+        LEFT JOIN h ON h.location_key = m.location_key AND h.membership_id = m.membership_id
+                   AND h.hs <= s.d AND s.d < h.he
+        GROUP BY s.location_key, s.member_id, s.d, m.membership_id, m.mrr
+    ), cov AS (
+        SELECT s.location_key, s.member_id, s.d, count(cm.membership_id) AS n_cov,
+               count(cm.membership_id) FILTER (WHERE NOT cm.held) AS n_act,
+               coalesce(sum(cm.mrr) FILTER (WHERE NOT cm.held), 0) AS mrr
+        FROM seg s LEFT JOIN cm USING (location_key, member_id, d)
+        GROUP BY s.location_key, s.member_id, s.d
+    ), z AS (
+        SELECT s.location_key, s.member_id, s.d, s.d_end, sp.spell_start, sp.spell_end_excl, sp.spell_no, c.n_cov, c.mrr,
+               CASE WHEN sp.spell_start IS NULL THEN 'NOT_MEMBER'
+                    WHEN c.n_cov = 0 OR c.n_act > 0 THEN 'ACTIVE' ELSE 'ON_HOLD' END AS state,
+               count(*) FILTER (WHERE c.n_cov > 0)
+                   OVER (PARTITION BY s.location_key, s.member_id ORDER BY s.d DESC) AS grp
+        FROM seg s JOIN cov c USING (location_key, member_id, d)
+        LEFT JOIN sp ON sp.location_key = s.location_key AND sp.member_id = s.member_id
+                    AND sp.spell_start <= s.d AND s.d < sp.spell_end_excl
+    ), w AS (
+        SELECT z.*, CASE WHEN z.state = 'NOT_MEMBER' THEN 0
+                         WHEN z.n_cov = 0 THEN coalesce(max(z.mrr) FILTER (WHERE z.n_cov > 0)
+                                                  OVER (PARTITION BY z.location_key, z.member_id, z.grp), 0)
+                         ELSE z.mrr END AS span_mrr,
+               coalesce(sum(CASE WHEN z.state = 'ACTIVE' THEN z.d_end - z.d ELSE 0 END)
+                        OVER (PARTITION BY z.location_key, z.member_id ORDER BY z.d
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS active_before
+        FROM z
+    )
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, w.location_key, w.member_id, w.d, w.d_end, w.state, w.span_mrr, w.spell_start,
+           w.spell_end_excl, w.spell_no, w.active_before,
+           CASE WHEN w.spell_start IS NOT NULL THEN
+               min(w.active_before) OVER (PARTITION BY w.location_key, w.member_id, w.spell_start) END
+    FROM w, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+             WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
+    RETURN v_n;
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_day_states(uuid, uuid, date) IS 'Refresh stage 2, metrics.md §2.4 (daily member state): rebuild member_state_span of a gym, the ACTIVE / ON_HOLD / NOT_MEMBER state and MRR of every day from each person''s first spell to today as spans; returns the span count';
+
+CREATE OR REPLACE FUNCTION ironwod.metrics_pooled(p_tenant uuid, p_gym uuid, p_from date)
+RETURNS void
+LANGUAGE plpgsql
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
+AS $$
+BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
+    UPDATE ironwod.gym_monthly_metrics_cache x
+       SET arm_6m = w.arm_6m,
+           leg_months_6m = w.leg,
+           ltv = round(w.arm_6m * w.leg, 2)
+      FROM (SELECT y.location_key, y.program_key, y.month_start,
+                   CASE WHEN sum(y.avg_active_members) OVER w6 > 0
+                        THEN round(sum(y.membership_revenue_recognised) OVER w6 / sum(y.avg_active_members) OVER w6, 2)
+                   END AS arm_6m,
+                   CASE WHEN count(y.churned_from_start) OVER w6 >= 3 AND sum(y.churned_from_start) OVER w6 > 0
+                        THEN round(sum(y.members_start) FILTER (WHERE y.churned_from_start IS NOT NULL) OVER w6::numeric
+                                   / sum(y.churned_from_start) OVER w6, 2)
+                   END AS leg
+            FROM ironwod.gym_monthly_metrics_cache y
+            WHERE y.tenant_id = p_tenant AND y.gym_id = p_gym
+            WINDOW w6 AS (PARTITION BY y.location_key, y.program_key ORDER BY y.month_start
+                          ROWS BETWEEN 5 PRECEDING AND CURRENT ROW)) w
+     WHERE x.tenant_id = p_tenant AND x.gym_id = p_gym AND x.month_start >= p_from
+       AND x.location_key = w.location_key AND x.program_key = w.program_key AND x.month_start = w.month_start;
+    PERFORM ironwod.stage_planner_settings(false);
+END
+$$;
+COMMENT ON FUNCTION ironwod.metrics_pooled(uuid, uuid, date) IS 'Refresh stage 7, metrics.md §4.11 (LEG) and §4.12 (LTV): six-month pooled arm_6m, leg_months_6m and ltv on the cache rows of a gym from the given month on';

@@ -36,13 +36,18 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     s ironwod.metric_settings;
+    -- The scope as values: on Citus a statement comparing tenant_id with a
+    -- function's result (scope_tenant() is STABLE) runs on every shard, and an
+    -- INSERT ... SELECT of it goes through the coordinator.
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
-    INSERT INTO ironwod.metric_settings (tenant_id, gym_id)
-    SELECT ironwod.scope_tenant(), ironwod.scope_gym()
-    WHERE ironwod.scope_tenant() IS NOT NULL
-    ON CONFLICT (tenant_id, gym_id) DO NOTHING;
+    IF v_t IS NOT NULL THEN
+        INSERT INTO ironwod.metric_settings (tenant_id, gym_id) VALUES (v_t, v_g)
+        ON CONFLICT (tenant_id, gym_id) DO NOTHING;
+    END IF;
     SELECT * INTO STRICT s FROM ironwod.metric_settings x
-    WHERE x.tenant_id = ironwod.scope_tenant() AND x.gym_id = ironwod.scope_gym();
+    WHERE x.tenant_id = v_t AND x.gym_id = v_g;
     RETURN s;
 END
 $$;
@@ -132,7 +137,53 @@ COMMENT ON FUNCTION ironwod.history_start(text) IS 'history_start_date of the sc
 --   metrics_month_money  gym_month_money     §4.8-4.9 cash, invoices and recognised revenue
 --   metrics_cache_rows   gym_monthly_metrics_cache   §5.2 the GROUP BY over facts and money
 --   metrics_pooled       gym_monthly_metrics_cache   §4.11-4.12 six-month ARM, LEG and LTV
+--
+-- On Citus each stage statement runs on the tenant's node, as one statement, and
+-- two things make that so:
+-- - The planner settings.  A stage's SET clauses (and compute_metrics' jit = off)
+--   set them for the session that runs it, but Citus plans each statement again
+--   on the node, which SET clauses never reach.  There, with the shards a refresh
+--   has just rewritten not analyzed yet (the run workers' ANALYZE is skipped for
+--   distributed tables), the plans had nested loops, and every big statement was
+--   JIT-compiled first: a backfill's refresh took 30 times as long as on one node
+--   (make bench-citus).  So each stage also sets them with SET LOCAL
+--   (stage_planner_settings), which Citus forwards to the nodes.
+-- - The rows an INSERT ... SELECT writes take tenant_id and gym_id from the gym's
+--   metric_settings row (the one p_s was read from), not from the parameters:
+--   Citus runs an INSERT ... SELECT on the shard only when the distribution column
+--   it writes is a distributed table's distribution column in the SELECT; a
+--   constant there makes it pull every row to the coordinator and copy it back.
+--   Its CTEs belong to its SELECT (INSERT INTO t (...) WITH ... SELECT): given as
+--   WITH ... INSERT, Citus 12.1 sends the shard the CTEs' tables under their
+--   distributed names, which the node refuses as a nested distributed query.
+-- On one node the statements compute and plan as before: the settings row is one
+-- index lookup, and SET LOCAL repeats what the SET clauses did.
 -- ---------------------------------------------------------------------------------
+
+-- The planner settings of a refresh stage (above), forwarded to the Citus nodes
+-- of the transaction: a stage calls this with true first and with false last.
+-- SET LOCAL here lasts until the calling stage returns, whose SET clauses then
+-- restore the session's own values; false puts the nodes back to their defaults
+-- for the rest of the transaction.  Citus forwards SET LOCAL only while
+-- citus.propagate_set_commands is 'local', which ironwod_set_scope and the run
+-- workers set.  Without Citus it repeats what the SET clauses did.
+CREATE FUNCTION ironwod.stage_planner_settings(p_stage boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_stage THEN
+        SET LOCAL enable_nestloop = off;
+        SET LOCAL enable_mergejoin = off;
+        SET LOCAL jit = off;
+    ELSE
+        SET LOCAL enable_nestloop = DEFAULT;
+        SET LOCAL enable_mergejoin = DEFAULT;
+        SET LOCAL jit = DEFAULT;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.stage_planner_settings(boolean) IS 'Refresh stages: nested loop joins, merge joins and JIT off (true) or back to the defaults (false) with SET LOCAL, so that on Citus the nodes that plan a stage''s statements use the settings of its SET clauses too';
 
 -- Member-qualifying (price > 0) and comped (price = 0) memberships of the types the
 -- gym counts, once gym-wide (location key ALL), once under their location and once
@@ -245,12 +296,16 @@ GRANT SELECT ON ironwod.metric_memberships TO ironwod_worker;
 CREATE FUNCTION ironwod.metrics_spells(p_tenant uuid, p_gym uuid, p_s ironwod.metric_settings)
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.member_spell WHERE tenant_id = p_tenant AND gym_id = p_gym;
+    INSERT INTO ironwod.member_spell
+        (tenant_id, gym_id, location_key, member_id, spell_start, spell_end_excl, spell_no, is_first,
+         rescinded, net_revenue, membership_ids)
     WITH o AS (
         SELECT q.location_key, q.member_id, q.membership_id, q.start_date, q.end_excl,
                max(q.end_excl) OVER (PARTITION BY q.location_key, q.member_id
@@ -266,8 +321,10 @@ BEGIN
         FROM o
     ), net AS (
         SELECT g.location_key, g.member_id, g.grp,
-               coalesce(sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
-                                                    WHEN 'Refund' THEN -t.amount ELSE 0 END), 0) AS net
+               -- a searched CASE: Citus 12.1 sends a simple one (CASE x WHEN ...) in
+               -- an INSERT ... SELECT it runs on the shard as CASE x WHEN NULL::boolean
+               coalesce(sum(CASE WHEN t.transaction_type = 'Payment' THEN t.amount
+                                 WHEN t.transaction_type = 'Refund' THEN -t.amount ELSE 0 END), 0) AS net
         FROM g
         LEFT JOIN ironwod.invoices i
                ON i.tenant_id = p_tenant AND i.gym_id = p_gym AND i.deleted_at IS NULL
@@ -283,20 +340,21 @@ BEGIN
         FROM g JOIN net n USING (location_key, member_id, grp)
         GROUP BY g.location_key, g.member_id, g.grp, n.net
     )
-    INSERT INTO ironwod.member_spell
-        (tenant_id, gym_id, location_key, member_id, spell_start, spell_end_excl, spell_no, is_first,
-         rescinded, net_revenue, membership_ids)
-    SELECT p_tenant, p_gym, r.location_key, r.member_id, r.s0, r.e0,
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, r.location_key, r.member_id, r.s0, r.e0,
            CASE WHEN NOT r.rescinded THEN
                row_number() OVER (PARTITION BY r.location_key, r.member_id, r.rescinded ORDER BY r.s0) END,
            NOT r.rescinded AND r.s0 = min(r.s0) FILTER (WHERE NOT r.rescinded)
                                        OVER (PARTITION BY r.location_key, r.member_id),
            r.rescinded, r.net, r.ids
-    FROM r
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    FROM r, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+             WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -312,12 +370,16 @@ COMMENT ON FUNCTION ironwod.metrics_spells(uuid, uuid, ironwod.metric_settings) 
 CREATE FUNCTION ironwod.metrics_day_states(p_tenant uuid, p_gym uuid, p_today date)
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.member_state_span WHERE tenant_id = p_tenant AND gym_id = p_gym;
+    INSERT INTO ironwod.member_state_span
+        (tenant_id, gym_id, location_key, member_id, span_start, span_end_excl, state, mrr, spell_start,
+         spell_end_excl, spell_no, active_before, spell_active_before)
     WITH sp AS (
         SELECT s.location_key, s.member_id, s.spell_start, s.spell_end_excl, s.spell_no
         FROM ironwod.member_spell s
@@ -381,18 +443,19 @@ BEGIN
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS active_before
         FROM z
     )
-    INSERT INTO ironwod.member_state_span
-        (tenant_id, gym_id, location_key, member_id, span_start, span_end_excl, state, mrr, spell_start,
-         spell_end_excl, spell_no, active_before, spell_active_before)
-    SELECT p_tenant, p_gym, w.location_key, w.member_id, w.d, w.d_end, w.state, w.span_mrr, w.spell_start,
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, w.location_key, w.member_id, w.d, w.d_end, w.state, w.span_mrr, w.spell_start,
            w.spell_end_excl, w.spell_no, w.active_before,
            CASE WHEN w.spell_start IS NOT NULL THEN
                min(w.active_before) OVER (PARTITION BY w.location_key, w.member_id, w.spell_start) END
-    FROM w
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    FROM w, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+             WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -413,7 +476,7 @@ CREATE FUNCTION ironwod.metrics_visits(p_tenant uuid, p_gym uuid, p_s ironwod.me
                                        p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
@@ -421,9 +484,13 @@ DECLARE
     -- local midnight of the cut, three days early (a zone's offset moves by less)
     v_cut timestamptz := (p_open - v_win - 3)::timestamp AT TIME ZONE p_tz;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.member_visit_month
     WHERE tenant_id = p_tenant AND gym_id = p_gym
       AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    INSERT INTO ironwod.member_visit_month
+        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
+         visits_recent, visits_prior, last_visit)
     WITH vd AS (
         SELECT x.member_id, x.d, x.location_id, x.program_id, count(*)::integer AS n
         FROM (SELECT DISTINCT a.member_id, (a.class_start_at AT TIME ZONE p_tz)::date AS d, a.location_id,
@@ -474,21 +541,26 @@ BEGIN
         GROUP BY x.member_id, x.month_start
         HAVING max(x.lastd) FILTER (WHERE x.k = 1) IS NOT NULL
     )
-    INSERT INTO ironwod.member_visit_month
-        (tenant_id, gym_id, location_key, member_id, month_start, visits, member_visits, visits_anywhere,
-         visits_recent, visits_prior, last_visit)
-    SELECT p_tenant, p_gym, x.location_key, x.member_id, x.month_start,
-           coalesce(max(x.visits), 0), coalesce(max(x.member_visits), 0), coalesce(max(va.anywhere), 0),
-           coalesce(max(va.recent), 0), coalesce(max(va.prior), 0), max(va.last_visit)
-    FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
-          UNION ALL
-          SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
-    LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
-    GROUP BY x.location_key, x.member_id, x.month_start
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, y.location_key, y.member_id, y.month_start, y.visits, y.member_visits,
+           y.anywhere, y.recent, y.prior, y.last_visit
+    FROM (SELECT x.location_key, x.member_id, x.month_start,
+                 coalesce(max(x.visits), 0) AS visits, coalesce(max(x.member_visits), 0) AS member_visits,
+                 coalesce(max(va.anywhere), 0) AS anywhere, coalesce(max(va.recent), 0) AS recent,
+                 coalesce(max(va.prior), 0) AS prior, max(va.last_visit) AS last_visit
+          FROM (SELECT vk.location_key, vk.member_id, vk.month_start, vk.visits, vk.member_visits FROM vk
+                UNION ALL
+                SELECT 'ALL', va.member_id, va.month_start, NULL, NULL FROM va) x
+          LEFT JOIN va ON va.member_id = x.member_id AND va.month_start = x.month_start
+          GROUP BY x.location_key, x.member_id, x.month_start) y,
+         (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+          WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -507,16 +579,23 @@ CREATE FUNCTION ironwod.metrics_month_facts(p_tenant uuid, p_gym uuid, p_s ironw
                                             p_from date, p_hist date, p_today date, p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
     v_r integer := p_s.decline_recent_days;
     v_p integer := p_s.decline_recent_days + p_s.decline_prior_days;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.member_month_fact
     WHERE tenant_id = p_tenant AND gym_id = p_gym
       AND (month_start >= p_open OR month_start < p_hist OR (month_start >= p_from AND member_id = ANY (p_people)));
+    INSERT INTO ironwod.member_month_fact
+        (tenant_id, gym_id, location_key, member_id, month_start, as_of, state_start, state_end,
+         mrr_start, mrr_end, movement, mrr_delta, new_events, reactivated_events, churn_events,
+         new_and_churned, active_days, hold_days, visits, member_visits, tenure_active_days,
+         absent_active_days, is_past_due_end, is_comped_end, is_pending_cancel_end, is_zero_visits,
+         is_no_visit_short, is_no_visit_long, is_declining, is_paying, cohort_retained_90d)
     WITH mo AS (
         SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
                least((mo + interval '1 month')::date - 1, p_today) AS as_of
@@ -614,13 +693,8 @@ BEGIN
                ON vk.tenant_id = p_tenant AND vk.gym_id = p_gym AND vk.location_key = b.location_key
               AND vk.member_id = b.member_id AND vk.month_start = b.month_start
     )
-    INSERT INTO ironwod.member_month_fact
-        (tenant_id, gym_id, location_key, member_id, month_start, as_of, state_start, state_end,
-         mrr_start, mrr_end, movement, mrr_delta, new_events, reactivated_events, churn_events,
-         new_and_churned, active_days, hold_days, visits, member_visits, tenure_active_days,
-         absent_active_days, is_past_due_end, is_comped_end, is_pending_cancel_end, is_zero_visits,
-         is_no_visit_short, is_no_visit_long, is_declining, is_paying, cohort_retained_90d)
-    SELECT p_tenant, p_gym, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, f.location_key, f.member_id, f.month_start, f.as_of, f.state_start, f.state_end,
            f.mrr_start, f.mrr_end,
            CASE WHEN f.state_start = 'NOT_MEMBER' AND f.state_end <> 'NOT_MEMBER'
                      THEN CASE WHEN f.end_spell_no = 1 THEN 'new' ELSE 'reactivation' END
@@ -643,11 +717,14 @@ BEGIN
                AND f.visits_r / (f.e_r / 7.0) <= p_s.decline_ratio * (f.visits_p / (f.e_p / 7.0)),
            f.is_paying,
            CASE WHEN f.new_events > 0 THEN coalesce(f.retained, false) END
-    FROM fl f
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    FROM fl f, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+                WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -663,11 +740,12 @@ CREATE FUNCTION ironwod.metrics_month_flags(p_tenant uuid, p_gym uuid, p_from da
                                             p_open date, p_people bigint[])
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     UPDATE ironwod.member_month_fact f
        SET is_past_due_end = x.past_due AND f.state_end <> 'NOT_MEMBER',
            is_comped_end = x.comped AND f.state_end = 'NOT_MEMBER'
@@ -698,6 +776,7 @@ BEGIN
        AND f.location_key = x.location_key AND f.member_id = x.member_id AND f.month_start = x.month_start
        AND ((x.past_due AND f.state_end <> 'NOT_MEMBER') OR (x.comped AND f.state_end = 'NOT_MEMBER'));
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -711,13 +790,17 @@ CREATE FUNCTION ironwod.metrics_month_money(p_tenant uuid, p_gym uuid, p_s ironw
                                             p_keys text[], p_from date, p_hist date, p_today date)
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.gym_month_money
     WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    INSERT INTO ironwod.gym_month_money
+        (tenant_id, gym_id, location_key, month_start, gross, refunds, failed_n, failed_amount,
+         membership_revenue, invoiced, invoiced_collected, past_due_amount)
     WITH mo AS (
         SELECT k.location_key, mo::date AS month_start, (mo + interval '1 month')::date - 1 AS last_day,
                least((mo + interval '1 month')::date - 1, p_today) AS as_of
@@ -769,8 +852,9 @@ BEGIN
     ), iv AS MATERIALIZED (
         SELECT i.location_id, i.amount, i.due_date, i.paid_on, coalesce(c.collected, 0) AS collected, m.program_ids
         FROM ironwod.invoices i
-        LEFT JOIN (SELECT t.invoice_id, sum(CASE t.transaction_type WHEN 'Payment' THEN t.amount
-                                                                    WHEN 'Refund' THEN -t.amount ELSE 0 END) AS collected
+        -- a searched CASE, as in metrics_spells (Citus)
+        LEFT JOIN (SELECT t.invoice_id, sum(CASE WHEN t.transaction_type = 'Payment' THEN t.amount
+                                                 WHEN t.transaction_type = 'Refund' THEN -t.amount ELSE 0 END) AS collected
                    FROM ironwod.transactions t
                    WHERE t.tenant_id = p_tenant AND t.gym_id = p_gym AND t.deleted_at IS NULL AND t.invoice_id IS NOT NULL
                    GROUP BY 1) c ON c.invoice_id = i.invoice_id
@@ -799,10 +883,8 @@ BEGIN
         JOIN mo ON mo.location_key = i.location_key AND mo.month_start = m::date
         GROUP BY 1, 2
     )
-    INSERT INTO ironwod.gym_month_money
-        (tenant_id, gym_id, location_key, month_start, gross, refunds, failed_n, failed_amount,
-         membership_revenue, invoiced, invoiced_collected, past_due_amount)
-    SELECT p_tenant, p_gym, mo.location_key, mo.month_start, coalesce(cash.gross, 0), coalesce(cash.refunds, 0),
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id, mo.location_key, mo.month_start, coalesce(cash.gross, 0), coalesce(cash.refunds, 0),
            coalesce(cash.failed_n, 0), coalesce(failed.failed_amount, 0), coalesce(recog.membership_revenue, 0),
            coalesce(invm.invoiced, 0), coalesce(invm.invoiced_collected, 0), coalesce(invm.past_due_amount, 0)
     FROM mo
@@ -810,10 +892,14 @@ BEGIN
     LEFT JOIN failed USING (location_key, month_start)
     LEFT JOIN recog USING (location_key, month_start)
     LEFT JOIN invm USING (location_key, month_start)
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    CROSS JOIN (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+                WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -828,13 +914,28 @@ CREATE FUNCTION ironwod.metrics_cache_rows(p_tenant uuid, p_gym uuid, p_s ironwo
                                            p_watermark timestamptz, p_hash text)
 RETURNS integer
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 DECLARE
     v_n integer;
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     DELETE FROM ironwod.gym_monthly_metrics_cache
     WHERE tenant_id = p_tenant AND gym_id = p_gym AND (month_start >= p_from OR month_start < p_hist);
+    INSERT INTO ironwod.gym_monthly_metrics_cache
+        (tenant_id, gym_id, location_key, program_key, month_start, time_zone, period_days, is_partial,
+         history_start_date, computed_at, source_watermark, definitions_version, config_hash,
+         members_start, members_end, active_members_end, on_hold_members_end, past_due_members_end,
+         comped_members_end, members_pending_cancel_end, new_members, reactivated_members, churned_members,
+         churned_from_start, new_and_churned_same_month, net_member_change, churn_rate, retention_rate,
+         net_member_growth_rate, active_member_days, avg_active_members, paying_members, mrr_start, mrr_end,
+         mrr_new, mrr_reactivation, mrr_expansion, mrr_contraction, mrr_churn, mrr_hold_out, mrr_hold_in,
+         collected_gross, refunds, collected_net, failed_payment_invoices, failed_payment_amount,
+         invoiced_amount, invoiced_collected_to_date, past_due_amount_end, membership_revenue_recognised,
+         service_revenue_net, arm, service_revenue_per_active_member, avg_tenure_months_end,
+         member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
+         members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
+         cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
     WITH fa AS (
         SELECT f.location_key AS fa_location_key, f.month_start AS fa_month_start,
                count(*) FILTER (WHERE f.state_start <> 'NOT_MEMBER') AS members_start,
@@ -887,21 +988,8 @@ BEGIN
                ON y.tenant_id = p_tenant AND y.gym_id = p_gym AND y.location_key = mo.location_key
               AND y.month_start = mo.month_start
     )
-    INSERT INTO ironwod.gym_monthly_metrics_cache
-        (tenant_id, gym_id, location_key, program_key, month_start, time_zone, period_days, is_partial,
-         history_start_date, computed_at, source_watermark, definitions_version, config_hash,
-         members_start, members_end, active_members_end, on_hold_members_end, past_due_members_end,
-         comped_members_end, members_pending_cancel_end, new_members, reactivated_members, churned_members,
-         churned_from_start, new_and_churned_same_month, net_member_change, churn_rate, retention_rate,
-         net_member_growth_rate, active_member_days, avg_active_members, paying_members, mrr_start, mrr_end,
-         mrr_new, mrr_reactivation, mrr_expansion, mrr_contraction, mrr_churn, mrr_hold_out, mrr_hold_in,
-         collected_gross, refunds, collected_net, failed_payment_invoices, failed_payment_amount,
-         invoiced_amount, invoiced_collected_to_date, past_due_amount_end, membership_revenue_recognised,
-         service_revenue_net, arm, service_revenue_per_active_member, avg_tenure_months_end,
-         member_visits, all_visits, visits_per_active_member_week, members_zero_visits_month,
-         members_no_visit_14d_end, members_no_visit_30d_end, members_attendance_declining_end,
-         cohort_new_members, cohort_retained_90d, cohort_90d_retention_rate, cohort_90d_is_final)
-    SELECT p_tenant, p_gym,
+    -- tenant and gym from the settings row: on Citus the INSERT then runs on the shard
+    SELECT gk.tenant_id, gk.gym_id,
            CASE WHEN c.location_key LIKE 'program:%' THEN 'ALL' ELSE c.location_key END,
            CASE WHEN c.location_key LIKE 'program:%' THEN substr(c.location_key, 9) ELSE 'ALL' END,
            c.month_start, p_tz, c.period_days,
@@ -944,11 +1032,14 @@ BEGIN
            CASE WHEN NOT c.first_month THEN coalesce(c.cohort_retained, 0) END,
            CASE WHEN NOT c.first_month AND c.cohort_new > 0 THEN round(c.cohort_retained::numeric / c.cohort_new, 5) END,
            CASE WHEN NOT c.first_month THEN c.last_day + p_s.cohort_days < p_today END
-    FROM c
-    -- a fresh rebuild conflicts with nothing; the clause makes Citus insert
-    -- through intermediate results rather than COPY, which RLS refuses
+    FROM c, (SELECT ms.tenant_id, ms.gym_id FROM ironwod.metric_settings ms
+             WHERE ms.tenant_id = p_tenant AND ms.gym_id = p_gym) gk
+    -- a fresh rebuild conflicts with nothing; should Citus ever pull the rows to
+    -- the coordinator, the clause makes it insert them through intermediate
+    -- results rather than COPY, which RLS refuses
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_n = ROW_COUNT;
+    PERFORM ironwod.stage_planner_settings(false);
     RETURN v_n;
 END
 $$;
@@ -959,9 +1050,10 @@ COMMENT ON FUNCTION ironwod.metrics_cache_rows(uuid, uuid, ironwod.metric_settin
 CREATE FUNCTION ironwod.metrics_pooled(p_tenant uuid, p_gym uuid, p_from date)
 RETURNS void
 LANGUAGE plpgsql
-SET enable_nestloop = off SET enable_mergejoin = off
+SET enable_nestloop = off SET enable_mergejoin = off SET jit = off
 AS $$
 BEGIN
+    PERFORM ironwod.stage_planner_settings(true);
     UPDATE ironwod.gym_monthly_metrics_cache x
        SET arm_6m = w.arm_6m,
            leg_months_6m = w.leg,
@@ -980,7 +1072,7 @@ BEGIN
                           ROWS BETWEEN 5 PRECEDING AND CURRENT ROW)) w
      WHERE x.tenant_id = p_tenant AND x.gym_id = p_gym AND x.month_start >= p_from
        AND x.location_key = w.location_key AND x.program_key = w.program_key AND x.month_start = w.month_start;
-
+    PERFORM ironwod.stage_planner_settings(false);
 END
 $$;
 COMMENT ON FUNCTION ironwod.metrics_pooled(uuid, uuid, date) IS 'Refresh stage 7, metrics.md §4.11 (LEG) and §4.12 (LTV): six-month pooled arm_6m, leg_months_6m and ltv on the cache rows of a gym from the given month on';
@@ -1147,7 +1239,12 @@ RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    -- the scope as values, so that each statement names one shard on Citus
+    -- (metric_config)
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
     s ironwod.metric_settings;
+    v_hash text;
     v_tz text;
     v_cur date;
     v_dirty date;
@@ -1157,35 +1254,35 @@ DECLARE
     v_full boolean;
     k record;
 BEGIN
-    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
+    IF v_t IS NULL OR v_g IS NULL THEN
         RAISE EXCEPTION 'no ironwod scope is set in this transaction'
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
     s := ironwod.metric_config();
-    v_tz := ironwod.gym_time_zone(ironwod.scope_tenant(), ironwod.scope_gym());
+    v_hash := ironwod.config_hash(s);
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
     v_cur := date_trunc('month', ironwod.metrics_today(v_tz))::date;
     SELECT min(d.dirty_from), coalesce(bool_or(d.member_ids IS NULL), false) INTO v_dirty, v_unknown
     FROM ironwod.metric_dirty d
-    WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym() AND d.run_id = p_run_id;
+    WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = p_run_id;
     -- the people on the canonical rows the run changed (NULL: not known, everyone)
     IF NOT v_unknown THEN
         v_people := ARRAY(SELECT DISTINCT x FROM ironwod.metric_dirty d, unnest(d.member_ids) AS x
-                          WHERE d.tenant_id = ironwod.scope_tenant() AND d.gym_id = ironwod.scope_gym()
+                          WHERE d.tenant_id = v_t AND d.gym_id = v_g
                             AND d.run_id = p_run_id);
     END IF;
     -- A program row's hash carries the note of its masking (82_unknowns): when what
     -- the memberships say about programs changed, every month is recomputed.
-    k := ironwod.program_knowledge(ironwod.scope_tenant(), ironwod.scope_gym());
+    k := ironwod.program_knowledge(v_t, v_g);
     v_full := NOT EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
-                          WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym())
+                          WHERE c.tenant_id = v_t AND c.gym_id = v_g)
               OR EXISTS (SELECT 1 FROM ironwod.gym_monthly_metrics_cache c
-                         WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
-                           AND (c.config_hash <> ironwod.config_hash(s)
-                                                 || CASE WHEN c.program_key = 'ALL' THEN ''
-                                                         WHEN NOT k.programs_known THEN ' programs unknown'
-                                                         WHEN c.program_key = ANY (k.unsplit) THEN ' revenue not split'
-                                                         ELSE '' END
+                         WHERE c.tenant_id = v_t AND c.gym_id = v_g
+                           AND (c.config_hash <> v_hash || CASE WHEN c.program_key = 'ALL' THEN ''
+                                                                WHEN NOT k.programs_known THEN ' programs unknown'
+                                                                WHEN c.program_key = ANY (k.unsplit) THEN ' revenue not split'
+                                                                ELSE '' END
                                 OR c.definitions_version <> s.definitions_version
                                 OR c.time_zone <> v_tz));
     v_from := CASE WHEN v_full THEN NULL
@@ -1203,7 +1300,7 @@ LANGUAGE sql
 AS $$ SELECT ironwod.compute_metrics(NULL) || jsonb_build_object('full', true) $$;
 COMMENT ON FUNCTION ironwod.refresh_metrics_all() IS 'Recompute spells, facts and every cached month of the current scope from history start';
 
-GRANT EXECUTE ON FUNCTION ironwod.metrics_today(text), ironwod.metric_config(), ironwod.config_hash(ironwod.metric_settings),
+GRANT EXECUTE ON FUNCTION ironwod.metrics_today(text), ironwod.metric_config(), ironwod.stage_planner_settings(boolean), ironwod.config_hash(ironwod.metric_settings),
     ironwod.monthly_price(numeric, integer, text), ironwod.spread_months(integer, text, integer),
     ironwod.history_start(text), ironwod.compute_metrics(date, bigint[]), ironwod.refresh_metrics(bigint),
     ironwod.metrics_person_hashes(uuid, uuid, date),
