@@ -2369,3 +2369,151 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.metrics_pooled(uuid, uuid, date) IS 'Refresh stage 7, metrics.md §4.11 (LEG) and §4.12 (LTV): six-month pooled arm_6m, leg_months_6m and ltv on the cache rows of a gym from the given month on';
+
+-- ironwod.alerts reads its thresholds (the ironwod.alert_* settings) once, in a
+-- MATERIALIZED CTE: on Citus the branches ran on the worker nodes and read the
+-- nodes' settings, so a threshold SET in the caller's session was ignored.
+CREATE OR REPLACE VIEW ironwod.alerts WITH (security_invoker = true) AS
+WITH thresholds AS MATERIALIZED (
+    SELECT current_setting('ironwod.alert_error_rate')::float8 AS error_rate,
+           current_setting('ironwod.alert_min_requests')::int AS min_requests,
+           current_setting('ironwod.alert_backfill_stall') AS backfill_stall,
+           current_setting('ironwod.alert_min_events')::int AS min_events,
+           current_setting('ironwod.alert_cancellation_factor')::float8 AS cancellation_factor,
+           current_setting('ironwod.alert_attendance_factor')::float8 AS attendance_factor
+), conn AS (
+    SELECT c.tenant_id, c.gym_id, c.status, c.connected_at, c.last_success_at, c.last_error_code,
+           c.last_error, c.consecutive_failures, c.breaker_opened_at, c.next_retry_at,
+           c.backfill_completed_at, c.time_zone
+    FROM ironwod.integrations_wodify_connection c
+    WHERE c.status IN ('connected', 'error')
+), attempts AS (
+    SELECT r.tenant_id, r.gym_id, min(r.started_at) AS first_at,
+           sum(r.requests) AS requests,
+           sum(r.attempts_429 + r.attempts_4xx + r.attempts_5xx + r.attempts_network + r.attempts_envelope)
+               AS failed,
+           jsonb_build_object('2xx', sum(r.attempts_2xx), '429', sum(r.attempts_429),
+                              '4xx', sum(r.attempts_4xx), '5xx', sum(r.attempts_5xx),
+                              'network', sum(r.attempts_network), 'envelope', sum(r.attempts_envelope)) AS by_outcome
+    FROM ironwod.sync_runs r
+    WHERE r.finished_at >= now() - interval '24 hours'
+       OR (r.finished_at IS NULL AND r.status = 'running')
+    GROUP BY r.tenant_id, r.gym_id
+), checkpoints AS (
+    SELECT b.tenant_id, b.gym_id, max(b.completed_at) AS at
+    FROM ironwod.backfill_checkpoints b
+    GROUP BY b.tenant_id, b.gym_id
+), heartbeats AS (
+    SELECT r.tenant_id, r.gym_id, max(r.heartbeat_at) AS at
+    FROM ironwod.sync_runs r
+    WHERE r.mode = 'backfill'
+    GROUP BY r.tenant_id, r.gym_id
+), progress AS (
+    -- The last sign of life of an unfinished backfill campaign: a checkpointed
+    -- unit or a page landed by one of its runs.
+    SELECT c.tenant_id, c.gym_id, greatest(c.connected_at, b.at, h.at) AS at
+    FROM conn c
+    LEFT JOIN checkpoints b ON b.tenant_id = c.tenant_id AND b.gym_id = c.gym_id
+    LEFT JOIN heartbeats h ON h.tenant_id = c.tenant_id AND h.gym_id = c.gym_id
+    WHERE c.backfill_completed_at IS NULL
+), cancellations AS (
+    SELECT m.tenant_id, m.gym_id, m.month_start, m.time_zone, m.churned_members,
+           avg(p.churned_members) AS trailing_mean, count(p.churned_members) AS trailing_months
+    FROM ironwod.gym_monthly_metrics_cache m
+    JOIN conn c ON c.tenant_id = m.tenant_id AND c.gym_id = m.gym_id
+    JOIN ironwod.gym_monthly_metrics_cache p
+      ON p.tenant_id = m.tenant_id AND p.gym_id = m.gym_id AND p.location_key = 'ALL' AND p.program_key = 'ALL'
+     AND p.month_start >= m.month_start - interval '3 months' AND p.month_start < m.month_start
+    WHERE m.location_key = 'ALL' AND m.program_key = 'ALL'
+      AND m.month_start = date_trunc('month', now() AT TIME ZONE m.time_zone)::date
+    GROUP BY m.tenant_id, m.gym_id, m.month_start, m.time_zone, m.churned_members
+), quarantine AS (
+    SELECT q.tenant_id, q.gym_id, q.entity, q.reason, count(*) AS records,
+           min(q.first_seen_at) AS since, max(q.last_seen_at) AS last_seen_at
+    FROM ironwod.quarantined_records q
+    JOIN conn c ON c.tenant_id = q.tenant_id AND c.gym_id = q.gym_id
+    GROUP BY q.tenant_id, q.gym_id, q.entity, q.reason
+), visits AS (
+    -- Visits are only as fresh as the last successful sync, so the weeks end there.
+    SELECT c.tenant_id, c.gym_id, least(now(), c.last_success_at) AS until,
+           count(*) FILTER (WHERE a.class_start_at >= least(now(), c.last_success_at) - interval '7 days') AS last_7d,
+           count(*) FILTER (WHERE a.class_start_at < least(now(), c.last_success_at) - interval '7 days') / 4.0 AS weekly_mean
+    FROM conn c
+    JOIN ironwod.attendance_events a
+      ON a.tenant_id = c.tenant_id AND a.gym_id = c.gym_id AND a.deleted_at IS NULL
+     AND a.class_start_at >= least(now(), c.last_success_at) - interval '35 days'
+     AND a.class_start_at < least(now(), c.last_success_at)
+    GROUP BY c.tenant_id, c.gym_id, c.last_success_at
+)
+SELECT c.tenant_id, c.gym_id, 'no_success_24h'::text AS alert, 'critical'::text AS severity,
+       coalesce(c.last_success_at, c.connected_at) + interval '24 hours' AS since,
+       jsonb_build_object('last_success_at', c.last_success_at, 'last_error_code', c.last_error_code,
+                          'last_error', c.last_error) AS detail
+FROM conn c
+WHERE coalesce(c.last_success_at, c.connected_at) < now() - interval '24 hours'
+UNION ALL
+SELECT a.tenant_id, a.gym_id, 'api_error_rate', 'warning', a.first_at,
+       jsonb_build_object('requests', a.requests, 'failed', a.failed,
+                          'error_rate', round(a.failed::numeric / a.requests, 4),
+                          'threshold', t.error_rate,
+                          'attempts', a.by_outcome)
+FROM attempts a
+JOIN conn c ON c.tenant_id = a.tenant_id AND c.gym_id = a.gym_id
+CROSS JOIN thresholds t
+WHERE a.requests >= t.min_requests
+  AND a.failed > a.requests * t.error_rate
+UNION ALL
+SELECT c.tenant_id, c.gym_id, 'breaker_open', 'critical', c.breaker_opened_at,
+       jsonb_build_object('consecutive_failures', c.consecutive_failures, 'next_retry_at', c.next_retry_at,
+                          'last_error_code', c.last_error_code, 'last_error', c.last_error,
+                          'needs_new_key', c.next_retry_at IS NULL)
+FROM conn c
+WHERE c.breaker_opened_at IS NOT NULL
+UNION ALL
+SELECT p.tenant_id, p.gym_id, 'backfill_stalled', 'warning',
+       p.at + t.backfill_stall::interval,
+       jsonb_build_object('last_progress_at', p.at,
+                          'stall_after', t.backfill_stall)
+FROM progress p
+CROSS JOIN thresholds t
+WHERE p.at < now() - t.backfill_stall::interval
+UNION ALL
+SELECT n.tenant_id, n.gym_id, 'not_entitled', 'info', min(n.not_entitled_since),
+       jsonb_build_object('entities', jsonb_agg(n.entity ORDER BY n.entity))
+FROM ironwod.entity_entitlements n
+JOIN conn c ON c.tenant_id = n.tenant_id AND c.gym_id = n.gym_id
+GROUP BY n.tenant_id, n.gym_id
+UNION ALL
+SELECT q.tenant_id, q.gym_id, 'quarantined_records', 'warning', min(q.since),
+       jsonb_build_object('records', sum(q.records), 'last_seen_at', max(q.last_seen_at),
+                          'entities', (SELECT jsonb_object_agg(x.entity, x.n)
+                                       FROM (SELECT y.entity, sum(y.records) AS n FROM quarantine y
+                                             WHERE y.tenant_id = q.tenant_id AND y.gym_id = q.gym_id
+                                             GROUP BY y.entity) x),
+                          'reasons', (SELECT jsonb_object_agg(x.reason, x.n)
+                                      FROM (SELECT y.reason, sum(y.records) AS n FROM quarantine y
+                                            WHERE y.tenant_id = q.tenant_id AND y.gym_id = q.gym_id
+                                            GROUP BY y.reason) x))
+FROM quarantine q
+GROUP BY q.tenant_id, q.gym_id
+UNION ALL
+SELECT k.tenant_id, k.gym_id, 'cancellation_spike', 'warning',
+       k.month_start::timestamp AT TIME ZONE k.time_zone,
+       jsonb_build_object('month', k.month_start, 'cancellations', k.churned_members,
+                          'trailing_3_month_mean', round(k.trailing_mean, 2),
+                          'factor', t.cancellation_factor)
+FROM cancellations k
+CROSS JOIN thresholds t
+WHERE k.trailing_months = 3
+  AND k.churned_members >= t.min_events
+  AND k.churned_members > k.trailing_mean * t.cancellation_factor
+UNION ALL
+SELECT v.tenant_id, v.gym_id, 'attendance_drop', 'warning', v.until - interval '7 days',
+       jsonb_build_object('visits_last_7_days', v.last_7d, 'trailing_weekly_mean', round(v.weekly_mean, 2),
+                          'until', v.until,
+                          'factor', t.attendance_factor)
+FROM visits v
+CROSS JOIN thresholds t
+WHERE v.weekly_mean >= t.min_events
+  AND v.last_7d < v.weekly_mean * t.attendance_factor;
+COMMENT ON VIEW ironwod.alerts IS 'One row per active alert (tenant_id, gym_id, alert, severity, since, detail): no_success_24h, api_error_rate, breaker_open, backfill_stalled, not_entitled, quarantined_records, cancellation_spike, attendance_drop; thresholds from the ironwod.alert_* GUCs';

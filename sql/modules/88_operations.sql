@@ -114,9 +114,19 @@ COMMENT ON FUNCTION ironwod.histogram_quantile(bigint[], double precision) IS 'Q
 -- One row per active alert.  Paused and disconnected gyms raise none: an operator
 -- chose to stop them.  Every branch is one set-based statement over the ledgers
 -- (connections, runs, checkpoints, entitlements) or the metrics (cache, canonical
--- attendance), grouped by (tenant_id, gym_id).
+-- attendance), grouped by (tenant_id, gym_id).  The thresholds are read once, in
+-- a MATERIALIZED CTE: on Citus that runs on the coordinator, in the caller's
+-- session, where current_setting() in the branches would run on the nodes and
+-- read their settings (a SET in the caller's session never reaches them).
 CREATE VIEW ironwod.alerts WITH (security_invoker = true) AS
-WITH conn AS (
+WITH thresholds AS MATERIALIZED (
+    SELECT current_setting('ironwod.alert_error_rate')::float8 AS error_rate,
+           current_setting('ironwod.alert_min_requests')::int AS min_requests,
+           current_setting('ironwod.alert_backfill_stall') AS backfill_stall,
+           current_setting('ironwod.alert_min_events')::int AS min_events,
+           current_setting('ironwod.alert_cancellation_factor')::float8 AS cancellation_factor,
+           current_setting('ironwod.alert_attendance_factor')::float8 AS attendance_factor
+), conn AS (
     SELECT c.tenant_id, c.gym_id, c.status, c.connected_at, c.last_success_at, c.last_error_code,
            c.last_error, c.consecutive_failures, c.breaker_opened_at, c.next_retry_at,
            c.backfill_completed_at, c.time_zone
@@ -190,12 +200,13 @@ UNION ALL
 SELECT a.tenant_id, a.gym_id, 'api_error_rate', 'warning', a.first_at,
        jsonb_build_object('requests', a.requests, 'failed', a.failed,
                           'error_rate', round(a.failed::numeric / a.requests, 4),
-                          'threshold', current_setting('ironwod.alert_error_rate')::float8,
+                          'threshold', t.error_rate,
                           'attempts', a.by_outcome)
 FROM attempts a
 JOIN conn c ON c.tenant_id = a.tenant_id AND c.gym_id = a.gym_id
-WHERE a.requests >= current_setting('ironwod.alert_min_requests')::int
-  AND a.failed > a.requests * current_setting('ironwod.alert_error_rate')::float8
+CROSS JOIN thresholds t
+WHERE a.requests >= t.min_requests
+  AND a.failed > a.requests * t.error_rate
 UNION ALL
 SELECT c.tenant_id, c.gym_id, 'breaker_open', 'critical', c.breaker_opened_at,
        jsonb_build_object('consecutive_failures', c.consecutive_failures, 'next_retry_at', c.next_retry_at,
@@ -205,11 +216,12 @@ FROM conn c
 WHERE c.breaker_opened_at IS NOT NULL
 UNION ALL
 SELECT p.tenant_id, p.gym_id, 'backfill_stalled', 'warning',
-       p.at + current_setting('ironwod.alert_backfill_stall')::interval,
+       p.at + t.backfill_stall::interval,
        jsonb_build_object('last_progress_at', p.at,
-                          'stall_after', current_setting('ironwod.alert_backfill_stall'))
+                          'stall_after', t.backfill_stall)
 FROM progress p
-WHERE p.at < now() - current_setting('ironwod.alert_backfill_stall')::interval
+CROSS JOIN thresholds t
+WHERE p.at < now() - t.backfill_stall::interval
 UNION ALL
 SELECT n.tenant_id, n.gym_id, 'not_entitled', 'info', min(n.not_entitled_since),
        jsonb_build_object('entities', jsonb_agg(n.entity ORDER BY n.entity))
@@ -234,19 +246,21 @@ SELECT k.tenant_id, k.gym_id, 'cancellation_spike', 'warning',
        k.month_start::timestamp AT TIME ZONE k.time_zone,
        jsonb_build_object('month', k.month_start, 'cancellations', k.churned_members,
                           'trailing_3_month_mean', round(k.trailing_mean, 2),
-                          'factor', current_setting('ironwod.alert_cancellation_factor')::float8)
+                          'factor', t.cancellation_factor)
 FROM cancellations k
+CROSS JOIN thresholds t
 WHERE k.trailing_months = 3
-  AND k.churned_members >= current_setting('ironwod.alert_min_events')::int
-  AND k.churned_members > k.trailing_mean * current_setting('ironwod.alert_cancellation_factor')::float8
+  AND k.churned_members >= t.min_events
+  AND k.churned_members > k.trailing_mean * t.cancellation_factor
 UNION ALL
 SELECT v.tenant_id, v.gym_id, 'attendance_drop', 'warning', v.until - interval '7 days',
        jsonb_build_object('visits_last_7_days', v.last_7d, 'trailing_weekly_mean', round(v.weekly_mean, 2),
                           'until', v.until,
-                          'factor', current_setting('ironwod.alert_attendance_factor')::float8)
+                          'factor', t.attendance_factor)
 FROM visits v
-WHERE v.weekly_mean >= current_setting('ironwod.alert_min_events')::int
-  AND v.last_7d < v.weekly_mean * current_setting('ironwod.alert_attendance_factor')::float8;
+CROSS JOIN thresholds t
+WHERE v.weekly_mean >= t.min_events
+  AND v.last_7d < v.weekly_mean * t.attendance_factor;
 COMMENT ON VIEW ironwod.alerts IS 'One row per active alert (tenant_id, gym_id, alert, severity, since, detail): no_success_24h, api_error_rate, breaker_open, backfill_stalled, not_entitled, quarantined_records, cancellation_spike, attendance_drop; thresholds from the ironwod.alert_* GUCs';
 
 -- ---------------------------------------------------------------------------------

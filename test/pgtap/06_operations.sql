@@ -20,9 +20,10 @@
 --   - the fixture tenants are deleted first (a run stopped half-way leaves them)
 --     and last;
 --   - times the checks compare across transactions are relative to one t0.
--- Scope and alert thresholds are SET LOCAL in a scoped transaction
--- (ironwod_set_scope): Citus sends SET LOCAL to the nodes then, and the view's
--- thresholds are read there.  The app and the admin are the LOGIN roles
+-- The scope is set with ironwod_set_scope (its SET LOCAL reaches the Citus
+-- nodes); the alert thresholds are SET LOCAL as an operator would, in
+-- transactions without a scope, where Citus sends nothing to the nodes: the view
+-- reads them on the coordinator.  The app and the admin are the LOGIN roles
 -- ironwod_test_app and ironwod_test_admin (Citus connects to the nodes as them).
 -- (error: on Citus, creating a pg_temp function warns that it stays on this node)
 SET client_min_messages = error;
@@ -140,7 +141,6 @@ COMMIT;
 
 -- api_error_rate: failed attempts of the last 24 hours above ironwod.alert_error_rate.
 BEGIN;
-SELECT ironwod_set_scope(:'ta', :'ga');
 INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, finished_at,
                                attempts_2xx, attempts_429, attempts_5xx, attempts_network)
 VALUES (:'ta', :'ga', 'incremental', 'succeeded', now() - interval '2 hours', now() - interval '1 hour', 10, 1, 3, 1);
@@ -180,7 +180,6 @@ COMMIT;
 -- backfill_stalled: an unfinished backfill without a checkpoint or a landed page for
 -- ironwod.alert_backfill_stall.
 BEGIN;
-SELECT ironwod_set_scope(:'ta', :'ga');
 UPDATE ironwod.integrations_wodify_connection SET backfill_completed_at = NULL WHERE tenant_id = :'ta';
 INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode, status, started_at, heartbeat_at, finished_at)
 VALUES (:'ta', :'ga', 'backfill', 'failed', now() - interval '3 hours', now() - interval '2 hours', now() - interval '2 hours');
@@ -275,7 +274,6 @@ SET client_min_messages = warning;
 -- mean, from the metrics cache (rows built with every other figure zero: plain
 -- INSERTs of every numeric column as 0 and every boolean as false).
 BEGIN;
-SELECT ironwod_set_scope(:'ta', :'ga');
 SELECT format('INSERT INTO ironwod.gym_monthly_metrics_cache (tenant_id, gym_id, location_key, program_key, month_start, '
               'time_zone, history_start_date, computed_at, definitions_version, config_hash, churned_members, %s) '
               'VALUES (%L, %L, ''ALL'', ''ALL'', %L, ''UTC'', ''2020-01-01'', now(), ''test'', ''test'', %s, %s)',
