@@ -2517,3 +2517,64 @@ CROSS JOIN thresholds t
 WHERE v.weekly_mean >= t.min_events
   AND v.last_7d < v.weekly_mean * t.attendance_factor;
 COMMENT ON VIEW ironwod.alerts IS 'One row per active alert (tenant_id, gym_id, alert, severity, since, detail): no_success_24h, api_error_rate, breaker_open, backfill_stalled, not_entitled, quarantined_records, cancellation_spike, attendance_drop; thresholds from the ironwod.alert_* GUCs';
+-- A unit done is found by its key, one probe of the unique index: the UPDATE that
+-- tested status = 'pending' ran, under its generic plan, on the partial
+-- run_units_pending index over (tenant, gym, run), reading every pending unit of
+-- the run for each unit done (quadratic in units).
+CREATE OR REPLACE FUNCTION ironwod.unit_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_now timestamptz := clock_timestamp();
+    v_status text;
+    v_mode text;
+    v_entity_done boolean;
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    -- The unit by its key, (tenant, gym, run, entity, window key): one probe of
+    -- the unique index, for the read and for the update.  Its status is read
+    -- here rather than tested in the UPDATE's WHERE: there, status = 'pending'
+    -- made the partial run_units_pending index usable on its (tenant, gym,
+    -- run) prefix, and the generic plan chose it, reading every pending unit
+    -- of the run for each unit done (quadratic in units).
+    SELECT u.status INTO v_status FROM ironwod.run_units u
+     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+       AND u.window_key = p_window_key
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
+            USING ERRCODE = 'internal_error';
+    END IF;
+    IF v_status <> 'pending' THEN
+        RETURN;
+    END IF;
+    UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
+     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+       AND u.window_key = p_window_key;
+    SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+    IF v_mode = 'backfill' THEN
+        -- The month's bounds computed here, not in a CASE of the INSERT: Citus
+        -- evaluates a statement's expressions before it ships it, whatever
+        -- branch a CASE would take ("full-01" is no timestamp).
+        IF p_window_key ~ '^\d{4}-\d{2}$' THEN
+            v_start := (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC';
+            v_end := ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC';
+        END IF;
+        INSERT INTO ironwod.backfill_checkpoints
+            (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
+        VALUES (v_t, v_g, p_entity, p_window_key, v_start, v_end, p_page, 0, p_run_id)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
+     WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity
+    RETURNING s.units_done + s.units_skipped >= s.units_total INTO v_entity_done;
+    IF v_entity_done THEN
+        PERFORM ironwod.close_entity(p_run_id, p_entity);
+    END IF;
+END
+$$;

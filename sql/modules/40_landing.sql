@@ -801,23 +801,32 @@ DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
     v_now timestamptz := clock_timestamp();
+    v_status text;
     v_mode text;
     v_entity_done boolean;
     v_start timestamptz;
     v_end timestamptz;
 BEGIN
-    UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
+    -- The unit by its key, (tenant, gym, run, entity, window key): one probe of
+    -- the unique index, for the read and for the update.  Its status is read
+    -- here rather than tested in the UPDATE's WHERE: there, status = 'pending'
+    -- made the partial run_units_pending index usable on its (tenant, gym,
+    -- run) prefix, and the generic plan chose it, reading every pending unit
+    -- of the run for each unit done (quadratic in units).
+    SELECT u.status INTO v_status FROM ironwod.run_units u
      WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
-       AND u.window_key = p_window_key AND u.status = 'pending';
+       AND u.window_key = p_window_key
+       FOR UPDATE;
     IF NOT FOUND THEN
-        IF NOT EXISTS (SELECT 1 FROM ironwod.run_units u
-                       WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id
-                         AND u.entity = p_entity AND u.window_key = p_window_key) THEN
-            RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
-                USING ERRCODE = 'internal_error';
-        END IF;
+        RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
+            USING ERRCODE = 'internal_error';
+    END IF;
+    IF v_status <> 'pending' THEN
         RETURN;
     END IF;
+    UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
+     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+       AND u.window_key = p_window_key;
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
      WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
     IF v_mode = 'backfill' THEN
