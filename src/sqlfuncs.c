@@ -10,17 +10,27 @@
 #include "ironwod.h"
 
 #include "access/htup_details.h"
+#include "access/parallel.h"
+#include "access/xact.h"
+#include "catalog/dependency.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "nodes/plannodes.h"
 #include "postmaster/bgworker.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
+#include "tcop/pquery.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/portal.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(ironwod_preloaded);
@@ -77,9 +87,66 @@ ironwod_wake(PG_FUNCTION_ARGS)
 }
 
 /*
+ * Is the statement this backend runs exactly "SELECT ironwod_wait(...)" of
+ * this extension, with constants or parameters for arguments, in a READ
+ * COMMITTED transaction that has no other portal to read from later?  Then
+ * the statement's snapshot, the oldest this backend holds, is never read
+ * again: ironwod_wait reads the run's row with a fresh snapshot each time it
+ * wakes, and nothing else in the statement reads a table.
+ */
+static bool
+statement_is_plain_wait(void)
+{
+	PlannedStmt *stmt;
+	TargetEntry *tle;
+	FuncExpr   *call;
+	ListCell   *lc;
+
+	if (ActivePortal == NULL || list_length(ActivePortal->stmts) != 1 ||
+		XactIsoLevel != XACT_READ_COMMITTED || IsInParallelMode() ||
+		!ThereAreNoReadyPortals())
+		return false;
+	stmt = linitial_node(PlannedStmt, ActivePortal->stmts);
+	if (stmt->commandType != CMD_SELECT || stmt->utilityStmt != NULL ||
+		stmt->subplans != NIL || stmt->planTree == NULL ||
+		!IsA(stmt->planTree, Result) || stmt->planTree->lefttree != NULL ||
+		((Result *) stmt->planTree)->resconstantqual != NULL ||
+		list_length(stmt->planTree->targetlist) != 1)
+		return false;
+	foreach(lc, stmt->rtable)
+		if (lfirst_node(RangeTblEntry, lc)->rtekind != RTE_RESULT)
+			return false;
+	tle = linitial_node(TargetEntry, stmt->planTree->targetlist);
+	if (!IsA(tle->expr, FuncExpr))
+		return false;
+	call = (FuncExpr *) tle->expr;
+	foreach(lc, call->args)
+		if (!IsA(lfirst(lc), Const) && !IsA(lfirst(lc), Param))
+			return false;
+	{
+		char	   *name = get_func_name(call->funcid);
+
+		if (name == NULL || strcmp(name, "ironwod_wait") != 0)
+			return false;
+	}
+	return getExtensionOfObject(ProcedureRelationId, call->funcid) ==
+		get_extension_oid("ironwod", true);
+}
+
+/*
  * Sleep until a worker broadcasts a run state change, or the timeout passes.
  * ironwod_wait() re-reads the run row after each return, so a missed broadcast
  * costs at most one timeout, never correctness.
+ *
+ * A client waits in ironwod_wait for a whole run, and a statement's snapshot
+ * holds back the xmin horizon until the statement ends: no version of a row
+ * the run rewrites (a page's counters, the heartbeat, a unit done) could be
+ * pruned meanwhile, and each rewrite walked all the versions before it.  So
+ * when the statement is a plain "SELECT ironwod_wait(...)", whose own snapshot
+ * is never read again (statement_is_plain_wait), this backend stops
+ * advertising an xmin while it sleeps, as it would between statements; the
+ * next snapshot ironwod_wait takes advertises its own.  Anything else keeps
+ * its snapshot's xmin, as every statement does.
  */
 Datum
 ironwod_wait_for_change(PG_FUNCTION_ARGS)
@@ -89,6 +156,11 @@ ironwod_wait_for_change(PG_FUNCTION_ARGS)
 	require_shmem();
 	if (timeout_ms <= 0)
 		PG_RETURN_VOID();
+	if (statement_is_plain_wait())
+	{
+		InvalidateCatalogSnapshot();
+		MyProc->xmin = InvalidTransactionId;
+	}
 	ConditionVariablePrepareToSleep(&iw_shared->run_cv);
 	(void) ConditionVariableTimedSleep(&iw_shared->run_cv, timeout_ms, PG_WAIT_EXTENSION);
 	ConditionVariableCancelSleep();

@@ -513,6 +513,42 @@ def fault_fired():
     return all(f["remaining"] == 0 for f in sim("GET", "/_sim/faults")["faults"])
 
 
+def waiters_xmin(run):
+    """While the run is held in a request: a client in a plain SELECT ironwod_wait(...)
+    holds back no xmin horizon while it sleeps (the worker's rewritten rows can be
+    pruned), and one whose statement also reads a table keeps its snapshot's xmin."""
+    t, g = CRASH
+    plain = f"BEGIN; SELECT ironwod_set_scope('{t}', '{g}'); SELECT ironwod_wait({run}, '5 minutes'); COMMIT;"
+    scan = (f"BEGIN; SELECT ironwod_set_scope('{t}', '{g}'); SELECT ironwod_wait(r.run_id, '5 minutes') "
+            f"FROM ironwod.sync_runs r WHERE r.run_id = {run}; COMMIT;")
+    procs = [subprocess.Popen(["psql", "-qAtX", "-c", sql], env=dict(os.environ, PGAPPNAME=name),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, sql in (("iw_wait_plain", plain), ("iw_wait_scan", scan))]
+    # samples of both asleep in the wait (wait_event Extension); the bound is for a
+    # broken server, not a pace
+    plain_free, scan_held, samples = False, True, 0
+    deadline = time.time() + 120
+    while time.time() < deadline and samples < 40:
+        rows = dict(line.split("|") for line in psql(
+            "SELECT application_name, coalesce(backend_xmin::text, '') FROM pg_stat_activity "
+            "WHERE application_name IN ('iw_wait_plain', 'iw_wait_scan') AND wait_event_type = 'Extension'"))
+        if len(rows) == 2:
+            samples += 1
+            plain_free = plain_free or rows["iw_wait_plain"] == ""
+            scan_held = scan_held and rows["iw_wait_scan"] != ""
+            if plain_free and samples >= 5:
+                break
+        time.sleep(0.05)
+    psql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+         "WHERE application_name IN ('iw_wait_plain', 'iw_wait_scan')")
+    for p in procs:
+        p.wait(timeout=120)
+    check(samples >= 5 and plain_free and scan_held,
+          "a client waiting in SELECT ironwod_wait(...) holds back no xmin while it sleeps; "
+          "one whose statement reads a table keeps its snapshot's",
+          f"samples {samples}, plain waiter without xmin {plain_free}, scanning waiter with xmin {scan_held}")
+
+
 def crash_scenarios(reference, reference_canonical):
     """Kill the run worker after k landed pages for ten values of k; every retry ends
     with the same raw and canonical contents as an uninterrupted backfill.  The
@@ -536,6 +572,8 @@ def crash_scenarios(reference, reference_canonical):
                 # page k landed (committed) before request k+1 was sent
                 pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
                                        f"WHERE run_id = {run}"))
+                if k == 1:
+                    waiters_xmin(run)
                 killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
                               f"WHERE run_id = {run}") == ["t"]
                 break
