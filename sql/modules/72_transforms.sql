@@ -277,10 +277,13 @@ $check$;
 --
 -- With p_gym (and without p_upsert: the gym has no canonical row of the entity)
 -- the statement reads no list of records but the latest version of every record
--- of the gym, of the versions landed by the runs $4 (every version when $4 is
--- NULL): one pass over the gym's range of the raw table's "latest version" index,
--- which yields the versions in DISTINCT ON's order, so there is no sort, no
--- array of ids to plan, and no plan that an estimate could make worse.
+-- of the gym, where one of the runs $4 landed it (every record when $4 is NULL):
+-- one pass over the gym's range of the raw table's "latest version" index, which
+-- yields the versions in DISTINCT ON's order, so there is no sort, no array of
+-- ids to plan, and no plan that an estimate could make worse.  The runs are
+-- tested on the latest versions, outside the DISTINCT ON: a condition on them
+-- inside would offer the planner the (tenant_id, gym_id, ingest_run_id) index,
+-- and with it a sort of every payload of the gym.
 CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean, p_upsert boolean, p_gym boolean)
 RETURNS text
 LANGUAGE plpgsql STABLE
@@ -354,9 +357,10 @@ BEGIN
         CASE WHEN p_gym THEN format(
             '(SELECT DISTINCT ON (r.wodify_id) r.*
               FROM ironwod.%I r
-              WHERE r.tenant_id = $1 AND r.gym_id = $2 AND ($4 IS NULL OR r.ingest_run_id = ANY ($4))
+              WHERE r.tenant_id = $1 AND r.gym_id = $2
               ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
-             LATERAL (SELECT l.payload_json AS p) x', v_raw)
+             LATERAL (SELECT l.payload_json AS p) x
+            WHERE $4 IS NULL OR l.ingest_run_id = ANY ($4)', v_raw)
              ELSE format('ironwod.%I l, LATERAL (SELECT l.payload_json AS p) x
             WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)', v_raw) END);
 END
