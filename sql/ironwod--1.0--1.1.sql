@@ -577,9 +577,10 @@ BEGIN
         CASE WHEN p_gym THEN format(
             '(SELECT DISTINCT ON (r.wodify_id) r.*
               FROM ironwod.%I r
-              WHERE r.tenant_id = $1 AND r.gym_id = $2 AND ($4 IS NULL OR r.ingest_run_id = ANY ($4))
+              WHERE r.tenant_id = $1 AND r.gym_id = $2
               ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
-             LATERAL (SELECT l.payload_json AS p) x', v_raw)
+             LATERAL (SELECT l.payload_json AS p) x
+            WHERE $4 IS NULL OR l.ingest_run_id = ANY ($4)', v_raw)
              ELSE format('ironwod.%I l, LATERAL (SELECT l.payload_json AS p) x
             WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)', v_raw) END);
 END
@@ -1021,9 +1022,21 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.metrics_person_hashes(uuid, uuid, date) IS 'Refresh, metrics.md §5.4 (recompute policy): per person of a gym, a hash of their spells and of their daily-state spans before the given day (compute_metrics compares them before and after stages 1-2 to find the people whose closed months change)';
+-- The soft-deleted rows of a gym, which every run looks at, by index (74_vanished).
+DO $idx$
+DECLARE
+    t name;
+BEGIN
+    FOR t IN SELECT canonical FROM ironwod.canonical_maps ORDER BY canonical LOOP
+        EXECUTE format('CREATE INDEX %I ON ironwod.%I (tenant_id, gym_id) WHERE deleted_by_run IS NOT NULL',
+                       t || '_soft_deleted', t);
+    END LOOP;
+END
+$idx$;
 CREATE OR REPLACE FUNCTION ironwod.apply_vanished(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
@@ -1044,6 +1057,12 @@ BEGIN
                         WHERE c.tenant_id = $1 AND c.gym_id = $2 AND c.deleted_by_run IS NOT NULL',
                        m.canonical, m.key_column)
         INTO v_cand USING v_t, v_g;
+        -- Nothing vanished and nothing to restore (every backfill, most runs):
+        -- nothing to write, and no statement to plan and run.
+        IF v_cand IS NULL AND NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
+                                          WHERE v.tenant_id = v_t AND v.gym_id = v_g AND v.entity = m.entity) THEN
+            CONTINUE;
+        END IF;
         v_seen_ids := NULL;
         v_seen_runs := NULL;
         IF v_cand IS NOT NULL THEN

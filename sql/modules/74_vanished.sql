@@ -3,9 +3,26 @@
 -- same mapping as the transforms (canonical_maps); every change marks the months it
 -- touches dirty, so refresh_metrics recomputes them.
 
+-- The soft-deleted rows of a gym, which every run looks at (they may be back), by
+-- index: few of a gym's rows are, and without it each run read all of them.
+DO $idx$
+DECLARE
+    t name;
+BEGIN
+    FOR t IN SELECT canonical FROM ironwod.canonical_maps ORDER BY canonical LOOP
+        EXECUTE format('CREATE INDEX %I ON ironwod.%I (tenant_id, gym_id) WHERE deleted_by_run IS NOT NULL',
+                       t || '_soft_deleted', t);
+    END LOOP;
+END
+$idx$;
+
+-- No sequential scans (as in transform_records): every statement names the gym and
+-- reads by an index led by tenant and gym, whatever the estimates of a gym the
+-- statistics do not know yet.
 CREATE FUNCTION ironwod.apply_vanished(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
@@ -26,6 +43,12 @@ BEGIN
                         WHERE c.tenant_id = $1 AND c.gym_id = $2 AND c.deleted_by_run IS NOT NULL',
                        m.canonical, m.key_column)
         INTO v_cand USING v_t, v_g;
+        -- Nothing vanished and nothing to restore (every backfill, most runs):
+        -- nothing to write, and no statement to plan and run.
+        IF v_cand IS NULL AND NOT EXISTS (SELECT 1 FROM ironwod.vanished_records v
+                                          WHERE v.tenant_id = v_t AND v.gym_id = v_g AND v.entity = m.entity) THEN
+            CONTINUE;
+        END IF;
         v_seen_ids := NULL;
         v_seen_runs := NULL;
         IF v_cand IS NOT NULL THEN
