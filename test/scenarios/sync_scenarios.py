@@ -519,8 +519,11 @@ def waiters_xmin(run):
     pruned), and one whose statement also reads a table keeps its snapshot's xmin."""
     t, g = CRASH
     plain = f"BEGIN; SELECT ironwod_set_scope('{t}', '{g}'); SELECT ironwod_wait({run}, '5 minutes'); COMMIT;"
-    scan = (f"BEGIN; SELECT ironwod_set_scope('{t}', '{g}'); SELECT ironwod_wait(r.run_id, '5 minutes') "
-            f"FROM ironwod.sync_runs r WHERE r.run_id = {run}; COMMIT;")
+    # The scanning waiter reads a catalog table, not an ironwod one: on Citus a
+    # statement over a distributed table would be sent to a shard, where ironwod_wait
+    # cannot read distributed tables.
+    scan = (f"BEGIN; SELECT ironwod_set_scope('{t}', '{g}'); SELECT ironwod_wait({run}, '5 minutes') "
+            f"FROM pg_catalog.pg_database d WHERE d.datname = current_database(); COMMIT;")
     procs = [subprocess.Popen(["psql", "-qAtX", "-c", sql], env=dict(os.environ, PGAPPNAME=name),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, sql in (("iw_wait_plain", plain), ("iw_wait_scan", scan))]
