@@ -656,6 +656,11 @@ DECLARE
     v_ids bigint[];
     v_part bigint[];
     v_raw bigint[];
+    v_new_ids bigint[];
+    v_from bigint;
+    v_hold bigint;
+    v_last bigint;
+    v_to bigint;
     v_sql text;
     v_new_sql text;
     v_empty boolean;
@@ -694,6 +699,27 @@ BEGIN
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
         END IF;
+        -- The runs' versions: the range above the entity's cursor (primary key
+        -- order), of which those the runs landed.  Versions of runs already
+        -- transformed are passed over, as they always were; a manual
+        -- transform_run of an earlier run leaves a later run's versions alone,
+        -- so the cursor moves to just below the first of those, or else to the
+        -- last version.
+        IF p_run_id IS NOT NULL THEN
+            SELECT c.raw_id INTO v_from FROM ironwod.transform_cursors c
+             WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = e.entity;
+            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FILTER (WHERE r.ingest_run_id = ANY ($3)),
+                                   min(r.raw_id) FILTER (WHERE r.ingest_run_id > $5), max(r.raw_id)
+                            FROM ironwod.%I r
+                            WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $4', e.raw_table)
+                INTO v_new_ids, v_hold, v_last USING v_t, v_g, v_runs, coalesce(v_from, 0), p_run_id;
+            v_to := coalesce(v_hold - 1, v_last);
+            IF v_to IS NOT NULL AND v_to > coalesce(v_from, 0) THEN
+                INSERT INTO ironwod.transform_cursors AS c (tenant_id, gym_id, entity, raw_id)
+                VALUES (v_t, v_g, e.entity, v_to)
+                ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET raw_id = excluded.raw_id;
+            END IF;
+        END IF;
         -- A gym without rows in the canonical table (a backfill, a replay): one
         -- plain insert of every record's latest version, read in one pass over
         -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
@@ -716,9 +742,7 @@ BEGIN
                 PERFORM ironwod.analyze_if_stale(e.raw_table);
                 v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
             ELSE
-                EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
-                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
-                INTO v_ids USING v_t, v_g, v_runs;
+                v_ids := v_new_ids;
                 IF v_ids IS NOT NULL THEN
                     PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
                 END IF;
@@ -2597,3 +2621,39 @@ BEGIN
     END IF;
 END
 $$;
+
+-- transform_run reads a run's new versions above a per-gym, per-entity raw_id
+-- cursor (ironwod.transform_cursors) through the primary key, so the raw
+-- tables' (tenant_id, gym_id, ingest_run_id) index, which cost every landed row
+-- an insertion, goes.  No cursor row yet means 0: a gym's first transform
+-- after the upgrade reads its raw rows once and keeps those of untransformed runs.
+CREATE TABLE ironwod.transform_cursors (
+    tenant_id  uuid NOT NULL,
+    gym_id     uuid NOT NULL,
+    entity     text NOT NULL,
+    raw_id     bigint NOT NULL,
+    PRIMARY KEY (tenant_id, gym_id, entity),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.transform_cursors IS 'Per gym and entity, the raw_id up to which every raw version was landed by a transformed run (where transform_run starts reading)';
+SELECT ironwod.apply_tenant_policies('ironwod.transform_cursors');
+REVOKE ALL ON ironwod.transform_cursors FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE ON ironwod.transform_cursors TO ironwod_worker;
+GRANT SELECT ON ironwod.transform_cursors TO ironwod_app, ironwod_admin;
+SELECT ironwod.register_config_dump();
+
+DO $idx$
+DECLARE
+    i regclass;
+BEGIN
+    FOR i IN SELECT x.indexrelid::regclass
+             FROM ironwod.entities e
+             JOIN pg_index x ON x.indrelid = ('ironwod.' || quote_ident(e.raw_table))::regclass
+             WHERE (SELECT array_agg(a.attname::text ORDER BY k.n)
+                    FROM unnest(x.indkey) WITH ORDINALITY k(attnum, n)
+                    JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum)
+                   = ARRAY['tenant_id', 'gym_id', 'ingest_run_id'] LOOP
+        EXECUTE format('DROP INDEX %s', i);
+    END LOOP;
+END
+$idx$;

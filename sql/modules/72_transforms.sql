@@ -9,10 +9,8 @@
 -- earliest civil date it touched (old and new version), which the metrics refresh
 -- uses to recompute backdated months (metrics.md §5.4).
 
--- Runs whose landed versions have been transformed.  transform_run(run) takes the
--- versions of that run and of every earlier run not yet transformed: a run that
--- failed after landing pages leaves versions that a later run only re-sees (same
--- hash, so their ingest_run_id stays the failed run's), and they must not be lost.
+-- Runs whose landed versions have been transformed (the record of which runs
+-- transform_run has seen; what it reads is chosen by transform_cursors).
 CREATE TABLE ironwod.transformed_runs (
     tenant_id       uuid NOT NULL,
     gym_id          uuid NOT NULL,
@@ -27,16 +25,29 @@ SELECT ironwod.apply_tenant_policies('ironwod.transformed_runs');
 GRANT SELECT, INSERT ON ironwod.transformed_runs TO ironwod_worker;
 GRANT SELECT ON ironwod.transformed_runs TO ironwod_app, ironwod_admin;
 
--- transform_run finds a run's versions by ingest_run_id.
-DO $idx$
-DECLARE
-    t name;
-BEGIN
-    FOR t IN SELECT raw_table FROM ironwod.entities ORDER BY ordinal LOOP
-        EXECUTE format('CREATE INDEX ON ironwod.%I (tenant_id, gym_id, ingest_run_id)', t);
-    END LOOP;
-END
-$idx$;
+-- Per gym and entity, the raw_id up to which every raw version was landed by a
+-- transformed run: transform_run reads the versions above it, a range of the raw
+-- table's primary key, so landing maintains no (tenant_id, gym_id,
+-- ingest_run_id) index for the transform (with four indexes on each raw table,
+-- index insertion was a third of the run worker's CPU while landing).  A run's
+-- versions are above the cursor when it transforms: a gym has at most one active
+-- run (sync_runs_one_active), which lands its pages one transaction after the
+-- other, so no raw_id below a committed one commits later.  Versions a failed
+-- run landed stay above the cursor until the next run transforms them with its
+-- own; a run that only re-sees a version (same hash) writes no raw row, and the
+-- record, unchanged, has nothing to transform.
+CREATE TABLE ironwod.transform_cursors (
+    tenant_id       uuid NOT NULL,
+    gym_id          uuid NOT NULL,
+    entity          text NOT NULL,
+    raw_id          bigint NOT NULL,
+    PRIMARY KEY (tenant_id, gym_id, entity),
+    FOREIGN KEY (tenant_id, gym_id) REFERENCES ironwod.integrations_wodify_connection
+);
+COMMENT ON TABLE ironwod.transform_cursors IS 'Per gym and entity, the raw_id up to which every raw version was landed by a transformed run (where transform_run starts reading)';
+SELECT ironwod.apply_tenant_policies('ironwod.transform_cursors');
+GRANT SELECT, INSERT, UPDATE ON ironwod.transform_cursors TO ironwod_worker;
+GRANT SELECT ON ironwod.transform_cursors TO ironwod_app, ironwod_admin;
 
 -- Wodify sentinels: 1900-01-01 dates, 0 ids and "" texts mean "no value".  The
 -- date and id readers run for most fields of every transformed record: in C
@@ -282,8 +293,8 @@ $check$;
 -- yields the versions in DISTINCT ON's order, so there is no sort, no array of
 -- ids to plan, and no plan that an estimate could make worse.  The runs are
 -- tested on the latest versions, outside the DISTINCT ON: a condition on them
--- inside would offer the planner the (tenant_id, gym_id, ingest_run_id) index,
--- and with it a sort of every payload of the gym.
+-- inside offered the planner an index on the runs (dropped in 1.1), and with it
+-- a sort of every payload of the gym.
 CREATE FUNCTION ironwod.transform_sql(p_entity text, p_track boolean, p_upsert boolean, p_gym boolean)
 RETURNS text
 LANGUAGE plpgsql STABLE
@@ -482,6 +493,11 @@ DECLARE
     v_ids bigint[];
     v_part bigint[];
     v_raw bigint[];
+    v_new_ids bigint[];
+    v_from bigint;
+    v_hold bigint;
+    v_last bigint;
+    v_to bigint;
     v_sql text;
     v_new_sql text;
     v_empty boolean;
@@ -520,6 +536,27 @@ BEGIN
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
         END IF;
+        -- The runs' versions: the range above the entity's cursor (primary key
+        -- order), of which those the runs landed.  Versions of runs already
+        -- transformed are passed over, as they always were; a manual
+        -- transform_run of an earlier run leaves a later run's versions alone,
+        -- so the cursor moves to just below the first of those, or else to the
+        -- last version.
+        IF p_run_id IS NOT NULL THEN
+            SELECT c.raw_id INTO v_from FROM ironwod.transform_cursors c
+             WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = e.entity;
+            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FILTER (WHERE r.ingest_run_id = ANY ($3)),
+                                   min(r.raw_id) FILTER (WHERE r.ingest_run_id > $5), max(r.raw_id)
+                            FROM ironwod.%I r
+                            WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $4', e.raw_table)
+                INTO v_new_ids, v_hold, v_last USING v_t, v_g, v_runs, coalesce(v_from, 0), p_run_id;
+            v_to := coalesce(v_hold - 1, v_last);
+            IF v_to IS NOT NULL AND v_to > coalesce(v_from, 0) THEN
+                INSERT INTO ironwod.transform_cursors AS c (tenant_id, gym_id, entity, raw_id)
+                VALUES (v_t, v_g, e.entity, v_to)
+                ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET raw_id = excluded.raw_id;
+            END IF;
+        END IF;
         -- A gym without rows in the canonical table (a backfill, a replay): one
         -- plain insert of every record's latest version, read in one pass over
         -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
@@ -542,9 +579,7 @@ BEGIN
                 PERFORM ironwod.analyze_if_stale(e.raw_table);
                 v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
             ELSE
-                EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
-                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.ingest_run_id = ANY ($3)', e.raw_table)
-                INTO v_ids USING v_t, v_g, v_runs;
+                v_ids := v_new_ids;
                 IF v_ids IS NOT NULL THEN
                     PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
                 END IF;
