@@ -645,6 +645,7 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SET jit = off
 SET enable_seqscan = off
+SET enable_sort = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();

@@ -398,12 +398,18 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]) IS 'Record the earliest civil date a run''s canonical changes to an entity touched, and the people on the changed rows (NULL: not known)';
 
--- Statistics before the planner sees landed or rebuilt rows: ANALYZE an ironwod
--- table that never was analyzed, or whose rows changed (by its statistics, or by
--- the caller's count of rows it just wrote) by more than a fifth of the row count
--- it was last analyzed at.  The worker role does not own the tables, hence
--- SECURITY DEFINER; only ironwod's raw and canonical tables can be named.
--- SKIP_LOCKED: another worker analyzing the table right now makes it fresh anyway.
+-- Statistics of a raw table before transform_records reads an entity in batches
+-- (a gym that already has canonical rows of it: a nightly, a reconciliation,
+-- transform_all over a gym with rows): ANALYZE the table when it never was
+-- analyzed, or when its rows changed by more than a fifth of the row count it
+-- was last analyzed at, by its statistics or by the caller's count (the
+-- records the runs landed a version of, which the statistics of this
+-- transaction's own writes do not show yet).  A gym's first transform of an
+-- entity (every backfill, a replay) does not call it: its one statement plans
+-- nothing on an estimate (transform_sql, p_gym).  Canonical tables could be
+-- named too, but transform_records no longer analyzes them (see there).  The
+-- worker role does not own the tables, hence SECURITY DEFINER.  SKIP_LOCKED:
+-- another worker analyzing the table right now makes it fresh anyway.
 CREATE FUNCTION ironwod.analyze_if_stale(p_table name, p_changed bigint DEFAULT 0)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -477,11 +483,22 @@ COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE a
 -- the plans need no fresh statistics of the canonical tables, which are not
 -- analyzed here (an ANALYZE of them cost a tenth of a backfill's transform);
 -- autovacuum keeps them for the metrics refresh.
+--
+-- No sorts where an index gives the order: the whole-gym insert's DISTINCT ON
+-- reads the "latest version" index in its order, but on a raw table whose
+-- statistics predate the gym's rows (every backfill: the rows were landed
+-- seconds ago) the planner estimates a few rows and prefers a bitmap scan of
+-- the (tenant_id, gym_id, ingest_run_id) index and a sort, which for a medium
+-- gym's 39,897 sign-ins was an external merge of 54 MB (EXPLAIN ANALYZE: 134
+-- ms of sort before the first row, in an 806 ms statement).  A sort nothing
+-- can avoid (the upsert's lag() over old and new rows, ORDER BY of a few run
+-- ids) is still planned, at the same penalty for every alternative.
 CREATE FUNCTION ironwod.transform_records(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
 SET jit = off
 SET enable_seqscan = off
+SET enable_sort = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
