@@ -2658,3 +2658,6 @@ BEGIN
     END LOOP;
 END
 $idx$;
+
+-- plan_units: linear joins whatever the raw clients' statistics say, without JIT
+ALTER FUNCTION ironwod.plan_units(bigint, text) SET enable_nestloop = off SET jit = off;

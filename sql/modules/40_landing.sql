@@ -186,9 +186,22 @@ COMMENT ON FUNCTION ironwod.claim_run(bigint, integer) IS 'Worker: move a queued
 --                                  the last sync_window_days (by due date if any)
 -- Times come from the run's start.  Called once per entity and run, by
 -- plan_entity, which persists the result; linear in the entity's clients.
+--
+-- No nested loops: the per-client plan joins each client's current version
+-- with its version as of the last clean run, two DISTINCT ON subqueries over
+-- the raw clients that the planner, on a raw table whose statistics predate
+-- the gym (rows=1), joined by a nested loop that re-read the baseline once per
+-- changed client (a medium gym's nightly: 60 x 177 rows, 10,577 removed by the
+-- join filter, 10 ms of the entity's plan; quadratic in clients).  Hash or
+-- merge, the join is linear whatever the estimate.  No JIT: a join only a
+-- nested loop can do (the cursor lookup's LEFT JOIN from one constant row) is
+-- still planned, at the disabled cost, and that cost alone made the JIT
+-- compile it (254 ms of a windowed entity's plan, for a one-row lookup).
 CREATE FUNCTION ironwod.plan_units(p_run_id bigint, p_entity text)
 RETURNS TABLE (window_key text, url text)
 LANGUAGE plpgsql STABLE
+SET enable_nestloop = off
+SET jit = off
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();

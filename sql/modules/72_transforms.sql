@@ -487,10 +487,13 @@ COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE a
 -- No sorts where an index gives the order: the whole-gym insert's DISTINCT ON
 -- reads the "latest version" index in its order, but on a raw table whose
 -- statistics predate the gym's rows (every backfill: the rows were landed
--- seconds ago) the planner estimates a few rows and prefers a bitmap scan of
--- the (tenant_id, gym_id, ingest_run_id) index and a sort, which for a medium
--- gym's 39,897 sign-ins was an external merge of 54 MB (EXPLAIN ANALYZE: 134
--- ms of sort before the first row, in an 806 ms statement).  A sort nothing
+-- seconds ago) the planner estimates a few rows and may prefer a bitmap scan
+-- of an index led by (tenant_id, gym_id) and a sort: for a medium gym's 39,897
+-- sign-ins (then by the since dropped (tenant_id, gym_id, ingest_run_id)
+-- index) an external merge of 54 MB, 134 ms before the first row of an 806 ms
+-- statement (EXPLAIN ANALYZE).  The same statement timed both ways on the same
+-- data cost the same (546 and 553 ms): this keeps the plan independent of the
+-- estimate, it does not make the transform faster.  A sort nothing
 -- can avoid (the upsert's lag() over old and new rows, ORDER BY of a few run
 -- ids) is still planned, at the same penalty for every alternative.
 CREATE FUNCTION ironwod.transform_records(p_run_id bigint)
