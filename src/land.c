@@ -275,7 +275,8 @@ typedef struct IwLanding
 	SPIPlanPtr	insert;			/* plain INSERT: versions never seen before */
 	SPIPlanPtr	upsert;			/* INSERT ... ON CONFLICT */
 	int64		run_id;			/* the run the flags below are about */
-	bool		seen_versions;	/* a page of this run held a stored version */
+	bool		seen_versions;	/* not a backfill, or a page of this run held
+								 * a stored version: land with the upsert */
 	bool		has_vanished;	/* records of the entity in vanished_records */
 	bool		has_quarantined;	/* records of the entity in quarantined_records */
 } IwLanding;
@@ -381,22 +382,37 @@ landing_for(const char *entity, int64 run_id)
 found:
 	if (l->run_id != run_id && run_id != 0)
 	{
+		Oid			run_types[4] = {TEXTOID, UUIDOID, UUIDOID, INT8OID};
+		Datum		run_values[4];
+
 		/*
 		 * A new run.  Records of the entity vanish only when a reconciliation
 		 * closes it, after its last page, so whether any are vanished now
 		 * holds for the rest of this run's pages of the entity.
+		 *
+		 * Only a backfill tries the plain INSERT first (store_batch): an
+		 * incremental run re-reads the records at its watermark and a
+		 * reconciliation re-reads whole windows, so their first batch nearly
+		 * always holds a stored version, and the plain INSERT would write
+		 * rows, fail, roll them back and be redone as the upsert (dead tuples
+		 * on one node, a failed statement on a shard on Citus).  The scope is
+		 * passed as values: on Citus each probe then names one shard.
 		 */
 		l->run_id = run_id;
-		l->seen_versions = false;
-		values[0] = CStringGetTextDatum(entity);
+		run_values[0] = CStringGetTextDatum(entity);
+		run_values[1] = scope_uuid("ironwod.tenant_id");
+		run_values[2] = scope_uuid("ironwod.gym_id");
+		run_values[3] = Int64GetDatum(run_id);
 		run_sql("SELECT EXISTS (SELECT 1 FROM ironwod.vanished_records v "
-				"WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym() "
-				"AND v.entity = $1), "
+				"WHERE v.tenant_id = $2 AND v.gym_id = $3 AND v.entity = $1), "
 				"EXISTS (SELECT 1 FROM ironwod.quarantined_records q "
-				"WHERE q.tenant_id = ironwod.scope_tenant() AND q.gym_id = ironwod.scope_gym() "
-				"AND q.entity = $1)", 1, types, values, NULL, SPI_OK_SELECT);
+				"WHERE q.tenant_id = $2 AND q.gym_id = $3 AND q.entity = $1), "
+				"NOT EXISTS (SELECT 1 FROM ironwod.sync_runs r "
+				"WHERE r.tenant_id = $2 AND r.gym_id = $3 AND r.run_id = $4 AND r.mode = 'backfill')",
+				4, run_types, run_values, NULL, SPI_OK_SELECT);
 		l->has_vanished = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 		l->has_quarantined = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+		l->seen_versions = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
 	}
 	return l;
 }
@@ -440,11 +456,12 @@ run_store(SPIPlanPtr plan, Datum *params, const char *nulls, const char *entity)
 
 /*
  * Store one batch.  A backfill lands versions never seen before, for which a
- * plain INSERT costs half of INSERT ... ON CONFLICT; so the plain one is tried
- * first, in a subtransaction, and only if a stored version makes it fail with
- * a unique violation is the batch landed again with the upsert.  After that,
- * the entity's later pages in this run (a re-pull of known data, most likely)
- * go straight to the upsert.
+ * plain INSERT costs half of INSERT ... ON CONFLICT; so in a backfill the
+ * plain one is tried first, in a subtransaction, and only if a stored version
+ * makes it fail with a unique violation is the batch landed again with the
+ * upsert.  After that, the entity's later pages in this run (a re-pull of
+ * known data, most likely) go straight to the upsert, as every page of the
+ * other runs does (landing_for).
  */
 static int
 store_batch(IwLanding *l, Datum *params, const char *nulls)

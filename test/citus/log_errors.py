@@ -22,9 +22,10 @@ EXPECTED = [
     # The product's own, on the worker nodes.
     (r'^duplicate key value violates unique constraint "wodify_raw_\w+_N"$',
      r'^INSERT INTO ironwod\.wodify_raw_\w+_N AS t ',
-     'landing tries a batch with the plain INSERT first and, when a stored version fails it, '
-     'lands it again with the upsert (src/land.c, store_batch); on one node the caught error '
-     'is never logged, on Citus the shard logs it'),
+     'a backfill lands a batch with the plain INSERT first and, when a stored version fails '
+     'it (a page landed again: a retried or repeated backfill), lands it again with the upsert '
+     '(src/land.c, store_batch); on one node the caught error is never logged, on Citus the '
+     'shard logs it.  Other runs land with the upsert from their first page'),
     (r'^duplicate key value violates unique constraint "sync_runs_one_active_N"$',
      r'^INSERT INTO ironwod\.sync_runs_N ',
      'ironwod_sync while the gym has a run queued or running: the unique index refuses the '
