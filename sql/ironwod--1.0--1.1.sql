@@ -2661,3 +2661,232 @@ $idx$;
 
 -- plan_units: linear joins whatever the raw clients' statistics say, without JIT
 ALTER FUNCTION ironwod.plan_units(bigint, text) SET enable_nestloop = off SET jit = off;
+
+-- Worker SQL that compared tenant_id with ironwod.scope_tenant() and
+-- ironwod.scope_gym() (STABLE), which on Citus runs on every shard, reads the
+-- scope once into values and compares with those, so each statement names the
+-- tenant's shard (issue 12): close_entity, mark_not_entitled, record_memory,
+-- unquarantine, unvanish, finish_validate, apply_rotated_key, and
+-- store_rewrapped_key (now plpgsql).  Row-level security still restricts every
+-- statement to the scope.
+
+CREATE OR REPLACE FUNCTION ironwod.close_entity(p_run_id bigint, p_entity text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_now timestamptz := clock_timestamp();
+    e ironwod.entities;
+    v_max timestamptz;
+    v_watermark timestamptz;
+    v_tz text;
+BEGIN
+    SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
+    SELECT s.max_watermark INTO v_max FROM ironwod.sync_run_entities s
+     WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity;
+    SELECT c.watermark INTO v_watermark FROM ironwod.entity_cursors c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = p_entity;
+
+    -- Values, not INSERT ... SELECT over the cursors, and the times computed
+    -- first: on Citus a single-row insert with constants routes to the tenant's
+    -- shard, where ON CONFLICT DO UPDATE may use no volatile function.
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, status, completed_at, cursor_start, cursor_end)
+    VALUES (v_t, v_g, p_run_id, p_entity, 'completed', v_now, v_watermark, greatest(v_watermark, v_max))
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET status = 'completed', completed_at = excluded.completed_at,
+           cursor_start = excluded.cursor_start, cursor_end = excluded.cursor_end;
+
+    IF v_max IS NOT NULL THEN
+        INSERT INTO ironwod.entity_cursors AS c (tenant_id, gym_id, entity, watermark, updated_by, updated_at)
+        VALUES (v_t, v_g, p_entity, v_max, p_run_id, v_now)
+        ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE
+           SET watermark = greatest(c.watermark, excluded.watermark), updated_by = p_run_id, updated_at = excluded.updated_at;
+    END IF;
+
+    -- A full list this run fetched itself, every page of it: a quarantined record
+    -- of it that was not in it any more is gone at the vendor (or fixed there into
+    -- a record that landed).  This is how a record without a readable id leaves.
+    IF e.backfill_strategy = 'full' AND EXISTS (
+           SELECT 1 FROM ironwod.sync_run_entities s
+           WHERE s.tenant_id = v_t AND s.gym_id = v_g
+             AND s.run_id = p_run_id AND s.entity = p_entity AND s.units_done > 0 AND s.units_skipped = 0) THEN
+        DELETE FROM ironwod.quarantined_records q
+         WHERE q.tenant_id = v_t AND q.gym_id = v_g
+           AND q.entity = p_entity AND q.last_seen_run_id <> p_run_id;
+    END IF;
+
+    -- Pulled cleanly, so the gym's plan includes it (again).
+    DELETE FROM ironwod.entity_entitlements n
+     WHERE n.tenant_id = v_t AND n.gym_id = v_g AND n.entity = p_entity
+       AND n.last_checked_run <> p_run_id;
+
+    IF p_entity = 'locations' THEN
+        -- The gym's time zone: the first location's (by id), when PostgreSQL knows it.
+        -- Read first, then updated: on Citus an UPDATE ... FROM a function that
+        -- reads distributed tables would run that function on the shard.
+        SELECT x.payload_json ->> 'time_zone_iana' INTO v_tz
+        FROM ironwod.latest_raw_versions('locations', v_t, v_g) x
+        WHERE x.last_seen_run_id = p_run_id ORDER BY x.wodify_id LIMIT 1;
+        IF ironwod.is_time_zone(v_tz) THEN
+            UPDATE ironwod.integrations_wodify_connection c
+               SET time_zone = v_tz, updated_at = v_now
+             WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+        END IF;
+    END IF;
+
+    IF (SELECT mode FROM ironwod.sync_runs r
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id) = 'reconcile' THEN
+        PERFORM ironwod.reconcile_deletions(p_run_id, e);
+    END IF;
+    -- Read first, then passed: on Citus a query on the shard (a routed SELECT
+    -- with a subquery) may not call a function that writes distributed tables.
+    SELECT c.watermark INTO v_watermark FROM ironwod.entity_cursors c
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = p_entity;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.completed', p_entity,
+        jsonb_build_object('watermark', greatest(v_max, v_watermark)));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.mark_not_entitled(p_run_id bigint, p_entity text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    INSERT INTO ironwod.entity_entitlements AS n (tenant_id, gym_id, entity, last_checked_run)
+    VALUES (v_t, v_g, p_entity, p_run_id)
+    ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET last_checked_run = p_run_id;
+    UPDATE ironwod.run_units u SET status = 'not_entitled'
+     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id
+       AND u.entity = p_entity AND u.status = 'pending';
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.not_entitled', p_entity, '{}');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.record_memory(p_run_id bigint, p_peak_bytes bigint, p_largest_page_bytes bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    UPDATE ironwod.sync_runs r
+       SET peak_memory_bytes = greatest(r.peak_memory_bytes, p_peak_bytes),
+           largest_page_bytes = greatest(r.largest_page_bytes, p_largest_page_bytes)
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.unquarantine(p_entity text, p_ids bigint[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    DELETE FROM ironwod.quarantined_records q
+     WHERE q.tenant_id = v_t AND q.gym_id = v_g
+       AND q.entity = p_entity AND q.wodify_id = ANY (p_ids);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.unvanish(p_entity text, p_ids bigint[]) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    DELETE FROM ironwod.vanished_records v
+     WHERE v.tenant_id = v_t AND v.gym_id = v_g
+       AND v.entity = p_entity AND v.wodify_id = ANY (p_ids);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.finish_validate(p_run_id bigint, p_valid boolean, p_fingerprint text, p_message text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- now() as a value: Citus refuses a non-immutable function in an UPDATE's COALESCE
+    v_now timestamptz := now();
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    IF p_valid THEN
+        UPDATE ironwod.integrations_wodify_connection
+           SET api_key_fingerprint = p_fingerprint, connected_at = coalesce(connected_at, v_now), updated_at = v_now
+         WHERE tenant_id = v_t AND gym_id = v_g;
+        PERFORM ironwod.finish_run(p_run_id);
+        INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
+        SELECT c.tenant_id, c.gym_id, 'backfill'
+        FROM ironwod.integrations_wodify_connection c
+        WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.backfill_completed_at IS NULL;
+    ELSE
+        PERFORM ironwod.fail_run(p_run_id, 'auth', p_message, 'validate');
+        UPDATE ironwod.integrations_wodify_connection
+           SET api_key_ciphertext = NULL, master_key_id = NULL, updated_at = v_now
+         WHERE tenant_id = v_t AND gym_id = v_g;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.apply_rotated_key(p_now timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    UPDATE ironwod.integrations_wodify_connection c
+       SET api_key_ciphertext = c.next_api_key_ciphertext, master_key_id = c.next_master_key_id,
+           api_key_fingerprint = c.next_api_key_fingerprint,
+           next_api_key_ciphertext = NULL, next_master_key_id = NULL, next_api_key_fingerprint = NULL,
+           key_rotated_at = p_now, updated_at = p_now
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g
+       AND c.next_api_key_ciphertext IS NOT NULL AND c.status <> 'disconnected';
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO ironwod.sync_events (tenant_id, gym_id, event)
+    VALUES (v_t, v_g, 'wodify.key.rotated');
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.store_rewrapped_key(p_current bytea, p_next bytea, p_key_id text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- the scope as values, in plpgsql: on Citus a statement comparing tenant_id
+    -- with scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    UPDATE ironwod.integrations_wodify_connection c
+       SET api_key_ciphertext = coalesce(p_current, c.api_key_ciphertext),
+           master_key_id = CASE WHEN p_current IS NULL THEN c.master_key_id ELSE p_key_id END,
+           next_api_key_ciphertext = coalesce(p_next, c.next_api_key_ciphertext),
+           next_master_key_id = CASE WHEN p_next IS NULL THEN c.next_master_key_id ELSE p_key_id END
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+END
+$$;

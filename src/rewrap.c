@@ -122,13 +122,21 @@ rewrap_one(const char *tenant_text, const char *gym_text, const char *active_id,
 	Datum		values[3];
 	char		nulls[3] = {' ', ' ', ' '};
 	Datum		d;
+	Oid			scope_types[2] = {UUIDOID, UUIDOID};
+	Datum		scope_values[2] = {UUIDPGetDatum(&tenant), UUIDPGetDatum(&gym)};
 
 	iw_set_scope(&tenant, &gym);
 	iw_txn_begin("ironwod rewrap");
-	if (SPI_execute("SELECT c.api_key_ciphertext, c.next_api_key_ciphertext "
-					"FROM ironwod.integrations_wodify_connection c "
-					"WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() "
-					"FOR UPDATE", false, 0) != SPI_OK_SELECT)
+
+	/*
+	 * The scope as values: on Citus a row lock over a comparison with
+	 * scope_tenant() would go to every shard, which Citus refuses.  Row-level
+	 * security still restricts the read to the scope just set.
+	 */
+	if (SPI_execute_with_args("SELECT c.api_key_ciphertext, c.next_api_key_ciphertext "
+							  "FROM ironwod.integrations_wodify_connection c "
+							  "WHERE c.tenant_id = $1 AND c.gym_id = $2 "
+							  "FOR UPDATE", 2, scope_types, scope_values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the connection to re-seal");
 	if (SPI_processed == 1)
 	{

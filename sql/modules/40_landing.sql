@@ -487,16 +487,16 @@ BEGIN
     -- a record that landed).  This is how a record without a readable id leaves.
     IF e.backfill_strategy = 'full' AND EXISTS (
            SELECT 1 FROM ironwod.sync_run_entities s
-           WHERE s.tenant_id = ironwod.scope_tenant() AND s.gym_id = ironwod.scope_gym()
+           WHERE s.tenant_id = v_t AND s.gym_id = v_g
              AND s.run_id = p_run_id AND s.entity = p_entity AND s.units_done > 0 AND s.units_skipped = 0) THEN
         DELETE FROM ironwod.quarantined_records q
-         WHERE q.tenant_id = ironwod.scope_tenant() AND q.gym_id = ironwod.scope_gym()
+         WHERE q.tenant_id = v_t AND q.gym_id = v_g
            AND q.entity = p_entity AND q.last_seen_run_id <> p_run_id;
     END IF;
 
     -- Pulled cleanly, so the gym's plan includes it (again).
     DELETE FROM ironwod.entity_entitlements n
-     WHERE n.tenant_id = ironwod.scope_tenant() AND n.gym_id = ironwod.scope_gym() AND n.entity = p_entity
+     WHERE n.tenant_id = v_t AND n.gym_id = v_g AND n.entity = p_entity
        AND n.last_checked_run <> p_run_id;
 
     IF p_entity = 'locations' THEN
@@ -514,7 +514,7 @@ BEGIN
     END IF;
 
     IF (SELECT mode FROM ironwod.sync_runs r
-        WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id) = 'reconcile' THEN
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id) = 'reconcile' THEN
         PERFORM ironwod.reconcile_deletions(p_run_id, e);
     END IF;
     -- Read first, then passed: on Citus a query on the shard (a routed SELECT
@@ -612,12 +612,17 @@ CREATE FUNCTION ironwod.mark_not_entitled(p_run_id bigint, p_entity text)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
     INSERT INTO ironwod.entity_entitlements AS n (tenant_id, gym_id, entity, last_checked_run)
-    VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), p_entity, p_run_id)
+    VALUES (v_t, v_g, p_entity, p_run_id)
     ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET last_checked_run = p_run_id;
     UPDATE ironwod.run_units u SET status = 'not_entitled'
-     WHERE u.tenant_id = ironwod.scope_tenant() AND u.gym_id = ironwod.scope_gym() AND u.run_id = p_run_id
+     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id
        AND u.entity = p_entity AND u.status = 'pending';
     PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.entity.not_entitled', p_entity, '{}');
 END
@@ -668,11 +673,16 @@ CREATE FUNCTION ironwod.record_memory(p_run_id bigint, p_peak_bytes bigint, p_la
 RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
     UPDATE ironwod.sync_runs r
        SET peak_memory_bytes = greatest(r.peak_memory_bytes, p_peak_bytes),
            largest_page_bytes = greatest(r.largest_page_bytes, p_largest_page_bytes)
-     WHERE r.tenant_id = ironwod.scope_tenant() AND r.gym_id = ironwod.scope_gym() AND r.run_id = p_run_id;
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
 END
 $$;
 COMMENT ON FUNCTION ironwod.record_memory(bigint, bigint, bigint) IS 'Worker: record the run worker''s peak private memory while landing pages and the largest page it landed';
@@ -746,9 +756,14 @@ COMMENT ON FUNCTION ironwod.quarantine(bigint, text, text, bigint[], text[], byt
 CREATE FUNCTION ironwod.unquarantine(p_entity text, p_ids bigint[]) RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
     DELETE FROM ironwod.quarantined_records q
-     WHERE q.tenant_id = ironwod.scope_tenant() AND q.gym_id = ironwod.scope_gym()
+     WHERE q.tenant_id = v_t AND q.gym_id = v_g
        AND q.entity = p_entity AND q.wodify_id = ANY (p_ids);
 END
 $$;
@@ -870,9 +885,14 @@ COMMENT ON FUNCTION ironwod.unit_landed(bigint, text, text, integer) IS 'Worker:
 CREATE FUNCTION ironwod.unvanish(p_entity text, p_ids bigint[]) RETURNS void
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
     DELETE FROM ironwod.vanished_records v
-     WHERE v.tenant_id = ironwod.scope_tenant() AND v.gym_id = ironwod.scope_gym()
+     WHERE v.tenant_id = v_t AND v.gym_id = v_g
        AND v.entity = p_entity AND v.wodify_id = ANY (p_ids);
 END
 $$;
@@ -1061,21 +1081,25 @@ AS $$
 DECLARE
     -- now() as a value: Citus refuses a non-immutable function in an UPDATE's COALESCE
     v_now timestamptz := now();
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
     IF p_valid THEN
         UPDATE ironwod.integrations_wodify_connection
            SET api_key_fingerprint = p_fingerprint, connected_at = coalesce(connected_at, v_now), updated_at = v_now
-         WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym();
+         WHERE tenant_id = v_t AND gym_id = v_g;
         PERFORM ironwod.finish_run(p_run_id);
         INSERT INTO ironwod.sync_runs (tenant_id, gym_id, mode)
         SELECT c.tenant_id, c.gym_id, 'backfill'
         FROM ironwod.integrations_wodify_connection c
-        WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym() AND c.backfill_completed_at IS NULL;
+        WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.backfill_completed_at IS NULL;
     ELSE
         PERFORM ironwod.fail_run(p_run_id, 'auth', p_message, 'validate');
         UPDATE ironwod.integrations_wodify_connection
            SET api_key_ciphertext = NULL, master_key_id = NULL, updated_at = v_now
-         WHERE tenant_id = ironwod.scope_tenant() AND gym_id = ironwod.scope_gym();
+         WHERE tenant_id = v_t AND gym_id = v_g;
     END IF;
 END
 $$;

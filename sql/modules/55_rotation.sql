@@ -22,19 +22,24 @@ CREATE FUNCTION ironwod.apply_rotated_key(p_now timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- the scope as values: on Citus a statement comparing tenant_id with
+    -- scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
 BEGIN
     UPDATE ironwod.integrations_wodify_connection c
        SET api_key_ciphertext = c.next_api_key_ciphertext, master_key_id = c.next_master_key_id,
            api_key_fingerprint = c.next_api_key_fingerprint,
            next_api_key_ciphertext = NULL, next_master_key_id = NULL, next_api_key_fingerprint = NULL,
            key_rotated_at = p_now, updated_at = p_now
-     WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g
        AND c.next_api_key_ciphertext IS NOT NULL AND c.status <> 'disconnected';
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     INSERT INTO ironwod.sync_events (tenant_id, gym_id, event)
-    VALUES (ironwod.scope_tenant(), ironwod.scope_gym(), 'wodify.key.rotated');
+    VALUES (v_t, v_g, 'wodify.key.rotated');
     RETURN true;
 END
 $$;
@@ -133,14 +138,21 @@ COMMENT ON FUNCTION ironwod.rewrap_targets() IS 'Rewrap worker: (tenant, gym) of
 -- that key needed nothing).
 CREATE FUNCTION ironwod.store_rewrapped_key(p_current bytea, p_next bytea, p_key_id text)
 RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 AS $$
+DECLARE
+    -- the scope as values, in plpgsql: on Citus a statement comparing tenant_id
+    -- with scope_tenant() (STABLE) runs on every shard
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
     UPDATE ironwod.integrations_wodify_connection c
        SET api_key_ciphertext = coalesce(p_current, c.api_key_ciphertext),
            master_key_id = CASE WHEN p_current IS NULL THEN c.master_key_id ELSE p_key_id END,
            next_api_key_ciphertext = coalesce(p_next, c.next_api_key_ciphertext),
            next_master_key_id = CASE WHEN p_next IS NULL THEN c.next_master_key_id ELSE p_key_id END
-     WHERE c.tenant_id = ironwod.scope_tenant() AND c.gym_id = ironwod.scope_gym()
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+END
 $$;
 COMMENT ON FUNCTION ironwod.store_rewrapped_key(bytea, bytea, text) IS 'Rewrap worker: store the scope''s API key (and waiting rotated key) re-sealed to master key p_key_id';
 
