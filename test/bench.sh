@@ -287,15 +287,17 @@ if [ "$MEDIUM" -ge 0 ]; then
     run_figures "$run" medium nightly "$WORK/mem.$run" >/dev/null
 fi
 
-# 4. The concurrent medium gyms' nightly runs, all requested at once.
-START=$(q -c "SELECT clock_timestamp()")
-CONC_RUNS=()
-for j in $(seq 0 $((NCONC - 1))); do
-    g=$(gym_uuid $((${#SCALES[@]} + j)))
-    CONC_RUNS+=("$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)")
-done
-for r in "${CONC_RUNS[@]}"; do wait_run "$r"; done
-q -v start="$START" -v runs="{$(IFS=,; echo "${CONC_RUNS[*]}")}" -v n="$NCONC" <<'SQL'
+# 4. The concurrent medium gyms' nightly runs, all requested at once (none with
+# BENCH_CONCURRENT=0, and then the table has no gyms-per-hour line).
+if [ "$NCONC" -gt 0 ]; then
+    START=$(q -c "SELECT clock_timestamp()")
+    CONC_RUNS=()
+    for j in $(seq 0 $((NCONC - 1))); do
+        g=$(gym_uuid $((${#SCALES[@]} + j)))
+        CONC_RUNS+=("$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)")
+    done
+    for r in "${CONC_RUNS[@]}"; do wait_run "$r"; done
+    q -v start="$START" -v runs="{$(IFS=,; echo "${CONC_RUNS[*]}")}" -v n="$NCONC" <<'SQL'
 INSERT INTO bench (section, what, scale, records, seconds, value, unit)
 SELECT 'concurrent', 'nightly runs', 'medium', (SELECT sum(pulled) FROM ironwod.sync_run_entities WHERE run_id = ANY (:'runs'::bigint[])),
        s, :n * 3600 / nullif(s, 0), 'gyms/hour'
@@ -303,6 +305,7 @@ FROM (SELECT extract(epoch FROM max(finished_at) - :'start'::timestamptz) AS s,
              count(*) FILTER (WHERE status = 'succeeded') AS ok
       FROM ironwod.sync_runs WHERE run_id = ANY (:'runs'::bigint[])) x;
 SQL
+fi
 
 # The table.
 q -v began="$BEGAN" -v cores="$(nproc)" -v nconc="$NCONC" <<'SQL'

@@ -290,8 +290,10 @@ $check$;
 -- the statement reads no list of records but the latest version of every record
 -- of the gym, where one of the runs $4 landed it (every record when $4 is NULL):
 -- one pass over the gym's range of the raw table's "latest version" index, which
--- yields the versions in DISTINCT ON's order, so there is no sort, no array of
--- ids to plan, and no plan that an estimate could make worse.  The runs are
+-- yields the versions in DISTINCT ON's order, so there is no sort and no array
+-- of ids to plan.  That plan holds whatever the estimates because
+-- transform_records runs with enable_seqscan and enable_sort off: on statistics
+-- that predate the gym the planner chose a bitmap scan and a sort.  The runs are
 -- tested on the latest versions, outside the DISTINCT ON: a condition on them
 -- inside offered the planner an index on the runs (dropped in 1.1), and with it
 -- a sort of every payload of the gym.
