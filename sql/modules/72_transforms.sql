@@ -517,8 +517,7 @@ DECLARE
     v_raw bigint[];
     v_new_ids bigint[];
     v_from bigint;
-    v_hold bigint;
-    v_last bigint;
+    v_later boolean := false;
     v_to bigint;
     v_sql text;
     v_new_sql text;
@@ -551,6 +550,8 @@ BEGIN
             WHERE NOT EXISTS (SELECT 1 FROM ironwod.transformed_runs d
                               WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = x.run_id)
             ORDER BY 1);
+        v_later := EXISTS (SELECT 1 FROM ironwod.sync_runs r
+                           WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id > p_run_id);
     END IF;
     -- In registry order: locations first, they decide the time zone.
     FOR e IN SELECT x.entity, x.raw_table, m.canonical, m.key_column FROM ironwod.entities x
@@ -558,22 +559,43 @@ BEGIN
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
         END IF;
+        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%I c WHERE c.tenant_id = $1 AND c.gym_id = $2)',
+                       e.canonical)
+            INTO v_empty USING v_t, v_g;
         -- The runs' versions: the range above the entity's cursor (primary key
-        -- order), of which those the runs landed.  Versions of runs already
-        -- transformed are passed over, as they always were; a manual
-        -- transform_run of an earlier run leaves a later run's versions alone,
-        -- so the cursor moves to just below the first of those, or else to the
-        -- last version.
+        -- order), of which those the runs landed; their Wodify ids are needed
+        -- only by the batched path below (a gym without canonical rows reads
+        -- every latest version).  Versions of runs already transformed are
+        -- passed over, as they always were.  The cursor moves to the last
+        -- version, or, when the gym has a run later than this one (a manual
+        -- transform_run of an earlier run), to just below that run's first
+        -- version, which it leaves to that run; only then is the range read
+        -- for it, so a backfill's transform reads the raw table's last key,
+        -- not its rows, to move the cursor.
         IF p_run_id IS NOT NULL THEN
             SELECT c.raw_id INTO v_from FROM ironwod.transform_cursors c
              WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = e.entity;
-            EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FILTER (WHERE r.ingest_run_id = ANY ($3)),
-                                   min(r.raw_id) FILTER (WHERE r.ingest_run_id > $5), max(r.raw_id)
-                            FROM ironwod.%I r
-                            WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $4', e.raw_table)
-                INTO v_new_ids, v_hold, v_last USING v_t, v_g, v_runs, coalesce(v_from, 0), p_run_id;
-            v_to := coalesce(v_hold - 1, v_last);
-            IF v_to IS NOT NULL AND v_to > coalesce(v_from, 0) THEN
+            v_from := coalesce(v_from, 0);
+            v_new_ids := NULL;
+            IF NOT v_empty THEN
+                EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
+                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $3 AND r.ingest_run_id = ANY ($4)',
+                               e.raw_table)
+                    INTO v_new_ids USING v_t, v_g, v_from, v_runs;
+            END IF;
+            v_to := NULL;
+            IF v_later THEN
+                EXECUTE format('SELECT min(r.raw_id) - 1 FROM ironwod.%I r
+                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $3 AND r.ingest_run_id > $4',
+                               e.raw_table)
+                    INTO v_to USING v_t, v_g, v_from, p_run_id;
+            END IF;
+            IF v_to IS NULL THEN
+                EXECUTE format('SELECT max(r.raw_id) FROM ironwod.%I r WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $3',
+                               e.raw_table)
+                    INTO v_to USING v_t, v_g, v_from;
+            END IF;
+            IF v_to > v_from THEN
                 INSERT INTO ironwod.transform_cursors AS c (tenant_id, gym_id, entity, raw_id)
                 VALUES (v_t, v_g, e.entity, v_to)
                 ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET raw_id = excluded.raw_id;
@@ -584,9 +606,6 @@ BEGIN
         -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
         -- the pass reads the gym's range of the "latest version" index whatever
         -- the estimates, and the gym's new canonical rows plan nothing here.
-        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%I c WHERE c.tenant_id = $1 AND c.gym_id = $2)',
-                       e.canonical)
-            INTO v_empty USING v_t, v_g;
         IF v_empty THEN
             EXECUTE ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false, true)
                 INTO v_n, v_dirty, v_people USING v_t, v_g, v_tz, v_runs;
