@@ -697,6 +697,41 @@ static int64 beat_run = 0;
 static TimestampTz beat_at = 0;
 
 /*
+ * Hold the gym's connection row FOR SHARE for the rest of the page's
+ * transaction, before anything is written.  ironwod_pause and
+ * ironwod_disconnect lock that row before they cancel the run, so they wait
+ * for a page in flight to commit, or the page waits for them and then finds
+ * its run cancelled (page_bookkeeping) and rolls back.  Without it, a page
+ * whose run check saw the run running could commit after the cancel, and
+ * after a later run of the gym had moved the transform cursor past its
+ * versions (they were numbered before that run's): never transformed.  The
+ * row, not the run's: closing the locations entity updates the connection
+ * in the same transaction, and pause locks the connection before the run,
+ * so taking the run's row first would order the two locks the other way
+ * round.
+ */
+static void
+hold_connection(void)
+{
+	static SPIPlanPtr hold_plan = NULL;
+	Datum		values[2];
+
+	if (hold_plan == NULL)
+	{
+		Oid			types[2] = {UUIDOID, UUIDOID};
+
+		hold_plan = prepare_kept("SELECT 1 FROM ironwod.integrations_wodify_connection c "
+								 "WHERE c.tenant_id = $1 AND c.gym_id = $2 FOR SHARE",
+								 2, types);
+	}
+	values[0] = scope_uuid("ironwod.tenant_id");
+	values[1] = scope_uuid("ironwod.gym_id");
+	if (SPI_execute_plan(hold_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "ironwod: could not lock the gym's connection");
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
  * The page's bookkeeping, in its transaction: the entity's counters (which
  * also prove the run is still running), vanished and quarantined records seen
  * again cleanly, the page's poison records, the unit's completion on its last
@@ -912,6 +947,7 @@ land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size
 		return;
 	}
 
+	hold_connection();
 	res->n_new = upsert_records(l, run_id, &page);
 	page_bookkeeping(l, run_id, task, page_no, &page, res->n_new, has_more, attempts, latency_ms,
 					 &poison);

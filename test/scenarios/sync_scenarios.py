@@ -435,6 +435,92 @@ def pause_scenario(reference):
     same_data(FAULT, reference, "pause and resume: nothing lost, nothing duplicated")
 
 
+def pause_in_flight_scenario(reference):
+    """A page in flight when ironwod_pause comes lands before the run is cancelled, or
+    not at all: the pause waits for it.  (A page that committed after the cancel would
+    carry versions numbered below those of the next run, whose transform moves the
+    gym's cursor past them: never transformed.)  The simulator holds a request of the
+    run while a session of ours locks the run's pending units, so the worker stops
+    inside the transaction of the unit's last page (unit_landed) until the pause is
+    seen waiting for it; then the units are let go."""
+    sim("DELETE", "/_sim/faults")
+    fault(kind="slow", delay_s=5, after=2, count=1)
+    run = one(FAULT, f"SELECT ironwod_sync('{FAULT[0]}', '{FAULT[1]}', 'reconcile')")
+    deadline = time.time() + 300          # a bound for a broken run, not a pace
+    while not fault_fired() and time.time() < deadline:
+        time.sleep(0.05)
+    env = dict(os.environ)
+    # An error when no unit is left pending: psql stops, and the checks below say
+    # so.  The scope as values, so that on Citus the FOR UPDATE routes to one shard.
+    locker = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                              env=dict(env, PGAPPNAME="iw_unit_locker"))
+    locker.stdin.write(f"BEGIN; DO $$BEGIN PERFORM FROM ironwod.run_units u WHERE u.tenant_id = '{FAULT[0]}' "
+                       f"AND u.gym_id = '{FAULT[1]}' AND u.run_id = {run} AND u.status = 'pending' FOR UPDATE; "
+                       f"IF NOT FOUND THEN RAISE 'no unit of run {run} is pending'; END IF; END$$;\n")
+    locker.stdin.flush()
+
+    # Who waits on whom: on Citus the row locks are taken on the nodes, where the
+    # coordinator's pg_blocking_pids does not look; citus_lock_waits names each
+    # side by its global pid, node id * 10^10 + the pid of the coordinator session
+    # that sent it (all nodes of the suite run on one machine, so pids are unique).
+    citus = psql("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")[0] == "1"
+
+    def pid_of(app):
+        return f"(SELECT pid FROM pg_stat_activity WHERE application_name = '{app}')"
+
+    def blocks(app):
+        """Some session waits on a lock the session named app holds."""
+        if citus:
+            return psql(f"SELECT 1 FROM citus_lock_waits WHERE blocking_gpid % 10000000000 = {pid_of(app)}")
+        return psql(f"SELECT 1 FROM pg_stat_activity WHERE {pid_of(app)} = ANY (pg_blocking_pids(pid))")
+
+    def waits(app):
+        """The session named app waits on a lock."""
+        if citus:
+            return psql(f"SELECT 1 FROM citus_lock_waits WHERE waiting_gpid % 10000000000 = {pid_of(app)}")
+        return psql(f"SELECT 1 WHERE cardinality(pg_blocking_pids({pid_of(app)})) > 0")
+
+    held = False
+    while time.time() < deadline and locker.poll() is None:
+        if blocks("iw_unit_locker"):
+            held = True
+            break
+        time.sleep(0.05)
+    pauser = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(env, PGAPPNAME="iw_pauser"))
+    pauser.stdin.write(f"BEGIN; SELECT ironwod_set_scope('{FAULT[0]}', '{FAULT[1]}');\n"
+                       f"SELECT ironwod_pause('{FAULT[0]}', '{FAULT[1]}'); COMMIT;\n")
+    pauser.stdin.close()
+    # the pause waits for the page, or (the bug) is done before the page commits
+    paused_waiting = False
+    while held and time.time() < deadline and pauser.poll() is None:
+        if waits("iw_pauser"):
+            paused_waiting = True
+            break
+        time.sleep(0.05)
+    if locker.poll() is None:
+        locker.stdin.write("COMMIT;\n")
+        locker.stdin.close()
+    locker.wait(timeout=120)
+    pauser.wait(timeout=300)
+    paused = ([line for line in pauser.stdout.read().splitlines() if line] or [""])[-1]
+    pages = one(FAULT, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities WHERE run_id = {run}")
+    while psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}") and time.time() < deadline:
+        time.sleep(0.05)
+    row = one(FAULT, f"SELECT status || ',' || last_error || ',' || (SELECT coalesce(sum(pages), 0) "
+                     f"FROM ironwod.sync_run_entities WHERE run_id = {run}) FROM ironwod.sync_runs WHERE run_id = {run}")
+    check(held and paused_waiting and paused == "paused" and row == f"cancelled,paused,{pages}",
+          "pause while a page is in its transaction: the pause waits for it, and nothing lands after the pause",
+          f"worker held in a page: {held}, pause seen waiting: {paused_waiting}, pause: {paused}, "
+          f"run {row} (pages when the pause returned: {pages})")
+    resumed = one(FAULT, f"SELECT ironwod_resume('{FAULT[0]}', '{FAULT[1]}')")
+    run, outcome = counted_sync(FAULT, "incremental", "after a pause in a page")
+    check(resumed == "connected" and outcome == "succeeded", "resumed after a pause in a page, the gym syncs again",
+          f"{resumed} {outcome}")
+    same_data(FAULT, reference, "pause in a page and resume: nothing lost, nothing duplicated")
+
 def server_log_since(offset):
     """The server log from byte offset on, as text (bytes that are not UTF-8 replaced)."""
     size = int(psql("SELECT (pg_stat_file('server.log')).size")[0])
@@ -806,6 +892,7 @@ def main():
     watermark_scenario()
     fault_scenarios()
     pause_scenario(latest_versions(FAULT))
+    pause_in_flight_scenario(latest_versions(FAULT))
     reference = latest_versions(FAULT)
     poison_scenario()
     same_data(FAULT, reference, "poison records: nothing lost, nothing duplicated")
