@@ -642,6 +642,386 @@ pp_scalar(void *state, char *token, JsonTokenType type)
 		push(pp, pp->pstate->contVal.type == jbvArray ? WJB_ELEM : WJB_VALUE, &v);
 }
 
+/*
+ * ---- the fast lexer ----
+ *
+ * PostgreSQL 15's JSON lexer appends every character of every string to a
+ * StringInfo one call at a time, and its recursive descent goes through
+ * lex_peek/lex_expect for each token: lexing was about 15 % of a backfill's
+ * landing CPU (perf), more than the jsonb it builds.  This is the same
+ * grammar and the same semantic actions, called in the same order with the
+ * same arguments, over a lexer that copies a string's plain bytes at once.
+ * It takes the JSON Wodify sends (escapes, \u escapes and surrogate pairs
+ * included, in a UTF-8 database) and gives up on anything else: bytes below
+ * 0x20 in a string, \u0000, a lone surrogate, an unknown escape, a malformed
+ * number or literal, nesting deeper than FP_MAX_DEPTH, anything that is not
+ * JSON.  Giving up costs a page a second parse with PostgreSQL's parser
+ * (iw_parse_page), which then decides as before; so this lexer accepts
+ * nothing PostgreSQL's would reject, and for what it accepts the semantic
+ * actions see the tokens PostgreSQL's would hand them (de-escaped strings,
+ * the number's text, "true", "false", "null"), and the record's raw bytes
+ * run from its first token to the end of its last.
+ */
+#define FP_MAX_DEPTH 64
+
+typedef struct FastParse
+{
+	PageParse  *pp;
+	const char *p;
+	const char *end;
+	int			depth;
+} FastParse;
+
+/* What PostgreSQL's lexer counts as part of a word (JSON_ALPHANUMERIC_CHAR). */
+#define FP_WORD_CHAR(c) \
+	(((c) >= 'a' && (c) <= 'z') || ((c) >= 'A' && (c) <= 'Z') || \
+	 ((c) >= '0' && (c) <= '9') || (c) == '_' || IS_HIGHBIT_SET(c))
+
+static bool fp_value(FastParse *fp);
+
+static inline void
+fp_skip_space(FastParse *fp)
+{
+	while (fp->p < fp->end &&
+		   (*fp->p == ' ' || *fp->p == '\n' || *fp->p == '\r' || *fp->p == '\t'))
+		fp->p++;
+}
+
+static inline int
+fp_hex4(const char *s)
+{
+	int			v = 0;
+
+	for (int i = 0; i < 4; i++)
+	{
+		char		c = s[i];
+
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v |= c - 'A' + 10;
+		else
+			return -1;
+	}
+	return v;
+}
+
+/*
+ * The string token at fp->p (its opening quote), de-escaped into a palloc'd
+ * NUL-terminated copy, as PostgreSQL's parser pstrdup's its lexer's string.
+ * NULL to give up.
+ */
+static char *
+fp_string(FastParse *fp)
+{
+	const char *s = fp->p + 1;
+	const char *q = s;
+	const char *close;
+	char	   *out;
+	char	   *o;
+
+	while (q < fp->end && *q != '"' && *q != '\\' && (unsigned char) *q >= 0x20)
+		q++;
+	if (q >= fp->end || (unsigned char) *q < 0x20)
+		return NULL;
+	if (*q == '"')
+	{
+		out = palloc(q - s + 1);
+		memcpy(out, s, q - s);
+		out[q - s] = '\0';
+		fp->p = q + 1;
+		return out;
+	}
+	/* escapes: no escape makes its bytes longer, so the token's length bounds the copy */
+	close = q;
+	while (close < fp->end && *close != '"')
+		close += (*close == '\\') ? 2 : 1;
+	if (close >= fp->end)
+		return NULL;
+	out = palloc(close - s + 1);
+	memcpy(out, s, q - s);
+	o = out + (q - s);
+	while (q < close)
+	{
+		if ((unsigned char) *q < 0x20)
+			return NULL;
+		if (*q != '\\')
+		{
+			*o++ = *q++;
+			continue;
+		}
+		switch (q[1])
+		{
+			case '"':
+			case '\\':
+			case '/':
+				*o++ = q[1];
+				break;
+			case 'b':
+				*o++ = '\b';
+				break;
+			case 'f':
+				*o++ = '\f';
+				break;
+			case 'n':
+				*o++ = '\n';
+				break;
+			case 'r':
+				*o++ = '\r';
+				break;
+			case 't':
+				*o++ = '\t';
+				break;
+			case 'u':
+				{
+					int			ch;
+
+					if (close - q < 6 || (ch = fp_hex4(q + 2)) < 0)
+						return NULL;
+					if (ch >= 0xD800 && ch <= 0xDBFF)
+					{
+						int			lo;
+
+						/* a high surrogate: its low half must follow at once */
+						if (close - q < 12 || q[6] != '\\' || q[7] != 'u' ||
+							(lo = fp_hex4(q + 8)) < 0xDC00 || lo > 0xDFFF)
+							return NULL;
+						ch = 0x10000 + ((ch & 0x3FF) << 10) + (lo & 0x3FF);
+						q += 6;
+					}
+					else if ((ch >= 0xDC00 && ch <= 0xDFFF) || ch == 0)
+						return NULL;
+					unicode_to_utf8((pg_wchar) ch, (unsigned char *) o);
+					o += pg_utf_mblen((unsigned char *) o);
+					q += 4;
+				}
+				break;
+			default:
+				return NULL;
+		}
+		q += 2;
+	}
+	*o = '\0';
+	fp->p = close + 1;
+	return out;
+}
+
+/* A number, true, false or null at fp->p, as the scalar action gets it. */
+static bool
+fp_scalar(FastParse *fp)
+{
+	const char *s = fp->p;
+	const char *q = s;
+	JsonTokenType type;
+	char	   *token;
+
+	if (*q == '-' || (*q >= '0' && *q <= '9'))
+	{
+		if (*q == '-')
+			q++;
+		if (q < fp->end && *q == '0')
+			q++;
+		else if (q < fp->end && *q >= '1' && *q <= '9')
+			while (q < fp->end && *q >= '0' && *q <= '9')
+				q++;
+		else
+			return false;
+		if (q < fp->end && *q == '.')
+		{
+			q++;
+			if (q >= fp->end || *q < '0' || *q > '9')
+				return false;
+			while (q < fp->end && *q >= '0' && *q <= '9')
+				q++;
+		}
+		if (q < fp->end && (*q == 'e' || *q == 'E'))
+		{
+			q++;
+			if (q < fp->end && (*q == '+' || *q == '-'))
+				q++;
+			if (q >= fp->end || *q < '0' || *q > '9')
+				return false;
+			while (q < fp->end && *q >= '0' && *q <= '9')
+				q++;
+		}
+		type = JSON_TOKEN_NUMBER;
+	}
+	else
+	{
+		while (q < fp->end && FP_WORD_CHAR(*q))
+			q++;
+		if (q - s == 4 && memcmp(s, "true", 4) == 0)
+			type = JSON_TOKEN_TRUE;
+		else if (q - s == 5 && memcmp(s, "false", 5) == 0)
+			type = JSON_TOKEN_FALSE;
+		else if (q - s == 4 && memcmp(s, "null", 4) == 0)
+			type = JSON_TOKEN_NULL;
+		else
+			return false;
+	}
+	if (q < fp->end && FP_WORD_CHAR(*q))
+		return false;
+	token = palloc(q - s + 1);
+	memcpy(token, s, q - s);
+	token[q - s] = '\0';
+	fp->p = q;
+	fp->pp->lex->prev_token_terminator = (char *) q;
+	pp_scalar(fp->pp, token, type);
+	return true;
+}
+
+static inline bool
+fp_next_is_null(FastParse *fp)
+{
+	return fp->end - fp->p >= 4 && memcmp(fp->p, "null", 4) == 0 &&
+		(fp->end - fp->p == 4 || !FP_WORD_CHAR(fp->p[4]));
+}
+
+static bool
+fp_object(FastParse *fp)
+{
+	pp_object_start(fp->pp);
+	fp->p++;
+	fp_skip_space(fp);
+	if (fp->p < fp->end && *fp->p == '}')
+		fp->p++;
+	else
+	{
+		for (;;)
+		{
+			char	   *fname;
+
+			if (fp->p >= fp->end || *fp->p != '"' || (fname = fp_string(fp)) == NULL)
+				return false;
+			fp_skip_space(fp);
+			if (fp->p >= fp->end || *fp->p != ':')
+				return false;
+			fp->p++;
+			fp_skip_space(fp);
+			pp_field_start(fp->pp, fname, fp_next_is_null(fp));
+			if (!fp_value(fp))
+				return false;
+			fp_skip_space(fp);
+			if (fp->p < fp->end && *fp->p == ',')
+			{
+				fp->p++;
+				fp_skip_space(fp);
+				continue;
+			}
+			if (fp->p < fp->end && *fp->p == '}')
+			{
+				fp->p++;
+				break;
+			}
+			return false;
+		}
+	}
+	fp->pp->lex->prev_token_terminator = (char *) fp->p;
+	pp_object_end(fp->pp);
+	return true;
+}
+
+static bool
+fp_array(FastParse *fp)
+{
+	pp_array_start(fp->pp);
+	fp->p++;
+	fp_skip_space(fp);
+	if (fp->p < fp->end && *fp->p == ']')
+		fp->p++;
+	else
+	{
+		for (;;)
+		{
+			bool		isnull = fp_next_is_null(fp);
+
+			fp->pp->lex->token_start = (char *) fp->p;
+			pp_element_start(fp->pp, isnull);
+			if (!fp_value(fp))
+				return false;
+			/* the element ends with its last token (end_record's raw bytes) */
+			fp->pp->lex->prev_token_terminator = (char *) fp->p;
+			pp_element_end(fp->pp, isnull);
+			fp_skip_space(fp);
+			if (fp->p < fp->end && *fp->p == ',')
+			{
+				fp->p++;
+				fp_skip_space(fp);
+				continue;
+			}
+			if (fp->p < fp->end && *fp->p == ']')
+			{
+				fp->p++;
+				break;
+			}
+			return false;
+		}
+	}
+	fp->pp->lex->prev_token_terminator = (char *) fp->p;
+	pp_array_end(fp->pp);
+	return true;
+}
+
+static bool
+fp_value(FastParse *fp)
+{
+	bool		ok;
+	char	   *s;
+
+	if (fp->p >= fp->end)
+		return false;
+	switch (*fp->p)
+	{
+		case '{':
+		case '[':
+			if (++fp->depth > FP_MAX_DEPTH)
+				return false;
+			ok = *fp->p == '{' ? fp_object(fp) : fp_array(fp);
+			fp->depth--;
+			return ok;
+		case '"':
+			if ((s = fp_string(fp)) == NULL)
+				return false;
+			fp->pp->lex->prev_token_terminator = (char *) fp->p;
+			pp_scalar(fp->pp, s, JSON_TOKEN_STRING);
+			return true;
+		default:
+			return fp_scalar(fp);
+	}
+}
+
+/*
+ * The body through the fast lexer and the semantic actions.  False when it
+ * gave up (see above): then what the actions built is to be thrown away.
+ */
+static bool
+fast_parse(PageParse *pp, char *text, int len)
+{
+	FastParse	fp;
+	bool		ok;
+
+	if (GetDatabaseEncoding() != PG_UTF8)
+		return false;
+	/* the actions read a record's bounds from these two fields only */
+	pp->lex = palloc0(sizeof(JsonLexContext));
+	fp.pp = pp;
+	fp.p = text;
+	fp.end = text + len;
+	fp.depth = 0;
+	fp_skip_space(&fp);
+	ok = fp_value(&fp);
+	if (ok)
+	{
+		fp_skip_space(&fp);
+		ok = fp.p == fp.end;
+	}
+	MemoryContextSwitchTo(pp->page_cxt);
+	return ok;
+}
+
 static JsonParseErrorType
 run_parser(PageParse *pp, char *text, int len, bool need_escapes)
 {
@@ -873,10 +1253,24 @@ iw_parse_page(char *body, size_t len, const IwEntitySpec *spec, IwPage *page)
 		return;
 	}
 
-	/* The fast path: one pass builds every record. */
+	/*
+	 * The fast path: one pass builds every record, with the fast lexer, or
+	 * with PostgreSQL's where that one gives up.  What the fast one built
+	 * until then stays in the caller's context until the page is done.
+	 */
 	init_parse(&pp, spec, page, true);
 	if (pg_verify_mbstr(GetDatabaseEncoding(), body, (int) len, true))
-		rc = run_parser(&pp, body, (int) len, true);
+	{
+		if (fast_parse(&pp, body, (int) len))
+			rc = JSON_SUCCESS;
+		else
+		{
+			MemoryContextDelete(pp.rec_cxt);
+			reset_page(page);
+			init_parse(&pp, spec, page, true);
+			rc = run_parser(&pp, body, (int) len, true);
+		}
+	}
 	if (rc != JSON_SUCCESS)
 	{
 		/* Something in the page is poison, or the page is not JSON at all. */

@@ -13,7 +13,7 @@ VALUES ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-0000000
        ('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000002', 'connected', '\x00', 'infinity')
 ON CONFLICT DO NOTHING;
 BEGIN;
-SELECT plan(71);
+SELECT plan(73);
 
 SELECT ironwod_set_scope('99999999-9999-9999-9999-999999999999', '99999999-0000-0000-0000-000000000001');
 SET LOCAL ROLE ironwod_worker;
@@ -118,6 +118,22 @@ SELECT ok((SELECT bool_and(s.payload = j.r AND s.wodify_id = (j.r ->> 'id')::big
 FROM (SELECT '{"memberships": [{"id": 7, "client": "Zoë \u00e9\"x\"", "price": 12.50, "n": -1e3, "t": true,
                                  "z": null, "nested": {"k": [1, {"a": "b"}], "e": {}}, "id2": "0012"},
                                 {"id": "8", "dup": 1, "dup": 2}], "pagination": {"page": 1}}'::text AS b) x;
+-- The same for every form of JSON the fast lexer takes (page.c): each escape,
+-- \u escapes and a surrogate pair, numbers of every shape, whitespace of every
+-- kind, empty and nested containers, duplicate keys, escaped keys.
+SELECT ok((SELECT bool_and(s.payload = j.r) AND count(*) = 4
+           FROM ironwod.split_page('memberships', b) s
+           JOIN jsonb_array_elements(b::jsonb -> 'memberships') WITH ORDINALITY AS j(r, ord) ON j.ord = s.ordinal),
+          'split_page gives the records jsonb_in gives, escapes, numbers and whitespace included')
+FROM (SELECT E'{"memberships":[{"id":1,"s":"q\\"b\\\\s\\/f\\bb\\ff\\nn\\rr\\tt","u":"\\u00e9\\u00C9\\u20ac\\ud83d\\ude00x",'
+             '"":"","k\\"ey":1,"e":{},"a":[],"d":[[[]],[{}]]},\t\r\n'
+             ' { "id" : 2 , "n" : [ 0, -0, 12.50, 1e3, 1E+3, -2.5e-3, 123456789012345678901234567890, 0.000 ] ,'
+             '"b":[true,false,null], "dup": 1, "dup": 2 }, {"id": "3", "x": "Zo\u00eb"},\n{"id":4}\n]}  ' AS b) x;
+-- A record the fast lexer finds poison keeps its raw bytes, first token to last.
+SELECT results_eq($$SELECT fault, convert_from(raw, 'UTF8') COLLATE "default" FROM ironwod.split_page('memberships',
+                      '{"memberships": [ {"id": 21, "n": 1e999999} ,[22, {}],  "x",{"id":23}]}') WHERE fault IS NOT NULL$$,
+                  $$VALUES ('bad_number', '{"id": 21, "n": 1e999999}'), ('not_object', '[22, {}]'), ('not_object', '"x"')$$,
+                  'a poison record''s raw bytes are its own, from its first token to its last');
 -- has_more is inferred from a full page when pagination is missing.
 SELECT results_eq($$SELECT has_more FROM pg_temp.land('programs', 'full', 1,
     (SELECT '{"programs": [' || string_agg(format('{"id": %s}', i), ',') || ']}' FROM generate_series(1, 100) i))$$,
