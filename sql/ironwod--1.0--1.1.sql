@@ -678,6 +678,8 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
+    -- the SET clauses on the Citus nodes too, which plan every statement below
+    PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
     -- One transform (or replay) of a gym at a time: a batch of records without
     -- canonical rows is inserted without ON CONFLICT, which a concurrent writer
     -- of the same records would turn into a unique violation.  The lock is the
@@ -807,6 +809,7 @@ BEGIN
     INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
     SELECT v_t, v_g, x, p_run_id FROM unnest(v_runs) AS x
     ON CONFLICT DO NOTHING;
+    PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', false);
     RETURN v_out;
 END
 $$;
@@ -1095,6 +1098,8 @@ DECLARE
     v_seen_runs bigint[];
     v_out jsonb := '{}';
 BEGIN
+    -- the SET clause on the Citus nodes too, which plan every statement below
+    PERFORM ironwod.forward_set_clauses('ironwod.apply_vanished(bigint)', true);
     FOR m IN SELECT x.* FROM ironwod.canonical_maps x JOIN ironwod.entities e USING (entity) ORDER BY e.ordinal LOOP
         -- Soft-deleted rows that may be back: their latest version, when not deleted by Wodify itself.
         EXECUTE format('SELECT array_agg(c.%2$I) FROM ironwod.%1$I c
@@ -1154,6 +1159,7 @@ BEGIN
             v_out := v_out || jsonb_build_object(m.entity, v_changed);
         END IF;
     END LOOP;
+    PERFORM ironwod.forward_set_clauses('ironwod.apply_vanished(bigint)', false);
     RETURN v_out;
 END
 $$;
@@ -2201,6 +2207,40 @@ COMMENT ON VIEW ironwod.run_progress IS 'Queued and running runs: current entity
 -- coordinator) with the CTEs inside the SELECT, and metric_config and
 -- refresh_metrics compare tenant_id with values, not with scope_tenant() (which
 -- made Citus read every shard).  See 80_metrics.
+-- A function's planner settings on the Citus nodes too.  A function's SET
+-- clauses apply to the session that runs it, here the coordinator's, but Citus
+-- plans each statement it sends a node again there, with the node's settings,
+-- which a SET clause never reaches: only a SET LOCAL statement does, which Citus
+-- forwards to the nodes of the transaction while citus.propagate_set_commands is
+-- 'local' (ironwod_set_scope and the run workers set it).  So a function whose
+-- SET clauses fix a plan calls this with its own signature: with true first, to
+-- SET LOCAL each setting of its SET clauses to the clause's value, and with
+-- false last, after its last statement, to set them back to the defaults, on the
+-- nodes for the rest of the transaction (here the function's SET clauses then
+-- restore the caller's values when it returns).  The settings are the
+-- planner's, single values.  Where nothing is forwarded (no Citus, or
+-- propagation off) it does nothing, so one node runs exactly as without it.
+CREATE FUNCTION ironwod.forward_set_clauses(p_fn regprocedure, p_on boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    c text;
+BEGIN
+    IF current_setting('citus.propagate_set_commands', true) IS DISTINCT FROM 'local' THEN
+        RETURN;
+    END IF;
+    FOR c IN SELECT x FROM pg_catalog.pg_proc p, unnest(p.proconfig) AS x WHERE p.oid = p_fn LOOP
+        -- one statement per setting: Citus forwards each statement's whole text
+        EXECUTE format('SET LOCAL %I = %s', split_part(c, '=', 1),
+                       CASE WHEN p_on THEN quote_literal(substr(c, strpos(c, '=') + 1)) ELSE 'DEFAULT' END);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) IS 'Citus: SET LOCAL the settings of the given function''s SET clauses (true) or back to their defaults (false), so that the nodes that plan its statements use them too; nothing without Citus';
+REVOKE ALL ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) TO ironwod_worker;
+
 -- The planner settings of a refresh stage (above), forwarded to the Citus nodes
 -- of the transaction: a stage calls this with true first and with false last.
 -- SET LOCAL here lasts until the calling stage returns, whose SET clauses then

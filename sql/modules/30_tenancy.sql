@@ -37,6 +37,39 @@ LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT NULLIF(current_setting('ironwod.gym_id', true), '')::uuid $$;
 COMMENT ON FUNCTION ironwod.scope_gym() IS 'Gym of the current scope, NULL when none is set';
 
+-- A function's planner settings on the Citus nodes too.  A function's SET
+-- clauses apply to the session that runs it, here the coordinator's, but Citus
+-- plans each statement it sends a node again there, with the node's settings,
+-- which a SET clause never reaches: only a SET LOCAL statement does, which Citus
+-- forwards to the nodes of the transaction while citus.propagate_set_commands is
+-- 'local' (ironwod_set_scope and the run workers set it).  So a function whose
+-- SET clauses fix a plan calls this with its own signature: with true first, to
+-- SET LOCAL each setting of its SET clauses to the clause's value, and with
+-- false last, after its last statement, to set them back to the defaults, on the
+-- nodes for the rest of the transaction (here the function's SET clauses then
+-- restore the caller's values when it returns).  The settings are the
+-- planner's, single values.  Where nothing is forwarded (no Citus, or
+-- propagation off) it does nothing, so one node runs exactly as without it.
+CREATE FUNCTION ironwod.forward_set_clauses(p_fn regprocedure, p_on boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    c text;
+BEGIN
+    IF current_setting('citus.propagate_set_commands', true) IS DISTINCT FROM 'local' THEN
+        RETURN;
+    END IF;
+    FOR c IN SELECT x FROM pg_catalog.pg_proc p, unnest(p.proconfig) AS x WHERE p.oid = p_fn LOOP
+        -- one statement per setting: Citus forwards each statement's whole text
+        EXECUTE format('SET LOCAL %I = %s', split_part(c, '=', 1),
+                       CASE WHEN p_on THEN quote_literal(substr(c, strpos(c, '=') + 1)) ELSE 'DEFAULT' END);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) IS 'Citus: SET LOCAL the settings of the given function''s SET clauses (true) or back to their defaults (false), so that the nodes that plan its statements use them too; nothing without Citus';
+GRANT EXECUTE ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) TO ironwod_worker;
+
 -- Every function that takes (tenant, gym) calls this first: SECURITY DEFINER API
 -- functions bypass RLS, so the scope check is theirs to make.
 CREATE FUNCTION ironwod.assert_scope(p_tenant_id uuid, p_gym_id uuid)

@@ -498,6 +498,11 @@ COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE a
 -- estimate, it does not make the transform faster.  A sort nothing
 -- can avoid (the upsert's lag() over old and new rows, ORDER BY of a few run
 -- ids) is still planned, at the same penalty for every alternative.
+--
+-- On Citus the nodes plan these statements, with their own settings: the
+-- function forwards its SET clauses to them (forward_set_clauses), or a shard
+-- landed seconds ago could get the bitmap scan and sort there, and, at the
+-- disabled cost of a scan or sort nothing avoids, a JIT compilation.
 CREATE FUNCTION ironwod.transform_records(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -536,6 +541,8 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
+    -- the SET clauses on the Citus nodes too, which plan every statement below
+    PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
     -- One transform (or replay) of a gym at a time: a batch of records without
     -- canonical rows is inserted without ON CONFLICT, which a concurrent writer
     -- of the same records would turn into a unique violation.  The lock is the
@@ -665,6 +672,7 @@ BEGIN
     INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
     SELECT v_t, v_g, x, p_run_id FROM unnest(v_runs) AS x
     ON CONFLICT DO NOTHING;
+    PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', false);
     RETURN v_out;
 END
 $$;

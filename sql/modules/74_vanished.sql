@@ -18,7 +18,7 @@ $idx$;
 
 -- No sequential scans (as in transform_records): every statement names the gym and
 -- reads by an index led by tenant and gym, whatever the estimates of a gym the
--- statistics do not know yet.
+-- statistics do not know yet; on Citus on the nodes too (forward_set_clauses).
 CREATE FUNCTION ironwod.apply_vanished(p_run_id bigint)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -37,6 +37,8 @@ DECLARE
     v_seen_runs bigint[];
     v_out jsonb := '{}';
 BEGIN
+    -- the SET clause on the Citus nodes too, which plan every statement below
+    PERFORM ironwod.forward_set_clauses('ironwod.apply_vanished(bigint)', true);
     FOR m IN SELECT x.* FROM ironwod.canonical_maps x JOIN ironwod.entities e USING (entity) ORDER BY e.ordinal LOOP
         -- Soft-deleted rows that may be back: their latest version, when not deleted by Wodify itself.
         EXECUTE format('SELECT array_agg(c.%2$I) FROM ironwod.%1$I c
@@ -96,6 +98,7 @@ BEGIN
             v_out := v_out || jsonb_build_object(m.entity, v_changed);
         END IF;
     END LOOP;
+    PERFORM ironwod.forward_set_clauses('ironwod.apply_vanished(bigint)', false);
     RETURN v_out;
 END
 $$;

@@ -108,6 +108,39 @@ FROM pg_temp.plan_tasks($$
       AND c.month_start BETWEEN date '2024-01-01' AND date '2024-12-01'
     ORDER BY c.month_start$$) AS tasks;
 
+-- A function's SET clauses do not reach the nodes that plan its statements;
+-- ironwod.forward_set_clauses does (transform_records and apply_vanished call
+-- it): a statement routed to the tenant's shard reads the settings there.
+CREATE FUNCTION pg_temp.node_settings() RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v text;
+BEGIN
+    EXECUTE $q$SELECT current_setting('enable_seqscan') || ',' || current_setting('enable_sort') || ','
+                      || current_setting('jit')
+               FROM ironwod.gym_monthly_metrics_cache
+               WHERE tenant_id = '11111111-1111-1111-1111-111111111111'
+                 AND gym_id = 'aaaaaaaa-0000-0000-0000-000000000001' LIMIT 1$q$ INTO v;
+    RETURN v;
+END
+$$;
+CREATE FUNCTION pg_temp.node_settings_in_set_clause() RETURNS text
+LANGUAGE plpgsql SET enable_seqscan = off SET enable_sort = off SET jit = off
+AS $$ BEGIN RETURN pg_temp.node_settings(); END $$;
+BEGIN;
+SELECT ironwod_set_scope('11111111-1111-1111-1111-111111111111', 'aaaaaaaa-0000-0000-0000-000000000001') \g /dev/null
+SELECT pg_temp.node_settings_in_set_clause() AS in_clause \gset
+SELECT ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true) \g /dev/null
+SELECT pg_temp.node_settings() AS forwarded \gset
+SELECT ironwod.forward_set_clauses('ironwod.transform_records(bigint)', false) \g /dev/null
+SELECT pg_temp.node_settings() AS reset \gset
+COMMIT;
+SELECT pg_temp.check(:'in_clause' = 'on,on,on', 'a SET clause does not reach the node (enable_seqscan, enable_sort, jit there)',
+                     :'in_clause');
+SELECT pg_temp.check(:'forwarded' = 'off,off,off' AND :'reset' = 'on,on,on',
+                     'forward_set_clauses sets transform_records'' SET clauses on the tenant''s node, and back',
+                     :'forwarded' || ' then ' || :'reset');
+
 -- ironwod.payload_hash(entity, payload) over every raw row of every tenant: Citus
 -- runs it on the shards' nodes, where it reads the registry (a reference table)
 -- from the node's own placement; every hash a run stored is the recomputed one

@@ -6,8 +6,13 @@
 -- 54 MB) instead of reading the "latest version" index in its order.  The
 -- statement is planned here under transform_records' own settings (proconfig),
 -- on 20,000 sign-ins of a gym the statistics have never seen.
+--
+-- On Citus the nodes plan the statement, which the function's SET clauses never
+-- reach: ironwod.forward_set_clauses SET LOCALs them where Citus forwards SET
+-- LOCAL (citus.propagate_set_commands = 'local'), and does nothing elsewhere
+-- (test/citus/checks.sql shows a node reading them).
 BEGIN;
-SELECT plan(3);
+SELECT plan(6);
 SET LOCAL client_min_messages = warning;
 
 INSERT INTO ironwod.integrations_wodify_connection (tenant_id, gym_id, status)
@@ -36,6 +41,10 @@ BEGIN
     RETURN ARRAY(SELECT jsonb_path_query(v_plan, 'strict $.**."Node Type"') #>> '{}');
 END $$;
 
+CREATE FUNCTION pg_temp.planner_settings() RETURNS text LANGUAGE sql AS $$
+    SELECT current_setting('enable_seqscan') || ',' || current_setting('enable_sort') || ',' || current_setting('jit')
+$$;
+
 SELECT ok(NOT pg_temp.plan_nodes(ironwod.transform_sql('class_signins', true, false, true)) && '{Sort,"Incremental Sort"}',
           'the whole-gym insert sorts nothing, whatever the estimate');
 SELECT ok(NOT pg_temp.plan_nodes(ironwod.transform_sql('class_signins', true, false, true)) && '{"Bitmap Heap Scan"}',
@@ -43,6 +52,23 @@ SELECT ok(NOT pg_temp.plan_nodes(ironwod.transform_sql('class_signins', true, fa
 
 SELECT ironwod_set_scope('f8000000-0000-0000-0000-000000000000', 'f8000000-0000-0000-0000-000000000001');
 SELECT is((ironwod.transform_all() ->> 'class_signins')::integer, 20000, 'and the transform writes every sign-in');
+
+SET LOCAL enable_seqscan = on;
+SET LOCAL enable_sort = on;
+SET LOCAL jit = on;
+SET LOCAL citus.propagate_set_commands = 'none';
+SELECT ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
+SELECT is(pg_temp.planner_settings(), 'on,on,on',
+          'forward_set_clauses sets nothing where SET LOCAL is not forwarded (one node: no change)');
+SET LOCAL citus.propagate_set_commands = 'local';
+SELECT ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
+SELECT is(pg_temp.planner_settings(), 'off,off,off',
+          'where Citus forwards SET LOCAL it sets transform_records'' SET clauses for the transaction');
+SELECT ironwod.forward_set_clauses('ironwod.transform_records(bigint)', false);
+SELECT is(pg_temp.planner_settings(),
+          (SELECT string_agg(reset_val, ',' ORDER BY name) FROM pg_settings
+           WHERE name IN ('enable_seqscan', 'enable_sort', 'jit')),
+          'and with false sets them back to their defaults');
 
 SELECT * FROM finish();
 ROLLBACK;
