@@ -333,10 +333,15 @@ BEGIN
     -- a later step would see the upsert's rows, not the old ones.  Each written
     -- row (u) is then paired with the one it replaced (o, NULL for a new record)
     -- by lag() over the two sets sorted by key, old first.
+    -- The rows take tenant_id and gym_id from the raw row (l, of the gym $1, $2),
+    -- not from the parameters: Citus then runs the INSERT ... SELECT on the
+    -- tenant's shard as one statement, where with constants it read the rows to
+    -- the coordinator and sent them back to the shard (as the refresh stages'
+    -- rows, 80_metrics).  Only the RETURNING rows come back, for the counts.
     RETURN format($q$
         WITH %8$s up AS (
             INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
-            SELECT $1, $2, l.wodify_id, %4$s
+            SELECT l.tenant_id, l.gym_id, l.wodify_id, %4$s
             FROM %11$s
             %6$s
             RETURNING c.*
