@@ -95,7 +95,7 @@ REVOKE INSERT, DELETE ON ironwod.sync_runs FROM ironwod_test_app;
 REVOKE USAGE ON SEQUENCE ironwod.sync_run_id_seq FROM ironwod_test_app;
 SELECT now() AS t0 \gset
 
-SELECT plan(73);
+SELECT plan(75);
 
 -- Two gyms of two tenants.
 BEGIN;
@@ -186,7 +186,24 @@ VALUES (:'ta', :'ga', 'backfill', 'failed', now() - interval '3 hours', now() - 
 SELECT is(pg_temp.a(), 'backfill_stalled', 'backfill_stalled: no progress for two hours');
 SET LOCAL ironwod.alert_backfill_stall = '3h';
 SELECT is(pg_temp.a(), '', 'backfill_stalled: the stall time is a GUC');
-RESET ironwod.alert_backfill_stall;
+COMMIT;
+-- The branch of the view with outer joins (each unfinished backfill left-joined
+-- to its checkpoints and its runs' heartbeats), read by the LOGIN roles under
+-- row-level security: on Citus, with the RLS quals on every shard it reads.
+BEGIN;
+SELECT ironwod_set_scope(:'ta', :'ga');
+SET LOCAL ROLE ironwod_test_app;
+SELECT is((SELECT string_agg(alert, ',') FROM ironwod.alerts), 'backfill_stalled',
+          'backfill_stalled: the app reads its gym''s alert');
+COMMIT;
+BEGIN;
+SET LOCAL ROLE ironwod_test_admin;
+SELECT is((SELECT string_agg(tenant_id || ' ' || alert, ',') FROM ironwod.alerts
+           WHERE tenant_id IN ('a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1', 'b2b2b2b2-b2b2-b2b2-b2b2-b2b2b2b2b2b2')
+             AND alert = 'backfill_stalled'),
+          'a1a1a1a1-a1a1-a1a1-a1a1-a1a1a1a1a1a1 backfill_stalled', 'backfill_stalled: and an admin');
+COMMIT;
+BEGIN;
 INSERT INTO ironwod.backfill_checkpoints (tenant_id, gym_id, entity, window_key, pages, records, completed_by)
 VALUES (:'ta', :'ga', 'invoices', '2025-01', 1, 0, 1);
 SELECT is(pg_temp.a(), '', 'backfill_stalled clears with a new checkpoint');
