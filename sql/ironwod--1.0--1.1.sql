@@ -2965,3 +2965,90 @@ BEGIN
      WHERE c.tenant_id = v_t AND c.gym_id = v_g;
 END
 $$;
+
+-- ironwod_wait looks the run up under the scope's key (on Citus one shard, where
+-- the run id alone read every shard of every node).
+CREATE OR REPLACE FUNCTION @extschema@.ironwod_wait(p_run_id bigint, p_timeout interval DEFAULT '5 minutes')
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + p_timeout;
+    v_status text;
+    v_tenant uuid := ironwod.scope_tenant();
+    v_gym uuid := ironwod.scope_gym();
+BEGIN
+    PERFORM ironwod.preloaded();
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'ironwod_wait needs READ COMMITTED isolation'
+            USING ERRCODE = 'active_sql_transaction', HINT = 'A snapshot that never moves would never see the run finish.';
+    END IF;
+    -- The run looked up under the scope's key: on Citus that is the scope's
+    -- shard, where the run id alone read every shard of every node.
+    PERFORM FROM ironwod.sync_runs r WHERE r.tenant_id = v_tenant AND r.gym_id = v_gym AND r.run_id = p_run_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % does not exist in the current ironwod scope', p_run_id
+            USING ERRCODE = 'no_data_found', HINT = 'Call ironwod_set_scope(tenant, gym) for the run''s gym first.';
+    END IF;
+    -- The supervisor cannot see a run this transaction queued before COMMIT.
+    IF ironwod.run_queued_here(p_run_id) THEN
+        RAISE EXCEPTION 'run % was queued by the current transaction and cannot start before it commits', p_run_id
+            USING ERRCODE = 'active_sql_transaction',
+                  HINT = 'COMMIT the transaction that called ironwod_sync() or ironwod_connect(), then call ironwod_wait() in a new one.';
+    END IF;
+    LOOP
+        SELECT r.status INTO v_status FROM ironwod.sync_runs r
+        WHERE r.tenant_id = v_tenant AND r.gym_id = v_gym AND r.run_id = p_run_id;
+        IF v_status NOT IN ('queued', 'running') THEN
+            RETURN v_status;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RAISE EXCEPTION 'run % still % after %', p_run_id, v_status, p_timeout
+                USING ERRCODE = 'query_canceled';
+        END IF;
+        PERFORM ironwod.wait_for_change(least(1000, greatest(1,
+            (extract(epoch FROM v_deadline - clock_timestamp()) * 1000)::int)));
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION @extschema@.ironwod_wait(bigint, interval) IS 'Block until a run of the current scope finishes and return its status; error on timeout';
+
+-- The page bookkeeping statement takes the tenant, gym and run from the run's row,
+-- so Citus runs it on the tenant's shard.
+CREATE OR REPLACE FUNCTION ironwod.page_statement() RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $s$
+    SELECT $q$
+        INSERT INTO ironwod.sync_run_entities AS s
+            (tenant_id, gym_id, run_id, entity, pages, attempts_2xx, attempts_429, attempts_4xx,
+             attempts_5xx, attempts_network, attempts_envelope, retries, bytes_received, token_wait_s,
+             backoff_s, pulled, new_versions, unchanged, quarantined, latency_hist, latency_ms, max_watermark)
+        SELECT r.tenant_id, r.gym_id, r.run_id, $4, 1, $5[1], $5[2], $5[3], $5[4], $5[5], $5[6], $5[7], $5[8],
+               $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7 - $11, $11, $10, $8, $9
+        FROM ironwod.sync_runs r
+        WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.run_id = $3 AND r.status = 'running'
+        ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+           SET pages = s.pages + 1,
+               attempts_2xx = s.attempts_2xx + excluded.attempts_2xx,
+               attempts_429 = s.attempts_429 + excluded.attempts_429,
+               attempts_4xx = s.attempts_4xx + excluded.attempts_4xx,
+               attempts_5xx = s.attempts_5xx + excluded.attempts_5xx,
+               attempts_network = s.attempts_network + excluded.attempts_network,
+               attempts_envelope = s.attempts_envelope + excluded.attempts_envelope,
+               retries = s.retries + excluded.retries,
+               bytes_received = s.bytes_received + excluded.bytes_received,
+               token_wait_s = s.token_wait_s + excluded.token_wait_s,
+               backoff_s = s.backoff_s + excluded.backoff_s,
+               pulled = s.pulled + excluded.pulled, new_versions = s.new_versions + excluded.new_versions,
+               unchanged = s.unchanged + excluded.unchanged,
+               quarantined = s.quarantined + excluded.quarantined,
+               latency_hist = ARRAY[s.latency_hist[1] + excluded.latency_hist[1], s.latency_hist[2] + excluded.latency_hist[2],
+                                    s.latency_hist[3] + excluded.latency_hist[3], s.latency_hist[4] + excluded.latency_hist[4],
+                                    s.latency_hist[5] + excluded.latency_hist[5], s.latency_hist[6] + excluded.latency_hist[6],
+                                    s.latency_hist[7] + excluded.latency_hist[7], s.latency_hist[8] + excluded.latency_hist[8]],
+               latency_ms = s.latency_ms + excluded.latency_ms,
+               max_watermark = greatest(s.max_watermark, excluded.max_watermark)
+        RETURNING 1$q$
+$s$;
+COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters and attempts, quarantined records, latency histogram, watermark; checks the run still runs)';

@@ -779,7 +779,10 @@ COMMENT ON FUNCTION ironwod.unquarantine(text, bigint[]) IS 'Worker: records tha
 -- latency histogram of this page alone (ironwod.latency_buckets; all zeros when
 -- not measured), added bucket by bucket: on Citus the DO UPDATE SET goes to the
 -- shard as text, where a parameter it names has no value; $11 the page's records
--- quarantined (counted in pulled, not in unchanged).
+-- quarantined (counted in pulled, not in unchanged).  The row's tenant, gym and
+-- run come from the run's row, not from $1-$3: Citus then runs the INSERT ...
+-- SELECT on the tenant's shard, where with constants it read the run's row to
+-- the coordinator and wrote it back (13.7 ms a page, against 0.15 on one node).
 CREATE FUNCTION ironwod.page_statement() RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $s$
@@ -788,7 +791,7 @@ AS $s$
             (tenant_id, gym_id, run_id, entity, pages, attempts_2xx, attempts_429, attempts_4xx,
              attempts_5xx, attempts_network, attempts_envelope, retries, bytes_received, token_wait_s,
              backoff_s, pulled, new_versions, unchanged, quarantined, latency_hist, latency_ms, max_watermark)
-        SELECT $1, $2, $3, $4, 1, $5[1], $5[2], $5[3], $5[4], $5[5], $5[6], $5[7], $5[8],
+        SELECT r.tenant_id, r.gym_id, r.run_id, $4, 1, $5[1], $5[2], $5[3], $5[4], $5[5], $5[6], $5[7], $5[8],
                $5[9] / 1e6, $5[10] / 1e6, $6, $7, $6 - $7 - $11, $11, $10, $8, $9
         FROM ironwod.sync_runs r
         WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.run_id = $3 AND r.status = 'running'

@@ -247,16 +247,18 @@ AS $$
 DECLARE
     v_deadline timestamptz := clock_timestamp() + p_timeout;
     v_status text;
-    v_tenant uuid;
-    v_gym uuid;
+    v_tenant uuid := ironwod.scope_tenant();
+    v_gym uuid := ironwod.scope_gym();
 BEGIN
     PERFORM ironwod.preloaded();
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'ironwod_wait needs READ COMMITTED isolation'
             USING ERRCODE = 'active_sql_transaction', HINT = 'A snapshot that never moves would never see the run finish.';
     END IF;
-    SELECT r.tenant_id, r.gym_id INTO v_tenant, v_gym FROM ironwod.sync_runs r WHERE r.run_id = p_run_id;
-    IF NOT FOUND OR (v_tenant, v_gym) IS DISTINCT FROM (ironwod.scope_tenant(), ironwod.scope_gym()) THEN
+    -- The run looked up under the scope's key: on Citus that is the scope's
+    -- shard, where the run id alone read every shard of every node.
+    PERFORM FROM ironwod.sync_runs r WHERE r.tenant_id = v_tenant AND r.gym_id = v_gym AND r.run_id = p_run_id;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'run % does not exist in the current ironwod scope', p_run_id
             USING ERRCODE = 'no_data_found', HINT = 'Call ironwod_set_scope(tenant, gym) for the run''s gym first.';
     END IF;
