@@ -3052,3 +3052,318 @@ AS $s$
         RETURNING 1$q$
 $s$;
 COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed page (entity counters and attempts, quarantined records, latency histogram, watermark; checks the run still runs)';
+
+-- Planning (issue 7): a worker plans each entity with a few statements.
+-- plan_entity derives the units itself (plan_units is gone), reading what they
+-- depend on in one statement and building the units that need no query as
+-- expressions; the per-client statement runs with enable_nestloop and jit off
+-- by SET LOCAL (forwarded by Citus to the node that plans it) instead of SET
+-- clauses.  next_task and finish_run match the registry against the run's
+-- planned and skipped entities as arrays (skipped_entities replaces
+-- entity_skipped, one statement per run instead of one per entity).
+CREATE FUNCTION ironwod.skipped_entities(p_run_id bigint) RETURNS text[]
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    RETURN ARRAY(
+        SELECT n.entity FROM ironwod.entity_entitlements n
+        JOIN ironwod.sync_runs r ON r.tenant_id = n.tenant_id AND r.gym_id = n.gym_id AND r.run_id = p_run_id
+        WHERE n.tenant_id = v_t AND n.gym_id = v_g AND r.tenant_id = v_t AND r.gym_id = v_g
+          AND (r.mode <> 'reconcile' OR n.last_checked_run = p_run_id));
+END
+$$;
+COMMENT ON FUNCTION ironwod.skipped_entities(bigint) IS 'Worker: the entities this run skips (not entitled)';
+REVOKE ALL ON FUNCTION ironwod.skipped_entities(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.skipped_entities(bigint) TO ironwod_worker;
+
+CREATE OR REPLACE FUNCTION ironwod.plan_entity(p_run_id bigint, p_entity text)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_t0 timestamptz := clock_timestamp();
+    v_since timestamptz := ironwod.backfill_since();
+    v_lookback interval := make_interval(days => current_setting('ironwod.lookback_days')::int);
+    x record;
+    v_sort text;
+    v_from timestamptz;
+    v_last_clean bigint;
+    v_nestloop text;
+    v_jit text;
+    v_keys text[];
+    v_urls text[];
+    v_done text[] := '{}';
+    v_total integer;
+    v_skipped integer := 0;
+    v_ms double precision;
+BEGIN
+    -- The registry row, the run, the connection's window and the entity's
+    -- watermark: a row of a reference table and rows of the tenant's shard.
+    SELECT e.ordinal, e.path, e.sort, e.backfill_strategy, e.window_field, e.incremental_field, e.due_field,
+           r.mode, coalesce(r.started_at, now()) AS started, make_interval(days => c.sync_window_days) AS win,
+           (SELECT k.watermark FROM ironwod.entity_cursors k
+            WHERE k.tenant_id = v_t AND k.gym_id = v_g AND k.entity = p_entity) AS watermark
+    INTO STRICT x
+    FROM ironwod.entities e, ironwod.sync_runs r, ironwod.integrations_wodify_connection c
+    WHERE e.entity = p_entity AND r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
+      AND c.tenant_id = v_t AND c.gym_id = v_g;
+    v_sort := coalesce('&sort=' || ironwod.urlencode(x.sort), '');
+
+    IF x.backfill_strategy = 'full' THEN
+        v_keys := ARRAY['full'];
+        v_urls := ARRAY[x.path || coalesce('?sort=' || ironwod.urlencode(x.sort), '')];
+
+    ELSIF x.backfill_strategy = 'per_client' THEN
+        -- The current version of every client, and its version as of the last
+        -- clean run (the baseline the change detectors are compared with), by the
+        -- version order of design.md §4.  A version landed by a failed run since
+        -- then still counts as a change, so nothing is lost to a crash.  Only the
+        -- typed detector columns are read, never a payload.
+        SELECT coalesce(max(r.run_id), 0) INTO v_last_clean FROM ironwod.sync_runs r
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g
+          AND r.status = 'succeeded' AND r.mode <> 'validate' AND r.run_id < p_run_id;
+        v_nestloop := current_setting('enable_nestloop');
+        v_jit := current_setting('jit');
+        SET LOCAL enable_nestloop = off;
+        SET LOCAL jit = off;
+        WITH cur AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.ingest_run_id, c.last_class_sign_in, c.total_class_sign_ins
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = v_t AND c.gym_id = v_g
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
+        ), base AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.last_class_sign_in, c.total_class_sign_ins
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.ingest_run_id <= v_last_clean
+              AND x.mode = 'incremental'
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
+        ), picked AS (
+            SELECT v.wodify_id,
+                   CASE x.mode
+                       WHEN 'backfill' THEN v_since
+                       WHEN 'reconcile' THEN greatest(v_since, x.started - x.win)
+                       ELSE greatest(v_since, coalesce(b.last_class_sign_in - v_lookback, v_since))
+                   END AS since
+            FROM cur v
+            LEFT JOIN base b ON b.wodify_id = v.wodify_id
+            WHERE CASE x.mode
+                      WHEN 'backfill' THEN v.last_class_sign_in >= v_since
+                      WHEN 'reconcile' THEN v.last_class_sign_in >= greatest(v_since, x.started - x.win)
+                      ELSE v.ingest_run_id > v_last_clean
+                           AND v.last_class_sign_in IS NOT NULL
+                           AND (v.last_class_sign_in IS DISTINCT FROM b.last_class_sign_in
+                                OR v.total_class_sign_ins IS DISTINCT FROM b.total_class_sign_ins)
+                  END
+        )
+        SELECT coalesce(array_agg('client:' || p.wodify_id ORDER BY p.wodify_id), '{}'),
+               coalesce(array_agg(replace(x.path, '{client_id}', p.wodify_id::text)
+                                  || '?q=' || ironwod.urlencode(x.window_field || '|gte|' || ironwod.iso_utc(p.since))
+                                  || v_sort ORDER BY p.wodify_id), '{}')
+        INTO v_keys, v_urls
+        FROM picked p;
+        -- back to the caller's settings, on the node too
+        EXECUTE format('SET LOCAL enable_nestloop = %s', v_nestloop);
+        EXECUTE format('SET LOCAL jit = %s', v_jit);
+
+    ELSIF x.mode = 'backfill' THEN
+        -- The newest window is open-ended, so records stamped ahead of our
+        -- clock (vendor clock skew) are not left between windows.
+        SELECT array_agg(to_char(w AT TIME ZONE 'UTC', 'YYYY-MM') ORDER BY w DESC),
+               array_agg(x.path || '?q=' || ironwod.urlencode(
+                   x.window_field || '|gte|' || ironwod.iso_utc(w)
+                   || CASE WHEN w < date_trunc('month', x.started AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                           THEN ';' || x.window_field || '|lt|'
+                                || ironwod.iso_utc(((w AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')
+                           ELSE '' END)
+                   || v_sort ORDER BY w DESC)
+        INTO v_keys, v_urls
+        FROM generate_series(date_trunc('month', x.started AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                             v_since, interval '-1 month') AS w;
+
+    ELSE
+        v_keys := '{}';
+        v_urls := '{}';
+        IF x.mode = 'incremental' OR x.due_field IS NULL THEN
+            IF x.mode = 'incremental' THEN
+                v_from := greatest(v_since, coalesce(x.watermark - v_lookback, v_since));
+            ELSE
+                v_from := greatest(v_since, x.started - x.win);
+            END IF;
+            v_keys := v_keys || 'since'::text;
+            v_urls := v_urls || (x.path || '?q=' || ironwod.urlencode(
+                          CASE WHEN x.mode = 'incremental' THEN coalesce(x.incremental_field, x.window_field)
+                               ELSE x.window_field END
+                          || '|gte|' || ironwod.iso_utc(v_from)) || v_sort);
+        END IF;
+        IF x.due_field IS NOT NULL THEN
+            -- Status changes (Unpaid -> Paid) carry no timestamp we can follow:
+            -- re-scan by due date.
+            v_keys := v_keys || 'due'::text;
+            v_urls := v_urls || (x.path || '?q=' || ironwod.urlencode(x.due_field || '|gte|' || to_char(
+                          (x.started AT TIME ZONE 'UTC')::date - CASE WHEN x.mode = 'incremental'
+                              THEN current_setting('ironwod.due_window_days')::int
+                              ELSE extract(day FROM x.win)::int END, 'YYYY-MM-DD'))
+                          || '&sort=id');
+        END IF;
+    END IF;
+
+    -- The windows the campaign already checkpointed, read into an array first
+    -- and joined as one: Citus plans an outer join from a function (unnest) to
+    -- a distributed table by planning the table as a subquery, and with the
+    -- constant-false join clause of a run that is not a backfill that plan
+    -- crashed the PostgreSQL planner (Citus 12.1.12, from
+    -- RecursivelyPlanRecurringTupleOuterJoinWalker: SIGSEGV in
+    -- deconstruct_jointree, the run worker lost).  Two arrays join like the
+    -- table did (a hash join, linear in the units).
+    IF x.mode = 'backfill' THEN
+        SELECT coalesce(array_agg(b.window_key), '{}') INTO v_done
+        FROM ironwod.backfill_checkpoints b
+        WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity;
+    END IF;
+
+    -- ON CONFLICT DO NOTHING (a unit is planned once; nothing conflicts) for
+    -- Citus: it runs this INSERT ... SELECT through the coordinator, and without
+    -- ON CONFLICT or RETURNING it would COPY the rows into the shard, which
+    -- row-level security refuses ("COPY FROM not supported with row-level
+    -- security").
+    INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
+    SELECT v_t, v_g, p_run_id, p_entity, u.ord, x.ordinal, u.window_key, u.url,
+           CASE WHEN d.window_key IS NULL THEN 'pending' ELSE 'skipped' END
+    FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
+    LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_total = ROW_COUNT;
+    IF cardinality(v_done) > 0 THEN
+        SELECT count(*) INTO v_skipped FROM ironwod.run_units u
+        WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+          AND u.status = 'skipped';
+    END IF;
+    v_ms := extract(epoch FROM clock_timestamp() - v_t0) * 1000;
+
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, units_total, units_skipped, plan_ms)
+    VALUES (v_t, v_g, p_run_id, p_entity, v_total, v_skipped, v_ms)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET units_total = excluded.units_total, units_skipped = excluded.units_skipped, plan_ms = excluded.plan_ms;
+    RETURN v_total - v_skipped;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.next_task(p_run_id bigint)
+RETURNS TABLE (entity text, window_key text, url text, page_size integer)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_planned text[];
+    v_skipped text[];
+    e record;
+BEGIN
+    RETURN QUERY
+        SELECT u.entity, u.window_key, u.url, x.page_size
+        FROM ironwod.run_units u JOIN ironwod.entities x ON x.entity = u.entity
+        WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.status = 'pending'
+        ORDER BY u.entity_ordinal, u.ordinal LIMIT 1;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    -- Nothing pending: start the next entity neither planned nor skipped.  The
+    -- entities the run planned and skips are read first and matched against the
+    -- registry as arrays (Citus plans no correlated subquery over the registry,
+    -- a reference table): two statements, where asking about each entity in
+    -- turn took a statement per entity passed and made a run's planning
+    -- quadratic in its entities.
+    v_planned := ARRAY(SELECT s.entity FROM ironwod.sync_run_entities s
+                       WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
+                         AND s.units_total IS NOT NULL);
+    v_skipped := ironwod.skipped_entities(p_run_id);
+    FOR e IN SELECT x.entity, x.page_size FROM ironwod.entities x
+             WHERE x.enabled AND x.entity <> ALL (v_planned) AND x.entity <> ALL (v_skipped)
+             ORDER BY x.ordinal LOOP
+        CONTINUE WHEN ironwod.plan_entity(p_run_id, e.entity) = 0;
+        RETURN QUERY
+            SELECT u.entity, u.window_key, u.url, e.page_size
+            FROM ironwod.run_units u
+            WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = e.entity
+              AND u.status = 'pending'
+            ORDER BY u.entity_ordinal, u.ordinal LIMIT 1;
+        RETURN;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.finish_run(p_run_id bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_mode text;
+    v_now timestamptz;
+    v_cursor_end jsonb;
+    v_last_cursor timestamptz;
+    v_skipped text[];
+    e record;
+BEGIN
+    SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
+     WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = v_t AND r.gym_id = v_g;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'run % is no longer running', p_run_id USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF v_mode <> 'validate' THEN
+        -- The entities left open, checked one by one: Citus plans no correlated
+        -- subquery over the registry (a reference table).
+        v_skipped := ironwod.skipped_entities(p_run_id);
+        FOR e IN SELECT x.entity FROM ironwod.entities x
+                 WHERE x.enabled AND x.entity <> ALL (v_skipped) ORDER BY x.ordinal LOOP
+            CONTINUE WHEN EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
+                           WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
+                             AND s.entity = e.entity AND s.status = 'completed');
+            PERFORM ironwod.close_entity(p_run_id, e.entity);
+        END LOOP;
+        IF v_mode = 'backfill' THEN
+            DELETE FROM ironwod.backfill_checkpoints b
+             WHERE b.tenant_id = v_t AND b.gym_id = v_g;
+        END IF;
+    END IF;
+    -- The finish time and the cursors computed first and passed as values: on
+    -- Citus an UPDATE may carry no volatile function, no non-immutable one in a
+    -- CASE, and no subquery over another distributed table.
+    v_now := clock_timestamp();
+    PERFORM ironwod.count_requests(p_run_id, v_now, NULL);
+    SELECT jsonb_object_agg(c.entity, c.watermark), max(c.watermark) INTO v_cursor_end, v_last_cursor
+    FROM ironwod.entity_cursors c WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+    UPDATE ironwod.sync_runs r
+       SET status = 'succeeded', finished_at = v_now, phase = NULL, cursor_end = v_cursor_end
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
+    UPDATE ironwod.integrations_wodify_connection c
+       SET status = CASE WHEN c.status IN ('pending', 'error') THEN 'connected' ELSE c.status END,
+           last_success_at = v_now, consecutive_failures = 0,
+           breaker_opened_at = NULL, next_retry_at = NULL,
+           last_cursor_at = v_last_cursor,
+           backfill_completed_at = CASE WHEN v_mode = 'backfill' THEN v_now ELSE c.backfill_completed_at END,
+           updated_at = v_now
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+    -- the run, which held the old key, is over: a rotated key takes its place
+    PERFORM ironwod.apply_rotated_key(v_now);
+    PERFORM ironwod.log_run(v_t, v_g, p_run_id);
+    -- Read first, then passed: on Citus a query on the shard (a routed SELECT
+    -- with a subquery) may not call a function that writes distributed tables.
+    SELECT coalesce(jsonb_object_agg(s.entity, jsonb_build_object('pulled', s.pulled, 'new', s.new_versions,
+                                                                  'deleted', s.deleted,
+                                                                  'quarantined', s.quarantined)), '{}')
+    INTO v_cursor_end
+    FROM ironwod.sync_run_entities s
+    WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.completed', NULL, v_cursor_end);
+END
+$$;
+
+DROP FUNCTION ironwod.plan_units(bigint, text);
+DROP FUNCTION ironwod.entity_skipped(bigint, text);

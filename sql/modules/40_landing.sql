@@ -171,8 +171,28 @@ END
 $$;
 COMMENT ON FUNCTION ironwod.claim_run(bigint, integer) IS 'Worker: move a queued run to running and hand back its mode and sealed key';
 
--- Every unit of work an entity needs in this run, in fetch order, per the table of
--- design.md §4:
+-- Entities a run skips: those the gym's plan does not include, except in a
+-- reconciliation, which asks again.  As an array, which callers match against
+-- the registry: Citus plans no correlated subquery over the registry (a
+-- reference table).
+CREATE FUNCTION ironwod.skipped_entities(p_run_id bigint) RETURNS text[]
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+BEGIN
+    RETURN ARRAY(
+        SELECT n.entity FROM ironwod.entity_entitlements n
+        JOIN ironwod.sync_runs r ON r.tenant_id = n.tenant_id AND r.gym_id = n.gym_id AND r.run_id = p_run_id
+        WHERE n.tenant_id = v_t AND n.gym_id = v_g AND r.tenant_id = v_t AND r.gym_id = v_g
+          AND (r.mode <> 'reconcile' OR n.last_checked_run = p_run_id));
+END
+$$;
+COMMENT ON FUNCTION ironwod.skipped_entities(bigint) IS 'Worker: the entities this run skips (not entitled)';
+
+-- The entity starts: derive its units of work once and persist them with the
+-- run (run_units), in fetch order, per the table of design.md §4:
 --   full lists                     every mode
 --   per-client sign-ins            backfill: clients active inside the horizon;
 --                                  incremental: clients whose change detectors
@@ -184,60 +204,81 @@ COMMENT ON FUNCTION ironwod.claim_run(bigint, integer) IS 'Worker: move a queued
 --                                  incremental: from the watermark minus the
 --                                  lookback, plus the due-date window; reconcile:
 --                                  the last sync_window_days (by due date if any)
--- Times come from the run's start.  Called once per entity and run, by
--- plan_entity, which persists the result; linear in the entity's clients.
+-- Times come from the run's start.  In a backfill, units the campaign already
+-- checkpointed (a killed run's) are planned as skipped.  Records the plan's
+-- size and how long planning took; returns the number of units left to fetch.
+-- Linear in the entity's clients.
 --
--- No nested loops: the per-client plan joins each client's current version
--- with its version as of the last clean run, two DISTINCT ON subqueries over
--- the raw clients that the planner, on a raw table whose statistics predate
+-- Few statements: planning is mostly the planner's, not the executor's (a full
+-- list took 15 statements and 2 ms of CPU, of which executing them was under
+-- 0.2 ms), and a worker plans a statement again for each entity.  So what the
+-- units depend on is read in one statement, and units that need no query (a
+-- full list, an incremental's since and due windows) are expressions.
+--
+-- No nested loops in the per-client statement: it joins each client's current
+-- version with its version as of the last clean run, two DISTINCT ON subqueries
+-- over the raw clients that the planner, on a raw table whose statistics predate
 -- the gym (rows=1), joined by a nested loop that re-read the baseline once per
 -- changed client (a medium gym's nightly: 60 x 177 rows, 10,577 removed by the
 -- join filter, 10 ms of the entity's plan; quadratic in clients).  Hash or
--- merge, the join is linear whatever the estimate.  No JIT: a join only a
--- nested loop can do (the cursor lookup's LEFT JOIN from one constant row) is
--- still planned, at the disabled cost, and that cost alone made the JIT
--- compile it (254 ms of a windowed entity's plan, for a one-row lookup).
-CREATE FUNCTION ironwod.plan_units(p_run_id bigint, p_entity text)
-RETURNS TABLE (window_key text, url text)
-LANGUAGE plpgsql STABLE
-SET enable_nestloop = off
-SET jit = off
+-- merge, the join is linear whatever the estimate.  And no JIT for it: with
+-- nested loops off, a join only a nested loop can do is costed as disabled,
+-- and that cost alone once made the JIT compile a one-row lookup (254 ms).
+-- SET LOCAL around that one statement rather than SET clauses on a function:
+-- Citus forwards SET LOCAL to the node that plans the statement, where SET
+-- clauses never reach.
+CREATE FUNCTION ironwod.plan_entity(p_run_id bigint, p_entity text)
+RETURNS integer
+LANGUAGE plpgsql
 AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
-    e ironwod.entities;
-    r ironwod.sync_runs;
-    v_now timestamptz;
+    v_t0 timestamptz := clock_timestamp();
     v_since timestamptz := ironwod.backfill_since();
     v_lookback interval := make_interval(days => current_setting('ironwod.lookback_days')::int);
-    v_window interval;
-    v_from timestamptz;
+    x record;
     v_sort text;
+    v_from timestamptz;
     v_last_clean bigint;
+    v_nestloop text;
+    v_jit text;
+    v_keys text[];
+    v_urls text[];
+    v_done text[] := '{}';
+    v_total integer;
+    v_skipped integer := 0;
+    v_ms double precision;
 BEGIN
-    SELECT * INTO STRICT e FROM ironwod.entities x WHERE x.entity = p_entity;
-    SELECT * INTO STRICT r FROM ironwod.sync_runs x
-    WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id;
-    v_now := coalesce(r.started_at, now());
-    v_sort := coalesce('&sort=' || ironwod.urlencode(e.sort), '');
-    SELECT make_interval(days => c.sync_window_days) INTO STRICT v_window
-    FROM ironwod.integrations_wodify_connection c
-    WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+    -- The registry row, the run, the connection's window and the entity's
+    -- watermark: a row of a reference table and rows of the tenant's shard.
+    SELECT e.ordinal, e.path, e.sort, e.backfill_strategy, e.window_field, e.incremental_field, e.due_field,
+           r.mode, coalesce(r.started_at, now()) AS started, make_interval(days => c.sync_window_days) AS win,
+           (SELECT k.watermark FROM ironwod.entity_cursors k
+            WHERE k.tenant_id = v_t AND k.gym_id = v_g AND k.entity = p_entity) AS watermark
+    INTO STRICT x
+    FROM ironwod.entities e, ironwod.sync_runs r, ironwod.integrations_wodify_connection c
+    WHERE e.entity = p_entity AND r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
+      AND c.tenant_id = v_t AND c.gym_id = v_g;
+    v_sort := coalesce('&sort=' || ironwod.urlencode(x.sort), '');
 
-    IF e.backfill_strategy = 'full' THEN
-        RETURN QUERY SELECT 'full'::text, e.path || coalesce('?sort=' || ironwod.urlencode(e.sort), '');
+    IF x.backfill_strategy = 'full' THEN
+        v_keys := ARRAY['full'];
+        v_urls := ARRAY[x.path || coalesce('?sort=' || ironwod.urlencode(x.sort), '')];
 
-    ELSIF e.backfill_strategy = 'per_client' THEN
+    ELSIF x.backfill_strategy = 'per_client' THEN
         -- The current version of every client, and its version as of the last
         -- clean run (the baseline the change detectors are compared with), by the
         -- version order of design.md §4.  A version landed by a failed run since
         -- then still counts as a change, so nothing is lost to a crash.  Only the
         -- typed detector columns are read, never a payload.
-        SELECT coalesce(max(x.run_id), 0) INTO v_last_clean FROM ironwod.sync_runs x
-        WHERE x.tenant_id = v_t AND x.gym_id = v_g
-          AND x.status = 'succeeded' AND x.mode <> 'validate' AND x.run_id < p_run_id;
-        RETURN QUERY
+        SELECT coalesce(max(r.run_id), 0) INTO v_last_clean FROM ironwod.sync_runs r
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g
+          AND r.status = 'succeeded' AND r.mode <> 'validate' AND r.run_id < p_run_id;
+        v_nestloop := current_setting('enable_nestloop');
+        v_jit := current_setting('jit');
+        SET LOCAL enable_nestloop = off;
+        SET LOCAL jit = off;
         WITH cur AS (
             SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.ingest_run_id, c.last_class_sign_in, c.total_class_sign_ins
             FROM ironwod.wodify_raw_clients c
@@ -247,123 +288,78 @@ BEGIN
             SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.last_class_sign_in, c.total_class_sign_ins
             FROM ironwod.wodify_raw_clients c
             WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.ingest_run_id <= v_last_clean
-              AND r.mode = 'incremental'
+              AND x.mode = 'incremental'
             ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
         ), picked AS (
             SELECT v.wodify_id,
-                   CASE r.mode
+                   CASE x.mode
                        WHEN 'backfill' THEN v_since
-                       WHEN 'reconcile' THEN greatest(v_since, v_now - v_window)
+                       WHEN 'reconcile' THEN greatest(v_since, x.started - x.win)
                        ELSE greatest(v_since, coalesce(b.last_class_sign_in - v_lookback, v_since))
                    END AS since
             FROM cur v
             LEFT JOIN base b ON b.wodify_id = v.wodify_id
-            WHERE CASE r.mode
+            WHERE CASE x.mode
                       WHEN 'backfill' THEN v.last_class_sign_in >= v_since
-                      WHEN 'reconcile' THEN v.last_class_sign_in >= greatest(v_since, v_now - v_window)
+                      WHEN 'reconcile' THEN v.last_class_sign_in >= greatest(v_since, x.started - x.win)
                       ELSE v.ingest_run_id > v_last_clean
                            AND v.last_class_sign_in IS NOT NULL
                            AND (v.last_class_sign_in IS DISTINCT FROM b.last_class_sign_in
                                 OR v.total_class_sign_ins IS DISTINCT FROM b.total_class_sign_ins)
                   END
         )
-        SELECT 'client:' || p.wodify_id,
-               replace(e.path, '{client_id}', p.wodify_id::text)
-               || '?q=' || ironwod.urlencode(e.window_field || '|gte|' || ironwod.iso_utc(p.since)) || v_sort
-        FROM picked p ORDER BY p.wodify_id;
+        SELECT coalesce(array_agg('client:' || p.wodify_id ORDER BY p.wodify_id), '{}'),
+               coalesce(array_agg(replace(x.path, '{client_id}', p.wodify_id::text)
+                                  || '?q=' || ironwod.urlencode(x.window_field || '|gte|' || ironwod.iso_utc(p.since))
+                                  || v_sort ORDER BY p.wodify_id), '{}')
+        INTO v_keys, v_urls
+        FROM picked p;
+        -- back to the caller's settings, on the node too
+        EXECUTE format('SET LOCAL enable_nestloop = %s', v_nestloop);
+        EXECUTE format('SET LOCAL jit = %s', v_jit);
 
-    ELSIF r.mode = 'backfill' THEN
+    ELSIF x.mode = 'backfill' THEN
         -- The newest window is open-ended, so records stamped ahead of our
         -- clock (vendor clock skew) are not left between windows.
-        RETURN QUERY
-        SELECT to_char(w AT TIME ZONE 'UTC', 'YYYY-MM'),
-               e.path || '?q=' || ironwod.urlencode(
-                   e.window_field || '|gte|' || ironwod.iso_utc(w)
-                   || CASE WHEN w < date_trunc('month', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                           THEN ';' || e.window_field || '|lt|'
+        SELECT array_agg(to_char(w AT TIME ZONE 'UTC', 'YYYY-MM') ORDER BY w DESC),
+               array_agg(x.path || '?q=' || ironwod.urlencode(
+                   x.window_field || '|gte|' || ironwod.iso_utc(w)
+                   || CASE WHEN w < date_trunc('month', x.started AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                           THEN ';' || x.window_field || '|lt|'
                                 || ironwod.iso_utc(((w AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')
                            ELSE '' END)
-               || v_sort
-        FROM generate_series(date_trunc('month', v_now AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
-                             v_since, interval '-1 month') AS w
-        ORDER BY w DESC;
+                   || v_sort ORDER BY w DESC)
+        INTO v_keys, v_urls
+        FROM generate_series(date_trunc('month', x.started AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                             v_since, interval '-1 month') AS w;
 
     ELSE
-        IF r.mode = 'incremental' OR e.due_field IS NULL THEN
-            IF r.mode = 'incremental' THEN
-                SELECT greatest(v_since, coalesce(c.watermark - v_lookback, v_since)) INTO v_from
-                FROM (SELECT NULL::int) x
-                LEFT JOIN ironwod.entity_cursors c
-                       ON c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = e.entity;
+        v_keys := '{}';
+        v_urls := '{}';
+        IF x.mode = 'incremental' OR x.due_field IS NULL THEN
+            IF x.mode = 'incremental' THEN
+                v_from := greatest(v_since, coalesce(x.watermark - v_lookback, v_since));
             ELSE
-                v_from := greatest(v_since, v_now - v_window);
+                v_from := greatest(v_since, x.started - x.win);
             END IF;
-            RETURN QUERY SELECT 'since'::text,
-                e.path || '?q=' || ironwod.urlencode(
-                    CASE WHEN r.mode = 'incremental' THEN coalesce(e.incremental_field, e.window_field)
-                         ELSE e.window_field END
-                    || '|gte|' || ironwod.iso_utc(v_from)) || v_sort;
+            v_keys := v_keys || 'since'::text;
+            v_urls := v_urls || (x.path || '?q=' || ironwod.urlencode(
+                          CASE WHEN x.mode = 'incremental' THEN coalesce(x.incremental_field, x.window_field)
+                               ELSE x.window_field END
+                          || '|gte|' || ironwod.iso_utc(v_from)) || v_sort);
         END IF;
-        IF e.due_field IS NOT NULL THEN
+        IF x.due_field IS NOT NULL THEN
             -- Status changes (Unpaid -> Paid) carry no timestamp we can follow:
             -- re-scan by due date.
-            RETURN QUERY SELECT 'due'::text,
-                e.path || '?q=' || ironwod.urlencode(e.due_field || '|gte|' || to_char(
-                    (v_now AT TIME ZONE 'UTC')::date - CASE WHEN r.mode = 'incremental'
-                        THEN current_setting('ironwod.due_window_days')::int
-                        ELSE extract(day FROM v_window)::int END, 'YYYY-MM-DD'))
-                || '&sort=id';
+            v_keys := v_keys || 'due'::text;
+            v_urls := v_urls || (x.path || '?q=' || ironwod.urlencode(x.due_field || '|gte|' || to_char(
+                          (x.started AT TIME ZONE 'UTC')::date - CASE WHEN x.mode = 'incremental'
+                              THEN current_setting('ironwod.due_window_days')::int
+                              ELSE extract(day FROM x.win)::int END, 'YYYY-MM-DD'))
+                          || '&sort=id');
         END IF;
     END IF;
-END
-$$;
-COMMENT ON FUNCTION ironwod.plan_units(bigint, text) IS 'Worker: derive the units of work (window key, relative URL) an entity needs in a run, per its mode';
 
--- Entities a run skips: those the gym's plan does not include, except in a
--- reconciliation, which asks again.
-CREATE FUNCTION ironwod.entity_skipped(p_run_id bigint, p_entity text) RETURNS boolean
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
-BEGIN
-    RETURN EXISTS (
-        SELECT 1 FROM ironwod.entity_entitlements n
-        JOIN ironwod.sync_runs r ON r.tenant_id = n.tenant_id AND r.gym_id = n.gym_id AND r.run_id = p_run_id
-        WHERE n.tenant_id = v_t AND n.gym_id = v_g AND r.tenant_id = v_t AND r.gym_id = v_g
-          AND n.entity = p_entity AND (r.mode <> 'reconcile' OR n.last_checked_run = p_run_id));
-END
-$$;
-COMMENT ON FUNCTION ironwod.entity_skipped(bigint, text) IS 'Worker: does this run skip the entity (not entitled)?';
-
--- The entity starts: derive its units once and persist them with the run, in
--- fetch order.  In a backfill, units the campaign already checkpointed (a
--- killed run's) are planned as skipped.  Records the plan's size and how long
--- deriving it took.  Returns the number of units left to fetch.
-CREATE FUNCTION ironwod.plan_entity(p_run_id bigint, p_entity text)
-RETURNS integer
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
-    v_t0 timestamptz := clock_timestamp();
-    v_mode text;
-    v_ordinal integer;
-    v_keys text[];
-    v_urls text[];
-    v_done text[];
-    v_total integer;
-    v_skipped integer;
-    v_ms double precision;
-BEGIN
-    SELECT r.mode INTO STRICT v_mode FROM ironwod.sync_runs r
-    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
-    SELECT x.ordinal INTO STRICT v_ordinal FROM ironwod.entities x WHERE x.entity = p_entity;
-    SELECT coalesce(array_agg(u.window_key ORDER BY u.ord), '{}'), coalesce(array_agg(u.url ORDER BY u.ord), '{}')
-    INTO v_keys, v_urls
-    FROM ironwod.plan_units(p_run_id, p_entity) WITH ORDINALITY AS u(window_key, url, ord);
     -- The windows the campaign already checkpointed, read into an array first
     -- and joined as one: Citus plans an outer join from a function (unnest) to
     -- a distributed table by planning the table as a subquery, and with the
@@ -372,9 +368,11 @@ BEGIN
     -- RecursivelyPlanRecurringTupleOuterJoinWalker: SIGSEGV in
     -- deconstruct_jointree, the run worker lost).  Two arrays join like the
     -- table did (a hash join, linear in the units).
-    SELECT coalesce(array_agg(b.window_key), '{}') INTO v_done
-    FROM ironwod.backfill_checkpoints b
-    WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity AND v_mode = 'backfill';
+    IF x.mode = 'backfill' THEN
+        SELECT coalesce(array_agg(b.window_key), '{}') INTO v_done
+        FROM ironwod.backfill_checkpoints b
+        WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity;
+    END IF;
 
     -- ON CONFLICT DO NOTHING (a unit is planned once; nothing conflicts) for
     -- Citus: it runs this INSERT ... SELECT through the coordinator, and without
@@ -382,15 +380,17 @@ BEGIN
     -- row-level security refuses ("COPY FROM not supported with row-level
     -- security").
     INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
-    SELECT v_t, v_g, p_run_id, p_entity, u.ord, v_ordinal, u.window_key, u.url,
+    SELECT v_t, v_g, p_run_id, p_entity, u.ord, x.ordinal, u.window_key, u.url,
            CASE WHEN d.window_key IS NULL THEN 'pending' ELSE 'skipped' END
     FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
     LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_total = ROW_COUNT;
-    SELECT count(*) INTO v_skipped FROM ironwod.run_units u
-    WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
-      AND u.status = 'skipped';
+    IF cardinality(v_done) > 0 THEN
+        SELECT count(*) INTO v_skipped FROM ironwod.run_units u
+        WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+          AND u.status = 'skipped';
+    END IF;
     v_ms := extract(epoch FROM clock_timestamp() - v_t0) * 1000;
 
     INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, units_total, units_skipped, plan_ms)
@@ -412,6 +412,8 @@ AS $$
 DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
+    v_planned text[];
+    v_skipped text[];
     e record;
 BEGIN
     RETURN QUERY
@@ -422,12 +424,19 @@ BEGIN
     IF FOUND THEN
         RETURN;
     END IF;
-    -- Nothing pending: start the next entity not yet planned.
-    FOR e IN SELECT x.entity, x.page_size FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
-        CONTINUE WHEN EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
-                              WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
-                                AND s.entity = e.entity AND s.units_total IS NOT NULL);
-        CONTINUE WHEN ironwod.entity_skipped(p_run_id, e.entity);
+    -- Nothing pending: start the next entity neither planned nor skipped.  The
+    -- entities the run planned and skips are read first and matched against the
+    -- registry as arrays (Citus plans no correlated subquery over the registry,
+    -- a reference table): two statements, where asking about each entity in
+    -- turn took a statement per entity passed and made a run's planning
+    -- quadratic in its entities.
+    v_planned := ARRAY(SELECT s.entity FROM ironwod.sync_run_entities s
+                       WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
+                         AND s.units_total IS NOT NULL);
+    v_skipped := ironwod.skipped_entities(p_run_id);
+    FOR e IN SELECT x.entity, x.page_size FROM ironwod.entities x
+             WHERE x.enabled AND x.entity <> ALL (v_planned) AND x.entity <> ALL (v_skipped)
+             ORDER BY x.ordinal LOOP
         CONTINUE WHEN ironwod.plan_entity(p_run_id, e.entity) = 0;
         RETURN QUERY
             SELECT u.entity, u.window_key, u.url, e.page_size
@@ -1016,6 +1025,7 @@ DECLARE
     v_now timestamptz;
     v_cursor_end jsonb;
     v_last_cursor timestamptz;
+    v_skipped text[];
     e record;
 BEGIN
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
@@ -1026,10 +1036,9 @@ BEGIN
     IF v_mode <> 'validate' THEN
         -- The entities left open, checked one by one: Citus plans no correlated
         -- subquery over the registry (a reference table).
-        FOR e IN SELECT x.entity FROM ironwod.entities x WHERE x.enabled ORDER BY x.ordinal LOOP
-            -- two conditions, not one expression: Citus would push the OR, and
-            -- entity_skipped's queries with it, to the shard
-            CONTINUE WHEN ironwod.entity_skipped(p_run_id, e.entity);
+        v_skipped := ironwod.skipped_entities(p_run_id);
+        FOR e IN SELECT x.entity FROM ironwod.entities x
+                 WHERE x.enabled AND x.entity <> ALL (v_skipped) ORDER BY x.ordinal LOOP
             CONTINUE WHEN EXISTS (SELECT 1 FROM ironwod.sync_run_entities s
                            WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id
                              AND s.entity = e.entity AND s.status = 'completed');

@@ -75,7 +75,7 @@ GRANT USAGE ON SEQUENCE ironwod.sync_run_id_seq TO ironwod_worker;
 GRANT EXECUTE ON FUNCTION ironwod.parse_ts(text), ironwod.urlencode(text), ironwod.backfill_since(),
     ironwod.iso_utc(timestamptz), ironwod.emit_event(bigint, text, text, jsonb),
     ironwod.claim_run(bigint, integer), ironwod.next_task(bigint),
-    ironwod.plan_units(bigint, text), ironwod.plan_entity(bigint, text), ironwod.entity_skipped(bigint, text),
+    ironwod.plan_entity(bigint, text), ironwod.skipped_entities(bigint),
     ironwod.page_statement(), ironwod.unit_landed(bigint, text, text, integer), ironwod.unvanish(text, bigint[]),
     ironwod.quarantine(bigint, text, text, bigint[], text[], bytea[], timestamptz),
     ironwod.record_memory(bigint, bigint, bigint),
