@@ -518,8 +518,8 @@ DECLARE
     v_expr text[];
     v_people text := 'NULL::bigint[]';
 BEGIN
-    IF p_gym AND p_upsert THEN
-        RAISE EXCEPTION 'the statement over every record of a gym is a plain insert'
+    IF p_gym AND (p_upsert OR p_track) THEN
+        RAISE EXCEPTION 'the statement over every record of a gym is a plain insert without change tracking'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT * INTO STRICT m FROM ironwod.canonical_maps x WHERE x.entity = p_entity;
@@ -538,6 +538,24 @@ BEGIN
       FROM (VALUES (1, 'deleted_at'::name, 'NULL'), (2, 'deleted_by_run', 'NULL'),
                    (3, 'raw_id', 'l.raw_id'), (4, 'source_updated_at', 'l.source_updated_at')) x(n, col, expr)
      WHERE x.col <> ALL (v_col);
+    IF p_gym THEN
+        RETURN format($q$
+        WITH up AS (
+            INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
+            SELECT l.tenant_id, l.gym_id, l.wodify_id, %4$s
+            FROM (SELECT DISTINCT ON (r.wodify_id) r.*
+                  FROM ironwod.%2$I r
+                  WHERE r.tenant_id = $1 AND r.gym_id = $2
+                  ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
+                 LATERAL (SELECT l.payload_json AS p) x
+            WHERE $4 IS NULL OR l.ingest_run_id = ANY ($4)
+            RETURNING 1
+        )
+        SELECT count(*)::integer FROM up$q$,
+            m.canonical, v_raw, m.key_column,
+            (SELECT string_agg(e, ', ') FROM unnest(v_expr) e),
+            (SELECT string_agg(quote_ident(c), ', ') FROM unnest(v_col) c));
+    END IF;
     -- With change tracking, the rows as they were are read in a CTE of their own,
     -- materialized before the upsert: on Citus each CTE is a step of its own and
     -- a later step would see the upsert's rows, not the old ones.  Each written
@@ -582,18 +600,11 @@ BEGIN
             WHERE z.side = 1',
             m.canonical, m.key_column) ELSE 'up u' END,
         v_people,
-        CASE WHEN p_gym THEN format(
-            '(SELECT DISTINCT ON (r.wodify_id) r.*
-              FROM ironwod.%I r
-              WHERE r.tenant_id = $1 AND r.gym_id = $2
-              ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
-             LATERAL (SELECT l.payload_json AS p) x
-            WHERE $4 IS NULL OR l.ingest_run_id = ANY ($4)', v_raw)
-             ELSE format('ironwod.%I l, LATERAL (SELECT l.payload_json AS p) x
-            WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)', v_raw) END);
+        format('ironwod.%I l, LATERAL (SELECT l.payload_json AS p) x
+            WHERE l.tenant_id = $1 AND l.gym_id = $2 AND l.raw_id = ANY ($4)', v_raw));
 END
 $$;
-COMMENT ON FUNCTION ironwod.transform_sql(text, boolean, boolean, boolean) IS 'The upsert (or, for records without a canonical row, plain insert) statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking, over the given raw versions or every latest version of the gym';
+COMMENT ON FUNCTION ironwod.transform_sql(text, boolean, boolean, boolean) IS 'The upsert (or, for records without a canonical row, plain insert) statement of one entity built from its mapping (canonical_maps, canonical_columns), with or without change tracking, over the given raw versions, or a plain insert of every latest version of the gym without it';
 REVOKE ALL ON FUNCTION ironwod.transform_sql(text, boolean, boolean, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ironwod.transform_sql(text, boolean, boolean, boolean) TO ironwod_worker;
 
@@ -706,7 +717,7 @@ BEGIN
                            WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id > p_run_id);
     END IF;
     -- In registry order: locations first, they decide the time zone.
-    FOR e IN SELECT x.entity, x.raw_table, m.canonical, m.key_column FROM ironwod.entities x
+    FOR e IN SELECT x.entity, x.raw_table, m.canonical, m.key_column, m.dirty_from FROM ironwod.entities x
              JOIN ironwod.canonical_maps m USING (entity) ORDER BY x.ordinal LOOP
         IF e.entity <> 'locations' AND v_tz IS NULL THEN
             v_tz := ironwod.gym_time_zone(v_t, v_g);
@@ -758,12 +769,16 @@ BEGIN
         -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
         -- the pass reads the gym's range of the "latest version" index whatever
         -- the estimates, and the gym's new canonical rows plan nothing here.
+        -- The gym's first rows of an entity change every month for everyone a
+        -- metric reads them for: noted as such (from 0001-01-01, people not
+        -- known), not computed row by row.  A backfill's first refresh
+        -- recomputes everything anyway; a later run that brings a gym's first
+        -- rows of an entity (its first hold) makes its refresh recompute every
+        -- month.
         IF v_empty THEN
-            EXECUTE ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false, true)
-                INTO v_n, v_dirty, v_people USING v_t, v_g, v_tz, v_runs;
-            IF v_n = 0 THEN
-                v_people := '{}';
-            END IF;
+            EXECUTE ironwod.transform_sql(e.entity, false, false, true) INTO v_n USING v_t, v_g, v_tz, v_runs;
+            v_dirty := CASE WHEN v_n > 0 AND e.dirty_from IS NOT NULL THEN date '0001-01-01' END;
+            v_people := NULL;
         ELSE
             -- v_ids: the raw ids of every record's latest version, or the Wodify
             -- ids of the records the runs landed a version of, in order: each
