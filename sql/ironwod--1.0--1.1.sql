@@ -3382,3 +3382,103 @@ $$;
 
 DROP FUNCTION ironwod.plan_units(bigint, text);
 DROP FUNCTION ironwod.entity_skipped(bigint, text);
+
+-- ---- the transform: the mapping's field readers (src/fields.c) -------------------
+
+-- The mapping's field readers (src/fields.c): one field of a record, looked up
+-- once and converted where it lies.  Each is the expression in its comment, in
+-- one call instead of two, without the field's value built as jsonb or text in
+-- between: for a backfill's class sign-ins, the mapping's expressions cost
+-- about as much as the canonical rows' index insertion before.
+CREATE FUNCTION ironwod.j_id(p jsonb, p_key text) RETURNS bigint
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_id';
+COMMENT ON FUNCTION ironwod.j_id(jsonb, text) IS 'A record''s field as a Wodify id: ironwod.j_id(p -> p_key)';
+
+CREATE FUNCTION ironwod.j_num(p jsonb, p_key text) RETURNS numeric
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_num';
+COMMENT ON FUNCTION ironwod.j_num(jsonb, text) IS 'A record''s field as a number: ironwod.j_num(p -> p_key)';
+
+CREATE FUNCTION ironwod.j_ts(p jsonb, p_key text) RETURNS timestamptz
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_ts';
+COMMENT ON FUNCTION ironwod.j_ts(jsonb, text) IS 'A record''s field as a Wodify datetime: ironwod.parse_ts(p ->> p_key)';
+
+CREATE FUNCTION ironwod.j_date(p jsonb, p_key text) RETURNS date
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_date';
+COMMENT ON FUNCTION ironwod.j_date(jsonb, text) IS 'A record''s field as a Wodify civil date: ironwod.j_date(p ->> p_key)';
+
+CREATE FUNCTION ironwod.j_text(p jsonb, p_key text) RETURNS text
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_text';
+COMMENT ON FUNCTION ironwod.j_text(jsonb, text) IS 'A record''s field as Wodify text: ironwod.j_text(p ->> p_key)';
+
+CREATE FUNCTION ironwod.j_bool(p jsonb, p_key text) RETURNS boolean
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_bool';
+COMMENT ON FUNCTION ironwod.j_bool(jsonb, text) IS 'A record''s field as a boolean: (p ->> p_key)::boolean';
+REVOKE ALL ON FUNCTION ironwod.j_id(jsonb, text), ironwod.j_num(jsonb, text), ironwod.j_ts(jsonb, text),
+    ironwod.j_date(jsonb, text), ironwod.j_text(jsonb, text), ironwod.j_bool(jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.j_id(jsonb, text), ironwod.j_num(jsonb, text), ironwod.j_ts(jsonb, text),
+    ironwod.j_date(jsonb, text), ironwod.j_text(jsonb, text), ironwod.j_bool(jsonb, text) TO ironwod_worker;
+
+-- The mapping reads its columns with them.  An administrator's edit of a column
+-- is kept (the row differs from its installed_definition); the new rows become
+-- install-time rows.
+UPDATE ironwod.canonical_columns c
+   SET expr = n.expr, installed_definition = NULL
+  FROM (VALUES
+    ('class_signins', 1, $$ironwod.j_id(p, 'client_id')$$),
+    ('class_signins', 2, $$ironwod.j_id(p, 'class_id')$$),
+    ('class_signins', 3, $$ironwod.j_ts(p, 'utc_class_start_datetime')$$),
+    ('class_signins', 4, $$ironwod.j_id(p, 'location_id')$$),
+    ('class_signins', 5, $$ironwod.j_id(p, 'program_id')$$),
+    ('class_signins', 6, $$ironwod.j_id(p, 'membership_id')$$),
+    ('class_signins', 7, $$ironwod.j_bool(p, 'is_drop_in')$$),
+    ('clients', 1, $$ironwod.j_text(p, 'first_name')$$),
+    ('clients', 2, $$ironwod.j_text(p, 'last_name')$$),
+    ('clients', 3, $$ironwod.j_text(p, 'email')$$),
+    ('clients', 4, $$ironwod.j_text(p, 'client_status')$$),
+    ('clients', 5, $$ironwod.j_id(p, 'location_id')$$),
+    ('clients', 6, $$ironwod.j_date(p, 'member_since')$$),
+    ('clients', 8, $$ironwod.j_ts(p, 'last_class_sign_in')$$),
+    ('invoices', 1, $$ironwod.j_text(p, 'invoice_number')$$),
+    ('invoices', 2, $$ironwod.j_id(p, 'client_id')$$),
+    ('invoices', 3, $$ironwod.j_id(p, 'membership_id')$$),
+    ('invoices', 4, $$ironwod.j_id(p, 'location_id')$$),
+    ('invoices', 5, $$ironwod.j_text(p, 'invoice_header_status')$$),
+    ('invoices', 6, $$ironwod.j_date(p, 'payment_due')$$),
+    ('invoices', 7, $$ironwod.j_date(p, 'paid_on_date')$$),
+    ('invoices', 8, $$ironwod.j_num(p, 'final_charge')$$),
+    ('locations', 1, $$ironwod.j_text(p, 'name')$$),
+    ('locations', 2, $$ironwod.j_text(p, 'time_zone_iana')$$),
+    ('locations', 3, $$ironwod.j_id(p, 'customer_id')$$),
+    ('membership_holds', 1, $$ironwod.j_id(p, 'membership_id')$$),
+    ('membership_holds', 2, $$ironwod.j_id(p, 'client_id')$$),
+    ('membership_holds', 3, $$ironwod.j_date(p, 'hold_start_date')$$),
+    ('membership_holds', 4, $$ironwod.j_date(p, 'hold_end_date')$$),
+    ('membership_holds', 5, $$ironwod.j_text(p, 'hold_reason')$$),
+    ('memberships', 1, $$ironwod.j_id(p, 'client_id')$$),
+    ('memberships', 2, $$ironwod.j_text(p, 'name')$$),
+    ('memberships', 3, $$ironwod.j_text(p, 'membership_type')$$),
+    ('memberships', 4, $$coalesce(ironwod.j_bool(p, 'is_deleted'), false)$$),
+    ('memberships', 5, $$ironwod.j_date(p, 'start_date')$$),
+    ('memberships', 6, $$ironwod.j_date(p, 'end_date')$$),
+    ('memberships', 7, $$ironwod.j_date(p, 'cancellation_requested_on')$$),
+    ('memberships', 8, $$ironwod.j_bool(p, 'does_membership_expire')$$),
+    ('memberships', 9, $$ironwod.j_bool(ironwod.j_plan(p), 'is_auto_renew')$$),
+    ('memberships', 10, $$ironwod.j_num(ironwod.j_plan(p), 'price')$$),
+    ('memberships', 11, $$ironwod.j_num(ironwod.j_plan(p), 'billing_period_length')::integer$$),
+    ('memberships', 12, $$ironwod.j_text(ironwod.j_plan(p), 'billing_period_unit')$$),
+    ('memberships', 13, $$ironwod.j_id(p, 'location_id')$$),
+    ('memberships', 15, $$CASE WHEN ironwod.j_bool(p, 'is_deleted') THEN coalesce(l.source_updated_at, l.ingested_at) END$$),
+    ('memberships', 16, $$CASE WHEN ironwod.j_bool(p, 'is_deleted') THEN l.ingest_run_id END$$),
+    ('programs', 1, $$ironwod.j_text(p, 'name')$$),
+    ('programs', 2, $$ironwod.j_bool(p, 'is_active')$$),
+    ('transactions', 1, $$ironwod.j_id(p, 'invoice_id')$$),
+    ('transactions', 2, $$ironwod.j_id(p, 'client_id')$$),
+    ('transactions', 3, $$ironwod.j_id(p, 'location_id')$$),
+    ('transactions', 4, $$ironwod.j_ts(p, 'transaction_date_time')$$),
+    ('transactions', 5, $$ironwod.j_num(p, 'amount')$$),
+    ('transactions', 6, $$ironwod.j_text(p, 'transaction_type')$$),
+    ('transactions', 7, $$ironwod.j_text(p, 'payment_method')$$)
+  ) AS n(entity, ord, expr)
+ WHERE c.entity = n.entity AND c.ord = n.ord
+   AND (to_jsonb(c) - 'installed_definition') = c.installed_definition;
+SELECT ironwod.track_install_rows('ironwod.canonical_columns');

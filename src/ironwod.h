@@ -16,7 +16,10 @@
  *	               cluster-wide, adapting to 429s
  *	  land.c       SPI calls that land pages and move run state
  *	  page.c       a response page split into records (jsonb, id, hash)
- *	  wire.c       Wodify's wire formats: vendor datetimes, percent-encoding
+ *	  wire.c       Wodify's wire formats: vendor datetimes, ids, civil dates,
+ *	               percent-encoding
+ *	  fields.c     the transform's field readers: one field of a raw record
+ *	               as a canonical column's value
  *	  crypto.c     sealed-box encryption of API keys, fingerprints
  *	  masterkey.c  loading private master keys from ironwod.master_key_command
  *	  rewrap.c     the "ironwod rewrap" worker: re-sealing API keys to the
@@ -38,6 +41,7 @@
 #include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/lwlock.h"
+#include "utils/date.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -330,6 +334,8 @@ extern void iw_fail_run(int64 run_id, const char *code, const char *message,
 
 /* ---- Wodify wire formats (wire.c) ---- */
 extern bool iw_parse_vendor_ts(const char *s, int len, TimestampTz *result);
+extern bool iw_wodify_id(const JsonbValue *v, int64 *id);
+extern bool iw_civil_date(const char *s, int len, DateADT *result);
 
 /* ---- response pages (page.c) ---- */
 

@@ -20,6 +20,7 @@
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
 #include "utils/datetime.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -189,53 +190,72 @@ ironwod_parse_ts(PG_FUNCTION_ARGS)
 }
 
 /*
- * A Wodify id: a JSON number, or a string of ASCII digits, as bigint; the 0
- * sentinel and anything else (null, true, "", "12a", an object) are NULL.  A
+ * A Wodify id: a JSON number, or a string of ASCII digits, as bigint; false for
+ * the 0 sentinel and anything else (null, true, "", "12a", an object).  A
  * fractional number rounds, and one beyond bigint is an error, as the numeric
- * to bigint cast they go through does.
+ * to bigint cast they go through does.  Only a result of 0 is compared with the
+ * sentinel: 0.4 rounds to 0 but is not it.
  */
+bool
+iw_wodify_id(const JsonbValue *v, int64 *id)
+{
+	Datum		num;
+
+	if (v->type == jbvNumeric)
+		num = NumericGetDatum(v->val.numeric);
+	else if (v->type == jbvString && v->val.string.len > 0 &&
+			 digits(v->val.string.val, v->val.string.len))
+		num = DirectFunctionCall3(numeric_in,
+								  CStringGetDatum(pnstrdup(v->val.string.val, v->val.string.len)),
+								  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+	else
+		return false;
+	*id = DatumGetInt64(DirectFunctionCall1(numeric_int8, num));
+	return *id != 0 ||
+		!DatumGetBool(DirectFunctionCall2(numeric_eq, num, NumericGetDatum(int64_to_numeric(0))));
+}
+
 Datum
 ironwod_j_id(PG_FUNCTION_ARGS)
 {
 	Jsonb	   *jb = PG_GETARG_JSONB_P(0);
 	JsonbValue	v;
-	Datum		num;
+	int64		id;
 
-	if (!JsonbExtractScalar(&jb->root, &v))
+	if (!JsonbExtractScalar(&jb->root, &v) || !iw_wodify_id(&v, &id))
 		PG_RETURN_NULL();
-	if (v.type == jbvNumeric)
-		num = NumericGetDatum(v.val.numeric);
-	else if (v.type == jbvString && v.val.string.len > 0 &&
-			 digits(v.val.string.val, v.val.string.len))
-		num = DirectFunctionCall3(numeric_in,
-								  CStringGetDatum(pnstrdup(v.val.string.val, v.val.string.len)),
-								  ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
-	else
-		PG_RETURN_NULL();
-	if (DatumGetBool(DirectFunctionCall2(numeric_eq, num, NumericGetDatum(int64_to_numeric(0)))))
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(DirectFunctionCall1(numeric_int8, num));
+	PG_RETURN_INT64(id);
 }
 
 /*
  * A Wodify civil date: the first 10 characters of YYYY-MM-DD[...] as a date,
- * never through a time zone; the 1900-01-01 sentinel and any other shape are
- * NULL.  A well-shaped impossible date (2024-02-30) is date_in's error, as the
+ * never through a time zone; false for the 1900-01-01 sentinel and any other
+ * shape.  A well-shaped impossible date (2024-02-30) is date_in's error, as the
  * text to date cast it goes through gives.
  */
+bool
+iw_civil_date(const char *s, int len, DateADT *result)
+{
+	char		day[11];
+
+	if (len < 10 || !digits(s, 4) || s[4] != '-' || !digits(s + 5, 2) ||
+		s[7] != '-' || !digits(s + 8, 2) || memcmp(s, "1900-01-01", 10) == 0)
+		return false;
+	memcpy(day, s, 10);
+	day[10] = '\0';
+	*result = DatumGetDateADT(DirectFunctionCall1(date_in, CStringGetDatum(day)));
+	return true;
+}
+
 Datum
 ironwod_j_date(PG_FUNCTION_ARGS)
 {
 	text	   *t = PG_GETARG_TEXT_PP(0);
-	const char *s = VARDATA_ANY(t);
-	char		day[11];
+	DateADT		d;
 
-	if (VARSIZE_ANY_EXHDR(t) < 10 || !digits(s, 4) || s[4] != '-' || !digits(s + 5, 2) ||
-		s[7] != '-' || !digits(s + 8, 2) || memcmp(s, "1900-01-01", 10) == 0)
+	if (!iw_civil_date(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t), &d))
 		PG_RETURN_NULL();
-	memcpy(day, s, 10);
-	day[10] = '\0';
-	PG_RETURN_DATUM(DirectFunctionCall1(date_in, CStringGetDatum(day)));
+	PG_RETURN_DATEADT(d);
 }
 
 /*

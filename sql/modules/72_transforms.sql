@@ -90,6 +90,35 @@ AS $$
 $$;
 COMMENT ON FUNCTION ironwod.j_ids(jsonb, text) IS 'The ids in one field of the objects of a JSON array (a membership''s programs[].program_id), sorted and distinct, sentinels left out; NULL when the value is not an array (the field is absent)';
 
+-- The mapping's field readers (src/fields.c): one field of a record, looked up
+-- once and converted where it lies.  Each is the expression in its comment, in
+-- one call instead of two, without the field's value built as jsonb or text in
+-- between: for a backfill's class sign-ins, the mapping's expressions cost
+-- about as much as the canonical rows' index insertion before.
+CREATE FUNCTION ironwod.j_id(p jsonb, p_key text) RETURNS bigint
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_id';
+COMMENT ON FUNCTION ironwod.j_id(jsonb, text) IS 'A record''s field as a Wodify id: ironwod.j_id(p -> p_key)';
+
+CREATE FUNCTION ironwod.j_num(p jsonb, p_key text) RETURNS numeric
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_num';
+COMMENT ON FUNCTION ironwod.j_num(jsonb, text) IS 'A record''s field as a number: ironwod.j_num(p -> p_key)';
+
+CREATE FUNCTION ironwod.j_ts(p jsonb, p_key text) RETURNS timestamptz
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_ts';
+COMMENT ON FUNCTION ironwod.j_ts(jsonb, text) IS 'A record''s field as a Wodify datetime: ironwod.parse_ts(p ->> p_key)';
+
+CREATE FUNCTION ironwod.j_date(p jsonb, p_key text) RETURNS date
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_date';
+COMMENT ON FUNCTION ironwod.j_date(jsonb, text) IS 'A record''s field as a Wodify civil date: ironwod.j_date(p ->> p_key)';
+
+CREATE FUNCTION ironwod.j_text(p jsonb, p_key text) RETURNS text
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_text';
+COMMENT ON FUNCTION ironwod.j_text(jsonb, text) IS 'A record''s field as Wodify text: ironwod.j_text(p ->> p_key)';
+
+CREATE FUNCTION ironwod.j_bool(p jsonb, p_key text) RETURNS boolean
+LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_field_bool';
+COMMENT ON FUNCTION ironwod.j_bool(jsonb, text) IS 'A record''s field as a boolean: (p ->> p_key)::boolean';
+
 -- The gym's zone: the first Wodify location by id that names a valid IANA zone, else
 -- the connection's time_zone, else UTC.
 CREATE FUNCTION ironwod.gym_time_zone(p_tenant_id uuid, p_gym_id uuid) RETURNS text
@@ -183,69 +212,69 @@ INSERT INTO ironwod.canonical_maps (entity, canonical, key_column, dirty_from, r
 
 INSERT INTO ironwod.canonical_columns (entity, ord, column_name, expr)
 SELECT x.entity, x.ord, x.col, x.expr FROM (VALUES
-    ('locations', 1, 'name', $$ironwod.j_text(p ->> 'name')$$),
-    ('locations', 2, 'time_zone', $$ironwod.j_text(p ->> 'time_zone_iana')$$),
-    ('locations', 3, 'customer_id', $$ironwod.j_id(p -> 'customer_id')$$),
+    ('locations', 1, 'name', $$ironwod.j_text(p, 'name')$$),
+    ('locations', 2, 'time_zone', $$ironwod.j_text(p, 'time_zone_iana')$$),
+    ('locations', 3, 'customer_id', $$ironwod.j_id(p, 'customer_id')$$),
     ('locations', 4, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
-    ('programs', 1, 'name', $$ironwod.j_text(p ->> 'name')$$),
-    ('programs', 2, 'is_active', $$(p ->> 'is_active')::boolean$$),
+    ('programs', 1, 'name', $$ironwod.j_text(p, 'name')$$),
+    ('programs', 2, 'is_active', $$ironwod.j_bool(p, 'is_active')$$),
     ('programs', 3, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
-    ('clients', 1, 'first_name', $$ironwod.j_text(p ->> 'first_name')$$),
-    ('clients', 2, 'last_name', $$ironwod.j_text(p ->> 'last_name')$$),
-    ('clients', 3, 'email', $$ironwod.j_text(p ->> 'email')$$),
-    ('clients', 4, 'client_status', $$ironwod.j_text(p ->> 'client_status')$$),
-    ('clients', 5, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
-    ('clients', 6, 'member_since', $$ironwod.j_date(p ->> 'member_since')$$),
+    ('clients', 1, 'first_name', $$ironwod.j_text(p, 'first_name')$$),
+    ('clients', 2, 'last_name', $$ironwod.j_text(p, 'last_name')$$),
+    ('clients', 3, 'email', $$ironwod.j_text(p, 'email')$$),
+    ('clients', 4, 'client_status', $$ironwod.j_text(p, 'client_status')$$),
+    ('clients', 5, 'location_id', $$ironwod.j_id(p, 'location_id')$$),
+    ('clients', 6, 'member_since', $$ironwod.j_date(p, 'member_since')$$),
     ('clients', 7, 'created_at',
      $$ironwod.parse_ts(coalesce(p #>> '{created_on,created_on_datetime}', p #>> '{created,created_on_datetime}'))$$),
-    ('clients', 8, 'last_class_sign_in', $$ironwod.parse_ts(p ->> 'last_class_sign_in')$$),
-    ('memberships', 1, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
-    ('memberships', 2, 'name', $$ironwod.j_text(p ->> 'name')$$),
-    ('memberships', 3, 'membership_type', $$ironwod.j_text(p ->> 'membership_type')$$),
-    ('memberships', 4, 'is_deleted', $$coalesce((p ->> 'is_deleted')::boolean, false)$$),
-    ('memberships', 5, 'start_date', $$ironwod.j_date(p ->> 'start_date')$$),
-    ('memberships', 6, 'end_date', $$ironwod.j_date(p ->> 'end_date')$$),
-    ('memberships', 7, 'cancellation_requested_on', $$ironwod.j_date(p ->> 'cancellation_requested_on')$$),
-    ('memberships', 8, 'does_expire', $$(p ->> 'does_membership_expire')::boolean$$),
-    ('memberships', 9, 'is_auto_renew', $$(ironwod.j_plan(p) ->> 'is_auto_renew')::boolean$$),
-    ('memberships', 10, 'price', $$ironwod.j_num(ironwod.j_plan(p) -> 'price')$$),
-    ('memberships', 11, 'billing_period_length', $$ironwod.j_num(ironwod.j_plan(p) -> 'billing_period_length')::integer$$),
-    ('memberships', 12, 'billing_period_unit', $$ironwod.j_text(ironwod.j_plan(p) ->> 'billing_period_unit')$$),
-    ('memberships', 13, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
+    ('clients', 8, 'last_class_sign_in', $$ironwod.j_ts(p, 'last_class_sign_in')$$),
+    ('memberships', 1, 'member_id', $$ironwod.j_id(p, 'client_id')$$),
+    ('memberships', 2, 'name', $$ironwod.j_text(p, 'name')$$),
+    ('memberships', 3, 'membership_type', $$ironwod.j_text(p, 'membership_type')$$),
+    ('memberships', 4, 'is_deleted', $$coalesce(ironwod.j_bool(p, 'is_deleted'), false)$$),
+    ('memberships', 5, 'start_date', $$ironwod.j_date(p, 'start_date')$$),
+    ('memberships', 6, 'end_date', $$ironwod.j_date(p, 'end_date')$$),
+    ('memberships', 7, 'cancellation_requested_on', $$ironwod.j_date(p, 'cancellation_requested_on')$$),
+    ('memberships', 8, 'does_expire', $$ironwod.j_bool(p, 'does_membership_expire')$$),
+    ('memberships', 9, 'is_auto_renew', $$ironwod.j_bool(ironwod.j_plan(p), 'is_auto_renew')$$),
+    ('memberships', 10, 'price', $$ironwod.j_num(ironwod.j_plan(p), 'price')$$),
+    ('memberships', 11, 'billing_period_length', $$ironwod.j_num(ironwod.j_plan(p), 'billing_period_length')::integer$$),
+    ('memberships', 12, 'billing_period_unit', $$ironwod.j_text(ironwod.j_plan(p), 'billing_period_unit')$$),
+    ('memberships', 13, 'location_id', $$ironwod.j_id(p, 'location_id')$$),
     ('memberships', 14, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
     -- Wodify's is_deleted is a soft delete: at the version's update time, by the run that landed it
     ('memberships', 15, 'deleted_at',
-     $$CASE WHEN (p ->> 'is_deleted')::boolean THEN coalesce(l.source_updated_at, l.ingested_at) END$$),
-    ('memberships', 16, 'deleted_by_run', $$CASE WHEN (p ->> 'is_deleted')::boolean THEN l.ingest_run_id END$$),
+     $$CASE WHEN ironwod.j_bool(p, 'is_deleted') THEN coalesce(l.source_updated_at, l.ingested_at) END$$),
+    ('memberships', 16, 'deleted_by_run', $$CASE WHEN ironwod.j_bool(p, 'is_deleted') THEN l.ingest_run_id END$$),
     ('memberships', 17, 'program_ids', $$ironwod.j_ids(p -> 'programs', 'program_id')$$),
-    ('membership_holds', 1, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
-    ('membership_holds', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
-    ('membership_holds', 3, 'hold_start_date', $$ironwod.j_date(p ->> 'hold_start_date')$$),
-    ('membership_holds', 4, 'hold_end_date', $$ironwod.j_date(p ->> 'hold_end_date')$$),
-    ('membership_holds', 5, 'hold_reason', $$ironwod.j_text(p ->> 'hold_reason')$$),
-    ('class_signins', 1, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
-    ('class_signins', 2, 'class_id', $$ironwod.j_id(p -> 'class_id')$$),
-    ('class_signins', 3, 'class_start_at', $$ironwod.parse_ts(p ->> 'utc_class_start_datetime')$$),
-    ('class_signins', 4, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
-    ('class_signins', 5, 'program_id', $$ironwod.j_id(p -> 'program_id')$$),
-    ('class_signins', 6, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
-    ('class_signins', 7, 'is_drop_in', $$(p ->> 'is_drop_in')::boolean$$),
-    ('invoices', 1, 'invoice_number', $$ironwod.j_text(p ->> 'invoice_number')$$),
-    ('invoices', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
-    ('invoices', 3, 'membership_id', $$ironwod.j_id(p -> 'membership_id')$$),
-    ('invoices', 4, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
-    ('invoices', 5, 'status', $$ironwod.j_text(p ->> 'invoice_header_status')$$),
-    ('invoices', 6, 'due_date', $$ironwod.j_date(p ->> 'payment_due')$$),
-    ('invoices', 7, 'paid_on', $$ironwod.j_date(p ->> 'paid_on_date')$$),
-    ('invoices', 8, 'amount', $$ironwod.j_num(p -> 'final_charge')$$),
+    ('membership_holds', 1, 'membership_id', $$ironwod.j_id(p, 'membership_id')$$),
+    ('membership_holds', 2, 'member_id', $$ironwod.j_id(p, 'client_id')$$),
+    ('membership_holds', 3, 'hold_start_date', $$ironwod.j_date(p, 'hold_start_date')$$),
+    ('membership_holds', 4, 'hold_end_date', $$ironwod.j_date(p, 'hold_end_date')$$),
+    ('membership_holds', 5, 'hold_reason', $$ironwod.j_text(p, 'hold_reason')$$),
+    ('class_signins', 1, 'member_id', $$ironwod.j_id(p, 'client_id')$$),
+    ('class_signins', 2, 'class_id', $$ironwod.j_id(p, 'class_id')$$),
+    ('class_signins', 3, 'class_start_at', $$ironwod.j_ts(p, 'utc_class_start_datetime')$$),
+    ('class_signins', 4, 'location_id', $$ironwod.j_id(p, 'location_id')$$),
+    ('class_signins', 5, 'program_id', $$ironwod.j_id(p, 'program_id')$$),
+    ('class_signins', 6, 'membership_id', $$ironwod.j_id(p, 'membership_id')$$),
+    ('class_signins', 7, 'is_drop_in', $$ironwod.j_bool(p, 'is_drop_in')$$),
+    ('invoices', 1, 'invoice_number', $$ironwod.j_text(p, 'invoice_number')$$),
+    ('invoices', 2, 'member_id', $$ironwod.j_id(p, 'client_id')$$),
+    ('invoices', 3, 'membership_id', $$ironwod.j_id(p, 'membership_id')$$),
+    ('invoices', 4, 'location_id', $$ironwod.j_id(p, 'location_id')$$),
+    ('invoices', 5, 'status', $$ironwod.j_text(p, 'invoice_header_status')$$),
+    ('invoices', 6, 'due_date', $$ironwod.j_date(p, 'payment_due')$$),
+    ('invoices', 7, 'paid_on', $$ironwod.j_date(p, 'paid_on_date')$$),
+    ('invoices', 8, 'amount', $$ironwod.j_num(p, 'final_charge')$$),
     ('invoices', 9, 'created_at', $$ironwod.parse_ts(p #>> '{created,created_on_datetime}')$$),
-    ('transactions', 1, 'invoice_id', $$ironwod.j_id(p -> 'invoice_id')$$),
-    ('transactions', 2, 'member_id', $$ironwod.j_id(p -> 'client_id')$$),
-    ('transactions', 3, 'location_id', $$ironwod.j_id(p -> 'location_id')$$),
-    ('transactions', 4, 'processed_at', $$ironwod.parse_ts(p ->> 'transaction_date_time')$$),
-    ('transactions', 5, 'amount', $$ironwod.j_num(p -> 'amount')$$),
-    ('transactions', 6, 'transaction_type', $$ironwod.j_text(p ->> 'transaction_type')$$),
-    ('transactions', 7, 'payment_method', $$ironwod.j_text(p ->> 'payment_method')$$)
+    ('transactions', 1, 'invoice_id', $$ironwod.j_id(p, 'invoice_id')$$),
+    ('transactions', 2, 'member_id', $$ironwod.j_id(p, 'client_id')$$),
+    ('transactions', 3, 'location_id', $$ironwod.j_id(p, 'location_id')$$),
+    ('transactions', 4, 'processed_at', $$ironwod.j_ts(p, 'transaction_date_time')$$),
+    ('transactions', 5, 'amount', $$ironwod.j_num(p, 'amount')$$),
+    ('transactions', 6, 'transaction_type', $$ironwod.j_text(p, 'transaction_type')$$),
+    ('transactions', 7, 'payment_method', $$ironwod.j_text(p, 'payment_method')$$)
 ) AS x(entity, ord, col, expr);
 
 -- Install-time check: every canonical column is either common lineage or mapped.
@@ -734,7 +763,8 @@ $$;
 COMMENT ON FUNCTION ironwod.transform_all() IS 'Rebuild the canonical rows of every record of the current scope from raw (used by replay)';
 
 GRANT EXECUTE ON FUNCTION ironwod.j_date(text), ironwod.j_id(jsonb), ironwod.j_num(jsonb), ironwod.j_text(text),
-    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean, boolean, boolean),
+    ironwod.j_plan(jsonb), ironwod.j_ids(jsonb, text), ironwod.j_id(jsonb, text), ironwod.j_num(jsonb, text),
+    ironwod.j_ts(jsonb, text), ironwod.j_date(jsonb, text), ironwod.j_text(jsonb, text), ironwod.j_bool(jsonb, text), ironwod.gym_time_zone(uuid, uuid), ironwod.transform_sql(text, boolean, boolean, boolean),
     ironwod.transform_records(bigint), ironwod.note_dirty(uuid, uuid, bigint, text, date, integer, bigint[]),
     ironwod.analyze_if_stale(name, bigint), ironwod.transform_run(bigint), ironwod.transform_all()
     TO ironwod_worker;
