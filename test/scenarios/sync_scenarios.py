@@ -399,25 +399,43 @@ def unknown_scenario(gym, entity, refused):
               f"dashboard {bn} rows, {bcol} with {col}; explain: {explained}")
 
 
+def until(cond, deadline, alive=lambda: True):
+    """Wait on a condition: True once cond() holds, False when the deadline (a bound
+    for a broken run, not a pace) passes or alive() stops holding first."""
+    while time.time() < deadline and alive():
+        if cond():
+            return True
+        time.sleep(0.05)          # the poll interval; nothing asserts on elapsed time
+    return False
+
+
+def reconcile_held():
+    """Start a reconcile of the fault gym whose third request the simulator holds for
+    a few seconds; return the run and the scenario's deadline once it is held."""
+    sim("DELETE", "/_sim/faults")
+    fault(kind="slow", delay_s=5, after=2, count=1)
+    run = one(FAULT, f"SELECT ironwod_sync('{FAULT[0]}', '{FAULT[1]}', 'reconcile')")
+    deadline = time.time() + 300          # a bound for a broken run, not a pace
+    until(fault_fired, deadline)
+    return run, deadline
+
+
+def worker_gone(run, deadline):
+    """Wait until the run's worker has exited; True when it has."""
+    return until(lambda: not psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}"), deadline)
+
 def pause_scenario(reference):
     """ironwod_pause stops a running run at its next page, and nothing lands after the
     pause; ironwod_sync refuses the paused gym; ironwod_resume lets it sync again.  The
     simulator holds the run's third request for a few seconds, so the pause finds the
     run running; however slow the machine, no page may land once the pause committed."""
-    sim("DELETE", "/_sim/faults")
-    fault(kind="slow", delay_s=5, after=2, count=1)
     before = sim_outcomes()
-    run = one(FAULT, f"SELECT ironwod_sync('{FAULT[0]}', '{FAULT[1]}', 'reconcile')")
-    deadline = time.time() + 300          # a bound for a broken run, not a pace
-    while not fault_fired() and time.time() < deadline:
-        time.sleep(0.05)
+    run, deadline = reconcile_held()
     paused = one(FAULT, f"SELECT ironwod_pause('{FAULT[0]}', '{FAULT[1]}')")
     pages = one(FAULT, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities WHERE run_id = {run}")
-    while psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}") and time.time() < deadline:
-        time.sleep(0.05)
+    gone = worker_gone(run, deadline)
     row = one(FAULT, f"SELECT status || ',' || last_error || ',' || (SELECT coalesce(sum(pages), 0) "
                      f"FROM ironwod.sync_run_entities WHERE run_id = {run}) FROM ironwod.sync_runs WHERE run_id = {run}")
-    gone = not psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}")
     check(paused == "paused" and row == f"cancelled,paused,{pages}" and gone,
           "pause: the running run is cancelled, its worker stops at the next page, nothing lands after",
           f"{paused} {row} (pages at the pause: {pages}) worker gone: {gone}")
@@ -443,12 +461,7 @@ def pause_in_flight_scenario(reference):
     run while a session of ours locks the run's pending units, so the worker stops
     inside the transaction of the unit's last page (unit_landed) until the pause is
     seen waiting for it; then the units are let go."""
-    sim("DELETE", "/_sim/faults")
-    fault(kind="slow", delay_s=5, after=2, count=1)
-    run = one(FAULT, f"SELECT ironwod_sync('{FAULT[0]}', '{FAULT[1]}', 'reconcile')")
-    deadline = time.time() + 300          # a bound for a broken run, not a pace
-    while not fault_fired() and time.time() < deadline:
-        time.sleep(0.05)
+    run, deadline = reconcile_held()
     env = dict(os.environ)
     # An error when no unit is left pending: psql stops, and the checks below say
     # so.  The scope as values, so that on Citus the FOR UPDATE routes to one shard.
@@ -481,12 +494,7 @@ def pause_in_flight_scenario(reference):
             return psql(f"SELECT 1 FROM citus_lock_waits WHERE waiting_gpid % 10000000000 = {pid_of(app)}")
         return psql(f"SELECT 1 WHERE cardinality(pg_blocking_pids({pid_of(app)})) > 0")
 
-    held = False
-    while time.time() < deadline and locker.poll() is None:
-        if blocks("iw_unit_locker"):
-            held = True
-            break
-        time.sleep(0.05)
+    held = until(lambda: blocks("iw_unit_locker"), deadline, alive=lambda: locker.poll() is None)
     pauser = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(env, PGAPPNAME="iw_pauser"))
@@ -494,12 +502,7 @@ def pause_in_flight_scenario(reference):
                        f"SELECT ironwod_pause('{FAULT[0]}', '{FAULT[1]}'); COMMIT;\n")
     pauser.stdin.close()
     # the pause waits for the page, or (the bug) is done before the page commits
-    paused_waiting = False
-    while held and time.time() < deadline and pauser.poll() is None:
-        if waits("iw_pauser"):
-            paused_waiting = True
-            break
-        time.sleep(0.05)
+    paused_waiting = held and until(lambda: waits("iw_pauser"), deadline, alive=lambda: pauser.poll() is None)
     if locker.poll() is None:
         locker.stdin.write("COMMIT;\n")
         locker.stdin.close()
@@ -507,8 +510,7 @@ def pause_in_flight_scenario(reference):
     pauser.wait(timeout=300)
     paused = ([line for line in pauser.stdout.read().splitlines() if line] or [""])[-1]
     pages = one(FAULT, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities WHERE run_id = {run}")
-    while psql(f"SELECT 1 FROM ironwod.worker_status() WHERE run_id = {run}") and time.time() < deadline:
-        time.sleep(0.05)
+    worker_gone(run, deadline)
     row = one(FAULT, f"SELECT status || ',' || last_error || ',' || (SELECT coalesce(sum(pages), 0) "
                      f"FROM ironwod.sync_run_entities WHERE run_id = {run}) FROM ironwod.sync_runs WHERE run_id = {run}")
     check(held and paused_waiting and paused == "paused" and row == f"cancelled,paused,{pages}",
