@@ -13,6 +13,10 @@
 -- statements unnest the page's arrays in the select list (no tuplestore copy
 -- of the payloads).
 --
+-- ironwod.scope_tenant() and ironwod.scope_gym() are C functions returning the
+-- uuid the scope GUC was parsed into when it was set (every RLS policy's WITH
+-- CHECK calls both for each row a statement writes).
+--
 -- Program breakdowns (issue 9, metrics.md §2.5): memberships gain program_ids,
 -- the programs each one gives access to (wodify-api.md §11), mapped from the raw
 -- payload by ironwod.j_ids.  The update fills it for the memberships 1.0 already
@@ -3482,3 +3486,12 @@ UPDATE ironwod.canonical_columns c
  WHERE c.entity = n.entity AND c.ord = n.ord
    AND (to_jsonb(c) - 'installed_definition') = c.installed_definition;
 SELECT ironwod.track_install_rows('ironwod.canonical_columns');
+
+-- ---- the scope readers in C (src/ironwod.c) -----------------------------------
+-- Every RLS policy's WITH CHECK calls both for each row a statement writes; the C
+-- readers return the uuid the scope GUC was parsed into when it was set.
+
+CREATE OR REPLACE FUNCTION ironwod.scope_tenant() RETURNS uuid
+LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_tenant_uuid';
+CREATE OR REPLACE FUNCTION ironwod.scope_gym() RETURNS uuid
+LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_gym_uuid';

@@ -3,7 +3,9 @@
  * ironwod.c
  *	  Module entry point: refuses to load unless preloaded, defines every
  *	  ironwod.* GUC, installs the shared memory and log hooks, and registers
- *	  the launcher background worker.
+ *	  the launcher background worker.  Also the readers of the scope GUCs
+ *	  (ironwod.scope_tenant() and ironwod.scope_gym()), which every RLS
+ *	  policy calls.
  *
  *-------------------------------------------------------------------------
  */
@@ -13,6 +15,7 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/uuid.h"
 
 PG_MODULE_MAGIC;
 
@@ -63,8 +66,60 @@ static char *ironwod_scope_tenant = NULL;
 static char *ironwod_scope_gym = NULL;
 
 /*
- * The scope GUCs must hold a uuid or nothing: RLS policies cast them, and a
- * malformed value would otherwise surface as a cast error deep inside a query.
+ * The scope GUCs' values as uuids, parsed once when each is set (the GUC's
+ * "extra", installed by assign_scope_uuid); NULL when the value is empty or
+ * is not one uuid_in reads.
+ */
+static pg_uuid_t *scope_tenant_uuid = NULL;
+static pg_uuid_t *scope_gym_uuid = NULL;
+
+PG_FUNCTION_INFO_V1(ironwod_scope_tenant_uuid);
+PG_FUNCTION_INFO_V1(ironwod_scope_gym_uuid);
+
+static inline int
+hex_digit(char c)
+{
+	return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/*
+ * A uuid as uuid_in reads it (PostgreSQL 15's string_to_uuid: 32 hex digits,
+ * optionally in braces, a hyphen allowed after any group of four), or false.
+ */
+static bool
+parse_uuid(const char *src, pg_uuid_t *uuid)
+{
+	bool		braces = false;
+	int			i;
+
+	if (src[0] == '{')
+	{
+		src++;
+		braces = true;
+	}
+	for (i = 0; i < UUID_LEN; i++)
+	{
+		if (!isxdigit((unsigned char) src[0]) || !isxdigit((unsigned char) src[1]))
+			return false;
+		uuid->data[i] = (unsigned char) (hex_digit(src[0]) << 4 | hex_digit(src[1]));
+		src += 2;
+		if (src[0] == '-' && (i % 2) == 1 && i < UUID_LEN - 1)
+			src++;
+	}
+	if (braces)
+	{
+		if (*src != '}')
+			return false;
+		src++;
+	}
+	return *src == '\0';
+}
+
+/*
+ * The scope GUCs must hold a uuid or nothing: RLS policies compare rows with
+ * them, and a malformed value would otherwise surface as a cast error deep
+ * inside a query.  A valid value is parsed here, once, into the setting's
+ * extra: the policies read it for every row a scoped statement writes.
  */
 static bool
 check_scope_uuid(char **newval, void **extra, GucSource source)
@@ -72,6 +127,7 @@ check_scope_uuid(char **newval, void **extra, GucSource source)
 	const char *s = *newval;
 	int			i;
 	int			digits = 0;
+	pg_uuid_t	uuid;
 
 	if (s == NULL || s[0] == '\0')
 		return true;
@@ -83,11 +139,77 @@ check_scope_uuid(char **newval, void **extra, GucSource source)
 			break;
 	}
 	if (s[i] == '\0' && digits == 32)
+	{
+		/*
+		 * A value with its digits in a shape uuid_in refuses ("{" without
+		 * "}") is let through without an extra, as it always was: the scope
+		 * readers raise uuid_in's error for it.
+		 */
+		if (parse_uuid(s, &uuid))
+		{
+			/* a GUC's extra is malloc'd (PostgreSQL 15's guc.c frees it) */
+			*extra = malloc(sizeof(pg_uuid_t));
+			if (*extra == NULL)
+			{
+				GUC_check_errcode(ERRCODE_OUT_OF_MEMORY);
+				GUC_check_errmsg("out of memory");
+				return false;
+			}
+			memcpy(*extra, &uuid, sizeof(pg_uuid_t));
+		}
 		return true;
+	}
 	GUC_check_errcode(ERRCODE_INVALID_TEXT_REPRESENTATION);
 	GUC_check_errmsg("invalid ironwod scope value \"%s\"", s);
 	GUC_check_errhint("Use ironwod_set_scope(tenant uuid, gym uuid).");
 	return false;
+}
+
+/* The GUC machinery installs (and on rollback restores) a value and its extra together. */
+static void
+assign_scope_tenant(const char *newval, void *extra)
+{
+	scope_tenant_uuid = (pg_uuid_t *) extra;
+}
+
+static void
+assign_scope_gym(const char *newval, void *extra)
+{
+	scope_gym_uuid = (pg_uuid_t *) extra;
+}
+
+/*
+ * ironwod.scope_tenant() and ironwod.scope_gym(): the scope GUC as a uuid,
+ * NULL when it is empty (no scope).  They were
+ * NULLIF(current_setting(guc, true), '')::uuid, a GUC lookup and a uuid_in
+ * (sixteen strtoul calls) per call, and every RLS policy's WITH CHECK calls
+ * both for each row a statement writes: a fifth of a large backfill's class
+ * sign-in insert.  Now each returns the value parsed when the GUC was set.
+ */
+static Datum
+scope_value(const char *value, const pg_uuid_t *parsed, FunctionCallInfo fcinfo)
+{
+	pg_uuid_t  *result;
+
+	if (value == NULL || value[0] == '\0')
+		PG_RETURN_NULL();
+	if (parsed == NULL)
+		return DirectFunctionCall1(uuid_in, CStringGetDatum(value));
+	result = (pg_uuid_t *) palloc(sizeof(pg_uuid_t));
+	memcpy(result, parsed, sizeof(pg_uuid_t));
+	PG_RETURN_UUID_P(result);
+}
+
+Datum
+ironwod_scope_tenant_uuid(PG_FUNCTION_ARGS)
+{
+	return scope_value(ironwod_scope_tenant, scope_tenant_uuid, fcinfo);
+}
+
+Datum
+ironwod_scope_gym_uuid(PG_FUNCTION_ARGS)
+{
+	return scope_value(ironwod_scope_gym, scope_gym_uuid, fcinfo);
 }
 
 static void
@@ -252,11 +374,11 @@ define_gucs(void)
 	DefineCustomStringVariable("ironwod.tenant_id",
 							   "Tenant of the current scope; set it with ironwod_set_scope().",
 							   NULL, &ironwod_scope_tenant, "",
-							   PGC_USERSET, 0, check_scope_uuid, NULL, NULL);
+							   PGC_USERSET, 0, check_scope_uuid, assign_scope_tenant, NULL);
 	DefineCustomStringVariable("ironwod.gym_id",
 							   "Gym of the current scope; set it with ironwod_set_scope().",
 							   NULL, &ironwod_scope_gym, "",
-							   PGC_USERSET, 0, check_scope_uuid, NULL, NULL);
+							   PGC_USERSET, 0, check_scope_uuid, assign_scope_gym, NULL);
 	MarkGUCPrefixReserved("ironwod");
 }
 

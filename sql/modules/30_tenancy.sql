@@ -26,15 +26,17 @@ $$;
 COMMENT ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid) IS 'Scope the current transaction to one (tenant, gym); every ironwod read and write is limited to it';
 
 -- After a scoped transaction ends the GUC reads as '' rather than NULL; both mean
--- "no scope", which sees nothing.
+-- "no scope", which sees nothing.  In C (src/ironwod.c): each policy's WITH CHECK
+-- calls both for every row a statement writes, and as
+-- NULLIF(current_setting(guc, true), '')::uuid each call looked the setting up
+-- and parsed it again; the C readers return the uuid parsed once, when the
+-- setting was made.
 CREATE FUNCTION ironwod.scope_tenant() RETURNS uuid
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT NULLIF(current_setting('ironwod.tenant_id', true), '')::uuid $$;
+LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_tenant_uuid';
 COMMENT ON FUNCTION ironwod.scope_tenant() IS 'Tenant of the current scope, NULL when none is set';
 
 CREATE FUNCTION ironwod.scope_gym() RETURNS uuid
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT NULLIF(current_setting('ironwod.gym_id', true), '')::uuid $$;
+LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_gym_uuid';
 COMMENT ON FUNCTION ironwod.scope_gym() IS 'Gym of the current scope, NULL when none is set';
 
 -- A function's planner settings on the Citus nodes too.  A function's SET

@@ -1,7 +1,7 @@
 -- pgTAP: the schema contract of the brief and design.md §3, and the small SQL
 -- helpers the worker relies on.
 BEGIN;
-SELECT plan(56);
+SELECT plan(62);
 
 SELECT has_schema('ironwod');
 SELECT has_table('ironwod', t, 'table ironwod.' || t)
@@ -67,6 +67,30 @@ SELECT is(ironwod.backfill_since(),
 
 SELECT throws_ok($$SELECT ironwod_set_scope(NULL, NULL)$$, '22004', 'tenant and gym must not be null');
 SELECT throws_ok($$SET ironwod.tenant_id = 'not-a-uuid'$$, '22P02');
+
+-- The scope readers (C, the value parsed when it is set) give what
+-- NULLIF(current_setting(guc, true), '')::uuid gave: every form uuid_in reads, the
+-- value a rolled-back subtransaction restores, NULL without a scope, and uuid_in's
+-- error for digits in a shape it refuses.
+SELECT set_config('ironwod.tenant_id', '{B0B0B0B0-0000-4000-8000-00000000000A}', true),
+       set_config('ironwod.gym_id', 'b0b0b0b000004000800000000000000b', true);
+SELECT is(ironwod.scope_tenant(), 'b0b0b0b0-0000-4000-8000-00000000000a'::uuid, 'scope_tenant() reads a braced, upper-case uuid');
+SELECT is(ironwod.scope_gym(), 'b0b0b0b0-0000-4000-8000-00000000000b'::uuid, 'scope_gym() reads a uuid without hyphens');
+SAVEPOINT scope;
+SELECT ironwod_set_scope('b0b0b0b0-0000-4000-8000-0000000000c1', 'b0b0b0b0-0000-4000-8000-0000000000c2');
+SELECT is(ARRAY[ironwod.scope_tenant(), ironwod.scope_gym()],
+          '{b0b0b0b0-0000-4000-8000-0000000000c1,b0b0b0b0-0000-4000-8000-0000000000c2}'::uuid[],
+          'the scope readers follow ironwod_set_scope');
+ROLLBACK TO SAVEPOINT scope;
+SELECT is(ARRAY[ironwod.scope_tenant(), ironwod.scope_gym()],
+          '{b0b0b0b0-0000-4000-8000-00000000000a,b0b0b0b0-0000-4000-8000-00000000000b}'::uuid[],
+          'a rolled-back scope gives the one before back');
+SELECT set_config('ironwod.tenant_id', '', true);
+SELECT is(ironwod.scope_tenant(), NULL, 'no scope: scope_tenant() is NULL');
+SELECT set_config('ironwod.gym_id', '{b0b0b0b0-0000-4000-8000-00000000000b', true);
+SELECT throws_ok($$SELECT ironwod.scope_gym()$$, '22P02', 'invalid input syntax for type uuid: "{b0b0b0b0-0000-4000-8000-00000000000b"',
+                 'digits in a shape uuid_in refuses: its error, as before');
+SELECT set_config('ironwod.gym_id', '', true);
 
 -- ironwod.distribute() is for admins only; without Citus it says what is missing,
 -- and on the Citus coordinator of make test-citus, where everything is distributed
