@@ -482,11 +482,18 @@ CREATE OR REPLACE FUNCTION ironwod.latest_raw_versions(p_entity text, p_tenant_i
 RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb,
                ingest_run_id bigint, last_seen_run_id bigint)
 LANGUAGE plpgsql STABLE
+SET enable_sort = off
 AS $$
 DECLARE
     v_lo bigint;
     v_hi bigint;
 BEGIN
+    -- Read in the order of the raw table's unique (wodify_id, payload_hash)
+    -- index, each record's few versions put in version order by an incremental
+    -- sort: linear in the rows whatever the estimates.  The sort is the
+    -- subquery's ORDER BY because PostgreSQL 15 plans DISTINCT over a full sort
+    -- only; without enable_sort = off, on statistics that predate the gym, the
+    -- planner may sort the whole gym's versions (payloads included) instead.
     -- "= ANY", not a join with unnest($3): index probes for a few ids, one scan
     -- for a whole backfill's, linear either way.  A join is planned on the raw
     -- table's estimate for the gym, which is one row while its statistics predate
@@ -496,11 +503,14 @@ BEGIN
         SELECT min(i), max(i) INTO v_lo, v_hi FROM unnest(p_ids) AS i;
     END IF;
     RETURN QUERY EXECUTE format(
-        'SELECT DISTINCT ON (r.wodify_id) r.wodify_id, r.raw_id, r.payload_hash, %s,
-                r.ingest_run_id, r.last_seen_run_id
-         FROM ironwod.%I r
-         WHERE r.tenant_id = $1 AND r.gym_id = $2 %s
-         ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC',
+        'SELECT DISTINCT ON (v.wodify_id) v.wodify_id, v.raw_id, v.payload_hash, v.payload_json,
+                v.ingest_run_id, v.last_seen_run_id
+         FROM (SELECT r.wodify_id, r.raw_id, r.payload_hash, %s AS payload_json, r.ingest_run_id,
+                      r.last_seen_run_id, r.source_updated_at
+               FROM ironwod.%I r
+               WHERE r.tenant_id = $1 AND r.gym_id = $2 %s
+               ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) v
+         ORDER BY v.wodify_id, v.source_updated_at DESC NULLS LAST, v.raw_id DESC',
         CASE WHEN p_payload THEN 'r.payload_json' ELSE 'NULL::jsonb' END,
         (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
         CASE WHEN p_ids IS NOT NULL THEN 'AND r.wodify_id = ANY ($3) AND r.wodify_id BETWEEN $4 AND $5' ELSE '' END)
@@ -547,10 +557,11 @@ BEGIN
         WITH up AS (
             INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
             SELECT l.tenant_id, l.gym_id, l.wodify_id, %4$s
-            FROM (SELECT DISTINCT ON (r.wodify_id) r.*
-                  FROM ironwod.%2$I r
-                  WHERE r.tenant_id = $1 AND r.gym_id = $2
-                  ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
+            FROM (SELECT DISTINCT ON (v.wodify_id) v.*
+                  FROM (SELECT r.* FROM ironwod.%2$I r
+                        WHERE r.tenant_id = $1 AND r.gym_id = $2
+                        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) v
+                  ORDER BY v.wodify_id, v.source_updated_at DESC NULLS LAST, v.raw_id DESC) l,
                  LATERAL (SELECT l.payload_json AS p) x
             WHERE $4 IS NULL OR l.ingest_run_id = ANY ($4)
             RETURNING 1
@@ -771,7 +782,7 @@ BEGIN
         -- A gym without rows in the canonical table (a backfill, a replay): one
         -- plain insert of every record's latest version, read in one pass over
         -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
-        -- the pass reads the gym's range of the "latest version" index whatever
+        -- the pass reads the gym's range of the (wodify_id, payload_hash) index whatever
         -- the estimates, and the gym's new canonical rows plan nothing here.
         -- The gym's first rows of an entity change every month for everyone a
         -- metric reads them for: noted as such (from 0001-01-01, people not
@@ -3495,3 +3506,24 @@ CREATE OR REPLACE FUNCTION ironwod.scope_tenant() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_tenant_uuid';
 CREATE OR REPLACE FUNCTION ironwod.scope_gym() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_gym_uuid';
+
+-- The raw tables' "latest version" index (tenant_id, gym_id, wodify_id,
+-- source_updated_at DESC NULLS LAST, raw_id DESC) goes: the readers of the
+-- latest version take each record's versions from the (wodify_id, payload_hash)
+-- unique constraint and order those few by an incremental sort, and landing
+-- saves an index insertion per row.
+DO $idx$
+DECLARE
+    i regclass;
+BEGIN
+    FOR i IN SELECT x.indexrelid::regclass
+             FROM ironwod.entities e
+             JOIN pg_index x ON x.indrelid = ('ironwod.' || quote_ident(e.raw_table))::regclass
+             WHERE (SELECT array_agg(a.attname::text ORDER BY k.n)
+                    FROM unnest(x.indkey) WITH ORDINALITY k(attnum, n)
+                    JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum)
+                   = ARRAY['tenant_id', 'gym_id', 'wodify_id', 'source_updated_at', 'raw_id'] LOOP
+        EXECUTE format('DROP INDEX %s', i);
+    END LOOP;
+END
+$idx$;

@@ -63,11 +63,18 @@ CREATE FUNCTION ironwod.latest_raw_versions(p_entity text, p_tenant_id uuid, p_g
 RETURNS TABLE (wodify_id bigint, raw_id bigint, payload_hash bytea, payload_json jsonb,
                ingest_run_id bigint, last_seen_run_id bigint)
 LANGUAGE plpgsql STABLE
+SET enable_sort = off
 AS $$
 DECLARE
     v_lo bigint;
     v_hi bigint;
 BEGIN
+    -- Read in the order of the raw table's unique (wodify_id, payload_hash)
+    -- index, each record's few versions put in version order by an incremental
+    -- sort: linear in the rows whatever the estimates.  The sort is the
+    -- subquery's ORDER BY because PostgreSQL 15 plans DISTINCT over a full sort
+    -- only; without enable_sort = off, on statistics that predate the gym, the
+    -- planner may sort the whole gym's versions (payloads included) instead.
     -- "= ANY", not a join with unnest($3): index probes for a few ids, one scan
     -- for a whole backfill's, linear either way.  A join is planned on the raw
     -- table's estimate for the gym, which is one row while its statistics predate
@@ -77,11 +84,14 @@ BEGIN
         SELECT min(i), max(i) INTO v_lo, v_hi FROM unnest(p_ids) AS i;
     END IF;
     RETURN QUERY EXECUTE format(
-        'SELECT DISTINCT ON (r.wodify_id) r.wodify_id, r.raw_id, r.payload_hash, %s,
-                r.ingest_run_id, r.last_seen_run_id
-         FROM ironwod.%I r
-         WHERE r.tenant_id = $1 AND r.gym_id = $2 %s
-         ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC',
+        'SELECT DISTINCT ON (v.wodify_id) v.wodify_id, v.raw_id, v.payload_hash, v.payload_json,
+                v.ingest_run_id, v.last_seen_run_id
+         FROM (SELECT r.wodify_id, r.raw_id, r.payload_hash, %s AS payload_json, r.ingest_run_id,
+                      r.last_seen_run_id, r.source_updated_at
+               FROM ironwod.%I r
+               WHERE r.tenant_id = $1 AND r.gym_id = $2 %s
+               ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) v
+         ORDER BY v.wodify_id, v.source_updated_at DESC NULLS LAST, v.raw_id DESC',
         CASE WHEN p_payload THEN 'r.payload_json' ELSE 'NULL::jsonb' END,
         (SELECT e.raw_table FROM ironwod.entities e WHERE e.entity = p_entity),
         CASE WHEN p_ids IS NOT NULL THEN 'AND r.wodify_id = ANY ($3) AND r.wodify_id BETWEEN $4 AND $5' ELSE '' END)

@@ -319,11 +319,13 @@ $check$;
 -- With p_gym (and without p_upsert: the gym has no canonical row of the entity)
 -- the statement reads no list of records but the latest version of every record
 -- of the gym, where one of the runs $4 landed it (every record when $4 is NULL):
--- one pass over the gym's range of the raw table's "latest version" index, which
--- yields the versions in DISTINCT ON's order, so there is no sort and no array
--- of ids to plan.  That plan holds whatever the estimates because
--- transform_records runs with enable_seqscan and enable_sort off: on statistics
--- that predate the gym the planner chose a bitmap scan and a sort.  The runs are
+-- one pass over the gym's range of the raw table's unique (wodify_id,
+-- payload_hash) index, which yields each record's versions together, and an
+-- incremental sort that puts those few in version order (no full sort, no
+-- array of ids to plan).  That plan holds whatever the estimates because
+-- transform_records runs with enable_seqscan and enable_sort off (which leaves
+-- incremental sorts allowed): on statistics that predate the gym the planner
+-- chose a bitmap scan and a sort.  The runs are
 -- tested on the latest versions, outside the DISTINCT ON: a condition on them
 -- inside offered the planner an index on the runs (dropped in 1.1), and with it
 -- a sort of every payload of the gym.  It tracks no change: a gym's first rows
@@ -372,10 +374,11 @@ BEGIN
         WITH up AS (
             INSERT INTO ironwod.%1$I AS c (tenant_id, gym_id, %3$I, %5$s)
             SELECT l.tenant_id, l.gym_id, l.wodify_id, %4$s
-            FROM (SELECT DISTINCT ON (r.wodify_id) r.*
-                  FROM ironwod.%2$I r
-                  WHERE r.tenant_id = $1 AND r.gym_id = $2
-                  ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) l,
+            FROM (SELECT DISTINCT ON (v.wodify_id) v.*
+                  FROM (SELECT r.* FROM ironwod.%2$I r
+                        WHERE r.tenant_id = $1 AND r.gym_id = $2
+                        ORDER BY r.wodify_id, r.source_updated_at DESC NULLS LAST, r.raw_id DESC) v
+                  ORDER BY v.wodify_id, v.source_updated_at DESC NULLS LAST, v.raw_id DESC) l,
                  LATERAL (SELECT l.payload_json AS p) x
             WHERE $4 IS NULL OR l.ingest_run_id = ANY ($4)
             RETURNING 1
@@ -541,8 +544,9 @@ COMMENT ON FUNCTION ironwod.analyze_if_stale(name, bigint) IS 'Worker: ANALYZE a
 -- analyzed here (an ANALYZE of them cost a tenth of a backfill's transform);
 -- autovacuum keeps them for the metrics refresh.
 --
--- No sorts where an index gives the order: the whole-gym insert's DISTINCT ON
--- reads the "latest version" index in its order, but on a raw table whose
+-- No full sorts where an index gives the order: the whole-gym insert's DISTINCT
+-- ON reads the unique (wodify_id, payload_hash) index in its order and sorts
+-- only each record's versions (an incremental sort), but on a raw table whose
 -- statistics predate the gym's rows (every backfill: the rows were landed
 -- seconds ago) the planner estimates a few rows and may prefer a bitmap scan
 -- of an index led by (tenant_id, gym_id) and a sort: for a medium gym's 39,897
@@ -666,7 +670,7 @@ BEGIN
         -- A gym without rows in the canonical table (a backfill, a replay): one
         -- plain insert of every record's latest version, read in one pass over
         -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
-        -- the pass reads the gym's range of the "latest version" index whatever
+        -- the pass reads the gym's range of the (wodify_id, payload_hash) index whatever
         -- the estimates, and the gym's new canonical rows plan nothing here.
         -- The gym's first rows of an entity change every month for everyone a
         -- metric reads them for: noted as such (from 0001-01-01, people not
