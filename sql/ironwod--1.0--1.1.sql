@@ -2748,6 +2748,13 @@ GRANT SELECT, INSERT, UPDATE ON ironwod.transform_cursors TO ironwod_worker;
 GRANT SELECT ON ironwod.transform_cursors TO ironwod_app, ironwod_admin;
 SELECT ironwod.register_config_dump();
 
+-- Two of the raw tables' 1.0 indexes go, found by their columns (their names are
+-- PostgreSQL's): (tenant_id, gym_id, ingest_run_id), since the transforms read a
+-- run's new versions above transform_cursors by the primary key; and the "latest
+-- version" index (tenant_id, gym_id, wodify_id, source_updated_at DESC NULLS LAST,
+-- raw_id DESC), since its readers take each record's versions from the
+-- (wodify_id, payload_hash) unique constraint and order those few by an
+-- incremental sort.  Each cost landing an index insertion per row.
 DO $idx$
 DECLARE
     i regclass;
@@ -2758,7 +2765,8 @@ BEGIN
              WHERE (SELECT array_agg(a.attname::text ORDER BY k.n)
                     FROM unnest(x.indkey) WITH ORDINALITY k(attnum, n)
                     JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum)
-                   = ARRAY['tenant_id', 'gym_id', 'ingest_run_id'] LOOP
+                   IN (ARRAY['tenant_id', 'gym_id', 'ingest_run_id'],
+                       ARRAY['tenant_id', 'gym_id', 'wodify_id', 'source_updated_at', 'raw_id']) LOOP
         EXECUTE format('DROP INDEX %s', i);
     END LOOP;
 END
@@ -3506,24 +3514,3 @@ CREATE OR REPLACE FUNCTION ironwod.scope_tenant() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_tenant_uuid';
 CREATE OR REPLACE FUNCTION ironwod.scope_gym() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_gym_uuid';
-
--- The raw tables' "latest version" index (tenant_id, gym_id, wodify_id,
--- source_updated_at DESC NULLS LAST, raw_id DESC) goes: the readers of the
--- latest version take each record's versions from the (wodify_id, payload_hash)
--- unique constraint and order those few by an incremental sort, and landing
--- saves an index insertion per row.
-DO $idx$
-DECLARE
-    i regclass;
-BEGIN
-    FOR i IN SELECT x.indexrelid::regclass
-             FROM ironwod.entities e
-             JOIN pg_index x ON x.indrelid = ('ironwod.' || quote_ident(e.raw_table))::regclass
-             WHERE (SELECT array_agg(a.attname::text ORDER BY k.n)
-                    FROM unnest(x.indkey) WITH ORDINALITY k(attnum, n)
-                    JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum)
-                   = ARRAY['tenant_id', 'gym_id', 'wodify_id', 'source_updated_at', 'raw_id'] LOOP
-        EXECUTE format('DROP INDEX %s', i);
-    END LOOP;
-END
-$idx$;

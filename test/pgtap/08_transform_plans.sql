@@ -42,7 +42,8 @@ WHERE p.oid = 'ironwod.transform_records(bigint)'::regprocedure;
 SELECT ironwod_set_scope('f8000000-0000-0000-0000-000000000000', 'f8000000-0000-0000-0000-000000000001');
 SELECT ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
 
-CREATE FUNCTION pg_temp.plan_nodes(p_sql text) RETURNS text[]
+-- The plan of p_sql (EXPLAIN, FORMAT JSON) with the test gym's parameters.
+CREATE FUNCTION pg_temp.plan_json(p_sql text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
     v_plan jsonb;
@@ -50,19 +51,18 @@ BEGIN
     EXECUTE 'EXPLAIN (FORMAT JSON) ' || p_sql INTO v_plan
     USING 'f8000000-0000-0000-0000-000000000000'::uuid, 'f8000000-0000-0000-0000-000000000001'::uuid,
           'UTC'::text, NULL::bigint[];
-    RETURN ARRAY(SELECT jsonb_path_query(v_plan, 'strict $.**."Node Type"') #>> '{}');
+    RETURN v_plan;
 END $$;
+CREATE FUNCTION pg_temp.plan_nodes(p_sql text) RETURNS text[]
+LANGUAGE sql AS $$
+    SELECT ARRAY(SELECT jsonb_path_query(pg_temp.plan_json(p_sql), 'strict $.**."Node Type"') #>> '{}')
+$$;
 -- The presorted keys of the plan's incremental sort (NULL without one).
 CREATE FUNCTION pg_temp.presorted(p_sql text) RETURNS jsonb
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_plan jsonb;
-BEGIN
-    EXECUTE 'EXPLAIN (FORMAT JSON) ' || p_sql INTO v_plan
-    USING 'f8000000-0000-0000-0000-000000000000'::uuid, 'f8000000-0000-0000-0000-000000000001'::uuid,
-          'UTC'::text, NULL::bigint[];
-    RETURN jsonb_path_query_first(v_plan, 'strict $.** ? (@."Node Type" == "Incremental Sort")."Presorted Key"');
-END $$;
+LANGUAGE sql AS $$
+    SELECT jsonb_path_query_first(pg_temp.plan_json(p_sql),
+                                  'strict $.** ? (@."Node Type" == "Incremental Sort")."Presorted Key"')
+$$;
 
 CREATE FUNCTION pg_temp.planner_settings() RETURNS text LANGUAGE sql AS $$
     SELECT current_setting('enable_seqscan') || ',' || current_setting('enable_sort') || ',' || current_setting('jit')
