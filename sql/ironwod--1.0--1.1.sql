@@ -3349,6 +3349,13 @@ DECLARE
     v_skipped text[];
     e record;
 BEGIN
+    -- Lock order: the gym's connection row, then its run.  The page's
+    -- transaction (hold_connection, src/land.c) and ironwod_pause take them in
+    -- this order, so a path that took the run first (its UPDATE) and then the
+    -- connection could deadlock with them.  NO KEY UPDATE, as the UPDATEs of
+    -- the connection take: a run queued meanwhile (its foreign key) is not held up.
+    PERFORM 1 FROM ironwod.integrations_wodify_connection c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g FOR NO KEY UPDATE;
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = v_t AND r.gym_id = v_g;
     IF NOT FOUND THEN
@@ -3514,3 +3521,142 @@ CREATE OR REPLACE FUNCTION ironwod.scope_tenant() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_tenant_uuid';
 CREATE OR REPLACE FUNCTION ironwod.scope_gym() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_gym_uuid';
+
+-- claim_run and fail_run lock the connection before the run, the order every
+-- other path takes (a pause, a page in flight), so the two cannot deadlock.
+CREATE OR REPLACE FUNCTION ironwod.claim_run(p_run_id bigint, p_pid integer)
+RETURNS TABLE (mode text, api_key_ciphertext bytea, master_key_id text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- The scope as values, so every statement routes to the tenant's shard on
+    -- Citus (the FOR SHARE must).
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_mode text;
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    -- Lock order: the gym's connection row, then its run.  The page's
+    -- transaction (hold_connection, src/land.c) and ironwod_pause take them in
+    -- this order, so a path that took the run first (its UPDATE) and then the
+    -- connection could deadlock with them.  NO KEY UPDATE, as the UPDATEs of
+    -- the connection take: a run queued meanwhile (its foreign key) is not held up.
+    PERFORM 1 FROM ironwod.integrations_wodify_connection c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g FOR NO KEY UPDATE;
+    -- A paused gym starts nothing, even a run queued by a call that raced the pause.
+    IF EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
+               WHERE c.tenant_id = v_t AND c.gym_id = v_g
+                 AND c.status = 'paused') THEN
+        UPDATE ironwod.sync_runs r
+           SET status = 'cancelled', finished_at = v_now, last_error = 'paused'
+         WHERE r.run_id = p_run_id AND r.status = 'queued'
+           AND r.tenant_id = v_t AND r.gym_id = v_g;
+        IF FOUND THEN
+            PERFORM ironwod.log_run(v_t, v_g, p_run_id);
+        END IF;
+        RETURN;
+    END IF;
+    UPDATE ironwod.sync_runs r
+       SET status = 'running', started_at = v_now, heartbeat_at = v_now,
+           worker_pid = p_pid, phase = 'fetch'
+     WHERE r.run_id = p_run_id AND r.status = 'queued' AND r.tenant_id = v_t AND r.gym_id = v_g
+    RETURNING r.mode INTO v_mode;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.started', NULL, jsonb_build_object('mode', v_mode));
+    -- A rotated key left waiting (its run ended without swapping it in) is
+    -- swapped in now, before this run takes a key.
+    PERFORM ironwod.apply_rotated_key(v_now);
+    -- The row is locked since the start, so a rotation that committed
+    -- meanwhile was waited for and is read here: no run claimed after a
+    -- rotation commits gets the old key.
+    RETURN QUERY
+        SELECT v_mode, c.api_key_ciphertext, c.master_key_id
+        FROM ironwod.integrations_wodify_connection c
+        WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.status <> 'disconnected'
+        FOR SHARE;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ironwod.fail_run(p_run_id bigint, p_code text, p_message text, p_phase text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- The scope as values, so every statement routes to the tenant's shard on
+    -- Citus (a FOR UPDATE must).
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_mode text;
+    v_threshold int := current_setting('ironwod.breaker_threshold')::int;
+    -- the master key command hangs, fails or prints garbage: every gym would
+    -- fail the same way until an operator fixes it, so retrying on the next
+    -- tick would only run it again and again
+    v_keystore boolean := p_code IN ('key_command_timeout', 'key_command_failed', 'key_command_output');
+    -- The failure time as a value: on Citus an UPDATE may carry no volatile
+    -- function, and no non-immutable one inside a CASE or COALESCE.
+    v_now timestamptz := clock_timestamp();
+    v_failures integer;
+    v_status text;
+    v_opened timestamptz;
+    v_retry timestamptz;
+BEGIN
+    -- Lock order: the gym's connection row, then its run.  The page's
+    -- transaction (hold_connection, src/land.c) and ironwod_pause (and the watchdog's
+    -- page in flight) take them in this order, so a path that took the run first (its UPDATE) and then the
+    -- connection could deadlock with them.  NO KEY UPDATE, as the UPDATEs of
+    -- the connection take: a run queued meanwhile (its foreign key) is not held up.
+    PERFORM 1 FROM ironwod.integrations_wodify_connection c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g FOR NO KEY UPDATE;
+    PERFORM ironwod.count_requests(p_run_id, v_now, NULL);
+    UPDATE ironwod.sync_runs r
+       SET status = CASE WHEN p_code = 'quota' THEN 'deferred' ELSE 'failed' END,
+           finished_at = v_now, error_code = p_code,
+           last_error = left(p_message, 500), failed_phase = p_phase, phase = NULL
+     WHERE r.tenant_id = v_t AND r.gym_id = v_g
+       AND r.run_id = p_run_id AND r.status IN ('running', 'queued')
+    RETURNING r.mode INTO v_mode;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- the run, which held the old key, is over: a rotated key takes its place
+    PERFORM ironwod.apply_rotated_key(v_now);
+    PERFORM ironwod.log_run(v_t, v_g, p_run_id);
+    IF p_code = 'quota' THEN
+        UPDATE ironwod.integrations_wodify_connection c
+           SET next_retry_at = (date_trunc('month', v_now AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC',
+               last_error_at = v_now, last_error = left(p_message, 500), last_error_code = p_code,
+               updated_at = v_now
+         WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+        PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.deferred', NULL,
+            jsonb_build_object('code', p_code, 'message', left(p_message, 500)));
+        RETURN;
+    END IF;
+
+    -- The breaker's next state computed from the row locked above, then
+    -- written as values: on Citus a CASE in an UPDATE may hold no
+    -- non-immutable expression, and timestamptz + interval is only stable.
+    SELECT c.consecutive_failures + 1, c.status, c.breaker_opened_at, c.next_retry_at
+    INTO v_failures, v_status, v_opened, v_retry
+    FROM ironwod.integrations_wodify_connection c
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+    IF p_code = 'auth' OR v_keystore OR v_failures >= v_threshold THEN
+        v_status := 'error';
+        v_opened := coalesce(v_opened, v_now);
+        v_retry := CASE WHEN p_code = 'auth' THEN NULL
+                        WHEN v_keystore
+                            THEN v_now + least(interval '24 hours', interval '5 minutes' * power(2, least(v_failures - 1, 10)))
+                        ELSE v_now + least(interval '24 hours', interval '1 hour' * power(2, v_failures - v_threshold)) END;
+    ELSE
+        v_opened := NULL;
+    END IF;
+    UPDATE ironwod.integrations_wodify_connection c
+       SET last_error_at = v_now, last_error = left(p_message, 500), last_error_code = p_code,
+           consecutive_failures = v_failures, status = v_status,
+           breaker_opened_at = v_opened, next_retry_at = v_retry, updated_at = v_now
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g;
+    PERFORM ironwod.emit_event(p_run_id, 'wodify.sync.failed', NULL,
+        jsonb_build_object('code', p_code, 'phase', p_phase, 'message', left(p_message, 500)));
+END
+$$;

@@ -145,6 +145,13 @@ DECLARE
     v_mode text;
     v_now timestamptz := clock_timestamp();
 BEGIN
+    -- Lock order: the gym's connection row, then its run.  The page's
+    -- transaction (hold_connection, src/land.c) and ironwod_pause take them in
+    -- this order, so a path that took the run first (its UPDATE) and then the
+    -- connection could deadlock with them.  NO KEY UPDATE, as the UPDATEs of
+    -- the connection take: a run queued meanwhile (its foreign key) is not held up.
+    PERFORM 1 FROM ironwod.integrations_wodify_connection c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g FOR NO KEY UPDATE;
     -- A paused gym starts nothing, even a run queued by a call that raced the pause.
     IF EXISTS (SELECT 1 FROM ironwod.integrations_wodify_connection c
                WHERE c.tenant_id = v_t AND c.gym_id = v_g
@@ -170,8 +177,9 @@ BEGIN
     -- A rotated key left waiting (its run ended without swapping it in) is
     -- swapped in now, before this run takes a key.
     PERFORM ironwod.apply_rotated_key(v_now);
-    -- FOR SHARE: a rotation committing meanwhile is waited for and read, so no
-    -- run claimed after a rotation commits gets the old key.
+    -- The row is locked since the start, so a rotation that committed
+    -- meanwhile was waited for and is read here: no run claimed after a
+    -- rotation commits gets the old key.
     RETURN QUERY
         SELECT v_mode, c.api_key_ciphertext, c.master_key_id
         FROM ironwod.integrations_wodify_connection c
@@ -1038,6 +1046,13 @@ DECLARE
     v_skipped text[];
     e record;
 BEGIN
+    -- Lock order: the gym's connection row, then its run.  The page's
+    -- transaction (hold_connection, src/land.c) and ironwod_pause take them in
+    -- this order, so a path that took the run first (its UPDATE) and then the
+    -- connection could deadlock with them.  NO KEY UPDATE, as the UPDATEs of
+    -- the connection take: a run queued meanwhile (its foreign key) is not held up.
+    PERFORM 1 FROM ironwod.integrations_wodify_connection c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g FOR NO KEY UPDATE;
     SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
      WHERE r.run_id = p_run_id AND r.status = 'running' AND r.tenant_id = v_t AND r.gym_id = v_g;
     IF NOT FOUND THEN
@@ -1158,6 +1173,13 @@ DECLARE
     v_opened timestamptz;
     v_retry timestamptz;
 BEGIN
+    -- Lock order: the gym's connection row, then its run.  The page's
+    -- transaction (hold_connection, src/land.c) and ironwod_pause (and the watchdog's
+    -- page in flight) take them in this order, so a path that took the run first (its UPDATE) and then the
+    -- connection could deadlock with them.  NO KEY UPDATE, as the UPDATEs of
+    -- the connection take: a run queued meanwhile (its foreign key) is not held up.
+    PERFORM 1 FROM ironwod.integrations_wodify_connection c
+     WHERE c.tenant_id = v_t AND c.gym_id = v_g FOR NO KEY UPDATE;
     PERFORM ironwod.count_requests(p_run_id, v_now, NULL);
     UPDATE ironwod.sync_runs r
        SET status = CASE WHEN p_code = 'quota' THEN 'deferred' ELSE 'failed' END,
@@ -1183,14 +1205,13 @@ BEGIN
         RETURN;
     END IF;
 
-    -- The breaker's next state computed from the locked row, then written as
-    -- values: on Citus a CASE in an UPDATE may hold no non-immutable expression,
-    -- and timestamptz + interval is only stable.
+    -- The breaker's next state computed from the row locked above, then
+    -- written as values: on Citus a CASE in an UPDATE may hold no
+    -- non-immutable expression, and timestamptz + interval is only stable.
     SELECT c.consecutive_failures + 1, c.status, c.breaker_opened_at, c.next_retry_at
     INTO v_failures, v_status, v_opened, v_retry
     FROM ironwod.integrations_wodify_connection c
-    WHERE c.tenant_id = v_t AND c.gym_id = v_g
-    FOR UPDATE;
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g;
     IF p_code = 'auth' OR v_keystore OR v_failures >= v_threshold THEN
         v_status := 'error';
         v_opened := coalesce(v_opened, v_now);

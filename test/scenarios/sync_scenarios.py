@@ -453,75 +453,124 @@ def pause_scenario(reference):
     same_data(FAULT, reference, "pause and resume: nothing lost, nothing duplicated")
 
 
+class PageHeld:
+    """The worker of a held reconcile (reconcile_held) stopped inside a page's
+    transaction: a session of ours locks the run's pending units, so the worker waits
+    in the transaction of a unit's last page (unit_landed), after it took the gym's
+    connection row (hold_connection), until release().  held says whether it got there."""
+
+    def __init__(self, run, deadline):
+        self.deadline = deadline
+        # An error when no unit is left pending: psql stops, and held says so.  The
+        # scope as values, so that on Citus the FOR UPDATE routes to one shard.
+        self.locker = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                                       env=dict(os.environ, PGAPPNAME="iw_unit_locker"))
+        self.locker.stdin.write(f"BEGIN; DO $$BEGIN PERFORM FROM ironwod.run_units u WHERE u.tenant_id = '{FAULT[0]}' "
+                                f"AND u.gym_id = '{FAULT[1]}' AND u.run_id = {run} AND u.status = 'pending' FOR UPDATE; "
+                                f"IF NOT FOUND THEN RAISE 'no unit of run {run} is pending'; END IF; END$$;\n")
+        self.locker.stdin.flush()
+        # Who waits on whom: on Citus the row locks are taken on the nodes, where the
+        # coordinator's pg_blocking_pids does not look; citus_lock_waits names each
+        # side by its global pid, node id * 10^10 + the pid of the coordinator session
+        # that sent it (all nodes of the suite run on one machine, so pids are unique).
+        self.citus = psql("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")[0] == "1"
+        self.held = until(lambda: self.blocks("iw_unit_locker"), deadline, alive=lambda: self.locker.poll() is None)
+
+    @staticmethod
+    def pid_of(app):
+        return f"(SELECT pid FROM pg_stat_activity WHERE application_name = '{app}')"
+
+    def blocks(self, app):
+        """Some session waits on a lock the session named app holds."""
+        if self.citus:
+            return psql(f"SELECT 1 FROM citus_lock_waits WHERE blocking_gpid % 10000000000 = {self.pid_of(app)}")
+        return psql(f"SELECT 1 FROM pg_stat_activity WHERE {self.pid_of(app)} = ANY (pg_blocking_pids(pid))")
+
+    def waiting(self, app, proc):
+        """The session named app (run by proc) is seen waiting on a lock."""
+        if self.citus:
+            cond = lambda: psql(f"SELECT 1 FROM citus_lock_waits WHERE waiting_gpid % 10000000000 = {self.pid_of(app)}")
+        else:
+            cond = lambda: psql(f"SELECT 1 WHERE cardinality(pg_blocking_pids({self.pid_of(app)})) > 0")
+        return self.held and until(cond, self.deadline, alive=lambda: proc.poll() is None)
+
+    def release(self):
+        if self.locker.poll() is None:
+            self.locker.stdin.write("COMMIT;\n")
+            self.locker.stdin.close()
+        self.locker.wait(timeout=120)
+
+
+def scoped_psql(app, sql):
+    """psql running sql in the fault gym's scope, as the session named app; its output
+    (errors included) is read once it ends."""
+    proc = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PGAPPNAME=app))
+    proc.stdin.write(f"BEGIN; SELECT ironwod_set_scope('{FAULT[0]}', '{FAULT[1]}');\n{sql}\nCOMMIT;\n")
+    proc.stdin.close()
+    return proc
+
+
 def pause_in_flight_scenario(reference):
     """A page in flight when ironwod_pause comes lands before the run is cancelled, or
     not at all: the pause waits for it.  (A page that committed after the cancel would
     carry versions numbered below those of the next run, whose transform moves the
-    gym's cursor past them: never transformed.)  The simulator holds a request of the
-    run while a session of ours locks the run's pending units, so the worker stops
-    inside the transaction of the unit's last page (unit_landed) until the pause is
-    seen waiting for it; then the units are let go."""
+    gym's cursor past them: never transformed.)  The worker is held inside a page
+    (PageHeld) until the pause is seen waiting for it; then the units are let go."""
     run, deadline = reconcile_held()
-    env = dict(os.environ)
-    # An error when no unit is left pending: psql stops, and the checks below say
-    # so.  The scope as values, so that on Citus the FOR UPDATE routes to one shard.
-    locker = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-                              env=dict(env, PGAPPNAME="iw_unit_locker"))
-    locker.stdin.write(f"BEGIN; DO $$BEGIN PERFORM FROM ironwod.run_units u WHERE u.tenant_id = '{FAULT[0]}' "
-                       f"AND u.gym_id = '{FAULT[1]}' AND u.run_id = {run} AND u.status = 'pending' FOR UPDATE; "
-                       f"IF NOT FOUND THEN RAISE 'no unit of run {run} is pending'; END IF; END$$;\n")
-    locker.stdin.flush()
-
-    # Who waits on whom: on Citus the row locks are taken on the nodes, where the
-    # coordinator's pg_blocking_pids does not look; citus_lock_waits names each
-    # side by its global pid, node id * 10^10 + the pid of the coordinator session
-    # that sent it (all nodes of the suite run on one machine, so pids are unique).
-    citus = psql("SELECT count(*) FROM pg_extension WHERE extname = 'citus'")[0] == "1"
-
-    def pid_of(app):
-        return f"(SELECT pid FROM pg_stat_activity WHERE application_name = '{app}')"
-
-    def blocks(app):
-        """Some session waits on a lock the session named app holds."""
-        if citus:
-            return psql(f"SELECT 1 FROM citus_lock_waits WHERE blocking_gpid % 10000000000 = {pid_of(app)}")
-        return psql(f"SELECT 1 FROM pg_stat_activity WHERE {pid_of(app)} = ANY (pg_blocking_pids(pid))")
-
-    def waits(app):
-        """The session named app waits on a lock."""
-        if citus:
-            return psql(f"SELECT 1 FROM citus_lock_waits WHERE waiting_gpid % 10000000000 = {pid_of(app)}")
-        return psql(f"SELECT 1 WHERE cardinality(pg_blocking_pids({pid_of(app)})) > 0")
-
-    held = until(lambda: blocks("iw_unit_locker"), deadline, alive=lambda: locker.poll() is None)
-    pauser = subprocess.Popen(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dict(env, PGAPPNAME="iw_pauser"))
-    pauser.stdin.write(f"BEGIN; SELECT ironwod_set_scope('{FAULT[0]}', '{FAULT[1]}');\n"
-                       f"SELECT ironwod_pause('{FAULT[0]}', '{FAULT[1]}'); COMMIT;\n")
-    pauser.stdin.close()
+    page = PageHeld(run, deadline)
+    pauser = scoped_psql("iw_pauser", f"SELECT ironwod_pause('{FAULT[0]}', '{FAULT[1]}');")
     # the pause waits for the page, or (the bug) is done before the page commits
-    paused_waiting = held and until(lambda: waits("iw_pauser"), deadline, alive=lambda: pauser.poll() is None)
-    if locker.poll() is None:
-        locker.stdin.write("COMMIT;\n")
-        locker.stdin.close()
-    locker.wait(timeout=120)
+    paused_waiting = page.waiting("iw_pauser", pauser)
+    page.release()
     pauser.wait(timeout=300)
     paused = ([line for line in pauser.stdout.read().splitlines() if line] or [""])[-1]
     pages = one(FAULT, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities WHERE run_id = {run}")
     worker_gone(run, deadline)
     row = one(FAULT, f"SELECT status || ',' || last_error || ',' || (SELECT coalesce(sum(pages), 0) "
                      f"FROM ironwod.sync_run_entities WHERE run_id = {run}) FROM ironwod.sync_runs WHERE run_id = {run}")
-    check(held and paused_waiting and paused == "paused" and row == f"cancelled,paused,{pages}",
+    check(page.held and paused_waiting and paused == "paused" and row == f"cancelled,paused,{pages}",
           "pause while a page is in its transaction: the pause waits for it, and nothing lands after the pause",
-          f"worker held in a page: {held}, pause seen waiting: {paused_waiting}, pause: {paused}, "
+          f"worker held in a page: {page.held}, pause seen waiting: {paused_waiting}, pause: {paused}, "
           f"run {row} (pages when the pause returned: {pages})")
     resumed = one(FAULT, f"SELECT ironwod_resume('{FAULT[0]}', '{FAULT[1]}')")
     run, outcome = counted_sync(FAULT, "incremental", "after a pause in a page")
     check(resumed == "connected" and outcome == "succeeded", "resumed after a pause in a page, the gym syncs again",
           f"{resumed} {outcome}")
     same_data(FAULT, reference, "pause in a page and resume: nothing lost, nothing duplicated")
+
+
+def watchdog_in_flight_scenario(reference):
+    """The watchdog failing a run whose page is in its transaction waits for the page,
+    and neither deadlocks: fail_run takes the gym's connection row before the run's, as
+    the page does (it holds the connection, then writes the run's heartbeat).  Taking
+    the run first, fail_run waited for the connection while the page's heartbeat
+    waited for the run, until the deadlock detector aborted one.  The worker is held
+    inside a page (PageHeld) whose request the simulator held for seconds, so the page
+    writes its heartbeat (about once a second) after the hold; fail_run is the
+    supervisor's own statement (fail_lost_run)."""
+    log_from = int(psql("SELECT (pg_stat_file('server.log')).size")[0])
+    run, deadline = reconcile_held()
+    page = PageHeld(run, deadline)
+    watchdog = scoped_psql("iw_watchdog", f"SELECT ironwod.fail_run({run}, 'watchdog', "
+                                          f"'no progress; stopped by the watchdog', 'supervise');")
+    waited = page.waiting("iw_watchdog", watchdog)
+    page.release()
+    watchdog.wait(timeout=300)
+    said = watchdog.stdout.read().strip()
+    worker_gone(run, deadline)
+    row = one(FAULT, f"SELECT status || ',' || error_code FROM ironwod.sync_runs WHERE run_id = {run}")
+    deadlocks = [l for l in server_log_since(log_from).splitlines() if "deadlock detected" in l]
+    check(page.held and waited and watchdog.returncode == 0 and "ERROR" not in said and not deadlocks
+          and row == "failed,watchdog",
+          "the watchdog fails a run while its page is in a transaction: it waits for the page, no deadlock",
+          f"worker held in a page: {page.held}, watchdog seen waiting: {waited}, its output: {said!r}, "
+          f"run {row}, deadlocks in the log: {deadlocks}")
+    run, outcome = counted_sync(FAULT, "incremental", "after the watchdog")
+    check(outcome == "succeeded", "after the watchdog failed a run in a page, the gym syncs again", outcome)
+    same_data(FAULT, reference, "watchdog in a page: nothing lost, nothing duplicated")
 
 def server_log_since(offset):
     """The server log from byte offset on, as text (bytes that are not UTF-8 replaced)."""
@@ -895,6 +944,7 @@ def main():
     fault_scenarios()
     pause_scenario(latest_versions(FAULT))
     pause_in_flight_scenario(latest_versions(FAULT))
+    watchdog_in_flight_scenario(latest_versions(FAULT))
     reference = latest_versions(FAULT)
     poison_scenario()
     same_data(FAULT, reference, "poison records: nothing lost, nothing duplicated")
