@@ -3660,3 +3660,600 @@ BEGIN
         jsonb_build_object('code', p_code, 'phase', p_phase, 'message', left(p_message, 500)));
 END
 $$;
+
+-- ---- Citus: statements routed to the tenant's shard --------------------------
+-- compute_metrics forwards its SET clause (jit = off) to the Citus nodes for its
+-- own statements between the stages, which the stages leave at the defaults;
+-- plan_entity, transform_records and transform_step take the tenant and gym
+-- their INSERT ... SELECTs write from a row of the gym (the run's, the
+-- connection's), so Citus runs them on the shard instead of through the
+-- coordinator; unit_landed is one statement (and the checkpoint in a
+-- backfill), where it was five.  Nothing changes on one node.
+
+CREATE OR REPLACE FUNCTION ironwod.plan_entity(p_run_id bigint, p_entity text)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_t0 timestamptz := clock_timestamp();
+    v_since timestamptz := ironwod.backfill_since();
+    v_lookback interval := make_interval(days => current_setting('ironwod.lookback_days')::int);
+    x record;
+    v_sort text;
+    v_from timestamptz;
+    v_last_clean bigint;
+    v_nestloop text;
+    v_jit text;
+    v_keys text[];
+    v_urls text[];
+    v_done text[] := '{}';
+    v_total integer;
+    v_skipped integer := 0;
+    v_ms double precision;
+BEGIN
+    -- The registry row, the run, the connection's window and the entity's
+    -- watermark: a row of a reference table and rows of the tenant's shard.
+    SELECT e.ordinal, e.path, e.sort, e.backfill_strategy, e.window_field, e.incremental_field, e.due_field,
+           r.mode, coalesce(r.started_at, now()) AS started, make_interval(days => c.sync_window_days) AS win,
+           (SELECT k.watermark FROM ironwod.entity_cursors k
+            WHERE k.tenant_id = v_t AND k.gym_id = v_g AND k.entity = p_entity) AS watermark
+    INTO STRICT x
+    FROM ironwod.entities e, ironwod.sync_runs r, ironwod.integrations_wodify_connection c
+    WHERE e.entity = p_entity AND r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
+      AND c.tenant_id = v_t AND c.gym_id = v_g;
+    v_sort := coalesce('&sort=' || ironwod.urlencode(x.sort), '');
+
+    IF x.backfill_strategy = 'full' THEN
+        v_keys := ARRAY['full'];
+        v_urls := ARRAY[x.path || coalesce('?sort=' || ironwod.urlencode(x.sort), '')];
+
+    ELSIF x.backfill_strategy = 'per_client' THEN
+        -- The current version of every client, and its version as of the last
+        -- clean run (the baseline the change detectors are compared with), by the
+        -- version order of design.md §4.  A version landed by a failed run since
+        -- then still counts as a change, so nothing is lost to a crash.  Only the
+        -- typed detector columns are read, never a payload.
+        SELECT coalesce(max(r.run_id), 0) INTO v_last_clean FROM ironwod.sync_runs r
+        WHERE r.tenant_id = v_t AND r.gym_id = v_g
+          AND r.status = 'succeeded' AND r.mode <> 'validate' AND r.run_id < p_run_id;
+        v_nestloop := current_setting('enable_nestloop');
+        v_jit := current_setting('jit');
+        SET LOCAL enable_nestloop = off;
+        SET LOCAL jit = off;
+        WITH cur AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.ingest_run_id, c.last_class_sign_in, c.total_class_sign_ins
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = v_t AND c.gym_id = v_g
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
+        ), base AS (
+            SELECT DISTINCT ON (c.wodify_id) c.wodify_id, c.last_class_sign_in, c.total_class_sign_ins
+            FROM ironwod.wodify_raw_clients c
+            WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.ingest_run_id <= v_last_clean
+              AND x.mode = 'incremental'
+            ORDER BY c.wodify_id, c.source_updated_at DESC NULLS LAST, c.raw_id DESC
+        ), picked AS (
+            SELECT v.wodify_id,
+                   CASE x.mode
+                       WHEN 'backfill' THEN v_since
+                       WHEN 'reconcile' THEN greatest(v_since, x.started - x.win)
+                       ELSE greatest(v_since, coalesce(b.last_class_sign_in - v_lookback, v_since))
+                   END AS since
+            FROM cur v
+            LEFT JOIN base b ON b.wodify_id = v.wodify_id
+            WHERE CASE x.mode
+                      WHEN 'backfill' THEN v.last_class_sign_in >= v_since
+                      WHEN 'reconcile' THEN v.last_class_sign_in >= greatest(v_since, x.started - x.win)
+                      ELSE v.ingest_run_id > v_last_clean
+                           AND v.last_class_sign_in IS NOT NULL
+                           AND (v.last_class_sign_in IS DISTINCT FROM b.last_class_sign_in
+                                OR v.total_class_sign_ins IS DISTINCT FROM b.total_class_sign_ins)
+                  END
+        )
+        SELECT coalesce(array_agg('client:' || p.wodify_id ORDER BY p.wodify_id), '{}'),
+               coalesce(array_agg(replace(x.path, '{client_id}', p.wodify_id::text)
+                                  || '?q=' || ironwod.urlencode(x.window_field || '|gte|' || ironwod.iso_utc(p.since))
+                                  || v_sort ORDER BY p.wodify_id), '{}')
+        INTO v_keys, v_urls
+        FROM picked p;
+        -- back to the caller's settings, on the node too
+        EXECUTE format('SET LOCAL enable_nestloop = %s', v_nestloop);
+        EXECUTE format('SET LOCAL jit = %s', v_jit);
+
+    ELSIF x.mode = 'backfill' THEN
+        -- The newest window is open-ended, so records stamped ahead of our
+        -- clock (vendor clock skew) are not left between windows.
+        SELECT array_agg(to_char(w AT TIME ZONE 'UTC', 'YYYY-MM') ORDER BY w DESC),
+               array_agg(x.path || '?q=' || ironwod.urlencode(
+                   x.window_field || '|gte|' || ironwod.iso_utc(w)
+                   || CASE WHEN w < date_trunc('month', x.started AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                           THEN ';' || x.window_field || '|lt|'
+                                || ironwod.iso_utc(((w AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC')
+                           ELSE '' END)
+                   || v_sort ORDER BY w DESC)
+        INTO v_keys, v_urls
+        FROM generate_series(date_trunc('month', x.started AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                             v_since, interval '-1 month') AS w;
+
+    ELSE
+        v_keys := '{}';
+        v_urls := '{}';
+        IF x.mode = 'incremental' OR x.due_field IS NULL THEN
+            IF x.mode = 'incremental' THEN
+                v_from := greatest(v_since, coalesce(x.watermark - v_lookback, v_since));
+            ELSE
+                v_from := greatest(v_since, x.started - x.win);
+            END IF;
+            v_keys := v_keys || 'since'::text;
+            v_urls := v_urls || (x.path || '?q=' || ironwod.urlencode(
+                          CASE WHEN x.mode = 'incremental' THEN coalesce(x.incremental_field, x.window_field)
+                               ELSE x.window_field END
+                          || '|gte|' || ironwod.iso_utc(v_from)) || v_sort);
+        END IF;
+        IF x.due_field IS NOT NULL THEN
+            -- Status changes (Unpaid -> Paid) carry no timestamp we can follow:
+            -- re-scan by due date.
+            v_keys := v_keys || 'due'::text;
+            v_urls := v_urls || (x.path || '?q=' || ironwod.urlencode(x.due_field || '|gte|' || to_char(
+                          (x.started AT TIME ZONE 'UTC')::date - CASE WHEN x.mode = 'incremental'
+                              THEN current_setting('ironwod.due_window_days')::int
+                              ELSE extract(day FROM x.win)::int END, 'YYYY-MM-DD'))
+                          || '&sort=id');
+        END IF;
+    END IF;
+
+    -- The windows the campaign already checkpointed, read into an array first
+    -- and joined as one: Citus plans an outer join from a function (unnest) to
+    -- a distributed table by planning the table as a subquery, and with the
+    -- constant-false join clause of a run that is not a backfill that plan
+    -- crashed the PostgreSQL planner (Citus 12.1.12, from
+    -- RecursivelyPlanRecurringTupleOuterJoinWalker: SIGSEGV in
+    -- deconstruct_jointree, the run worker lost).  Two arrays join like the
+    -- table did (a hash join, linear in the units).
+    IF x.mode = 'backfill' THEN
+        SELECT coalesce(array_agg(b.window_key), '{}') INTO v_done
+        FROM ironwod.backfill_checkpoints b
+        WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity;
+    END IF;
+
+    -- The units' tenant, gym and run come from the run's row (as in
+    -- page_statement): Citus then runs this INSERT ... SELECT on the tenant's
+    -- shard, where with the values as constants it pulled the rows to the
+    -- coordinator and copied them back.  On one node the row is one probe of
+    -- the primary key.  ON CONFLICT DO NOTHING (a unit is planned once; nothing
+    -- conflicts) stays for a Citus that would run it through the coordinator:
+    -- without ON CONFLICT or RETURNING it COPYs the rows into the shard, which
+    -- row-level security refuses ("COPY FROM not supported with row-level
+    -- security").
+    INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
+    SELECT r.tenant_id, r.gym_id, r.run_id, p_entity, u.ord, x.ordinal, u.window_key, u.url,
+           CASE WHEN d.window_key IS NULL THEN 'pending' ELSE 'skipped' END
+    FROM ironwod.sync_runs r,
+         unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
+         LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_total = ROW_COUNT;
+    IF cardinality(v_done) > 0 THEN
+        SELECT count(*) INTO v_skipped FROM ironwod.run_units u
+        WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
+          AND u.status = 'skipped';
+    END IF;
+    v_ms := extract(epoch FROM clock_timestamp() - v_t0) * 1000;
+
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, units_total, units_skipped, plan_ms)
+    VALUES (v_t, v_g, p_run_id, p_entity, v_total, v_skipped, v_ms)
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE
+       SET units_total = excluded.units_total, units_skipped = excluded.units_skipped, plan_ms = excluded.plan_ms;
+    RETURN v_total - v_skipped;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION ironwod.unit_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_now timestamptz := clock_timestamp();
+    v_status text;
+    v_mode text;
+    v_entity_done boolean;
+    v_start timestamptz;
+    v_end timestamptz;
+BEGIN
+    -- One statement for the unit, the run's mode and the entity's counters, so
+    -- that on Citus it is one round trip to the tenant's shard (the router
+    -- planner takes UPDATE CTEs, not INSERT ones: the checkpoint is a second
+    -- statement, in a backfill only); it was five.  The unit is read by its
+    -- key, (tenant, gym, run, entity, window key), and locked (u); it is done
+    -- (d) only when it was pending, and only then does the entity count it
+    -- (e).  The status is tested on u rather than in d's WHERE: there,
+    -- status = 'pending' made the partial run_units_pending index usable on
+    -- its (tenant, gym, run) prefix, and the generic plan chose it, reading
+    -- every pending unit of the run for each unit done (quadratic in units).
+    -- A unit already done (a page landed twice) changes nothing.
+    WITH u AS (
+        SELECT x.status FROM ironwod.run_units x
+         WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id AND x.entity = p_entity
+           AND x.window_key = p_window_key
+           FOR UPDATE
+    ), d AS (
+        UPDATE ironwod.run_units x SET status = 'done', pages = p_page, done_at = v_now
+          FROM u
+         WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id AND x.entity = p_entity
+           AND x.window_key = p_window_key AND u.status = 'pending'
+        RETURNING 1
+    ), e AS (
+        UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
+         WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity
+           AND EXISTS (SELECT 1 FROM d)
+        RETURNING s.units_done + s.units_skipped >= s.units_total AS entity_done
+    )
+    SELECT (SELECT u.status FROM u),
+           (SELECT r.mode FROM ironwod.sync_runs r
+             WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id),
+           (SELECT e.entity_done FROM e)
+      INTO v_status, v_mode, v_entity_done;
+    IF v_status IS NULL THEN
+        RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
+            USING ERRCODE = 'internal_error';
+    END IF;
+    IF v_status <> 'pending' THEN
+        RETURN;
+    END IF;
+    IF v_mode = 'backfill' THEN
+        -- The month's bounds computed here, not in a CASE of the INSERT: Citus
+        -- evaluates a statement's expressions before it ships it, whatever
+        -- branch a CASE would take ("full-01" is no timestamp).
+        IF p_window_key ~ '^\d{4}-\d{2}$' THEN
+            v_start := (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC';
+            v_end := ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC';
+        END IF;
+        INSERT INTO ironwod.backfill_checkpoints
+            (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
+        VALUES (v_t, v_g, p_entity, p_window_key, v_start, v_end, p_page, 0, p_run_id)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    IF v_entity_done THEN
+        PERFORM ironwod.close_entity(p_run_id, p_entity);
+    END IF;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION ironwod.transform_records(p_run_id bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET jit = off
+SET enable_seqscan = off
+SET enable_sort = off
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_batch constant integer := 10000;
+    v_tz text;
+    v_out jsonb := '{}';
+    v_runs bigint[];
+    v_ids bigint[];
+    v_part bigint[];
+    v_raw bigint[];
+    v_new_ids bigint[];
+    v_from bigint;
+    v_later boolean := false;
+    v_to bigint;
+    v_sql text;
+    v_new_sql text;
+    v_empty boolean;
+    v_fresh boolean;
+    v_n integer;
+    v_bn integer;
+    v_dirty date;
+    v_bdirty date;
+    v_people bigint[];
+    v_bpeople bigint[];
+    e record;
+BEGIN
+    IF v_t IS NULL OR v_g IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    -- the SET clauses on the Citus nodes too, which plan every statement below
+    PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
+    -- One transform (or replay) of a gym at a time: a batch of records without
+    -- canonical rows is inserted without ON CONFLICT, which a concurrent writer
+    -- of the same records would turn into a unique violation.  The lock is the
+    -- one ironwod_replay holds while it empties and rebuilds the gym's rows.
+    PERFORM pg_advisory_xact_lock(hashtextextended('ironwod.replay:' || v_t || ':' || v_g, 0));
+    IF p_run_id IS NOT NULL THEN
+        v_runs := ARRAY(
+            SELECT x.run_id
+            FROM (SELECT r.run_id FROM ironwod.sync_runs r
+                  WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id <= p_run_id
+                  UNION SELECT p_run_id) x
+            WHERE NOT EXISTS (SELECT 1 FROM ironwod.transformed_runs d
+                              WHERE d.tenant_id = v_t AND d.gym_id = v_g AND d.run_id = x.run_id)
+            ORDER BY 1);
+        v_later := EXISTS (SELECT 1 FROM ironwod.sync_runs r
+                           WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id > p_run_id);
+    END IF;
+    -- In registry order: locations first, they decide the time zone.
+    FOR e IN SELECT x.entity, x.raw_table, m.canonical, m.key_column, m.dirty_from FROM ironwod.entities x
+             JOIN ironwod.canonical_maps m USING (entity) ORDER BY x.ordinal LOOP
+        IF e.entity <> 'locations' AND v_tz IS NULL THEN
+            v_tz := ironwod.gym_time_zone(v_t, v_g);
+        END IF;
+        EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%I c WHERE c.tenant_id = $1 AND c.gym_id = $2)',
+                       e.canonical)
+            INTO v_empty USING v_t, v_g;
+        -- The runs' versions: the range above the entity's cursor (primary key
+        -- order), of which those the runs landed; their Wodify ids are needed
+        -- only by the batched path below (a gym without canonical rows reads
+        -- every latest version).  Versions of runs already transformed are
+        -- passed over, as they always were.  The cursor moves to the last
+        -- version, or, when the gym has a run later than this one (a manual
+        -- transform_run of an earlier run), to just below that run's first
+        -- version, which it leaves to that run; only then is the range read
+        -- for it, so a backfill's transform reads the raw table's last key,
+        -- not its rows, to move the cursor.
+        IF p_run_id IS NOT NULL THEN
+            SELECT c.raw_id INTO v_from FROM ironwod.transform_cursors c
+             WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.entity = e.entity;
+            v_from := coalesce(v_from, 0);
+            v_new_ids := NULL;
+            IF NOT v_empty THEN
+                EXECUTE format('SELECT array_agg(DISTINCT r.wodify_id ORDER BY r.wodify_id) FROM ironwod.%I r
+                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $3 AND r.ingest_run_id = ANY ($4)',
+                               e.raw_table)
+                    INTO v_new_ids USING v_t, v_g, v_from, v_runs;
+            END IF;
+            v_to := NULL;
+            IF v_later THEN
+                EXECUTE format('SELECT min(r.raw_id) - 1 FROM ironwod.%I r
+                                WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $3 AND r.ingest_run_id > $4',
+                               e.raw_table)
+                    INTO v_to USING v_t, v_g, v_from, p_run_id;
+            END IF;
+            IF v_to IS NULL THEN
+                EXECUTE format('SELECT max(r.raw_id) FROM ironwod.%I r WHERE r.tenant_id = $1 AND r.gym_id = $2 AND r.raw_id > $3',
+                               e.raw_table)
+                    INTO v_to USING v_t, v_g, v_from;
+            END IF;
+            IF v_to > v_from THEN
+                INSERT INTO ironwod.transform_cursors AS c (tenant_id, gym_id, entity, raw_id)
+                VALUES (v_t, v_g, e.entity, v_to)
+                ON CONFLICT (tenant_id, gym_id, entity) DO UPDATE SET raw_id = excluded.raw_id;
+            END IF;
+        END IF;
+        -- A gym without rows in the canonical table (a backfill, a replay): one
+        -- plain insert of every record's latest version, read in one pass over
+        -- the gym's raw rows (transform_sql, p_gym).  No statistics are needed:
+        -- the pass reads the gym's range of the (wodify_id, payload_hash) index whatever
+        -- the estimates, and the gym's new canonical rows plan nothing here.
+        -- The gym's first rows of an entity change every month for everyone a
+        -- metric reads them for: noted as such (from 0001-01-01, people not
+        -- known), not computed row by row.  A backfill's first refresh
+        -- recomputes everything anyway; a later run that brings a gym's first
+        -- rows of an entity (its first hold) makes its refresh recompute every
+        -- month.
+        IF v_empty THEN
+            EXECUTE ironwod.transform_sql(e.entity, false, false, true) INTO v_n USING v_t, v_g, v_tz, v_runs;
+            v_dirty := CASE WHEN v_n > 0 AND e.dirty_from IS NOT NULL THEN date '0001-01-01' END;
+            v_people := NULL;
+        ELSE
+            -- v_ids: the raw ids of every record's latest version, or the Wodify
+            -- ids of the records the runs landed a version of, in order: each
+            -- batch is a range of keys, read by index probes, not a scan of the gym
+            IF p_run_id IS NULL THEN
+                PERFORM ironwod.analyze_if_stale(e.raw_table);
+                v_ids := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, NULL, false) l);
+            ELSE
+                v_ids := v_new_ids;
+                IF v_ids IS NOT NULL THEN
+                    PERFORM ironwod.analyze_if_stale(e.raw_table, cardinality(v_ids));
+                END IF;
+            END IF;
+            v_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, true, false);
+            v_new_sql := ironwod.transform_sql(e.entity, p_run_id IS NOT NULL, false, false);
+            v_n := 0;
+            v_dirty := NULL;
+            v_people := '{}';
+            FOR i IN 1 .. (coalesce(cardinality(v_ids), 0) + v_batch - 1) / v_batch LOOP
+                v_part := v_ids[(i - 1) * v_batch + 1 : i * v_batch];
+                IF p_run_id IS NULL THEN
+                    v_raw := v_part;
+                ELSE
+                    v_raw := ARRAY(SELECT l.raw_id FROM ironwod.latest_raw_versions(e.entity, v_t, v_g, v_part, false) l);
+                END IF;
+                -- a batch of a run is new when none of its records (v_part, their
+                -- Wodify ids in order) has a canonical row
+                v_fresh := false;
+                IF p_run_id IS NOT NULL THEN
+                    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM ironwod.%1$I c WHERE c.tenant_id = $1 AND c.gym_id = $2
+                                    AND c.%2$I = ANY ($3) AND c.%2$I BETWEEN $3[1] AND $3[cardinality($3)])',
+                                   e.canonical, e.key_column)
+                        INTO v_fresh USING v_t, v_g, v_part;
+                END IF;
+                EXECUTE CASE WHEN v_fresh THEN v_new_sql ELSE v_sql END
+                    INTO v_bn, v_bdirty, v_bpeople USING v_t, v_g, v_tz, v_raw, v_part;
+                v_n := v_n + v_bn;
+                v_dirty := least(v_dirty, v_bdirty);
+                -- NULL (a table without people) stays NULL: everyone
+                IF v_bn > 0 THEN
+                    v_people := CASE WHEN v_people IS NOT NULL AND v_bpeople IS NOT NULL THEN v_people || v_bpeople END;
+                END IF;
+            END LOOP;
+        END IF;
+        IF p_run_id IS NOT NULL THEN
+            PERFORM ironwod.note_dirty(v_t, v_g, p_run_id, e.entity, v_dirty, v_n, v_people);
+        END IF;
+        v_out := v_out || jsonb_build_object(e.entity, v_n);
+    END LOOP;
+
+    -- tenant and gym from the gym's connection row (transformed_runs' foreign
+    -- key): Citus runs the INSERT ... SELECT on the tenant's shard, where with
+    -- the values as constants it pulled the rows to the coordinator
+    INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
+    SELECT c.tenant_id, c.gym_id, x, p_run_id
+    FROM ironwod.integrations_wodify_connection c, unnest(v_runs) AS x
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g
+    ON CONFLICT DO NOTHING;
+    PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', false);
+    RETURN v_out;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION ironwod.transform_step(p_run_id bigint) RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    v_written jsonb := ironwod.transform_run(p_run_id);
+    v_entities text[];
+BEGIN
+    v_entities := ARRAY(SELECT e.entity FROM ironwod.entities e
+                        WHERE jsonb_typeof(v_written -> e.entity) = 'number'
+                          AND (v_written ->> e.entity)::integer > 0);
+    INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, transformed)
+    SELECT r.tenant_id, r.gym_id, r.run_id, x.entity, (v_written ->> x.entity)::integer
+    FROM ironwod.sync_runs r, unnest(v_entities) AS x(entity)
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
+    ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE SET transformed = excluded.transformed;
+    RETURN v_written;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION ironwod.compute_metrics(p_from date, p_people bigint[] DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET jit = off
+AS $$
+DECLARE
+    v_t uuid := ironwod.scope_tenant();
+    v_g uuid := ironwod.scope_gym();
+    s ironwod.metric_settings;
+    v_tz text;
+    v_today date;
+    v_hist date;
+    v_cur date;
+    v_from date;
+    v_keys text[];
+    v_open date;
+    v_people bigint[] := p_people;
+    v_mids bigint[];
+    v_before jsonb;
+    v_after jsonb;
+    v_wm timestamptz;
+    v_spells integer;
+    v_facts integer;
+    v_rows integer;
+BEGIN
+    IF v_t IS NULL OR v_g IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+    -- the SET clause on the Citus nodes too, which plan the statements below
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
+    s := ironwod.metric_config();
+    v_tz := ironwod.gym_time_zone(v_t, v_g);
+    v_today := ironwod.metrics_today(v_tz);
+    v_cur := date_trunc('month', v_today)::date;
+    v_hist := least(ironwod.history_start(v_tz), v_cur);
+    v_from := least(greatest(date_trunc('month', coalesce(p_from, v_hist))::date, v_hist), v_cur);
+    SELECT '{ALL}'::text[] || coalesce(array_agg(DISTINCT l.location_id::text), '{}') INTO v_keys
+    FROM ironwod.locations l WHERE l.tenant_id = v_t AND l.gym_id = v_g AND l.deleted_at IS NULL;
+    -- every program of the gym is a key too (metrics.md §5.1: location ALL x program)
+    SELECT v_keys || coalesce(array_agg('program:' || p.program_id ORDER BY p.program_id), '{}') INTO v_keys
+    FROM ironwod.programs p WHERE p.tenant_id = v_t AND p.gym_id = v_g AND p.deleted_at IS NULL;
+
+    -- the first month everyone is recomputed in: the one the last refresh
+    -- computed to date (its as_of is the last refresh's today)
+    v_open := v_from;
+    IF v_people IS NOT NULL THEN
+        SELECT greatest(v_from, least(date_trunc('month', max(c.month_start + c.period_days - 1))::date, v_cur))
+          INTO v_open
+          FROM ironwod.gym_monthly_metrics_cache c
+         WHERE c.tenant_id = v_t AND c.gym_id = v_g AND c.location_key = 'ALL' AND c.program_key = 'ALL';
+        v_open := coalesce(v_open, v_from);
+    END IF;
+    IF v_open > v_from THEN
+        v_before := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+    END IF;
+
+    v_spells := ironwod.metrics_spells(v_t, v_g, s);
+    PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
+
+    IF v_open > v_from THEN
+        -- the stages set the nodes back to the defaults (see above)
+        PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
+        v_after := ironwod.metrics_person_hashes(v_t, v_g, v_open);
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT k::bigint FROM jsonb_object_keys(v_before || v_after) AS k
+              WHERE v_before -> k IS DISTINCT FROM v_after -> k) x;
+        -- and who is billed on their memberships (past due and paying are the
+        -- invoice's person's, by the membership's location): their memberships
+        -- first, then those memberships' invoices, each a read of one table by
+        -- the gym's index.  As one join, on statistics that did not know the
+        -- gym's rows yet (a nightly soon after the backfill; on Citus shards
+        -- nobody analyzed), the planner nested a loop over the people's
+        -- memberships in every invoice of the gym: 3,920 x 102 rows, 396,826
+        -- removed by the join filter, 0.9 s of a medium gym's 3.1 s nightly
+        -- refresh on one node and on Citus alike (auto_explain).
+        v_mids := ARRAY(SELECT m.membership_id FROM ironwod.memberships m
+                        WHERE m.tenant_id = v_t AND m.gym_id = v_g AND m.member_id = ANY (v_people));
+        SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
+        FROM (SELECT unnest(v_people) AS p
+              UNION ALL
+              SELECT i.member_id FROM ironwod.invoices i
+              WHERE i.tenant_id = v_t AND i.gym_id = v_g AND i.member_id IS NOT NULL
+                AND i.membership_id = ANY (v_mids)) x;
+        v_people := coalesce(v_people, '{}');
+    END IF;
+    PERFORM ironwod.metrics_visits(v_t, v_g, s, v_tz, v_from, v_hist, v_today, v_open, v_people);
+    v_facts := ironwod.metrics_month_facts(v_t, v_g, s, v_keys, v_from, v_hist, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today, v_open, v_people);
+    PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
+
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
+    SELECT greatest(
+        (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.attendance_events WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.invoices WHERE tenant_id = v_t AND gym_id = v_g),
+        (SELECT max(source_updated_at) FROM ironwod.transactions WHERE tenant_id = v_t AND gym_id = v_g))
+    INTO v_wm;
+    -- the hash is computed once here and passed in: the cache's INSERT calls no
+    -- function of ours (on Citus one that reads a table must not run in it)
+    v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm,
+                                         ironwod.config_hash(s));
+    PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
+
+    -- The newest source change is stamped on every cached month, not only on the
+    -- months recomputed now: the recompute policy recomputed every month a change
+    -- could touch, so each one reflects the sources up to v_wm, and a replay, which
+    -- recomputes them all, stamps the same value.
+    UPDATE ironwod.gym_monthly_metrics_cache x SET source_watermark = v_wm
+     WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
+    -- Unknown is NULL: metrics of entities the gym's plan does not include (82_unknowns).
+    PERFORM ironwod.mask_unknown_metrics();
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', false);
+
+    RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
+                              'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows)
+           || CASE WHEN v_open > v_from THEN jsonb_build_object('everyone_from', v_open, 'people', cardinality(v_people))
+                   ELSE '{}' END;
+END
+$$;
+

@@ -392,16 +392,22 @@ BEGIN
         WHERE b.tenant_id = v_t AND b.gym_id = v_g AND b.entity = p_entity;
     END IF;
 
-    -- ON CONFLICT DO NOTHING (a unit is planned once; nothing conflicts) for
-    -- Citus: it runs this INSERT ... SELECT through the coordinator, and without
-    -- ON CONFLICT or RETURNING it would COPY the rows into the shard, which
+    -- The units' tenant, gym and run come from the run's row (as in
+    -- page_statement): Citus then runs this INSERT ... SELECT on the tenant's
+    -- shard, where with the values as constants it pulled the rows to the
+    -- coordinator and copied them back.  On one node the row is one probe of
+    -- the primary key.  ON CONFLICT DO NOTHING (a unit is planned once; nothing
+    -- conflicts) stays for a Citus that would run it through the coordinator:
+    -- without ON CONFLICT or RETURNING it COPYs the rows into the shard, which
     -- row-level security refuses ("COPY FROM not supported with row-level
     -- security").
     INSERT INTO ironwod.run_units (tenant_id, gym_id, run_id, entity, ordinal, entity_ordinal, window_key, url, status)
-    SELECT v_t, v_g, p_run_id, p_entity, u.ord, x.ordinal, u.window_key, u.url,
+    SELECT r.tenant_id, r.gym_id, r.run_id, p_entity, u.ord, x.ordinal, u.window_key, u.url,
            CASE WHEN d.window_key IS NULL THEN 'pending' ELSE 'skipped' END
-    FROM unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
-    LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
+    FROM ironwod.sync_runs r,
+         unnest(v_keys, v_urls) WITH ORDINALITY AS u(window_key, url, ord)
+         LEFT JOIN unnest(v_done) AS d(window_key) ON d.window_key = u.window_key
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_total = ROW_COUNT;
     IF cardinality(v_done) > 0 THEN
@@ -850,7 +856,12 @@ COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeepin
 -- A unit's last page landed: the unit is done (and checkpointed, in a backfill);
 -- when it was the entity's last unit, the entity is closed.  Constant time:
 -- nothing here looks at more than one unit.  Landing the last page of a unit
--- already done (a page landed twice) changes nothing.
+-- already done (a page landed twice) changes nothing.  On Citus every
+-- statement is a round trip to the tenant's node, so there are as few as
+-- can be: one, and the checkpoint's INSERT in a backfill (it was five).  Not
+-- a function Citus delegates to the node (create_distributed_function): that
+-- needs the tenant among the arguments, and the entity's close, which runs
+-- here, notifies listeners, who listen on the coordinator.
 CREATE FUNCTION ironwod.unit_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer)
 RETURNS void
 LANGUAGE plpgsql
@@ -865,28 +876,46 @@ DECLARE
     v_start timestamptz;
     v_end timestamptz;
 BEGIN
-    -- The unit by its key, (tenant, gym, run, entity, window key): one probe of
-    -- the unique index, for the read and for the update.  Its status is read
-    -- here rather than tested in the UPDATE's WHERE: there, status = 'pending'
-    -- made the partial run_units_pending index usable on its (tenant, gym,
-    -- run) prefix, and the generic plan chose it, reading every pending unit
-    -- of the run for each unit done (quadratic in units).
-    SELECT u.status INTO v_status FROM ironwod.run_units u
-     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
-       AND u.window_key = p_window_key
-       FOR UPDATE;
-    IF NOT FOUND THEN
+    -- One statement for the unit, the run's mode and the entity's counters, so
+    -- that on Citus it is one round trip to the tenant's shard (the router
+    -- planner takes UPDATE CTEs, not INSERT ones: the checkpoint is a second
+    -- statement, in a backfill only); it was five.  The unit is read by its
+    -- key, (tenant, gym, run, entity, window key), and locked (u); it is done
+    -- (d) only when it was pending, and only then does the entity count it
+    -- (e).  The status is tested on u rather than in d's WHERE: there,
+    -- status = 'pending' made the partial run_units_pending index usable on
+    -- its (tenant, gym, run) prefix, and the generic plan chose it, reading
+    -- every pending unit of the run for each unit done (quadratic in units).
+    -- A unit already done (a page landed twice) changes nothing.
+    WITH u AS (
+        SELECT x.status FROM ironwod.run_units x
+         WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id AND x.entity = p_entity
+           AND x.window_key = p_window_key
+           FOR UPDATE
+    ), d AS (
+        UPDATE ironwod.run_units x SET status = 'done', pages = p_page, done_at = v_now
+          FROM u
+         WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id AND x.entity = p_entity
+           AND x.window_key = p_window_key AND u.status = 'pending'
+        RETURNING 1
+    ), e AS (
+        UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
+         WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity
+           AND EXISTS (SELECT 1 FROM d)
+        RETURNING s.units_done + s.units_skipped >= s.units_total AS entity_done
+    )
+    SELECT (SELECT u.status FROM u),
+           (SELECT r.mode FROM ironwod.sync_runs r
+             WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id),
+           (SELECT e.entity_done FROM e)
+      INTO v_status, v_mode, v_entity_done;
+    IF v_status IS NULL THEN
         RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
             USING ERRCODE = 'internal_error';
     END IF;
     IF v_status <> 'pending' THEN
         RETURN;
     END IF;
-    UPDATE ironwod.run_units u SET status = 'done', pages = p_page, done_at = v_now
-     WHERE u.tenant_id = v_t AND u.gym_id = v_g AND u.run_id = p_run_id AND u.entity = p_entity
-       AND u.window_key = p_window_key;
-    SELECT r.mode INTO v_mode FROM ironwod.sync_runs r
-     WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id;
     IF v_mode = 'backfill' THEN
         -- The month's bounds computed here, not in a CASE of the INSERT: Citus
         -- evaluates a statement's expressions before it ships it, whatever
@@ -900,9 +929,6 @@ BEGIN
         VALUES (v_t, v_g, p_entity, p_window_key, v_start, v_end, p_page, 0, p_run_id)
         ON CONFLICT DO NOTHING;
     END IF;
-    UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
-     WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity
-    RETURNING s.units_done + s.units_skipped >= s.units_total INTO v_entity_done;
     IF v_entity_done THEN
         PERFORM ironwod.close_entity(p_run_id, p_entity);
     END IF;
@@ -936,6 +962,12 @@ COMMENT ON FUNCTION ironwod.unvanish(text, bigint[]) IS 'Worker: records seen ag
 -- The arrays are unnested in the select list, side by side (they are equally
 -- long): a set-returning function in FROM would first copy every payload into
 -- a tuplestore.
+-- On Citus these INSERT ... SELECTs run through the coordinator whatever they
+-- select from, unlike the bookkeeping's: raw_id is an identity, whose values
+-- Citus takes on the coordinator (one sequence, so a gym's raw_ids keep rising
+-- wherever its shard lives, which the transform cursors rely on).  So Citus
+-- sends the page's rows to the shard as an intermediate result and inserts
+-- them from it there: two round trips, with the rows sent once, in binary.
 --   p_upsert false: a plain INSERT, for pages of versions never seen before
 --                   (a backfill); every row it returns is a new version, so
 --                   the worker counts them as they come (no CTE, no count).

@@ -53,6 +53,11 @@ COMMENT ON FUNCTION @extschema@.ironwod_public_key() IS 'The master public key (
 -- behind; an undecided verdict stores the connection pending with a queued validate
 -- run.  Connecting a gym that is already connected replaces its key only once the
 -- new key validated, so a rotation never interrupts syncing.
+-- On Citus its INSERT ... SELECT of the backfill run runs through the
+-- coordinator whatever it selects: run_id's default takes the coordinator's
+-- sequence (one run id space for every node), which Citus evaluates there, so
+-- it reads the connection row from the shard and inserts the run; once per
+-- connect.
 CREATE FUNCTION @extschema@.ironwod_connect(p_tenant_id uuid, p_gym_id uuid, p_sealed_key bytea)
 RETURNS text
 LANGUAGE plpgsql

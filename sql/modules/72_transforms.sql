@@ -732,8 +732,13 @@ BEGIN
         v_out := v_out || jsonb_build_object(e.entity, v_n);
     END LOOP;
 
+    -- tenant and gym from the gym's connection row (transformed_runs' foreign
+    -- key): Citus runs the INSERT ... SELECT on the tenant's shard, where with
+    -- the values as constants it pulled the rows to the coordinator
     INSERT INTO ironwod.transformed_runs (tenant_id, gym_id, run_id, transformed_by)
-    SELECT v_t, v_g, x, p_run_id FROM unnest(v_runs) AS x
+    SELECT c.tenant_id, c.gym_id, x, p_run_id
+    FROM ironwod.integrations_wodify_connection c, unnest(v_runs) AS x
+    WHERE c.tenant_id = v_t AND c.gym_id = v_g
     ON CONFLICT DO NOTHING;
     PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', false);
     RETURN v_out;

@@ -1118,6 +1118,13 @@ COMMENT ON FUNCTION ironwod.metrics_person_hashes(uuid, uuid, date) IS 'Refresh,
 -- a rescinded spell, a bridged gap whose coverage resumed since), and the
 -- people billed on the memberships of all of them.  From v_open on, and on a
 -- NULL p_people, everyone.  Money and the cache rows are per gym: from p_from.
+--
+-- On Citus its own statements between the stages run on the tenant's node too,
+-- which plans them with its own settings: the SET clause (jit = off) is
+-- forwarded there (forward_set_clauses), and again after each stage that its
+-- own statements follow, because a stage puts the nodes back to the defaults
+-- as it returns (stage_planner_settings(false)).  Without that the nodes
+-- planned the person hashes, the watermark and the masking with JIT on.
 CREATE FUNCTION ironwod.compute_metrics(p_from date, p_people bigint[] DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -1148,6 +1155,8 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
     END IF;
+    -- the SET clause on the Citus nodes too, which plan the statements below
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
     s := ironwod.metric_config();
     v_tz := ironwod.gym_time_zone(v_t, v_g);
     v_today := ironwod.metrics_today(v_tz);
@@ -1178,6 +1187,8 @@ BEGIN
     PERFORM ironwod.metrics_day_states(v_t, v_g, v_today);
 
     IF v_open > v_from THEN
+        -- the stages set the nodes back to the defaults (see above)
+        PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
         v_after := ironwod.metrics_person_hashes(v_t, v_g, v_open);
         SELECT array_agg(DISTINCT x.p ORDER BY x.p) INTO v_people
         FROM (SELECT unnest(v_people) AS p
@@ -1208,6 +1219,7 @@ BEGIN
     PERFORM ironwod.metrics_month_flags(v_t, v_g, v_from, v_today, v_open, v_people);
     PERFORM ironwod.metrics_month_money(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today);
 
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
     SELECT greatest(
         (SELECT max(source_updated_at) FROM ironwod.memberships WHERE tenant_id = v_t AND gym_id = v_g),
         (SELECT max(source_updated_at) FROM ironwod.membership_holds WHERE tenant_id = v_t AND gym_id = v_g),
@@ -1220,6 +1232,7 @@ BEGIN
     v_rows := ironwod.metrics_cache_rows(v_t, v_g, s, v_tz, v_keys, v_from, v_hist, v_today, v_wm,
                                          ironwod.config_hash(s));
     PERFORM ironwod.metrics_pooled(v_t, v_g, v_from);
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
 
     -- The newest source change is stamped on every cached month, not only on the
     -- months recomputed now: the recompute policy recomputed every month a change
@@ -1229,6 +1242,7 @@ BEGIN
      WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.source_watermark IS DISTINCT FROM v_wm;
     -- Unknown is NULL: metrics of entities the gym's plan does not include (82_unknowns).
     PERFORM ironwod.mask_unknown_metrics();
+    PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', false);
 
     RETURN jsonb_build_object('from', v_from, 'to', v_cur, 'history_start', v_hist, 'time_zone', v_tz,
                               'spells', v_spells, 'facts', v_facts, 'cache_rows', v_rows)

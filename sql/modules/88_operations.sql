@@ -69,7 +69,12 @@ $$;
 COMMENT ON FUNCTION ironwod.log_run(uuid, uuid, bigint) IS 'Write the structured LOG line of a finished run (ironwod.run_summary as one JSON line)';
 
 -- The worker's transform step: ironwod.transform_run, then its rows written per
--- entity recorded as the run's transformed counts.
+-- entity recorded as the run's transformed counts.  The rows' tenant, gym and
+-- run come from the run's row, and the entities are read from the registry
+-- first: Citus runs the INSERT ... SELECT on the tenant's shard only when the
+-- tenant it writes is read from a distributed table and nothing in it is a
+-- reference table (joined to one, it planned a task for every shard); with
+-- the values as constants it pulled the rows to the coordinator.
 CREATE FUNCTION ironwod.transform_step(p_run_id bigint) RETURNS jsonb
 LANGUAGE plpgsql
 AS $$
@@ -77,11 +82,15 @@ DECLARE
     v_t uuid := ironwod.scope_tenant();
     v_g uuid := ironwod.scope_gym();
     v_written jsonb := ironwod.transform_run(p_run_id);
+    v_entities text[];
 BEGIN
+    v_entities := ARRAY(SELECT e.entity FROM ironwod.entities e
+                        WHERE jsonb_typeof(v_written -> e.entity) = 'number'
+                          AND (v_written ->> e.entity)::integer > 0);
     INSERT INTO ironwod.sync_run_entities AS s (tenant_id, gym_id, run_id, entity, transformed)
-    SELECT v_t, v_g, p_run_id, e.entity, (v_written ->> e.entity)::integer
-    FROM ironwod.entities e
-    WHERE jsonb_typeof(v_written -> e.entity) = 'number' AND (v_written ->> e.entity)::integer > 0
+    SELECT r.tenant_id, r.gym_id, r.run_id, x.entity, (v_written ->> x.entity)::integer
+    FROM ironwod.sync_runs r, unnest(v_entities) AS x(entity)
+    WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id
     ON CONFLICT (tenant_id, gym_id, run_id, entity) DO UPDATE SET transformed = excluded.transformed;
     RETURN v_written;
 END

@@ -141,6 +141,42 @@ SELECT pg_temp.check(:'forwarded' = 'off,off,off' AND :'reset' = 'on,on,on',
                      'forward_set_clauses sets transform_records'' SET clauses on the tenant''s node, and back',
                      :'forwarded' || ' then ' || :'reset');
 
+-- compute_metrics runs its own statements between the stages on the tenant's
+-- node with its SET clause (jit = off), forwarded (forward_set_clauses), and
+-- the stages' with theirs: a probe on the cache's shard placements (a
+-- statement trigger writing to a table of each worker node's own) records the
+-- settings every UPDATE of the cache ran with there, the stages' (the pooled
+-- figures) and compute_metrics' own (the watermark, the masking of unknowns).
+-- Without the forwarding its own ran with the defaults the last stage left.
+SELECT count(*) FILTER (WHERE NOT success) AS probe_failures FROM run_command_on_workers($cmd$
+    SET citus.enable_ddl_propagation TO off;
+    CREATE TABLE public.node_settings_probe (jit text, nestloop text);
+    GRANT INSERT ON public.node_settings_probe TO PUBLIC;
+    CREATE FUNCTION public.node_settings_probe() RETURNS trigger LANGUAGE plpgsql AS $f$
+    BEGIN
+        INSERT INTO public.node_settings_probe VALUES (current_setting('jit'), current_setting('enable_nestloop'));
+        RETURN NULL;
+    END $f$$cmd$) \gset
+SELECT count(*) FILTER (WHERE NOT success) + :probe_failures AS probe_failures
+FROM run_command_on_placements('ironwod.gym_monthly_metrics_cache',
+    'CREATE TRIGGER node_settings_probe AFTER UPDATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION public.node_settings_probe()') \gset
+BEGIN;
+SELECT ironwod_set_scope('11111111-1111-1111-1111-111111111111', 'aaaaaaaa-0000-0000-0000-000000000001') \g /dev/null
+SELECT ironwod.refresh_metrics_all() \g /dev/null
+COMMIT;
+SELECT coalesce(string_agg(result, ',' ORDER BY result), '') AS probed FROM run_command_on_workers(
+    $$SELECT coalesce(string_agg(DISTINCT jit || '/' || nestloop, ','), '') FROM public.node_settings_probe$$)
+WHERE result <> '' \gset
+SELECT count(*) FILTER (WHERE NOT success) + :probe_failures AS probe_failures
+FROM run_command_on_placements('ironwod.gym_monthly_metrics_cache', 'DROP TRIGGER node_settings_probe ON %s') \gset
+SELECT count(*) FILTER (WHERE NOT success) + :probe_failures AS probe_failures FROM run_command_on_workers($cmd$
+    SET citus.enable_ddl_propagation TO off;
+    DROP FUNCTION public.node_settings_probe();
+    DROP TABLE public.node_settings_probe$cmd$) \gset
+SELECT pg_temp.check(:probe_failures = 0 AND :'probed' = 'off/off,off/on',
+                     'compute_metrics runs its own statements on the tenant''s node with its SET clause (jit off), its stages with theirs (nested loops off too)',
+                     'the cache''s UPDATEs there ran with jit/enable_nestloop = ' || :'probed' || '; probe failures: ' || :probe_failures);
+
 -- ironwod.payload_hash(entity, payload) over every raw row of every tenant: Citus
 -- runs it on the shards' nodes, where it reads the registry (a reference table)
 -- from the node's own placement; every hash a run stored is the recomputed one
