@@ -65,6 +65,7 @@ CREATE TABLE public.bench (ord serial, section text, what text, scale text, reco
                            value numeric, unit text);
 CREATE TABLE public.bench_pages (entity text, records_key text, n integer, body text);
 CREATE TABLE public.bench_peer (entity text, wodify_id bigint, payload jsonb, PRIMARY KEY (entity, wodify_id));
+CREATE TABLE public.bench_units (section text, scale text, entity text, units bigint, pages bigint, one_page bigint);
 SQL
 
 # watch_mem RUN OUT: samples of the run worker while the run lasts, one line each:
@@ -133,6 +134,11 @@ FROM e, f, r, m, LATERAL (VALUES
     ('RssAnon landing', NULL, round(m.anon_land, 1), 'MB'),
     ('RssAnon transform+refresh', NULL, round(m.anon_after, 1), 'MB'),
     ('status', NULL, CASE r.status WHEN 'succeeded' THEN 1 ELSE 0 END, r.status)) AS x(what, s, v, u);
+-- the run's shape: units of work and pages per unit, by entity
+INSERT INTO bench_units
+SELECT :'section', :'scale', u.entity, count(*), sum(u.pages), count(*) FILTER (WHERE u.pages = 1)
+FROM ironwod.run_units u WHERE u.run_id = :run AND u.status = 'done'
+GROUP BY u.entity;
 SQL
 }
 
@@ -384,5 +390,13 @@ WHERE w.section = 'nightly' AND w.what = 'wall';
 SELECT format('%s medium gyms'' nightly runs at once, ironwod.max_workers = 4: %s s, so %s gyms kept current per hour on this box',
               :nconc, round(seconds, 1), round(value))
 FROM bench WHERE section = 'concurrent';
+SELECT '';
+SELECT format('units of work (pages, one-page units): %s', string_agg(x.s, '; ' ORDER BY x.section, x.n))
+FROM (SELECT section, sum(units) AS n,
+             format('%s %s %s (%s, %s one-page; class sign-ins %s (%s, %s))', scale, section, sum(units), sum(pages),
+                    sum(one_page), sum(units) FILTER (WHERE entity = 'class_signins'),
+                    sum(pages) FILTER (WHERE entity = 'class_signins'),
+                    sum(one_page) FILTER (WHERE entity = 'class_signins')) AS s
+      FROM bench_units GROUP BY section, scale) x;
 SELECT format('(bench total %s s)', extract(epoch FROM now())::bigint - :began);
 SQL
