@@ -48,6 +48,7 @@ int			ironwod_breaker_threshold = 5;
 int			ironwod_run_timeout_min = 360;
 int			ironwod_watchdog_timeout_s = 900;
 int			ironwod_max_record_bytes = 4 * 1024 * 1024;
+int			ironwod_pages_per_commit = 16;
 bool		ironwod_allow_plaintext_keys = false;
 
 /*
@@ -271,6 +272,11 @@ define_gucs(void)
 							NULL, &ironwod_max_record_bytes, 4 * 1024 * 1024,
 							1024, 64 * 1024 * 1024,
 							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.pages_per_commit",
+							"Pages a run worker lands in one transaction.",
+							"The pages are fetched with no transaction open, then landed and committed together (at most 8 MB of responses); a crash refetches at most this many pages.  1 commits every page on its own.",
+							&ironwod_pages_per_commit, 16, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("ironwod.max_retries",
 							"Retries of one request on 429, 5xx and transport errors.",
 							NULL, &ironwod_max_retries, 5, 0, 100,

@@ -66,6 +66,7 @@ extern int	ironwod_request_timeout_ms;
 extern int	ironwod_low_speed_time_s;
 extern int	ironwod_max_response_bytes;
 extern int	ironwod_max_retries;
+extern int	ironwod_pages_per_commit;
 extern double ironwod_requests_per_second;
 extern int	ironwod_burst;
 extern double ironwod_cluster_requests_per_second;
@@ -299,6 +300,8 @@ typedef struct IwTask
 	char	   *window_key;
 	char	   *url;			/* relative to ironwod.base_url, no page args */
 	int			page_size;
+	int			entity_ordinal; /* the unit's place in the run (run_units) */
+	int			ordinal;
 } IwTask;
 
 typedef struct IwLandResult
@@ -320,10 +323,19 @@ extern void iw_exit_if_postmaster_dead(void);
 extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
 extern void iw_set_local_scope(const char *tenant, const char *gym);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
-extern bool iw_next_task(int64 run_id, IwTask *task, MemoryContext keep);
-extern void iw_land_page(int64 run_id, const IwTask *task, int page,
-						 char *body, size_t body_len, const char *prev_digest,
-						 double latency_ms, IwLandResult *res, MemoryContext keep);
+extern int	iw_next_tasks(int64 run_id, const IwTask *after, bool plan, IwTask *tasks,
+						  int max, MemoryContext keep);
+
+/* Pages fetched, checked and waiting to be landed together (land.c). */
+typedef struct IwBatch IwBatch;
+
+extern IwBatch *iw_batch_create(MemoryContext parent);
+extern void iw_check_page(IwBatch *batch, int64 run_id, const IwTask *task, int page,
+						  char *body, size_t body_len, const char *prev_digest,
+						  double latency_ms, IwLandResult *res, MemoryContext keep);
+extern bool iw_batch_full(const IwBatch *batch);
+extern int	iw_batch_pages(const IwBatch *batch);
+extern void iw_land_batch(IwBatch *batch, int64 run_id);
 extern void iw_mark_not_entitled(int64 run_id, const char *entity);
 extern void iw_run_step(int64 run_id, const char *sql, const char *activity);
 extern void iw_finish_run(int64 run_id);

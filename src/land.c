@@ -2,15 +2,23 @@
  *
  * land.c
  *	  The run worker's SQL side: short transactions that claim a run, ask for
- *	  the next unit of work, land one page, and finish or fail the run.  The
- *	  data logic itself lives in SQL (sql/modules/40_landing.sql); this file
- *	  opens transactions, binds parameters and copies results out.
+ *	  the next units of work, land a batch of pages, and finish or fail the
+ *	  run.  The data logic itself lives in SQL (sql/modules/40_landing.sql);
+ *	  this file opens transactions, binds parameters and copies results out.
  *
- *	  Landing a page is the hot path, so it is done here with statements
- *	  prepared once per process (SPI_keepplan): the page parsed by page.c,
- *	  its records inserted as arrays in one statement, the bookkeeping in
- *	  one more (ironwod.page_statement; ironwod.unit_landed on a unit's last
- *	  page).  ironwod.land_page exposes the same code to SQL for tests.
+ *	  Landing is the hot path, so it is done here with statements prepared
+ *	  once per process (SPI_keepplan).  Each page is parsed and checked by
+ *	  page.c as soon as it is fetched, with no transaction open
+ *	  (iw_check_page), and waits in a batch; up to ironwod.pages_per_commit
+ *	  pages of one entity (and at most IW_BATCH_MAX_BYTES of responses) are
+ *	  then landed in one transaction (iw_land_batch): their records inserted
+ *	  as arrays in as few statements as the upsert limits allow, the
+ *	  bookkeeping in one more (ironwod.page_statement, with the batch's
+ *	  counters summed), and the units the batch completed marked done in one
+ *	  call (ironwod.units_landed).  What a page costs whatever its size (a
+ *	  transaction, the connection row held, the bookkeeping, a commit) is so
+ *	  paid once per batch.  ironwod.land_page exposes the same code to SQL
+ *	  for tests, one page at a time.
  *
  *	  No transaction is ever open while HTTP runs: each function here starts
  *	  and commits its own.
@@ -44,6 +52,8 @@ PG_FUNCTION_INFO_V1(ironwod_split_page);
 
 static SPIPlanPtr prepare_kept(const char *sql, int nargs, Oid *types);
 static Datum scope_uuid(const char *guc);
+static struct IwLanding *landing_for(const char *entity, int64 run_id);
+static void prepare_bookkeeping(void);
 
 /*
  * The scope of this worker's session (run workers only; the supervisor has
@@ -220,11 +230,16 @@ iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep)
 }
 
 /*
- * The next unit of the run.  Most calls find a unit the current entity has
- * left, which is the first query of ironwod.next_task: prepared once and run
- * here, that costs an index probe; ironwod.next_task itself (a PL/pgSQL call
- * per unit, a tenth of the time of a one-page unit) runs only when nothing
- * is pending, to plan the next entity.
+ * The next units of the run after the one given (none: from the start), up to
+ * max of them, in run order: the pending units of the entity being fetched,
+ * which is the first query of ironwod.next_task.  Prepared once and run here,
+ * that costs an index probe for max units; ironwod.next_task itself (a
+ * PL/pgSQL call that plans the next entity) runs only when plan is set and
+ * nothing is pending after the given unit.  The caller lands what it fetched
+ * of the current entity before it asks to plan: planning an entity reads what
+ * the run landed before (the clients whose sign-ins changed), and a batch
+ * holds the pages of one entity.  Units handed out stay pending until the
+ * batch that lands their last page marks them done, hence the cursor.
  *
  * Planning an entity runs the same few PL/pgSQL statements for each entity
  * of the run, and PL/pgSQL plans a statement afresh (a custom plan) for each
@@ -236,51 +251,79 @@ iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep)
  * do not hang on their parameters' values: they read a run's, a gym's or an
  * entity's rows by key, or, for the clients, all of the gym's versions with
  * linear joins (ironwod.plan_entity).
+ *
+ * The units' entity is made ready for landing here (landing_for), in this
+ * transaction, so that checking their pages needs none.
  */
-bool
-iw_next_task(int64 run_id, IwTask *task, MemoryContext keep)
+int
+iw_next_tasks(int64 run_id, const IwTask *after, bool plan, IwTask *tasks, int max,
+			  MemoryContext keep)
 {
 	static SPIPlanPtr pending_plan = NULL;
 	static SPIPlanPtr plan_plan = NULL;
-	Oid			types[3] = {UUIDOID, UUIDOID, INT8OID};
-	Datum		values[3];
-	bool		found = false;
+	Oid			types[6] = {UUIDOID, UUIDOID, INT8OID, INT4OID, INT4OID, INT4OID};
+	Datum		values[6];
+	int			n = 0;
 
 	iw_txn_begin("ironwod plan next task");
 	if (pending_plan == NULL)
 	{
-		pending_plan = prepare_kept("SELECT u.entity, u.window_key, u.url, x.page_size "
+		pending_plan = prepare_kept("SELECT u.entity, u.window_key, u.url, x.page_size, "
+									"u.entity_ordinal, u.ordinal "
 									"FROM ironwod.run_units u JOIN ironwod.entities x ON x.entity = u.entity "
 									"WHERE u.tenant_id = $1 AND u.gym_id = $2 AND u.run_id = $3 "
-									"AND u.status = 'pending' "
-									"ORDER BY u.entity_ordinal, u.ordinal LIMIT 1", 3, types);
-		plan_plan = prepare_kept("SELECT entity, window_key, url, page_size FROM ironwod.next_task($1)",
-								 1, types + 2);
+									"AND u.status = 'pending' AND (u.entity_ordinal, u.ordinal) > ($4, $5) "
+									"ORDER BY u.entity_ordinal, u.ordinal LIMIT $6", 6, types);
+		plan_plan = prepare_kept("SELECT 1 FROM ironwod.next_task($1)", 1, types + 2);
 	}
 	values[0] = scope_uuid("ironwod.tenant_id");
 	values[1] = scope_uuid("ironwod.gym_id");
 	values[2] = Int64GetDatum(run_id);
-	if (SPI_execute_plan(pending_plan, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "ironwod: looking up the run's next unit failed");
-	if (SPI_processed == 0)
+	values[3] = Int32GetDatum(after != NULL ? after->entity_ordinal : PG_INT32_MIN);
+	values[4] = Int32GetDatum(after != NULL ? after->ordinal : PG_INT32_MIN);
+	values[5] = Int32GetDatum(Max(max, 1));
+	if (SPI_execute_plan(pending_plan, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "ironwod: looking up the run's next units failed");
+	if (SPI_processed == 0 && plan)
 	{
 		if (!citus_loaded())
 			(void) set_config_option("plan_cache_mode", "force_generic_plan", PGC_USERSET, PGC_S_SESSION,
 									 GUC_ACTION_LOCAL, true, 0, false);
 		if (SPI_execute_plan(plan_plan, values + 2, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "ironwod: planning the run's next entity failed");
+		if (SPI_processed > 0)
+		{
+			/*
+			 * The new entity's first units: nothing before them is pending.
+			 * Not read-only, so that it sees the units just planned.
+			 */
+			values[3] = values[4] = Int32GetDatum(PG_INT32_MIN);
+			if (SPI_execute_plan(pending_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "ironwod: looking up the run's next units failed");
+		}
 	}
-	if (SPI_processed > 0)
+	for (uint64 r = 0; r < SPI_processed && n < Max(max, 1); r++, n++)
 	{
-		found = true;
-		task->entity = result_text(1, keep);
-		task->window_key = result_text(2, keep);
-		task->url = result_text(3, keep);
-		task->page_size = pg_strtoint32(SPI_getvalue(SPI_tuptable->vals[0],
-													 SPI_tuptable->tupdesc, 4));
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *v;
+
+		tasks[n].entity = MemoryContextStrdup(keep, SPI_getvalue(tup, desc, 1));
+		tasks[n].window_key = MemoryContextStrdup(keep, SPI_getvalue(tup, desc, 2));
+		tasks[n].url = MemoryContextStrdup(keep, SPI_getvalue(tup, desc, 3));
+		tasks[n].page_size = pg_strtoint32(SPI_getvalue(tup, desc, 4));
+		tasks[n].entity_ordinal = pg_strtoint32(SPI_getvalue(tup, desc, 5));
+		v = SPI_getvalue(tup, desc, 6);
+		tasks[n].ordinal = pg_strtoint32(v);
 	}
+	/* after the rows are copied: these run statements of their own */
+	for (int i = 0; i < n; i++)
+		if (i == 0 || strcmp(tasks[i].entity, tasks[i - 1].entity) != 0)
+			(void) landing_for(tasks[i].entity, run_id);
+	if (n > 0)
+		prepare_bookkeeping();
 	iw_txn_commit();
-	return found;
+	return n;
 }
 
 /* ---- landing a page ---- */
@@ -309,6 +352,59 @@ static int	n_landings = 0;
 /* Records per raw upsert, and the payload bytes one may carry. */
 #define IW_UPSERT_MAX_ROWS	1000
 #define IW_UPSERT_MAX_BYTES (8 * 1024 * 1024)
+
+/*
+ * The page's poison records as the parameters of ironwod.quarantine: ids (NULL
+ * when unreadable), reasons and raw bytes.  Built while the body, which the
+ * raw bytes point into, is still there; the copies are as large as the poison
+ * itself, nothing more.
+ */
+typedef struct IwPoison
+{
+	int			n;
+	ArrayType  *ids;
+	ArrayType  *reasons;
+	ArrayType  *raws;
+	char		summary[256];	/* "nul 1, invalid_utf8 2": reasons, no content */
+} IwPoison;
+
+/*
+ * A page fetched and checked, waiting in its batch: parsed into its own
+ * memory context, which goes when the batch has landed.
+ */
+typedef struct IwBatchPage
+{
+	MemoryContext cxt;
+	char	   *window_key;
+	int			page_no;
+	bool		has_more;		/* false: the unit's last page */
+	double		latency_ms;		/* < 0: not measured */
+	IwPage		page;
+	IwPoison	poison;
+} IwBatchPage;
+
+/*
+ * Pages of one entity landed in one transaction: at most
+ * ironwod.pages_per_commit of them (1 while this library drives SQL whose
+ * page_statement counts one page per call) and, past the first page, at most
+ * IW_BATCH_MAX_BYTES of response bodies.  What the batch holds is its pages'
+ * records as jsonb, about the size of the bodies, so the bound is on memory
+ * as much as on what a crash refetches.
+ */
+struct IwBatch
+{
+	MemoryContext cxt;			/* the pages' contexts are its children */
+	IwLanding  *l;				/* the pages' entity */
+	IwBatchPage *pages;
+	int			n;
+	int			cap;
+	Size		bytes;
+};
+
+#define IW_BATCH_MAX_BYTES	(8 * 1024 * 1024)
+
+/* Does ironwod.page_statement() count a batch's pages ($12)?  Else one a call. */
+static bool batch_sql = false;
 
 static SPIPlanPtr
 prepare_kept(const char *sql, int nargs, Oid *types)
@@ -524,34 +620,94 @@ store_batch(IwLanding *l, Datum *params, const char *nulls)
 	return n;
 }
 
+/* Order of a batch's records by (id, payload hash), then by place in the batch. */
+static int
+batch_record_cmp(const void *a, const void *b, void *arg)
+{
+	IwRecord  **recs = (IwRecord **) arg;
+	int			x = *(const int *) a;
+	int			y = *(const int *) b;
+	int			c;
+
+	if (recs[x]->id != recs[y]->id)
+		return recs[x]->id < recs[y]->id ? -1 : 1;
+	c = memcmp(recs[x]->hash, recs[y]->hash, IW_PAYLOAD_HASH_LEN);
+	if (c != 0)
+		return c;
+	return x < y ? -1 : (x > y ? 1 : 0);
+}
+
 /*
- * Upsert the page's good records into the raw table, at most
- * IW_UPSERT_MAX_ROWS rows and IW_UPSERT_MAX_BYTES of payload per statement,
- * so a page of huge records never needs a second copy of itself at once.
- * Each batch's payloads are freed once they are stored.  Returns the number
- * of new versions.
+ * Upsert the good records of the batch's pages into the raw table, in page
+ * order, at most IW_UPSERT_MAX_ROWS rows and IW_UPSERT_MAX_BYTES of payload
+ * per statement, so a page of huge records never needs a second copy of
+ * itself at once.  A version that two pages of the batch carry (a record that
+ * moved a page while the unit was read) is stored once, by its first page:
+ * one statement may not affect a row twice (ON CONFLICT DO UPDATE), and a
+ * version stored by an earlier page of the same run would only have its
+ * last sighting set again.  Each statement's payloads are freed once stored.
+ * Returns the number of new versions.
  */
 static int
-upsert_records(IwLanding *l, int64 run_id, IwPage *page)
+upsert_records(IwLanding *l, int64 run_id, IwBatch *batch)
 {
 	Datum		params[8];
 	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	int			n = page->n_records;
-	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *payloads = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *hashes = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *updated = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *updated_null = palloc(sizeof(bool) * Max(n, 1));
+	int			total = 0;
+	int			n = 0;
+	IwRecord  **recs;
+	Datum	   *ids;
+	Datum	   *payloads;
+	Datum	   *hashes;
+	Datum	   *updated;
+	bool	   *updated_null;
 	int			n_new = 0;
 	int			i = 0;
 
+	for (int p = 0; p < batch->n; p++)
+		total += batch->pages[p].page.n_records;
+	recs = palloc(sizeof(IwRecord *) * Max(total, 1));
+	for (int p = 0; p < batch->n; p++)
+	{
+		IwPage	   *page = &batch->pages[p].page;
+
+		for (int k = 0; k < page->n_records; k++)
+			if (page->records[k].fault == NULL && !page->records[k].duplicate)
+				recs[n++] = &page->records[k];
+	}
+	if (batch->n > 1 && n > 1)
+	{
+		int		   *order = palloc(sizeof(int) * n);
+		bool	   *again = palloc0(sizeof(bool) * n);
+		int			kept = 0;
+
+		for (int k = 0; k < n; k++)
+			order[k] = k;
+		qsort_arg(order, n, sizeof(int), batch_record_cmp, recs);
+		for (int k = 1; k < n; k++)
+			if (recs[order[k]]->id == recs[order[k - 1]]->id &&
+				memcmp(recs[order[k]]->hash, recs[order[k - 1]]->hash, IW_PAYLOAD_HASH_LEN) == 0)
+				again[order[k]] = true;
+		for (int k = 0; k < n; k++)
+			if (!again[k])
+				recs[kept++] = recs[k];
+		n = kept;
+		pfree(order);
+		pfree(again);
+	}
+
+	ids = palloc(sizeof(Datum) * Max(n, 1));
+	payloads = palloc(sizeof(Datum) * Max(n, 1));
+	hashes = palloc(sizeof(Datum) * Max(n, 1));
+	updated = palloc(sizeof(Datum) * Max(n, 1));
+	updated_null = palloc(sizeof(bool) * Max(n, 1));
 	params[0] = scope_uuid("ironwod.tenant_id");
 	params[1] = scope_uuid("ironwod.gym_id");
 	params[2] = Int64GetDatum(run_id);
 	params[3] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	while (i < n)
 	{
-		int			batch = 0;
+		int			rows = 0;
 		Size		bytes = 0;
 		int			first = i;
 		int			dims[1];
@@ -561,44 +717,35 @@ upsert_records(IwLanding *l, int64 run_id, IwPage *page)
 				   *a_hashes,
 				   *a_updated;
 
-		for (; i < n && batch < IW_UPSERT_MAX_ROWS && bytes < IW_UPSERT_MAX_BYTES; i++)
+		for (; i < n && rows < IW_UPSERT_MAX_ROWS && bytes < IW_UPSERT_MAX_BYTES; i++)
 		{
-			IwRecord   *r = &page->records[i];
+			IwRecord   *r = recs[i];
 			bytea	   *h;
 
-			if (r->fault != NULL || r->duplicate)
-				continue;
 			h = palloc(VARHDRSZ + IW_PAYLOAD_HASH_LEN);
 			SET_VARSIZE(h, VARHDRSZ + IW_PAYLOAD_HASH_LEN);
 			memcpy(VARDATA(h), r->hash, IW_PAYLOAD_HASH_LEN);
-			ids[batch] = Int64GetDatum(r->id);
-			payloads[batch] = PointerGetDatum(r->payload);
-			hashes[batch] = PointerGetDatum(h);
-			updated[batch] = TimestampTzGetDatum(r->updated_at);
-			updated_null[batch] = !r->has_updated_at;
+			ids[rows] = Int64GetDatum(r->id);
+			payloads[rows] = PointerGetDatum(r->payload);
+			hashes[rows] = PointerGetDatum(h);
+			updated[rows] = TimestampTzGetDatum(r->updated_at);
+			updated_null[rows] = !r->has_updated_at;
 			bytes += VARSIZE(r->payload);
-			batch++;
+			rows++;
 		}
-		if (batch == 0)
-			break;
-		dims[0] = batch;
-		a_ids = construct_array(ids, batch, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
-		a_payloads = construct_array(payloads, batch, JSONBOID, -1, false, TYPALIGN_INT);
-		a_hashes = construct_array(hashes, batch, BYTEAOID, -1, false, TYPALIGN_INT);
+		dims[0] = rows;
+		a_ids = construct_array(ids, rows, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
+		a_payloads = construct_array(payloads, rows, JSONBOID, -1, false, TYPALIGN_INT);
+		a_hashes = construct_array(hashes, rows, BYTEAOID, -1, false, TYPALIGN_INT);
 		a_updated = construct_md_array(updated, updated_null, 1, dims, lbs, TIMESTAMPTZOID, 8,
 									   FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 		/* the array holds its own copy: the records' payloads are done with */
 		for (int j = first; j < i; j++)
 		{
-			IwRecord   *r = &page->records[j];
-
-			if (r->payload != NULL && !r->duplicate)
-			{
-				pfree(r->payload);
-				r->payload = NULL;
-			}
+			pfree(recs[j]->payload);
+			recs[j]->payload = NULL;
 		}
-		for (int j = 0; j < batch; j++)
+		for (int j = 0; j < rows; j++)
 			pfree(DatumGetPointer(hashes[j]));
 		params[4] = PointerGetDatum(a_ids);
 		params[5] = PointerGetDatum(a_payloads);
@@ -610,6 +757,7 @@ upsert_records(IwLanding *l, int64 run_id, IwPage *page)
 		pfree(a_hashes);
 		pfree(a_updated);
 	}
+	pfree(recs);
 	pfree(ids);
 	pfree(payloads);
 	pfree(hashes);
@@ -631,20 +779,6 @@ good_ids(const IwPage *page)
 	return construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE);
 }
 
-/*
- * The page's poison records as the parameters of ironwod.quarantine: ids (NULL
- * when unreadable), reasons and raw bytes.  Built while the body, which the
- * raw bytes point into, is still there; the copies are as large as the poison
- * itself, nothing more.
- */
-typedef struct IwPoison
-{
-	int			n;
-	ArrayType  *ids;
-	ArrayType  *reasons;
-	ArrayType  *raws;
-	char		summary[256];	/* "nul 1, invalid_utf8 2": reasons, no content */
-} IwPoison;
 
 static void
 collect_poison(const IwPage *page, IwPoison *p)
@@ -710,6 +844,7 @@ collect_poison(const IwPage *page, IwPoison *p)
 static double latency_bounds[IW_LATENCY_BUCKETS - 1];
 static SPIPlanPtr counts_plan = NULL;
 static SPIPlanPtr unit_plan = NULL;
+static SPIPlanPtr units_plan = NULL;
 static SPIPlanPtr unvanish_plan = NULL;
 static SPIPlanPtr quarantine_plan = NULL;
 static SPIPlanPtr unquarantine_plan = NULL;
@@ -718,11 +853,13 @@ static int64 beat_run = 0;
 static TimestampTz beat_at = 0;
 
 /*
- * Hold the gym's connection row FOR SHARE for the rest of the page's
+ * Hold the gym's connection row FOR SHARE for the rest of the batch's
  * transaction, before anything is written.  ironwod_pause and
  * ironwod_disconnect lock that row before they cancel the run, so they wait
- * for a page in flight to commit, or the page waits for them and then finds
- * its run cancelled (page_bookkeeping) and rolls back.  Without it, a page
+ * for a batch in flight to commit (its landing, never its fetching: the
+ * pages are fetched with no transaction open), or the batch waits for them
+ * and then finds its run cancelled (batch_bookkeeping) and rolls back.
+ * Without it, a page
  * whose run check saw the run running could commit after the cancel, and
  * after a later run of the gym had moved the transform cursor past its
  * versions (they were numbered before that run's): never transformed.  The
@@ -753,75 +890,115 @@ hold_connection(void)
 }
 
 /*
- * The page's bookkeeping, in its transaction: the entity's counters (which
- * also prove the run is still running), vanished and quarantined records seen
- * again cleanly, the page's poison records, the unit's completion on its last
- * page, and about once a second the run's heartbeat and request counts.  One
- * statement per page in the common case.
+ * Prepare the bookkeeping statements, once per process, in a transaction with
+ * SPI connected.  Whether page_statement counts a batch's pages (1.1's SQL)
+ * decides how many pages a batch may hold.
  */
 static void
-page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
-				 const IwPage *page, int n_new, bool has_more, const IwAttempts *attempts,
-				 double latency_ms, const IwPoison *poison)
+prepare_bookkeeping(void)
 {
-	Datum		values[11];
-	char		nulls[11] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Oid			types[12] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
+	FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID, INT4OID};
+	Oid			quarantine_types[7] = {INT8OID, TEXTOID, TEXTOID, INT8ARRAYOID, TEXTARRAYOID,
+	BYTEAARRAYOID, TIMESTAMPTZOID};
+	Datum	   *bounds;
+	bool	   *bnulls;
+	int			nb;
+	bool		isnull;
+	char	   *statement;
+	Oid			unit_types[4] = {INT8OID, TEXTOID, TEXTOID, INT4OID};
+	Oid			units_types[4] = {INT8OID, TEXTOID, TEXTARRAYOID, INT4ARRAYOID};
+	Oid			unvanish_types[2] = {TEXTOID, INT8ARRAYOID};
+	Oid			beat_types[2] = {INT8OID, TIMESTAMPTZOID};
+
+	if (counts_plan != NULL)
+		return;
+	run_sql("SELECT ironwod.page_statement(), ironwod.latency_buckets()", 0, NULL, NULL, NULL,
+			SPI_OK_SELECT);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+													   2, &isnull)),
+					  FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &bounds, &bnulls, &nb);
+	if (nb != IW_LATENCY_BUCKETS - 1)
+		elog(ERROR, "ironwod.latency_buckets() must have %d bounds", IW_LATENCY_BUCKETS - 1);
+	for (int i = 0; i < nb; i++)
+		latency_bounds[i] = DatumGetFloat8(bounds[i]);
+	statement = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	/* 1.0's statement counts one page a call and has no $12, which is then unused */
+	batch_sql = strstr(statement, "$12") != NULL;
+	counts_plan = prepare_kept(statement, 12, types);
+	unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
+	if (batch_sql)
+		units_plan = prepare_kept("SELECT ironwod.units_landed($1, $2, $3, $4)", 4, units_types);
+	unvanish_plan = prepare_kept("SELECT ironwod.unvanish($1, $2)", 2, unvanish_types);
+	unquarantine_plan = prepare_kept("SELECT ironwod.unquarantine($1, $2)", 2, unvanish_types);
+	quarantine_plan = prepare_kept("SELECT ironwod.quarantine($1, $2, $3, $4, $5, $6, $7)", 7,
+								   quarantine_types);
+	beat_plan = prepare_kept("SELECT ironwod.count_requests($1, $2, 'land')", 2, beat_types);
+}
+
+/*
+ * The batch's bookkeeping, in its transaction: the entity's counters summed
+ * over the batch's pages (which also prove the run is still running), then,
+ * page by page in fetch order, vanished and quarantined records seen again
+ * cleanly and the page's poison records, then the completion of the units
+ * whose last page the batch holds, and about once a second the run's
+ * heartbeat and request counts.  Two statements per batch in the common case.
+ */
+static void
+batch_bookkeeping(IwLanding *l, int64 run_id, IwBatch *batch, int n_new,
+				  const IwAttempts *attempts)
+{
+	Datum		values[12];
+	char		nulls[12] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	TimestampTz now = GetCurrentTimestamp();
 	Datum		hist[IW_LATENCY_BUCKETS];
-	int			bucket = 0;
-	ArrayType  *ids = NULL;
+	int			counts[IW_LATENCY_BUCKETS] = {0};
+	int			records = 0;
+	int			quarantined = 0;
+	double		latency = 0;
+	bool		has_watermark = false;
+	TimestampTz watermark = 0;
+	Datum	   *unit_keys = palloc(sizeof(Datum) * batch->n);
+	Datum	   *unit_pages = palloc(sizeof(Datum) * batch->n);
+	int			n_units = 0;
 
-	if (counts_plan == NULL)
+	prepare_bookkeeping();
+	for (int p = 0; p < batch->n; p++)
 	{
-		Oid			types[11] = {UUIDOID, UUIDOID, INT8OID, TEXTOID, INT8ARRAYOID, INT4OID, INT4OID,
-		FLOAT8OID, TIMESTAMPTZOID, INT4ARRAYOID, INT4OID};
-		Oid			quarantine_types[7] = {INT8OID, TEXTOID, TEXTOID, INT8ARRAYOID, TEXTARRAYOID,
-		BYTEAARRAYOID, TIMESTAMPTZOID};
-		Datum	   *bounds;
-		bool	   *bnulls;
-		int			nb;
-		bool		isnull;
-		Oid			unit_types[4] = {INT8OID, TEXTOID, TEXTOID, INT4OID};
-		Oid			unvanish_types[2] = {TEXTOID, INT8ARRAYOID};
-		Oid			beat_types[2] = {INT8OID, TIMESTAMPTZOID};
+		IwBatchPage *bp = &batch->pages[p];
+		int			bucket = 0;
 
-		run_sql("SELECT ironwod.page_statement(), ironwod.latency_buckets()", 0, NULL, NULL, NULL,
-				SPI_OK_SELECT);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-														   2, &isnull)),
-						  FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &bounds, &bnulls, &nb);
-		if (nb != IW_LATENCY_BUCKETS - 1)
-			elog(ERROR, "ironwod.latency_buckets() must have %d bounds", IW_LATENCY_BUCKETS - 1);
-		for (int i = 0; i < nb; i++)
-			latency_bounds[i] = DatumGetFloat8(bounds[i]);
-		counts_plan = prepare_kept(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1),
-								   11, types);
-		unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
-		unvanish_plan = prepare_kept("SELECT ironwod.unvanish($1, $2)", 2, unvanish_types);
-		unquarantine_plan = prepare_kept("SELECT ironwod.unquarantine($1, $2)", 2, unvanish_types);
-		quarantine_plan = prepare_kept("SELECT ironwod.quarantine($1, $2, $3, $4, $5, $6, $7)", 7,
-									   quarantine_types);
-		beat_plan = prepare_kept("SELECT ironwod.count_requests($1, $2, 'land')", 2, beat_types);
+		records += bp->page.n_records;
+		quarantined += bp->poison.n;
+		latency += Max(bp->latency_ms, 0);
+		if (bp->page.has_watermark && (!has_watermark || bp->page.watermark > watermark))
+		{
+			watermark = bp->page.watermark;
+			has_watermark = true;
+		}
+		/* width_bucket over the bounds: bucket k (1-based) holds [bound k-1, bound k) */
+		while (bucket < IW_LATENCY_BUCKETS - 1 && bp->latency_ms >= latency_bounds[bucket])
+			bucket++;
+		if (bp->latency_ms >= 0)
+			counts[bucket]++;
 	}
 	values[0] = scope_uuid("ironwod.tenant_id");
 	values[1] = scope_uuid("ironwod.gym_id");
 	values[2] = Int64GetDatum(run_id);
-	values[3] = CStringGetTextDatum(task->entity);
+	values[3] = CStringGetTextDatum(l->spec.entity);
 	values[4] = iw_attempts_datum(attempts);
-	values[5] = Int32GetDatum(page->n_records);
+	values[5] = Int32GetDatum(records);
 	values[6] = Int32GetDatum(n_new);
-	values[7] = Float8GetDatum(Max(latency_ms, 0));
-	values[8] = TimestampTzGetDatum(page->watermark);
-	if (!page->has_watermark)
+	values[7] = Float8GetDatum(latency);
+	values[8] = TimestampTzGetDatum(watermark);
+	if (!has_watermark)
 		nulls[8] = 'n';
-	/* width_bucket over the bounds: bucket k (1-based) holds [bound k-1, bound k) */
-	while (bucket < IW_LATENCY_BUCKETS - 1 && latency_ms >= latency_bounds[bucket])
-		bucket++;
 	for (int i = 0; i < IW_LATENCY_BUCKETS; i++)
-		hist[i] = Int32GetDatum(latency_ms >= 0 && i == bucket ? 1 : 0);
+		hist[i] = Int32GetDatum(counts[i]);
 	values[9] = PointerGetDatum(construct_array(hist, IW_LATENCY_BUCKETS, INT4OID, 4, true,
 												TYPALIGN_INT));
-	values[10] = Int32GetDatum(poison->n);
+	values[10] = Int32GetDatum(quarantined);
+	values[11] = Int32GetDatum(batch->n);
 	if (SPI_execute_plan(counts_plan, values, nulls, false, 0) != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "ironwod: page bookkeeping failed");
 	if (SPI_processed == 0)
@@ -830,46 +1007,70 @@ page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 				 errmsg("run " INT64_FORMAT " is no longer running", run_id),
 				 errhint("It was cancelled or disconnected.")));
 
-	if (l->has_vanished)
+	for (int p = 0; p < batch->n; p++)
 	{
-		values[0] = CStringGetTextDatum(task->entity);
-		values[1] = PointerGetDatum(ids = good_ids(page));
-		if (SPI_execute_plan(unvanish_plan, values, NULL, false, 0) != SPI_OK_SELECT)
-			elog(ERROR, "ironwod: unvanish failed");
+		IwBatchPage *bp = &batch->pages[p];
+		ArrayType  *ids = NULL;
+
+		if (l->has_vanished)
+		{
+			values[0] = CStringGetTextDatum(l->spec.entity);
+			values[1] = PointerGetDatum(ids = good_ids(&bp->page));
+			if (SPI_execute_plan(unvanish_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "ironwod: unvanish failed");
+		}
+		/*
+		 * A record the vendor fixed lands cleanly and leaves quarantine, before
+		 * this page's own poison goes in (which may carry the same id).
+		 */
+		if (l->has_quarantined)
+		{
+			values[0] = CStringGetTextDatum(l->spec.entity);
+			values[1] = PointerGetDatum(ids != NULL ? ids : good_ids(&bp->page));
+			if (SPI_execute_plan(unquarantine_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "ironwod: unquarantine failed");
+		}
+		if (bp->poison.n > 0)
+		{
+			values[0] = Int64GetDatum(run_id);
+			values[1] = CStringGetTextDatum(l->spec.entity);
+			values[2] = CStringGetTextDatum(bp->window_key);
+			values[3] = PointerGetDatum(bp->poison.ids);
+			values[4] = PointerGetDatum(bp->poison.reasons);
+			values[5] = PointerGetDatum(bp->poison.raws);
+			values[6] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+			if (SPI_execute_plan(quarantine_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "ironwod: quarantine failed");
+			l->has_quarantined = true;
+		}
+		if (!bp->has_more)
+		{
+			unit_keys[n_units] = CStringGetTextDatum(bp->window_key);
+			unit_pages[n_units] = Int32GetDatum(bp->page_no);
+			n_units++;
+		}
 	}
-	/*
-	 * A record the vendor fixed lands cleanly and leaves quarantine, before
-	 * this page's own poison goes in (which may carry the same id).
-	 */
-	if (l->has_quarantined)
-	{
-		values[0] = CStringGetTextDatum(task->entity);
-		values[1] = PointerGetDatum(ids != NULL ? ids : good_ids(page));
-		if (SPI_execute_plan(unquarantine_plan, values, NULL, false, 0) != SPI_OK_SELECT)
-			elog(ERROR, "ironwod: unquarantine failed");
-	}
-	if (poison->n > 0)
+	if (n_units > 0 && batch_sql)
 	{
 		values[0] = Int64GetDatum(run_id);
-		values[1] = CStringGetTextDatum(task->entity);
-		values[2] = CStringGetTextDatum(task->window_key);
-		values[3] = PointerGetDatum(poison->ids);
-		values[4] = PointerGetDatum(poison->reasons);
-		values[5] = PointerGetDatum(poison->raws);
-		values[6] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-		if (SPI_execute_plan(quarantine_plan, values, NULL, false, 0) != SPI_OK_SELECT)
-			elog(ERROR, "ironwod: quarantine failed");
-		l->has_quarantined = true;
-	}
-	if (!has_more)
-	{
-		values[0] = Int64GetDatum(run_id);
-		values[1] = CStringGetTextDatum(task->entity);
-		values[2] = CStringGetTextDatum(task->window_key);
-		values[3] = Int32GetDatum(page_no);
-		if (SPI_execute_plan(unit_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		values[1] = CStringGetTextDatum(l->spec.entity);
+		values[2] = PointerGetDatum(construct_array(unit_keys, n_units, TEXTOID, -1, false,
+													TYPALIGN_INT));
+		values[3] = PointerGetDatum(construct_array(unit_pages, n_units, INT4OID, 4, true,
+													TYPALIGN_INT));
+		if (SPI_execute_plan(units_plan, values, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "ironwod: unit bookkeeping failed");
 	}
+	else
+		for (int u = 0; u < n_units; u++)
+		{
+			values[0] = Int64GetDatum(run_id);
+			values[1] = CStringGetTextDatum(l->spec.entity);
+			values[2] = unit_keys[u];
+			values[3] = unit_pages[u];
+			if (SPI_execute_plan(unit_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+				elog(ERROR, "ironwod: unit bookkeeping failed");
+		}
 	if (beat_run != run_id || now - beat_at >= USECS_PER_SEC)
 	{
 		values[0] = Int64GetDatum(run_id);
@@ -879,6 +1080,8 @@ page_bookkeeping(IwLanding *l, int64 run_id, const IwTask *task, int page_no,
 		beat_run = run_id;
 		beat_at = now;
 	}
+	pfree(unit_keys);
+	pfree(unit_pages);
 }
 
 static void
@@ -891,129 +1094,247 @@ set_result(IwLandResult *res, MemoryContext keep, const char *outcome, int http_
 	res->digest = page != NULL && page->has_digest ? MemoryContextStrdup(keep, page->digest) : NULL;
 }
 
+/* A batch, empty, whose pages will live in a child context of parent. */
+IwBatch *
+iw_batch_create(MemoryContext parent)
+{
+	IwBatch    *b = MemoryContextAllocZero(parent, sizeof(IwBatch));
+
+	b->cxt = AllocSetContextCreate(parent, "ironwod batch", ALLOCSET_DEFAULT_SIZES);
+	b->cap = 16;
+	b->pages = MemoryContextAllocZero(parent, sizeof(IwBatchPage) * b->cap);
+	return b;
+}
+
+static void
+batch_reset(IwBatch *b)
+{
+	MemoryContextReset(b->cxt);	/* and the pages' contexts with it */
+	b->n = 0;
+	b->bytes = 0;
+	b->l = NULL;
+}
+
+int
+iw_batch_pages(const IwBatch *b)
+{
+	return b->n;
+}
+
+/* Time to land: as many pages as a commit may take, or as many bytes. */
+bool
+iw_batch_full(const IwBatch *b)
+{
+	int			limit = batch_sql ? Max(ironwod_pages_per_commit, 1) : 1;
+
+	return b->n >= limit || b->bytes >= IW_BATCH_MAX_BYTES;
+}
+
 /*
- * Classify, check and land one page, in the caller's transaction with SPI
- * connected: the body is parsed once (page.c), the pagination invariants are
- * checked, the good records are upserted with the entity's prepared
- * statements, the poison ones quarantined, and page_bookkeeping does the rest
- * (and the unit's checkpoint on its last page).  Nothing is written for a page that is not
- * landed.  When body_owned, the body is freed as soon as it is parsed.
+ * Classify and check one page, and keep it in the batch if it is to land:
+ * the body is parsed once (page.c), into the page's own memory context, and
+ * the pagination invariants are checked.  Needs no transaction: the entity's
+ * spec was read when its units were handed out (iw_next_tasks).  A page that
+ * is not to land leaves nothing behind, and res says why; a page kept says
+ * "landed" (it will be, with its batch, or the run fails) with its
+ * has_more and digest.  When body_owned, the body is freed as soon as it is
+ * parsed.
  */
 static void
-land_page_in_txn(int64 run_id, const IwTask *task, int page_no, char *body, size_t body_len,
-				 bool body_owned, const IwAttempts *attempts, const char *prev_digest,
-				 double latency_ms,
-				 IwLandResult *res, MemoryContext keep)
+check_page_into(IwBatch *batch, IwLanding *l, const IwTask *task, int page_no, char *body,
+				size_t body_len, bool body_owned, const char *prev_digest, double latency_ms,
+				IwLandResult *res, MemoryContext keep)
 {
-	IwLanding  *l = landing_for(task->entity, run_id);
-	IwPage		page;
-	IwPoison	poison;
+	IwBatchPage *bp;
+	IwPage	   *page;
+	MemoryContext cxt;
+	MemoryContext old;
 	bool		has_more;
 	char	   *msg;
+	const char *outcome = NULL;
+	int			http_code = 0;
 
+	if (batch->n > 0 && batch->l != l)
+		elog(ERROR, "ironwod: a batch of %s pages cannot take a page of %s",
+			 batch->l->spec.entity, l->spec.entity);
+	if (batch->n == batch->cap)
+	{
+		batch->cap *= 2;
+		batch->pages = repalloc(batch->pages, sizeof(IwBatchPage) * batch->cap);
+	}
+	bp = &batch->pages[batch->n];
+	memset(bp, 0, sizeof(*bp));
+	page = &bp->page;
 	memset(res, 0, sizeof(*res));
-	iw_parse_page(body, body_len, &l->spec, &page);
-	res->n_records = page.n_records;
-	switch (page.outcome)
+	cxt = AllocSetContextCreate(batch->cxt, "ironwod page", ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(cxt);
+
+	iw_parse_page(body, body_len, &l->spec, page);
+	res->n_records = page->n_records;
+	msg = NULL;
+	switch (page->outcome)
 	{
 		case IW_PAGE_NOT_JSON:
-			set_result(res, keep, "not_json", 0, "response body is not valid JSON", NULL);
-			return;
+			outcome = "not_json";
+			msg = "response body is not valid JSON";
+			break;
 		case IW_PAGE_NOT_OBJECT:
-			set_result(res, keep, "bad_body", 0, "response is not a JSON object", NULL);
-			return;
+			outcome = "bad_body";
+			msg = "response is not a JSON object";
+			break;
 		case IW_PAGE_ENVELOPE:
-			msg = psprintf("%s: %s", page.error_code ? page.error_code : "",
-						   page.developer_message ? page.developer_message : "");
+			msg = psprintf("%s: %s", page->error_code ? page->error_code : "",
+						   page->developer_message ? page->developer_message : "");
 			msg[pg_mbcharcliplen(msg, strlen(msg), 200)] = '\0';
-			set_result(res, keep, "envelope", page.http_code, msg, NULL);
+			outcome = "envelope";
+			http_code = page->http_code;
 			res->n_records = 0;
-			return;
+			break;
 		case IW_PAGE_NO_RECORDS:
-			set_result(res, keep, "bad_body", 0,
-					   psprintf("response has no \"%s\" array", l->spec.records_key), NULL);
+			outcome = "bad_body";
+			msg = psprintf("response has no \"%s\" array", l->spec.records_key);
 			res->n_records = 0;
-			return;
+			break;
 		case IW_PAGE_RECORDS:
 			break;
 	}
+	if (outcome != NULL)
+	{
+		MemoryContextSwitchTo(old);
+		set_result(res, keep, outcome, http_code, msg, NULL);
+		MemoryContextDelete(cxt);
+		return;
+	}
 	/* poison keeps its bytes; then the body is done with */
-	if (page.n_faulty > 0)
-		collect_poison(&page, &poison);
-	else
-		memset(&poison, 0, sizeof(poison));
+	if (page->n_faulty > 0)
+		collect_poison(page, &bp->poison);
 	if (body_owned)
 		pfree(body);
 
-	has_more = page.has_more >= 0 ? page.has_more == 1 : page.n_records >= l->spec.page_size;
-	if (page.n_records > 0 && page.has_digest && prev_digest != NULL &&
-		strcmp(page.digest, prev_digest) == 0)
+	has_more = page->has_more >= 0 ? page->has_more == 1 : page->n_records >= l->spec.page_size;
+	if (page->n_records > 0 && page->has_digest && prev_digest != NULL &&
+		strcmp(page->digest, prev_digest) == 0)
+		msg = psprintf("page %d of %s repeats page %d", page_no, task->entity, page_no - 1);
+	else if (page->page_number != NULL &&
+			 (strlen(page->page_number) > 9 || atoi(page->page_number) != page_no))
+		msg = psprintf("asked for page %d of %s, got page %s", page_no, task->entity,
+					   page->page_number);
+	else if (page->n_records == 0 && has_more)
+		msg = psprintf("page %d of %s is empty but claims more", page_no, task->entity);
+	if (msg != NULL)
 	{
-		set_result(res, keep, "pagination", 0,
-				   psprintf("page %d of %s repeats page %d", page_no, task->entity, page_no - 1), &page);
-		return;
-	}
-	if (page.page_number != NULL &&
-		(strlen(page.page_number) > 9 || atoi(page.page_number) != page_no))
-	{
-		set_result(res, keep, "pagination", 0,
-				   psprintf("asked for page %d of %s, got page %s", page_no, task->entity,
-							page.page_number), &page);
-		return;
-	}
-	if (page.n_records == 0 && has_more)
-	{
-		set_result(res, keep, "pagination", 0,
-				   psprintf("page %d of %s is empty but claims more", page_no, task->entity), &page);
+		MemoryContextSwitchTo(old);
+		set_result(res, keep, "pagination", 0, msg, page);
+		MemoryContextDelete(cxt);
 		return;
 	}
 
-	hold_connection();
-	res->n_new = upsert_records(l, run_id, &page);
-	page_bookkeeping(l, run_id, task, page_no, &page, res->n_new, has_more, attempts, latency_ms,
-					 &poison);
-	set_result(res, keep, "landed", 200, NULL, &page);
+	bp->cxt = cxt;
+	bp->window_key = pstrdup(task->window_key);
+	bp->page_no = page_no;
+	bp->has_more = has_more;
+	bp->latency_ms = latency_ms;
+	MemoryContextSwitchTo(old);
+	batch->l = l;
+	batch->n++;
+	batch->bytes += body_len;
+	set_result(res, keep, "landed", 200, NULL, page);
 	res->has_more = has_more;
-	res->n_quarantined = poison.n;
+	res->n_quarantined = bp->poison.n;
+}
+
+static ResourceOwner check_owner = NULL;
+
+/* The worker's check of a fetched page (check_page_into), outside any transaction. */
+void
+iw_check_page(IwBatch *batch, int64 run_id, const IwTask *task, int page, char *body,
+			  size_t body_len, const char *prev_digest, double latency_ms, IwLandResult *res,
+			  MemoryContext keep)
+{
+	IwLanding  *l = NULL;
+	ResourceOwner saved;
+
+	for (int i = 0; i < n_landings; i++)
+		if (strcmp(landings[i].spec.entity, task->entity) == 0 && landings[i].run_id == run_id)
+			l = &landings[i];
+	if (l == NULL)
+		elog(ERROR, "ironwod: %s was not made ready for landing", task->entity);
+
+	/*
+	 * No transaction, so no resource owner, is open here, and the page's
+	 * digest (an MD5 through PostgreSQL's cryptohash) needs one: a resource
+	 * owner of the worker's own stands in.  Everything it tracks is released
+	 * by the parser itself; after an error the run ends.
+	 */
+	if (check_owner == NULL)
+		check_owner = ResourceOwnerCreate(NULL, "ironwod page check");
+	saved = CurrentResourceOwner;
+	CurrentResourceOwner = check_owner;
+	check_page_into(batch, l, task, page, body, body_len, true, prev_digest, latency_ms, res, keep);
+	CurrentResourceOwner = saved;
+}
+
+/*
+ * Land the batch's pages in the caller's transaction with SPI connected: the
+ * gym's connection held, the good records upserted with the entity's
+ * prepared statements, the poison ones quarantined, and batch_bookkeeping
+ * does the rest (the units' checkpoints among it).  Returns the new versions.
+ */
+static int
+land_batch_in_txn(IwBatch *batch, int64 run_id, const IwAttempts *attempts)
+{
+	IwLanding  *l = batch->l;
+	int			n_new;
+
+	if (batch->n == 0)
+		return 0;
+	hold_connection();
+	n_new = upsert_records(l, run_id, batch);
+	batch_bookkeeping(l, run_id, batch, n_new, attempts);
 
 	/*
 	 * Said once per page, with reasons and counts only: a record's content
 	 * may be anything the vendor sent, and stays in the table.
 	 */
-	if (poison.n > 0)
-		ereport(WARNING,
-				(errcode(ERRCODE_WARNING),
-				 errmsg("ironwod run " INT64_FORMAT ": %d record(s) of %s quarantined (%s)",
-						run_id, poison.n, task->entity, poison.summary),
-				 errdetail("The rest of the page landed; PostgreSQL cannot store these records as Wodify sent them."),
-				 errhint("See ironwod.quarantined_records; every run that fetches them again retries them.")));
+	for (int p = 0; p < batch->n; p++)
+		if (batch->pages[p].poison.n > 0)
+			ereport(WARNING,
+					(errcode(ERRCODE_WARNING),
+					 errmsg("ironwod run " INT64_FORMAT ": %d record(s) of %s quarantined (%s)",
+							run_id, batch->pages[p].poison.n, l->spec.entity,
+							batch->pages[p].poison.summary),
+					 errdetail("The rest of the page landed; PostgreSQL cannot store these records as Wodify sent them."),
+					 errhint("See ironwod.quarantined_records; every run that fetches them again retries them.")));
+	return n_new;
 }
 
 /*
- * One page, one transaction (the worker's path).  A landed page writes down
- * the attempts counted since the last one (observe.c) with its bookkeeping:
- * the page's own, and those of the answers before it that were retried.
+ * The batch's pages, one transaction (the worker's path), then an empty
+ * batch.  It writes down the attempts counted since the last batch
+ * (observe.c) with its bookkeeping: its pages' own, and those of the answers
+ * before them that were retried.
  */
 void
-iw_land_page(int64 run_id, const IwTask *task, int page, char *body, size_t body_len,
-			 const char *prev_digest, double latency_ms, IwLandResult *res, MemoryContext keep)
+iw_land_batch(IwBatch *batch, int64 run_id)
 {
 	char		label[128];
 
-	snprintf(label, sizeof(label), "ironwod %s %s page %d", task->entity, task->window_key, page);
+	if (batch->n == 0)
+		return;
+	snprintf(label, sizeof(label), "ironwod %s: landing %d page(s)", batch->l->spec.entity,
+			 batch->n);
 	iw_txn_begin(label);
-	land_page_in_txn(run_id, task, page, body, body_len, true, &iw_attempts, prev_digest,
-					 latency_ms, res, keep);
+	(void) land_batch_in_txn(batch, run_id, &iw_attempts);
 	iw_txn_commit();
-	if (strcmp(res->outcome, "landed") == 0)
-		iw_attempts_reset();
+	iw_attempts_reset();
+	batch_reset(batch);
 }
 
 /*
  * ironwod.land_page(run, entity, window_key, page, body text, attempts
- * [, prev_digest, latency_ms]): the worker's landing of one page, callable
- * from SQL so tests can land fixture pages without a worker.  It runs in the
- * caller's transaction.
+ * [, prev_digest, latency_ms]): the worker's landing of one page (a batch of
+ * one), callable from SQL so tests can land fixture pages without a worker.
+ * It runs in the caller's transaction.
  */
 Datum
 ironwod_land_page(PG_FUNCTION_ARGS)
@@ -1021,6 +1342,8 @@ ironwod_land_page(PG_FUNCTION_ARGS)
 	IwTask		task;
 	IwLandResult res;
 	IwAttempts	attempts;
+	IwBatch    *batch;
+	IwLanding  *l;
 	text	   *body;
 	TupleDesc	desc;
 	Datum		values[8];
@@ -1047,10 +1370,15 @@ ironwod_land_page(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	land_page_in_txn(PG_GETARG_INT64(0), &task, PG_GETARG_INT32(3), VARDATA_ANY(body),
-					 VARSIZE_ANY_EXHDR(body), false, &attempts,
-					 PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6)),
-					 PG_ARGISNULL(7) ? -1 : PG_GETARG_FLOAT8(7), &res, caller);
+	l = landing_for(task.entity, PG_GETARG_INT64(0));
+	prepare_bookkeeping();
+	batch = iw_batch_create(CurrentMemoryContext);
+	check_page_into(batch, l, &task, PG_GETARG_INT32(3), VARDATA_ANY(body),
+					VARSIZE_ANY_EXHDR(body), false,
+					PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6)),
+					PG_ARGISNULL(7) ? -1 : PG_GETARG_FLOAT8(7), &res, caller);
+	if (strcmp(res.outcome, "landed") == 0)
+		res.n_new = land_batch_in_txn(batch, PG_GETARG_INT64(0), &attempts);
 	SPI_finish();
 
 	values[0] = CStringGetTextDatum(res.outcome);

@@ -6,8 +6,9 @@
  *	  "ironwod run" executes one queued sync run of one connection: it claims
  *	  the run, opens the sealed API key, then for each unit of work that
  *	  ironwod.next_task() hands out fetches pages over HTTP (no transaction
- *	  open) and lands each page in its own transaction, and finally finishes
- *	  or fails the run.
+ *	  open), checks each as it comes and lands them in batches of up to
+ *	  ironwod.pages_per_commit pages of one entity, one transaction a batch
+ *	  (land.c), and finally finishes or fails the run.
  *
  *	  "ironwod validate" answers ironwod_connect(): it opens a sealed key
  *	  handed over in a shared memory slot and asks Wodify once whether the key
@@ -219,17 +220,34 @@ validate_key(int *http_status, char *message, size_t message_len)
 static TimestampTz run_deadline = 0;
 
 /*
+ * A run that is about to fail lands the pages it fetched and checked first,
+ * as it would have had they been committed one by one: a failure is not a
+ * crash, and what is good is kept.
+ */
+static void
+land_before_failing(IwBatch *batch, int64 run_id)
+{
+	const char *phase = run_phase;
+
+	run_phase = "land";
+	iw_land_batch(batch, run_id);
+	run_phase = phase;
+}
+
+/*
  * Fetch every page of one unit of work.  Each page is retried on 429, 5xx,
  * transport errors, error envelopes of those codes and unparsable bodies, with
- * full-jitter backoff; anything else fails the run.  A page lands in its own
- * transaction, and the unit's checkpoint is written with its last page.
+ * full-jitter backoff; anything else fails the run.  Each page is checked as
+ * it comes (its pagination, against the previous page) and joins the batch,
+ * which lands when it is full; the unit's checkpoint is written with the
+ * batch that holds its last page.
  *
  * A 403 on any endpoint but the first (locations, which proved the key works in
  * this very run) means the gym's plan does not include the entity: it is marked
  * not entitled and the run goes on without it.  Returns false in that case.
  */
 static bool
-fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
+fetch_unit(int64 run_id, const IwTask *task, IwBatch *batch, MemoryContext page_ctx)
 {
 	int			page;
 	char		prev_digest[64] = "";
@@ -252,6 +270,7 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 			if (GetCurrentTimestamp() > run_deadline)
 			{
 				fail_code = "deadline";
+				land_before_failing(batch, run_id);
 				ereport(ERROR,
 						(errcode(ERRCODE_QUERY_CANCELED),
 						 errmsg("run exceeded ironwod.run_timeout (%d min) while fetching %s",
@@ -271,11 +290,13 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 			{
 				case IW_HTTP_OK:
 					run_phase = "land";
-					/* lands the page, or says why not; it frees the body once parsed */
-					iw_land_page(run_id, task, page, resp.body, resp.body_len,
-								 prev_digest[0] ? prev_digest : NULL, resp.elapsed_ms,
-								 &res, page_ctx);
+					/* keeps the page in the batch, or says why not; frees the body once parsed */
+					iw_check_page(batch, run_id, task, page, resp.body, resp.body_len,
+								  prev_digest[0] ? prev_digest : NULL, resp.elapsed_ms,
+								  &res, page_ctx);
 					resp.body = NULL;
+					if (strcmp(res.outcome, "landed") == 0 && iw_batch_full(batch))
+						iw_land_batch(batch, run_id);
 					iw_memory_page_end((int64) resp.body_len);
 					MemoryContextSwitchTo(page_ctx);
 					if (strcmp(res.outcome, "landed") == 0)
@@ -331,6 +352,8 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 						ereport(LOG,
 								(errmsg("ironwod run " INT64_FORMAT ": Wodify refuses %s (HTTP 403); the gym's plan does not include it",
 										run_id, task->entity)));
+						/* the pages before it land first, as they would have one by one */
+						iw_land_batch(batch, run_id);
 						iw_mark_not_entitled(run_id, task->entity);
 						return false;
 					}
@@ -369,6 +392,7 @@ fetch_unit(int64 run_id, const IwTask *task, MemoryContext page_ctx)
 			}
 			if (fail_code == NULL)
 				fail_code = retry ? "retries_exhausted" : "http";
+			land_before_failing(batch, run_id);
 			ereport(ERROR,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("%s", problem),
@@ -385,7 +409,13 @@ static void
 execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 {
 	IwClaim		claim;
-	IwTask		task;
+	IwTask	   *queue;
+	int			queue_len = 0;
+	int			queue_pos = 0;
+	int			queue_max = Max(ironwod_pages_per_commit, 1);
+	IwTask		cursor;
+	bool		started = false;
+	IwBatch    *batch;
 	MemoryContext task_ctx;
 	MemoryContext page_ctx;
 	char		fingerprint[IW_FINGERPRINT_LEN];
@@ -440,13 +470,52 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 
 	task_ctx = AllocSetContextCreate(run_ctx, "ironwod task", ALLOCSET_DEFAULT_SIZES);
 	page_ctx = AllocSetContextCreate(run_ctx, "ironwod page", ALLOCSET_DEFAULT_SIZES);
+	batch = iw_batch_create(run_ctx);
+	queue = MemoryContextAlloc(run_ctx, sizeof(IwTask) * queue_max);
+	memset(&cursor, 0, sizeof(cursor));
+
+	/*
+	 * Units are handed out a few at a time, after the last one handed out:
+	 * a batch spans the units of an entity (most of a gym's class sign-in
+	 * units are one or two pages), and the units of the batch stay pending
+	 * until it lands.  When the entity has no unit left, what was fetched of
+	 * it lands before the next entity is planned.
+	 */
 	for (;;)
 	{
-		MemoryContextReset(task_ctx);
-		run_phase = "plan";
-		if (!iw_next_task(args->run_id, &task, task_ctx))
-			break;
-		(void) fetch_unit(args->run_id, &task, page_ctx);
+		IwTask	   *task;
+
+		if (queue_pos == queue_len)
+		{
+			MemoryContextReset(task_ctx);
+			run_phase = "plan";
+			queue_len = queue_pos = 0;
+			if (iw_batch_pages(batch) > 0)
+			{
+				queue_len = iw_next_tasks(args->run_id, started ? &cursor : NULL, false,
+										  queue, queue_max, task_ctx);
+				if (queue_len == 0)
+				{
+					run_phase = "land";
+					iw_memory_page_start();
+					iw_land_batch(batch, args->run_id);
+					iw_memory_page_end(0);
+					run_phase = "plan";
+				}
+			}
+			if (queue_len == 0)
+				queue_len = iw_next_tasks(args->run_id, started ? &cursor : NULL, true,
+										  queue, queue_max, task_ctx);
+			if (queue_len == 0)
+				break;
+		}
+		task = &queue[queue_pos++];
+		cursor.entity_ordinal = task->entity_ordinal;
+		cursor.ordinal = task->ordinal;
+		started = true;
+		/* not entitled: the entity's units queued are no longer pending */
+		if (!fetch_unit(args->run_id, task, batch, page_ctx))
+			queue_pos = queue_len;
 	}
 	run_phase = "transform";
 	iw_run_step(args->run_id, "SELECT ironwod.transform_step($1)", "ironwod transform");

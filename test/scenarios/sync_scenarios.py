@@ -689,42 +689,80 @@ def waiters_xmin(run):
           f"samples {samples}, plain waiter without xmin {plain_free}, scanning waiter with xmin {scan_held}")
 
 
+def crash_run(k):
+    """Start a backfill of the crash gym, kill its worker while the simulator holds
+    request k+1, and return (killed, pages the run had committed by then, per entity
+    "entity:pages:status", the killed run's outcome)."""
+    sim("DELETE", "/_sim/faults")
+    fault(kind="slow", delay_s=900, after=k, count=1)
+    run = one(CRASH, f"SELECT ironwod_sync('{CRASH[0]}', '{CRASH[1]}', 'backfill')")
+    killed, pages, entities = False, None, []
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        state = one(CRASH, f"SELECT status FROM ironwod.sync_runs WHERE run_id = {run}")
+        if state != "running" and state != "queued":
+            break
+        if fault_fired():
+            # what landed (committed) before request k+1 was sent
+            pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
+                                   f"WHERE run_id = {run}"))
+            entities = scoped(CRASH, f"SELECT entity || ':' || pages || ':' || status FROM ironwod.sync_run_entities "
+                                     f"WHERE run_id = {run} ORDER BY entity")
+            entities = [e for e in entities if e.count(":") == 2]
+            if k == 1:
+                waiters_xmin(run)
+            killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
+                          f"WHERE run_id = {run}") == ["t"]
+            break
+        time.sleep(0.05)
+    return killed, pages, entities, wait(CRASH, run)
+
+
+def whole_batches(entities, n):
+    """Every entity of a killed run either completed (its last batch, however short,
+    landed with its last unit) or holds whole batches of n pages: the pages of the
+    batch being fetched when the worker died landed together or not at all."""
+    for e in entities:
+        _, pages, state = e.split(":")
+        if state != "completed" and int(pages) % n != 0:
+            return False
+    return True
+
+
 def crash_scenarios(reference, reference_canonical):
-    """Kill the run worker after k landed pages for ten values of k; every retry ends
+    """Kill the run worker after k fetched pages for ten values of k; every retry ends
     with the same raw and canonical contents as an uninterrupted backfill.  The
     simulator holds the run's request k+1 (a slow fault that lets k requests through),
-    so the worker is stopped at exactly k pages however fast the machine is."""
+    so the worker is stopped at exactly k pages however fast the machine is.  Pages
+    land ironwod.pages_per_commit at a time, so what the killed run committed is whole
+    batches: fewer than a batch's pages short of k, and every entity it did not finish
+    a multiple of the batch.  With pages_per_commit = 1 it is exactly k pages."""
     check(connect(CRASH) == "succeeded", "crash gym: initial backfill succeeds")
     # The held request must outlast the kill, not time out and be retried.
     set_guc("ironwod.request_timeout_ms", 600000)
     set_guc("ironwod.low_speed_time", 600)
+    n = int(psql("SELECT setting FROM pg_settings WHERE name = 'ironwod.pages_per_commit'")[0])
     for k in (1, 2, 4, 7, 11, 17, 26, 40, 61, 93):
+        killed, pages, entities, first = crash_run(k)
         sim("DELETE", "/_sim/faults")
-        fault(kind="slow", delay_s=900, after=k, count=1)
-        run = one(CRASH, f"SELECT ironwod_sync('{CRASH[0]}', '{CRASH[1]}', 'backfill')")
-        killed, pages = False, None
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            state = one(CRASH, f"SELECT status FROM ironwod.sync_runs WHERE run_id = {run}")
-            if state != "running" and state != "queued":
-                break
-            if fault_fired():
-                # page k landed (committed) before request k+1 was sent
-                pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
-                                       f"WHERE run_id = {run}"))
-                if k == 1:
-                    waiters_xmin(run)
-                killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
-                              f"WHERE run_id = {run}") == ["t"]
-                break
-            time.sleep(0.05)
-        first = wait(CRASH, run)
+        retry_run, outcome = sync(CRASH, "backfill")
+        check(killed and pages is not None and k - n < pages <= k and whole_batches(entities, n)
+              and first == "failed" and outcome == "succeeded",
+              f"worker killed after {k} pages ({n} a commit): whole batches landed, run failed, retry succeeded",
+              f"{killed} {pages} {entities} {first} {outcome}")
+        same_data(CRASH, reference, f"killed after {k} pages: raw equals an uninterrupted backfill")
+        same_canonical(CRASH, reference_canonical, f"killed after {k} pages: canonical tables equal too")
+    # One page a commit, as before batches: exactly the k pages fetched landed.
+    set_guc("ironwod.pages_per_commit", 1)
+    for k in (3, 50):
+        killed, pages, entities, first = crash_run(k)
         sim("DELETE", "/_sim/faults")
         retry_run, outcome = sync(CRASH, "backfill")
         check(killed and pages == k and first == "failed" and outcome == "succeeded",
-              f"worker killed after {k} pages: run failed, retry succeeded", f"{killed} {pages} {first} {outcome}")
-        same_data(CRASH, reference, f"killed after {k} pages: raw equals an uninterrupted backfill")
-        same_canonical(CRASH, reference_canonical, f"killed after {k} pages: canonical tables equal too")
+              f"pages_per_commit = 1, worker killed after {k} pages: all {k} landed, retry succeeded",
+              f"{killed} {pages} {entities} {first} {outcome}")
+        same_data(CRASH, reference, f"one page a commit, killed after {k} pages: raw equals an uninterrupted backfill")
+    set_guc("ironwod.pages_per_commit", None)
     set_guc("ironwod.request_timeout_ms", None)
     set_guc("ironwod.low_speed_time", None)
 
