@@ -4344,4 +4344,5 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION ironwod.units_landed(bigint, text, text[], integer[]) IS 'Worker: the units of an entity whose last pages a batch landed: mark them done, checkpoint them in a backfill, close the entity after its last unit';
+REVOKE ALL ON FUNCTION ironwod.units_landed(bigint, text, text[], integer[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ironwod.units_landed(bigint, text, text[], integer[]) TO ironwod_worker;
