@@ -4274,13 +4274,16 @@ $$;
 -- ---- landing several pages per transaction (ironwod.pages_per_commit) ----------
 
 -- The units of one entity whose last pages a batch landed (src/land.c), in one
--- call: what ironwod.unit_landed does for one unit, set-based.  p_window_keys and
+-- call: each is marked done (and checkpointed, in a backfill), and the entity is
+-- closed when the batch held its last unit.  p_window_keys and
 -- p_pages are parallel arrays (a unit's key, its pages; a batch completes at most
 -- ironwod.pages_per_commit units).  Units already done (a page landed twice)
 -- change nothing.  The units are found by their key, with = ANY over the unique
 -- index, and their status is read, not tested in a WHERE: there,
 -- status = 'pending' made the partial run_units_pending index usable on its
--- (tenant, gym, run) prefix (see unit_landed).  Constant time per unit.
+-- (tenant, gym, run) prefix, and a generic plan chose it, reading every pending
+-- unit of the run for each unit done (quadratic in units).  Constant time per
+-- unit.
 CREATE FUNCTION ironwod.units_landed(p_run_id bigint, p_entity text, p_window_keys text[], p_pages integer[])
 RETURNS void
 LANGUAGE plpgsql
@@ -4320,8 +4323,8 @@ BEGIN
     IF (SELECT r.mode FROM ironwod.sync_runs r
         WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id) = 'backfill' THEN
         -- A month's bounds from its key, computed here rather than in the INSERT
-        -- (see unit_landed: Citus evaluates a statement's expressions before it
-        -- ships it); the arrays are unnested side by side in the select list, as
+        -- (Citus evaluates a statement's expressions before it ships it,
+        -- whatever branch a CASE would take: "full-01" is no timestamp); the arrays are unnested side by side in the select list, as
         -- the landing statements do.
         SELECT array_agg(CASE WHEN k.window_key ~ '^\d{4}-\d{2}$'
                               THEN (k.window_key || '-01')::timestamp AT TIME ZONE 'UTC' END ORDER BY k.ord),
@@ -4346,3 +4349,7 @@ $$;
 COMMENT ON FUNCTION ironwod.units_landed(bigint, text, text[], integer[]) IS 'Worker: the units of an entity whose last pages a batch landed: mark them done, checkpoint them in a backfill, close the entity after its last unit';
 REVOKE ALL ON FUNCTION ironwod.units_landed(bigint, text, text[], integer[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ironwod.units_landed(bigint, text, text[], integer[]) TO ironwod_worker;
+
+-- A batch's units are marked done in one call (units_landed); the library calls
+-- unit_landed only on 1.0's schema, so 1.1 has none.
+DROP FUNCTION ironwod.unit_landed(bigint, text, text, integer);

@@ -926,9 +926,11 @@ prepare_bookkeeping(void)
 	/* 1.0's statement counts one page a call and has no $12, which is then unused */
 	batch_sql = strstr(statement, "$12") != NULL;
 	counts_plan = prepare_kept(statement, 12, types);
-	unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
+	/* 1.1 has only the batch's call, 1.0 only the unit's */
 	if (batch_sql)
 		units_plan = prepare_kept("SELECT ironwod.units_landed($1, $2, $3, $4)", 4, units_types);
+	else
+		unit_plan = prepare_kept("SELECT ironwod.unit_landed($1, $2, $3, $4)", 4, unit_types);
 	unvanish_plan = prepare_kept("SELECT ironwod.unvanish($1, $2)", 2, unvanish_types);
 	unquarantine_plan = prepare_kept("SELECT ironwod.unquarantine($1, $2)", 2, unvanish_types);
 	quarantine_plan = prepare_kept("SELECT ironwod.quarantine($1, $2, $3, $4, $5, $6, $7)", 7,

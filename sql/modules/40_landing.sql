@@ -854,97 +854,17 @@ AS $s$
 $s$;
 COMMENT ON FUNCTION ironwod.page_statement() IS 'Worker: the prepared bookkeeping statement of every landed batch of pages (entity counters and attempts, quarantined records, latency histogram, watermark; checks the run still runs)';
 
--- A unit's last page landed: the unit is done (and checkpointed, in a backfill);
--- when it was the entity's last unit, the entity is closed.  Constant time:
--- nothing here looks at more than one unit.  Landing the last page of a unit
--- already done (a page landed twice) changes nothing.  On Citus every
--- statement is a round trip to the tenant's node, so there are as few as
--- can be: one, and the checkpoint's INSERT in a backfill (it was five).  Not
--- a function Citus delegates to the node (create_distributed_function): that
--- needs the tenant among the arguments, and the entity's close, which runs
--- here, notifies listeners, who listen on the coordinator.
-CREATE FUNCTION ironwod.unit_landed(p_run_id bigint, p_entity text, p_window_key text, p_page integer)
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
-    v_now timestamptz := clock_timestamp();
-    v_status text;
-    v_mode text;
-    v_entity_done boolean;
-    v_start timestamptz;
-    v_end timestamptz;
-BEGIN
-    -- One statement for the unit, the run's mode and the entity's counters, so
-    -- that on Citus it is one round trip to the tenant's shard (the router
-    -- planner takes UPDATE CTEs, not INSERT ones: the checkpoint is a second
-    -- statement, in a backfill only); it was five.  The unit is read by its
-    -- key, (tenant, gym, run, entity, window key), and locked (u); it is done
-    -- (d) only when it was pending, and only then does the entity count it
-    -- (e).  The status is tested on u rather than in d's WHERE: there,
-    -- status = 'pending' made the partial run_units_pending index usable on
-    -- its (tenant, gym, run) prefix, and the generic plan chose it, reading
-    -- every pending unit of the run for each unit done (quadratic in units).
-    -- A unit already done (a page landed twice) changes nothing.
-    WITH u AS (
-        SELECT x.status FROM ironwod.run_units x
-         WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id AND x.entity = p_entity
-           AND x.window_key = p_window_key
-           FOR UPDATE
-    ), d AS (
-        UPDATE ironwod.run_units x SET status = 'done', pages = p_page, done_at = v_now
-          FROM u
-         WHERE x.tenant_id = v_t AND x.gym_id = v_g AND x.run_id = p_run_id AND x.entity = p_entity
-           AND x.window_key = p_window_key AND u.status = 'pending'
-        RETURNING 1
-    ), e AS (
-        UPDATE ironwod.sync_run_entities s SET units_done = s.units_done + 1
-         WHERE s.tenant_id = v_t AND s.gym_id = v_g AND s.run_id = p_run_id AND s.entity = p_entity
-           AND EXISTS (SELECT 1 FROM d)
-        RETURNING s.units_done + s.units_skipped >= s.units_total AS entity_done
-    )
-    SELECT (SELECT u.status FROM u),
-           (SELECT r.mode FROM ironwod.sync_runs r
-             WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id),
-           (SELECT e.entity_done FROM e)
-      INTO v_status, v_mode, v_entity_done;
-    IF v_status IS NULL THEN
-        RAISE EXCEPTION 'run % did not plan unit % of %', p_run_id, p_window_key, p_entity
-            USING ERRCODE = 'internal_error';
-    END IF;
-    IF v_status <> 'pending' THEN
-        RETURN;
-    END IF;
-    IF v_mode = 'backfill' THEN
-        -- The month's bounds computed here, not in a CASE of the INSERT: Citus
-        -- evaluates a statement's expressions before it ships it, whatever
-        -- branch a CASE would take ("full-01" is no timestamp).
-        IF p_window_key ~ '^\d{4}-\d{2}$' THEN
-            v_start := (p_window_key || '-01')::timestamp AT TIME ZONE 'UTC';
-            v_end := ((p_window_key || '-01')::timestamp + interval '1 month') AT TIME ZONE 'UTC';
-        END IF;
-        INSERT INTO ironwod.backfill_checkpoints
-            (tenant_id, gym_id, entity, window_key, window_start, window_end, pages, records, completed_by)
-        VALUES (v_t, v_g, p_entity, p_window_key, v_start, v_end, p_page, 0, p_run_id)
-        ON CONFLICT DO NOTHING;
-    END IF;
-    IF v_entity_done THEN
-        PERFORM ironwod.close_entity(p_run_id, p_entity);
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION ironwod.unit_landed(bigint, text, text, integer) IS 'Worker: a unit''s last page landed: mark the unit done, checkpoint it in a backfill, close the entity after its last unit';
-
 -- The units of one entity whose last pages a batch landed (src/land.c), in one
--- call: what ironwod.unit_landed does for one unit, set-based.  p_window_keys and
+-- call: each is marked done (and checkpointed, in a backfill), and the entity is
+-- closed when the batch held its last unit.  p_window_keys and
 -- p_pages are parallel arrays (a unit's key, its pages; a batch completes at most
 -- ironwod.pages_per_commit units).  Units already done (a page landed twice)
 -- change nothing.  The units are found by their key, with = ANY over the unique
 -- index, and their status is read, not tested in a WHERE: there,
 -- status = 'pending' made the partial run_units_pending index usable on its
--- (tenant, gym, run) prefix (see unit_landed).  Constant time per unit.
+-- (tenant, gym, run) prefix, and a generic plan chose it, reading every pending
+-- unit of the run for each unit done (quadratic in units).  Constant time per
+-- unit.
 CREATE FUNCTION ironwod.units_landed(p_run_id bigint, p_entity text, p_window_keys text[], p_pages integer[])
 RETURNS void
 LANGUAGE plpgsql
@@ -984,8 +904,8 @@ BEGIN
     IF (SELECT r.mode FROM ironwod.sync_runs r
         WHERE r.tenant_id = v_t AND r.gym_id = v_g AND r.run_id = p_run_id) = 'backfill' THEN
         -- A month's bounds from its key, computed here rather than in the INSERT
-        -- (see unit_landed: Citus evaluates a statement's expressions before it
-        -- ships it); the arrays are unnested side by side in the select list, as
+        -- (Citus evaluates a statement's expressions before it ships it,
+        -- whatever branch a CASE would take: "full-01" is no timestamp); the arrays are unnested side by side in the select list, as
         -- the landing statements do.
         SELECT array_agg(CASE WHEN k.window_key ~ '^\d{4}-\d{2}$'
                               THEN (k.window_key || '-01')::timestamp AT TIME ZONE 'UTC' END ORDER BY k.ord),
@@ -1083,7 +1003,7 @@ COMMENT ON FUNCTION ironwod.landing_statement(text, boolean) IS 'Worker: the pre
 -- for, an empty page that claims more) land nothing.  Otherwise every record is
 -- upserted as a payload version (payload hash: ironwod.payload_hash), records
 -- that cannot be stored go to ironwod.quarantined_records (n_quarantined), and the
--- page's bookkeeping (ironwod.page_statement, and ironwod.unit_landed on a
+-- page's bookkeeping (ironwod.page_statement, and ironwod.units_landed on a
 -- unit's last page) commits with it, all atomically: a crash between
 -- pages loses nothing and re-lands nothing twice.  The worker calls the same C
 -- code directly; this entry point lets tests land fixture pages.

@@ -456,8 +456,9 @@ def pause_scenario(reference):
 class PageHeld:
     """The worker of a held reconcile (reconcile_held) stopped inside a page's
     transaction: a session of ours locks the run's pending units, so the worker waits
-    in the transaction of a unit's last page (unit_landed), after it took the gym's
-    connection row (hold_connection), until release().  held says whether it got there."""
+    in the transaction of a batch that completes a unit (units_landed), after it took
+    the gym's connection row (hold_connection), until release().  held says whether it
+    got there."""
 
     def __init__(self, run, deadline):
         self.deadline = deadline
