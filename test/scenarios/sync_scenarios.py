@@ -698,24 +698,23 @@ def crash_run(k):
     fault(kind="slow", delay_s=900, after=k, count=1)
     run = one(CRASH, f"SELECT ironwod_sync('{CRASH[0]}', '{CRASH[1]}', 'backfill')")
     killed, pages, entities = False, None, []
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        state = one(CRASH, f"SELECT status FROM ironwod.sync_runs WHERE run_id = {run}")
-        if state != "running" and state != "queued":
-            break
-        if fault_fired():
-            # what landed (committed) before request k+1 was sent
-            pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
-                                   f"WHERE run_id = {run}"))
-            entities = scoped(CRASH, f"SELECT entity || ':' || pages || ':' || status FROM ironwod.sync_run_entities "
-                                     f"WHERE run_id = {run} ORDER BY entity")
-            entities = [e for e in entities if e.count(":") == 2]
-            if k == 1:
-                waiters_xmin(run)
-            killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
-                          f"WHERE run_id = {run}") == ["t"]
-            break
-        time.sleep(0.05)
+    deadline = time.time() + 600          # a bound for a broken run, not a pace
+
+    def active():
+        return one(CRASH, f"SELECT status FROM ironwod.sync_runs WHERE run_id = {run}") in ("running", "queued")
+
+    # held at request k+1, or (a broken run) over before it got there
+    if until(fault_fired, deadline, alive=active):
+        # what landed (committed) before request k+1 was sent
+        pages = int(one(CRASH, f"SELECT coalesce(sum(pages), 0) FROM ironwod.sync_run_entities "
+                               f"WHERE run_id = {run}"))
+        entities = scoped(CRASH, f"SELECT entity || ':' || pages || ':' || status FROM ironwod.sync_run_entities "
+                                 f"WHERE run_id = {run} ORDER BY entity")
+        entities = [e for e in entities if e.count(":") == 2]
+        if k == 1:
+            waiters_xmin(run)
+        killed = psql(f"SELECT pg_terminate_backend(pid) FROM ironwod.worker_status() "
+                      f"WHERE run_id = {run}") == ["t"]
     return killed, pages, entities, wait(CRASH, run)
 
 
