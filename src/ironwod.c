@@ -48,7 +48,7 @@ int			ironwod_breaker_threshold = 5;
 int			ironwod_run_timeout_min = 360;
 int			ironwod_watchdog_timeout_s = 900;
 int			ironwod_max_record_bytes = 4 * 1024 * 1024;
-int			ironwod_pages_per_commit = 16;
+int			ironwod_pages_per_commit = 64;
 bool		ironwod_allow_plaintext_keys = false;
 
 /*
@@ -275,7 +275,7 @@ define_gucs(void)
 	DefineCustomIntVariable("ironwod.pages_per_commit",
 							"Pages a run worker lands in one transaction.",
 							"The pages are fetched with no transaction open, then landed and committed together (at most 8 MB of responses); a crash refetches at most this many pages.  1 commits every page on its own.",
-							&ironwod_pages_per_commit, 16, 1, 1000,
+							&ironwod_pages_per_commit, 64, 1, 1000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("ironwod.max_retries",
 							"Retries of one request on 429, 5xx and transport errors.",

@@ -81,6 +81,12 @@ typedef struct PageParse
 	bool		rec_is_object;
 	bool		skip;			/* poison already: stop building */
 	bool		id_next;		/* the next scalar is the record's id */
+	bool		id_tok;			/* the record's last id key had a scalar that
+								 * id_from_text took: id_tok_val */
+	int64		id_tok_val;
+	int			id_len;			/* strlen(spec->id_field) */
+	int			tok_len;		/* length of the string the next action gets,
+								 * when the fast lexer knows it; else -1 */
 	Size		est;			/* upper bound of the record's jsonb size */
 	JsonbParseState *pstate;
 	JsonbValue *root;
@@ -233,6 +239,7 @@ begin_record(PageParse *pp)
 	pp->rec_is_object = false;
 	pp->skip = !pp->build;
 	pp->id_next = false;
+	pp->id_tok = false;
 	pp->est = 0;
 	pp->pstate = NULL;
 	pp->root = NULL;
@@ -350,7 +357,22 @@ finish_record(PageParse *pp, IwRecord *rec)
 
 	jb = JsonbValueToJsonb(pp->root);
 	rec->has_id = false;
-	v = getKeyJsonValueFromContainer(&jb->root, spec->id_field, strlen(spec->id_field), &buf);
+
+	/*
+	 * The id as the lexer saw it, when the record's last id key (the one
+	 * jsonb keeps) had a number or string that id_from_text took: a number
+	 * token of at most 18 digits (JSON allows no leading zeros) is what
+	 * numeric_out gives back for it, and a string is the jsonb's string.
+	 * Otherwise (an exponent, a fraction, not a scalar) the jsonb decides.
+	 */
+	if (pp->id_tok)
+	{
+		rec->id = pp->id_tok_val;
+		rec->has_id = true;
+		v = NULL;
+	}
+	else
+		v = getKeyJsonValueFromContainer(&jb->root, spec->id_field, pp->id_len, &buf);
 	if (v != NULL && v->type == jbvNumeric)
 	{
 		char	   *t = DatumGetCString(DirectFunctionCall1(numeric_out,
@@ -497,16 +519,21 @@ static void
 pp_field_start(void *state, char *fname, bool isnull)
 {
 	PageParse  *pp = state;
+	int			flen = pp->tok_len >= 0 ? pp->tok_len : (int) strlen(fname);
 
+	pp->tok_len = -1;
 	if (pp->in_record)
 	{
-		pp->id_next = (pp->depth == pp->rec_depth + 1 && strcmp(fname, pp->spec->id_field) == 0);
+		pp->id_next = (pp->depth == pp->rec_depth + 1 && flen == pp->id_len &&
+					   memcmp(fname, pp->spec->id_field, flen) == 0);
+		if (pp->id_next)
+			pp->id_tok = false;
 		if (!pp->skip)
 		{
 			JsonbValue	v;
 
 			v.type = jbvString;
-			v.val.string.len = strlen(fname);
+			v.val.string.len = flen;
 			v.val.string.val = fname;
 			grow_size(pp, 16 + v.val.string.len);
 			if (!pp->skip)
@@ -594,16 +621,24 @@ pp_scalar(void *state, char *token, JsonTokenType type)
 {
 	PageParse  *pp = state;
 	JsonbValue	v;
+	int			len = pp->tok_len;
 
+	pp->tok_len = -1;
 	if (!pp->in_record)
 	{
 		top_scalar(pp, token, type);
 		return;
 	}
+	if (len < 0 && token != NULL)
+		len = strlen(token);
 	record_event(pp, false);
 	if (pp->id_next && pp->depth == pp->rec_depth + 1 && token != NULL &&
 		(type == JSON_TOKEN_NUMBER || type == JSON_TOKEN_STRING))
-		pp->rec->has_id = id_from_text(token, strlen(token), &pp->rec->id);
+	{
+		pp->rec->has_id = id_from_text(token, len, &pp->rec->id);
+		pp->id_tok = pp->rec->has_id;
+		pp->id_tok_val = pp->rec->id;
+	}
 	pp->id_next = false;
 	if (pp->skip)
 		return;
@@ -611,7 +646,7 @@ pp_scalar(void *state, char *token, JsonTokenType type)
 	{
 		case JSON_TOKEN_STRING:
 			v.type = jbvString;
-			v.val.string.len = strlen(token);
+			v.val.string.len = len;
 			v.val.string.val = token;
 			grow_size(pp, 16 + v.val.string.len);
 			break;
@@ -621,7 +656,7 @@ pp_scalar(void *state, char *token, JsonTokenType type)
 				poison(pp, POISON_NUMBER, "the record has a number PostgreSQL's numeric cannot hold");
 				return;
 			}
-			grow_size(pp, 16 + strlen(token));
+			grow_size(pp, 16 + len);
 			if (pp->skip)
 				return;
 			v.type = jbvNumeric;
@@ -715,7 +750,7 @@ fp_hex4(const char *s)
  * NULL to give up.
  */
 static char *
-fp_string(FastParse *fp)
+fp_string(FastParse *fp, int *len)
 {
 	const char *s = fp->p + 1;
 	const char *q = s;
@@ -732,6 +767,7 @@ fp_string(FastParse *fp)
 		out = palloc(q - s + 1);
 		memcpy(out, s, q - s);
 		out[q - s] = '\0';
+		*len = q - s;
 		fp->p = q + 1;
 		return out;
 	}
@@ -805,6 +841,7 @@ fp_string(FastParse *fp)
 		q += 2;
 	}
 	*o = '\0';
+	*len = o - out;
 	fp->p = close + 1;
 	return out;
 }
@@ -869,6 +906,7 @@ fp_scalar(FastParse *fp)
 	token[q - s] = '\0';
 	fp->p = q;
 	fp->pp->lex->prev_token_terminator = (char *) q;
+	fp->pp->tok_len = q - s;
 	pp_scalar(fp->pp, token, type);
 	return true;
 }
@@ -893,14 +931,16 @@ fp_object(FastParse *fp)
 		for (;;)
 		{
 			char	   *fname;
+			int			flen;
 
-			if (fp->p >= fp->end || *fp->p != '"' || (fname = fp_string(fp)) == NULL)
+			if (fp->p >= fp->end || *fp->p != '"' || (fname = fp_string(fp, &flen)) == NULL)
 				return false;
 			fp_skip_space(fp);
 			if (fp->p >= fp->end || *fp->p != ':')
 				return false;
 			fp->p++;
 			fp_skip_space(fp);
+			fp->pp->tok_len = flen;
 			pp_field_start(fp->pp, fname, fp_next_is_null(fp));
 			if (!fp_value(fp))
 				return false;
@@ -970,6 +1010,7 @@ fp_value(FastParse *fp)
 {
 	bool		ok;
 	char	   *s;
+	int			len;
 
 	if (fp->p >= fp->end)
 		return false;
@@ -983,9 +1024,10 @@ fp_value(FastParse *fp)
 			fp->depth--;
 			return ok;
 		case '"':
-			if ((s = fp_string(fp)) == NULL)
+			if ((s = fp_string(fp, &len)) == NULL)
 				return false;
 			fp->pp->lex->prev_token_terminator = (char *) fp->p;
+			fp->pp->tok_len = len;
 			pp_scalar(fp->pp, s, JSON_TOKEN_STRING);
 			return true;
 		default:
@@ -1089,6 +1131,7 @@ parse_one_record(PageParse *pp, IwRecord *rec)
 	pp->rec_is_object = false;
 	pp->skip = false;
 	pp->id_next = false;
+	pp->id_tok = false;
 	pp->est = 0;
 	pp->pstate = NULL;
 	pp->root = NULL;
@@ -1155,6 +1198,8 @@ init_parse(PageParse *pp, const IwEntitySpec *spec, IwPage *page, bool build)
 	pp->spec = spec;
 	pp->page = page;
 	pp->build = build;
+	pp->id_len = strlen(spec->id_field);
+	pp->tok_len = -1;
 	pp->page_cxt = CurrentMemoryContext;
 	pp->rec_cxt = AllocSetContextCreate(CurrentMemoryContext, "ironwod record",
 										ALLOCSET_DEFAULT_SIZES);
