@@ -42,7 +42,7 @@ install_citus_private
 : >"$WORK/results"
 
 SETTINGS=("ironwod.requests_per_second = 2000" "ironwod.burst = 200" "ironwod.cluster_requests_per_second = 5000"
-          "ironwod.max_workers = 4" "ironwod.naptime = 500" "track_functions = all")
+          "ironwod.max_workers = 4" "ironwod.naptime = 500" "track_functions = pl")
 # One tenant per gym: Citus places each tenant's rows on one node, so gyms of one
 # tenant would all land on the same worker.
 tenant_uuid() { printf 'c1c1c1c1-0000-4000-8000-%012d' "$1"; }
