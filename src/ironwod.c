@@ -24,6 +24,7 @@ void		_PG_init(void);
 char	   *ironwod_database_name = NULL;
 char	   *ironwod_worker_role = NULL;
 int			ironwod_max_workers = 4;
+int			ironwod_worker_idle_timeout_s = 5;
 char	   *ironwod_base_url = NULL;
 char	   *ironwod_master_key_command = NULL;
 int			ironwod_master_key_command_timeout_ms = 10000;
@@ -233,6 +234,11 @@ define_gucs(void)
 							"Each takes a max_worker_processes slot.",
 							&ironwod_max_workers, 4, 1, IW_MAX_RUN_SLOTS,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("ironwod.worker_idle_timeout",
+							"How long a run worker that finished a run waits for the supervisor to hand it another.",
+							"A worker serving several runs pays a new backend's cold caches once; 0 = exit after every run.",
+							&ironwod_worker_idle_timeout_s, 5, 0, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomStringVariable("ironwod.base_url",
 							   "Base URL of the Wodify API.",
 							   "Only superusers can change it, so no SQL caller can pick a URL.",

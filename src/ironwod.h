@@ -5,8 +5,9 @@
  *
  * Who owns what:
  *	  ironwod.c    _PG_init, GUC definitions, worker registration
- *	  shmem.c      shared memory: supervisor pid, wake at commit, run slots,
- *	               validation slots, condition variables
+ *	  shmem.c      shared memory: supervisor pid, wake at commit, run slots
+ *	               (and the handoff of a run to an idle worker), validation
+ *	               slots, condition variables
  *	  launcher.c   the static "ironwod launcher": waits for the database, then
  *	               starts (and restarts) the supervisor in it
  *	  supervisor.c the "ironwod supervisor" background worker
@@ -58,6 +59,7 @@
 extern char *ironwod_database_name;
 extern char *ironwod_worker_role;
 extern int	ironwod_max_workers;
+extern int	ironwod_worker_idle_timeout_s;
 extern char *ironwod_base_url;
 extern char *ironwod_master_key_command;
 extern int	ironwod_master_key_command_timeout_ms;
@@ -153,10 +155,42 @@ typedef struct IwValidationSlot
 	IwAttempts	attempts;		/* the validation's HTTP attempts */
 } IwValidationSlot;
 
+/*
+ * A run worker's slot.  Free: pid 0.  Busy: the worker works on run_id.
+ * Idle: the worker finished a run cleanly and waits (at most
+ * ironwod.worker_idle_timeout) for the supervisor to hand it another one;
+ * run_id is 0, so no run counts as alive through it.  Assigned: the
+ * supervisor wrote the next run into args and run_id, and set the worker's
+ * latch.  Every change is made under iw_shared->lock: the supervisor
+ * assigns only to a slot that is still idle, and an idle worker leaves only
+ * when no run was assigned to it.
+ */
+typedef enum IwRunSlotState
+{
+	IW_RSLOT_FREE = 0,
+	IW_RSLOT_BUSY,
+	IW_RSLOT_IDLE,
+	IW_RSLOT_ASSIGNED
+} IwRunSlotState;
+
+typedef struct IwRunArgs
+{
+	int64		run_id;			/* 0 for validation workers */
+	int			validation_slot;	/* -1 for run workers */
+	uint32		validation_generation;
+	Oid			database_oid;
+	Oid			role_oid;
+	pg_uuid_t	tenant_id;
+	pg_uuid_t	gym_id;
+} IwRunArgs;
+
 typedef struct IwRunSlot
 {
-	int64		run_id;			/* 0 = free */
+	int64		run_id;			/* 0 = no run (free or idle) */
 	int			pid;
+	IwRunSlotState state;
+	Oid			role_oid;		/* the role the worker is connected as */
+	IwRunArgs	args;			/* the next run, while assigned */
 } IwRunSlot;
 
 typedef struct IwSharedState
@@ -174,22 +208,15 @@ extern IwSharedState *iw_shared;
 extern void iw_shmem_init_hooks(void);
 extern void iw_wake_supervisor_at_commit(void);
 extern void iw_wake_supervisor_now(void);
-extern void iw_run_slot_set(int64 run_id);
+extern void iw_run_slot_set(int64 run_id, Oid role_oid);
+extern bool iw_run_slot_wait_for_run(IwRunArgs *args);
+extern bool iw_run_slot_assign(int slot, int pid, const IwRunArgs *args);
+extern int	iw_run_slot_idle_list(int *slots, int *pids, Oid *roles, int max);
 extern bool iw_run_slot_alive(int64 run_id);
 extern int	iw_run_slot_pid(int64 run_id);
 extern void iw_broadcast_run_change(void);
 
 /* ---- background workers ---- */
-typedef struct IwRunArgs
-{
-	int64		run_id;			/* 0 for validation workers */
-	int			validation_slot;	/* -1 for run workers */
-	uint32		validation_generation;
-	Oid			database_oid;
-	Oid			role_oid;
-	pg_uuid_t	tenant_id;
-	pg_uuid_t	gym_id;
-} IwRunArgs;
 
 extern PGDLLEXPORT void ironwod_supervisor_main(Datum main_arg);
 extern bool iw_drives_version(const char *version);
@@ -254,6 +281,7 @@ extern void iw_ratelimit_acquire(void);
 extern void iw_ratelimit_feedback(long http_status, double retry_after_s);
 extern int	iw_ratelimit_snapshot(IwRateLimitInfo *out, int max);
 extern int	iw_ratelimit_max_rows(void);
+extern void iw_ratelimit_unbind_now(void);
 
 /* ---- crypto (crypto.c, masterkey.c) ---- */
 
@@ -322,6 +350,8 @@ extern void iw_txn_commit(void);
 extern void iw_exit_if_postmaster_dead(void);
 extern void iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id);
 extern void iw_set_local_scope(const char *tenant, const char *gym);
+extern void iw_clear_scope(void);
+extern void iw_land_reset(void);
 extern bool iw_claim_run(int64 run_id, IwClaim *claim, MemoryContext keep);
 extern int	iw_next_tasks(int64 run_id, const IwTask *after, bool plan, IwTask *tasks,
 						  int max, MemoryContext keep);
@@ -430,6 +460,7 @@ extern void iw_attempt_resent(void);
 extern void iw_attempt_backed_off(int64 slept_us);
 extern bool iw_attempts_pending(void);
 extern void iw_attempts_reset(void);
+extern void iw_observe_reset(void);
 extern Datum iw_attempts_datum(const IwAttempts *a);
 extern void iw_memory_run_start(void);
 extern void iw_memory_page_start(void);

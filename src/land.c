@@ -174,6 +174,20 @@ iw_set_scope(const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id)
 	SetConfigOption("ironwod.gym_id", scope_gym, PGC_USERSET, PGC_S_SESSION);
 }
 
+/*
+ * No scope: between two runs of a worker (run.c), so that a worker waiting
+ * for its next run holds none, and nothing of the last run's tenant is left
+ * for the next to read.
+ */
+void
+iw_clear_scope(void)
+{
+	scope_tenant[0] = '\0';
+	scope_gym[0] = '\0';
+	SetConfigOption("ironwod.tenant_id", "", PGC_USERSET, PGC_S_SESSION);
+	SetConfigOption("ironwod.gym_id", "", PGC_USERSET, PGC_S_SESSION);
+}
+
 /* Text of column col of the first result row, copied into keep; NULL if null. */
 static char *
 result_text(int col, MemoryContext keep)
@@ -330,12 +344,22 @@ iw_next_tasks(int64 run_id, const IwTask *after, bool plan, IwTask *tasks, int m
 
 /*
  * Per entity, what landing needs from the registry and the prepared upsert
- * into its raw table.  Read and prepared once per process: a run worker lives
- * for one run, so a registry edit is seen by the next run.
+ * into its raw table.  A run worker serves several runs of its database
+ * (run.c), so the registry row is read again at the first use in every run:
+ * an edit of the registry, or an ALTER EXTENSION UPDATE, is seen by the next
+ * run as when each run had a process of its own.  The prepared statements
+ * are kept across runs only while their text, which the registry's row
+ * determines (ironwod.landing_statement), is byte for byte the same: they
+ * take the tenant and the gym as parameters ($1, $2) and embed no scope, and
+ * PostgreSQL's plan cache replans them when the tables or functions they
+ * use change.
  */
 typedef struct IwLanding
 {
 	IwEntitySpec spec;
+	MemoryContext cxt;			/* the spec and the statements' text */
+	char	   *insert_sql;
+	char	   *upsert_sql;
 	SPIPlanPtr	insert;			/* plain INSERT: versions never seen before */
 	SPIPlanPtr	upsert;			/* INSERT ... ON CONFLICT */
 	int64		run_id;			/* the run the flags below are about */
@@ -440,8 +464,12 @@ text_array_to_cstrings(Datum d, int *n)
 	return out;
 }
 
-static IwLanding *
-landing_for(const char *entity, int64 run_id)
+/*
+ * (Re)read the entity's registry row into l: its spec in a fresh context, and
+ * its landing statements, prepared again only when their text changed.
+ */
+static void
+read_registry(IwLanding *l, const char *entity)
 {
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1];
@@ -449,20 +477,13 @@ landing_for(const char *entity, int64 run_id)
 	INT8ARRAYOID, JSONBARRAYOID, BYTEAARRAYOID, TIMESTAMPTZARRAYOID};
 	HeapTuple	tup;
 	TupleDesc	desc;
-	IwLanding  *l;
+	MemoryContext cxt;
 	MemoryContext old;
+	IwEntitySpec spec;
+	char	   *insert_sql;
+	char	   *upsert_sql;
 	bool		isnull;
 
-	for (int i = 0; i < n_landings; i++)
-		if (strcmp(landings[i].spec.entity, entity) == 0)
-		{
-			l = &landings[i];
-			goto found;
-		}
-
-	if (landing_cxt == NULL)
-		landing_cxt = AllocSetContextCreate(TopMemoryContext, "ironwod landing",
-											ALLOCSET_SMALL_SIZES);
 	values[0] = CStringGetTextDatum(entity);
 	run_sql("SELECT records_key, id_field, updated_at_path, created_at_path, watermark_path, page_size, "
 			"ironwod.landing_statement(entity, false), ironwod.landing_statement(entity, true), "
@@ -476,27 +497,74 @@ landing_for(const char *entity, int64 run_id)
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 
-	old = MemoryContextSwitchTo(landing_cxt);
-	landings = landings == NULL ? palloc(sizeof(IwLanding))
-		: repalloc(landings, sizeof(IwLanding) * (n_landings + 1));
-	l = &landings[n_landings];
-	memset(l, 0, sizeof(IwLanding));
-	l->spec.entity = pstrdup(entity);
-	l->spec.records_key = SPI_getvalue(tup, desc, 1);
-	l->spec.id_field = SPI_getvalue(tup, desc, 2);
-	l->spec.updated_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 3, &isnull), &l->spec.n_updated);
-	l->spec.created_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 4, &isnull), &l->spec.n_created);
-	l->spec.watermark_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 5, &isnull), &l->spec.n_watermark);
-	l->spec.page_size = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
-	l->spec.n_volatile = DatumGetInt32(SPI_getbinval(tup, desc, 10, &isnull));
-	l->spec.volatile_fields = l->spec.n_volatile > 0
+	cxt = AllocSetContextCreate(landing_cxt, "ironwod landing entity", ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(cxt);
+	memset(&spec, 0, sizeof(spec));
+	spec.entity = pstrdup(entity);
+	spec.records_key = SPI_getvalue(tup, desc, 1);
+	spec.id_field = SPI_getvalue(tup, desc, 2);
+	spec.updated_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 3, &isnull), &spec.n_updated);
+	spec.created_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 4, &isnull), &spec.n_created);
+	spec.watermark_path = text_array_to_cstrings(SPI_getbinval(tup, desc, 5, &isnull), &spec.n_watermark);
+	spec.page_size = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
+	spec.n_volatile = DatumGetInt32(SPI_getbinval(tup, desc, 10, &isnull));
+	spec.volatile_fields = spec.n_volatile > 0
 		? datumCopy(SPI_getbinval(tup, desc, 9, &isnull), false, -1) : (Datum) 0;
+	insert_sql = SPI_getvalue(tup, desc, 7);
+	upsert_sql = SPI_getvalue(tup, desc, 8);
 	MemoryContextSwitchTo(old);
-	l->insert = prepare_kept(SPI_getvalue(tup, desc, 7), 8, upsert_types);
-	l->upsert = prepare_kept(SPI_getvalue(tup, desc, 8), 8, upsert_types);
-	n_landings++;
 
-found:
+	if (l->insert == NULL || strcmp(l->insert_sql, insert_sql) != 0)
+	{
+		if (l->insert != NULL)
+			SPI_freeplan(l->insert);
+		l->insert = NULL;
+		l->insert = prepare_kept(insert_sql, 8, upsert_types);
+	}
+	if (l->upsert == NULL || strcmp(l->upsert_sql, upsert_sql) != 0)
+	{
+		if (l->upsert != NULL)
+			SPI_freeplan(l->upsert);
+		l->upsert = NULL;
+		l->upsert = prepare_kept(upsert_sql, 8, upsert_types);
+	}
+	if (l->cxt != NULL)
+		MemoryContextDelete(l->cxt);
+	l->cxt = cxt;
+	l->spec = spec;
+	l->insert_sql = insert_sql;
+	l->upsert_sql = upsert_sql;
+}
+
+static IwLanding *
+landing_for(const char *entity, int64 run_id)
+{
+	IwLanding  *l = NULL;
+	bool		isnull;
+
+	for (int i = 0; i < n_landings; i++)
+		if (strcmp(landings[i].spec.entity, entity) == 0)
+		{
+			l = &landings[i];
+			break;
+		}
+
+	if (l == NULL)
+	{
+		if (landing_cxt == NULL)
+			landing_cxt = AllocSetContextCreate(TopMemoryContext, "ironwod landing",
+												ALLOCSET_SMALL_SIZES);
+		landings = landings == NULL ? MemoryContextAlloc(landing_cxt, sizeof(IwLanding))
+			: repalloc(landings, sizeof(IwLanding) * (n_landings + 1));
+		l = &landings[n_landings];
+		memset(l, 0, sizeof(IwLanding));
+		/* counted once complete: a failed read leaves no half entry behind */
+		read_registry(l, entity);
+		n_landings++;
+	}
+	else if (l->run_id != run_id && run_id != 0)
+		read_registry(l, entity);	/* a new run reads the registry afresh */
+
 	if (l->run_id != run_id && run_id != 0)
 	{
 		Oid			run_types[4] = {TEXTOID, UUIDOID, UUIDOID, INT8OID};
@@ -849,6 +917,8 @@ static SPIPlanPtr unvanish_plan = NULL;
 static SPIPlanPtr quarantine_plan = NULL;
 static SPIPlanPtr unquarantine_plan = NULL;
 static SPIPlanPtr beat_plan = NULL;
+static char *counts_sql = NULL; /* page_statement()'s text counts_plan was prepared from */
+static bool bookkeeping_ready = false;	/* checked in this run */
 static int64 beat_run = 0;
 static TimestampTz beat_at = 0;
 
@@ -890,9 +960,13 @@ hold_connection(void)
 }
 
 /*
- * Prepare the bookkeeping statements, once per process, in a transaction with
- * SPI connected.  Whether page_statement counts a batch's pages (1.1's SQL)
- * decides how many pages a batch may hold.
+ * Prepare the bookkeeping statements, in a transaction with SPI connected,
+ * at the first batch of every run: the worker may serve several runs
+ * (run.c), and ALTER EXTENSION UPDATE between two of them changes what
+ * page_statement() returns.  The statements are prepared again only when
+ * its text changed; none embeds a tenant or a gym (they are parameters).
+ * Whether page_statement counts a batch's pages (1.1's SQL) decides how
+ * many pages a batch may hold.
  */
 static void
 prepare_bookkeeping(void)
@@ -910,8 +984,10 @@ prepare_bookkeeping(void)
 	Oid			units_types[4] = {INT8OID, TEXTOID, TEXTARRAYOID, INT4ARRAYOID};
 	Oid			unvanish_types[2] = {TEXTOID, INT8ARRAYOID};
 	Oid			beat_types[2] = {INT8OID, TIMESTAMPTZOID};
+	SPIPlanPtr *plans[] = {&counts_plan, &unit_plan, &units_plan, &unvanish_plan, &quarantine_plan,
+	&unquarantine_plan, &beat_plan};
 
-	if (counts_plan != NULL)
+	if (bookkeeping_ready)
 		return;
 	run_sql("SELECT ironwod.page_statement(), ironwod.latency_buckets()", 0, NULL, NULL, NULL,
 			SPI_OK_SELECT);
@@ -923,6 +999,20 @@ prepare_bookkeeping(void)
 	for (int i = 0; i < nb; i++)
 		latency_bounds[i] = DatumGetFloat8(bounds[i]);
 	statement = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	if (counts_plan != NULL && counts_sql != NULL && strcmp(counts_sql, statement) == 0)
+	{
+		bookkeeping_ready = true;
+		return;
+	}
+	for (int i = 0; i < (int) lengthof(plans); i++)
+	{
+		if (*plans[i] != NULL)
+			SPI_freeplan(*plans[i]);
+		*plans[i] = NULL;
+	}
+	if (counts_sql != NULL)
+		pfree(counts_sql);
+	counts_sql = NULL;
 	/* 1.0's statement counts one page a call and has no $12, which is then unused */
 	batch_sql = strstr(statement, "$12") != NULL;
 	counts_plan = prepare_kept(statement, 12, types);
@@ -936,6 +1026,33 @@ prepare_bookkeeping(void)
 	quarantine_plan = prepare_kept("SELECT ironwod.quarantine($1, $2, $3, $4, $5, $6, $7)", 7,
 								   quarantine_types);
 	beat_plan = prepare_kept("SELECT ironwod.count_requests($1, $2, 'land')", 2, beat_types);
+	counts_sql = MemoryContextStrdup(TopMemoryContext, statement);
+	bookkeeping_ready = true;
+}
+
+/*
+ * Between two runs of one worker (run.c): forget everything this file holds
+ * about the run that ended.  The scope goes (iw_clear_scope, by the caller);
+ * each entity's registry row, and the bookkeeping statements' text, are read
+ * again at their first use in the next run (read_registry,
+ * prepare_bookkeeping), and its run-dependent flags with them; the
+ * heartbeat's pace starts afresh.  What stays is what depends on no run:
+ * prepared statements whose text is unchanged, and the page check's
+ * resource owner, which holds nothing between pages.
+ */
+void
+iw_land_reset(void)
+{
+	for (int i = 0; i < n_landings; i++)
+	{
+		landings[i].run_id = 0;
+		landings[i].seen_versions = false;
+		landings[i].has_vanished = false;
+		landings[i].has_quarantined = false;
+	}
+	bookkeeping_ready = false;
+	beat_run = 0;
+	beat_at = 0;
 }
 
 /*

@@ -120,6 +120,20 @@ iw_attempts_reset(void)
 }
 
 /*
+ * Between two runs of one worker (run.c): nothing counted or measured for
+ * the last run is left for the next (the attempts, their entity, the last
+ * outcome, the memory peaks).
+ */
+void
+iw_observe_reset(void)
+{
+	iw_attempts_reset();
+	attempts_entity[0] = '\0';
+	last_outcome = IW_ATTEMPT_2XX;
+	iw_memory_run_start();
+}
+
+/*
  * The counters as the int8[] SQL takes (ironwod.add_attempts): the outcomes
  * in IwAttemptOutcome order, then retries, bytes, token wait and backoff in
  * microseconds.

@@ -353,6 +353,20 @@ iw_ratelimit_unbind(int code, Datum arg)
 }
 
 /*
+ * Between two runs of one worker (run.c): leave the connection's bucket, as
+ * an exiting worker does, so that the next run binds to its own
+ * connection's (iw_ratelimit_bind binds once), and forget the private
+ * fallback bucket, which paced the last run's connection.
+ */
+void
+iw_ratelimit_unbind_now(void)
+{
+	iw_ratelimit_unbind(0, (Datum) 0);
+	my_private_ready = false;
+	memset(&my_private_bucket, 0, sizeof(my_private_bucket));
+}
+
+/*
  * The bucket of this process's connection: its shared slot, else the
  * private fallback (initialised full on first use).
  */

@@ -3,12 +3,21 @@
  * run.c
  *	  The dynamic background workers that talk to Wodify.
  *
- *	  "ironwod run" executes one queued sync run of one connection: it claims
+ *	  "ironwod run" executes a queued sync run of one connection: it claims
  *	  the run, opens the sealed API key, then for each unit of work that
  *	  ironwod.next_task() hands out fetches pages over HTTP (no transaction
  *	  open), checks each as it comes and lands them in batches of up to
  *	  ironwod.pages_per_commit pages of one entity, one transaction a batch
  *	  (land.c), and finally finishes or fails the run.
+ *
+ *	  A worker whose run finished cleanly does not exit at once: it resets
+ *	  every piece of per-run state (end_run), marks its run slot idle and
+ *	  waits up to ironwod.worker_idle_timeout for the supervisor to hand it
+ *	  the next queued run of its database (shmem.c), so that only a worker's
+ *	  first run pays a new backend's cold catalog, plpgsql and plan caches.
+ *	  It never looks for runs itself: bound by RLS to one scope at a time, it
+ *	  could not see other tenants' queued runs anyway.  A failed, cancelled or
+ *	  errored run ends the worker, as does SIGTERM.
  *
  *	  "ironwod validate" answers ironwod_connect(): it opens a sealed key
  *	  handed over in a shared memory slot and asks Wodify once whether the key
@@ -25,6 +34,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
@@ -33,17 +43,27 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-/* Where a failure happened, and our own error code for it (else the SQLSTATE). */
+/*
+ * Per-run state of this file, reset by begin_run for every run the worker
+ * serves: where a failure happened, and our own error code for it (else the
+ * SQLSTATE).
+ */
 static const char *run_phase = "start";
 static const char *fail_code = NULL;
 
-/* Plaintext API keys live only here, briefly, and are wiped after use. */
+/*
+ * Plaintext API keys live only here, briefly, and are wiped after use.  A
+ * run worker creates it for each run and deletes it after (begin_run,
+ * end_run).
+ */
 static MemoryContext secret_ctx = NULL;
 
 static void
 init_worker(const IwRunArgs *args, const char *appname)
 {
 	pqsignal(SIGTERM, die);
+	/* a worker that serves several runs reads the configuration between them */
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(args->database_oid, args->role_oid, 0);
 	pgstat_report_appname(appname);
@@ -58,6 +78,12 @@ init_worker(const IwRunArgs *args, const char *appname)
 	secret_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod secret",
 									   ALLOCSET_SMALL_SIZES);
 }
+
+/* What pg_stat_activity shows for a run worker waiting for its next run. */
+#define IW_IDLE_ACTIVITY "ironwod: waiting for the next run"
+
+/* Past this instant the run gives up (ironwod.run_timeout). */
+static TimestampTz run_deadline = 0;
 
 /*
  * Fetch the private master key, open the sealed API key with it, and wipe the
@@ -215,9 +241,6 @@ validate_key(int *http_status, char *message, size_t message_len)
 		iw_http_backoff(attempt, resp.retry_after_s);
 	}
 }
-
-/* Past this instant the run gives up (ironwod.run_timeout). */
-static TimestampTz run_deadline = 0;
 
 /*
  * A run that is about to fail lands the pages it fetched and checked first,
@@ -405,7 +428,14 @@ fetch_unit(int64 run_id, const IwTask *task, IwBatch *batch, MemoryContext page_
 	}
 }
 
-static void
+/*
+ * One run, to its end.  Returns true when the run finished cleanly (finished,
+ * which raises unless the run was still running, or its key validated):
+ * only then may the worker serve another.  A run no longer queued when
+ * claimed, or whose key Wodify rejected, returns false, and the worker
+ * exits, as before; every other outcome is an ERROR (record_failure).
+ */
+static bool
 execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 {
 	IwClaim		claim;
@@ -429,7 +459,7 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 	{
 		ereport(LOG,
 				(errmsg("ironwod run " INT64_FORMAT " is no longer queued", args->run_id)));
-		return;
+		return false;
 	}
 	if (claim.sealed == NULL)
 	{
@@ -465,7 +495,8 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 		iw_finish_validate(args->run_id, verdict == IW_VERDICT_VALID, fingerprint,
 						   verdict == IW_VERDICT_VALID ? NULL :
 						   psprintf("Wodify rejected the API key (HTTP %d)", status));
-		return;
+		/* a rejected key fails the validation run: the worker exits */
+		return verdict == IW_VERDICT_VALID;
 	}
 
 	task_ctx = AllocSetContextCreate(run_ctx, "ironwod task", ALLOCSET_DEFAULT_SIZES);
@@ -523,6 +554,7 @@ execute_run(const IwRunArgs *args, MemoryContext run_ctx)
 	iw_run_step(args->run_id, "SELECT ironwod.refresh_metrics($1)", "ironwod refresh metrics");
 	run_phase = "finish";
 	iw_finish_run(args->run_id);
+	return true;
 }
 
 /*
@@ -561,29 +593,132 @@ record_failure(int64 run_id, MemoryContext ctx)
 	RESUME_INTERRUPTS();
 }
 
+/*
+ * Set up everything one run needs, from nothing: end_run left no state of
+ * the previous run, and the resets are repeated here so that a worker's
+ * first run and its later ones start alike.  The scope binds RLS to the
+ * run's (tenant, gym); the rate limit binding to its connection's bucket;
+ * the contexts are new.
+ */
+static MemoryContext
+begin_run(const IwRunArgs *args)
+{
+	run_phase = "start";
+	fail_code = NULL;
+	run_deadline = 0;
+	iw_key_command_problem = NULL;
+	iw_observe_reset();
+	iw_land_reset();
+	if (secret_ctx == NULL)
+		secret_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod secret",
+										   ALLOCSET_SMALL_SIZES);
+	iw_set_scope(&args->tenant_id, &args->gym_id);
+	/* Every worker of this connection shares one bucket from here on. */
+	iw_ratelimit_bind(&args->tenant_id, &args->gym_id);
+	return AllocSetContextCreate(TopMemoryContext, "ironwod run", ALLOCSET_DEFAULT_SIZES);
+}
+
+/*
+ * After a run that finished cleanly, before the worker waits for the next:
+ * drop every piece of per-run state, so that nothing of this run's tenant,
+ * gym or key reaches the next run (a multi-tenant boundary).
+ *	- the HTTP handles: the easy handle, the multi handle with its connection
+ *	  and TLS session cache, and the header list holding the key (wiped);
+ *	  the next run starts them anew with its own key (start_http_with_key);
+ *	- the secret context: the plaintext key in it was wiped when it was
+ *	  handed to libcurl; the context goes too, and is created anew;
+ *	- the scope (ironwod.tenant_id and ironwod.gym_id, and land.c's copy
+ *	  that every transaction sets on Citus): none while idle;
+ *	- the rate limit binding: the connection's bucket is left;
+ *	- land.c's per-run caches: each entity's registry row and run flags, the
+ *	  bookkeeping statements' check, the heartbeat pace (iw_land_reset);
+ *	- observe.c's attempt counters, their entity and the memory peaks;
+ *	- this file's statics (run_phase, fail_code, run_deadline) and the key
+ *	  command's problem, set again for the next run (begin_run);
+ *	- the run's memory context, with the claim (its sealed key), the task
+ *	  queue and the batch.
+ * The run slot is handed over by the supervisor with the next run (shmem.c).
+ * The log hook keeps no per-run secret (it scrubs by function name), so it
+ * has nothing to reset.
+ */
+static void
+end_run(MemoryContext run_ctx)
+{
+	iw_http_end();
+	if (secret_ctx != NULL)
+		MemoryContextDelete(secret_ctx);
+	secret_ctx = NULL;
+	iw_clear_scope();
+	iw_ratelimit_unbind_now();
+	iw_land_reset();
+	iw_observe_reset();
+	run_phase = "start";
+	fail_code = NULL;
+	run_deadline = 0;
+	iw_key_command_problem = NULL;
+	MemoryContextSwitchTo(TopMemoryContext);
+	MemoryContextDelete(run_ctx);
+	/*
+	 * The run's statistics (its function timings among them) are flushed
+	 * now, as an exiting worker's are, not a second or a run later; then
+	 * pg_stat_activity tells that this worker waits (the benches wait for
+	 * it, test/cluster.sh).
+	 */
+	pgstat_report_stat(true);
+	pgstat_report_activity(STATE_IDLE, IW_IDLE_ACTIVITY);
+}
+
 void
 ironwod_run_main(Datum main_arg)
 {
 	IwRunArgs	args;
-	MemoryContext run_ctx;
 
 	memcpy(&args, MyBgworkerEntry->bgw_extra, sizeof(args));
 	init_worker(&args, "ironwod run");
-	iw_set_scope(&args.tenant_id, &args.gym_id);
-	iw_run_slot_set(args.run_id);
-	/* Every worker of this connection shares one bucket from here on. */
-	iw_ratelimit_bind(&args.tenant_id, &args.gym_id);
-	run_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod run", ALLOCSET_DEFAULT_SIZES);
+	iw_run_slot_set(args.run_id, args.role_oid);
 
-	PG_TRY();
+	for (;;)
 	{
-		execute_run(&args, run_ctx);
+		MemoryContext run_ctx = begin_run(&args);
+		volatile bool finished = false;
+
+		PG_TRY();
+		{
+			finished = execute_run(&args, run_ctx);
+		}
+		PG_CATCH();
+		{
+			record_failure(args.run_id, run_ctx);
+		}
+		PG_END_TRY();
+
+		/* a failed, cancelled or errored run ends the worker, as it always did */
+		if (!finished)
+			break;
+		end_run(run_ctx);
+		if (!iw_run_slot_wait_for_run(&args))
+			break;
+		/* the configuration as of the run's start, as a new worker would read it */
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		/* the supervisor hands over runs of its own database and role only */
+		if (args.database_oid != MyDatabaseId || args.role_oid != GetAuthenticatedUserId())
+		{
+			ereport(LOG,
+					(errmsg("ironwod run worker %d exits: run " INT64_FORMAT " was handed over for another database or role",
+							MyProcPid, args.run_id)));
+			break;
+		}
+		{
+			char		activity[64];
+
+			snprintf(activity, sizeof(activity), "ironwod run " INT64_FORMAT, args.run_id);
+			pgstat_report_activity(STATE_RUNNING, activity);
+		}
 	}
-	PG_CATCH();
-	{
-		record_failure(args.run_id, run_ctx);
-	}
-	PG_END_TRY();
 
 	iw_http_end();
 	proc_exit(0);

@@ -2,8 +2,9 @@
  *
  * shmem.c
  *	  ironwod's shared memory: the supervisor's pid (never a Latch pointer),
- *	  the wake-at-commit path, the table of live run workers, and the slots
- *	  through which ironwod_connect hands a sealed key to a validate worker.
+ *	  the wake-at-commit path, the table of live run workers (busy, idle, or
+ *	  handed their next run by the supervisor), and the slots through which
+ *	  ironwod_connect hands a sealed key to a validate worker.
  *
  *	  Nothing process-local (CURL handles, file descriptors, pointers into a
  *	  process's memory) is ever stored here.
@@ -14,11 +15,16 @@
 
 #include "access/xact.h"
 #include "miscadmin.h"
+#include "postmaster/interrupt.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
 #include "storage/shmem.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 IwSharedState *iw_shared = NULL;
 
@@ -132,11 +138,14 @@ iw_broadcast_run_change(void)
 }
 
 static int	my_run_slot = -1;
+static bool my_run_slot_callback = false;
 
 /*
- * Free this worker's slot on every exit path, including FATAL from SIGTERM;
- * after a crash (SIGKILL) the postmaster reinitialises shared memory, so a
- * slot never outlives its process.
+ * Free this worker's slot on every exit path, including FATAL from SIGTERM
+ * (busy, idle, or assigned a run it has not claimed yet: the run stays
+ * queued and the supervisor starts it again); after a crash (SIGKILL) the
+ * postmaster reinitialises shared memory, so a slot never outlives its
+ * process.
  */
 static void
 iw_run_slot_release(int code, Datum arg)
@@ -144,8 +153,7 @@ iw_run_slot_release(int code, Datum arg)
 	if (my_run_slot < 0 || iw_shared == NULL)
 		return;
 	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
-	iw_shared->runs[my_run_slot].run_id = 0;
-	iw_shared->runs[my_run_slot].pid = 0;
+	memset(&iw_shared->runs[my_run_slot], 0, sizeof(IwRunSlot));
 	LWLockRelease(iw_shared->lock);
 	my_run_slot = -1;
 	iw_broadcast_run_change();
@@ -154,20 +162,27 @@ iw_run_slot_release(int code, Datum arg)
 /*
  * Announce that this process works on run_id.  Done before the run is claimed,
  * so the supervisor never sees a running run without a live slot unless its
- * worker is really gone.
+ * worker is really gone.  A worker takes a slot once, for its first run; the
+ * runs it is handed later come through the same slot
+ * (iw_run_slot_wait_for_run).
  */
 void
-iw_run_slot_set(int64 run_id)
+iw_run_slot_set(int64 run_id, Oid role_oid)
 {
 	int			i;
 
 	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
 	for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
 	{
-		if (iw_shared->runs[i].run_id == 0)
+		IwRunSlot  *slot = &iw_shared->runs[i];
+
+		if (slot->state == IW_RSLOT_FREE && slot->pid == 0)
 		{
-			iw_shared->runs[i].run_id = run_id;
-			iw_shared->runs[i].pid = MyProcPid;
+			memset(slot, 0, sizeof(IwRunSlot));
+			slot->run_id = run_id;
+			slot->pid = MyProcPid;
+			slot->role_oid = role_oid;
+			slot->state = IW_RSLOT_BUSY;
 			my_run_slot = i;
 			break;
 		}
@@ -177,7 +192,127 @@ iw_run_slot_set(int64 run_id)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("no free ironwod run slot for run " INT64_FORMAT, run_id)));
-	before_shmem_exit(iw_run_slot_release, (Datum) 0);
+	if (!my_run_slot_callback)
+	{
+		before_shmem_exit(iw_run_slot_release, (Datum) 0);
+		my_run_slot_callback = true;
+	}
+}
+
+/*
+ * After a run that finished cleanly: mark this worker's slot idle, wake the
+ * supervisor, and wait at most ironwod.worker_idle_timeout (as of now: a
+ * reload during the wait applies to it) for it to hand over another run of
+ * this database (iw_run_slot_assign).  Returns true with the run's arguments
+ * in *args, the slot busy with it; false when no run came in time, the slot
+ * then freed under the same lock hold that saw it still idle, so a run is
+ * never assigned to a worker on its way out.  SIGTERM during the wait ends
+ * the worker (iw_run_slot_release frees the slot, even when a run was just
+ * assigned: it is still queued, and the supervisor starts it again).
+ */
+bool
+iw_run_slot_wait_for_run(IwRunArgs *args)
+{
+	IwRunSlot  *slot;
+	TimestampTz idle_since;
+
+	if (my_run_slot < 0 || ironwod_worker_idle_timeout_s <= 0)
+		return false;
+	slot = &iw_shared->runs[my_run_slot];
+	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+	slot->run_id = 0;
+	memset(&slot->args, 0, sizeof(slot->args));
+	slot->state = IW_RSLOT_IDLE;
+	LWLockRelease(iw_shared->lock);
+	iw_wake_supervisor_now();
+
+	idle_since = GetCurrentTimestamp();
+	for (;;)
+	{
+		long		remaining;
+
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		/* a reload may shorten (or lengthen) the wait already begun */
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+		if (slot->state == IW_RSLOT_ASSIGNED)
+		{
+			*args = slot->args;
+			memset(&slot->args, 0, sizeof(slot->args));
+			slot->state = IW_RSLOT_BUSY;
+			LWLockRelease(iw_shared->lock);
+			return true;
+		}
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+													TimestampTzPlusMilliseconds(idle_since,
+																				(int64) ironwod_worker_idle_timeout_s * 1000));
+		if (remaining <= 0)
+		{
+			memset(slot, 0, sizeof(IwRunSlot));
+			my_run_slot = -1;
+			LWLockRelease(iw_shared->lock);
+			return false;
+		}
+		LWLockRelease(iw_shared->lock);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 remaining, PG_WAIT_EXTENSION);
+	}
+}
+
+/*
+ * The supervisor's handoff: give run args to the idle worker pid in slot i,
+ * if that slot is still its and still idle, and set its latch.  False when
+ * the worker left meanwhile (or took its way out): the caller starts a new
+ * worker instead.  The run is alive (iw_run_slot_pid) from here on.
+ */
+bool
+iw_run_slot_assign(int i, int pid, const IwRunArgs *args)
+{
+	IwRunSlot  *slot = &iw_shared->runs[i];
+	bool		assigned = false;
+
+	LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+	if (slot->state == IW_RSLOT_IDLE && slot->pid == pid)
+	{
+		slot->args = *args;
+		slot->run_id = args->run_id;
+		slot->state = IW_RSLOT_ASSIGNED;
+		assigned = true;
+	}
+	LWLockRelease(iw_shared->lock);
+	if (assigned)
+	{
+		PGPROC	   *proc = BackendPidGetProc(pid);
+
+		if (proc != NULL)
+			SetLatch(&proc->procLatch);
+	}
+	return assigned;
+}
+
+/* The idle workers now: their slots, pids and roles; returns how many. */
+int
+iw_run_slot_idle_list(int *slots, int *pids, Oid *roles, int max)
+{
+	int			n = 0;
+
+	LWLockAcquire(iw_shared->lock, LW_SHARED);
+	for (int i = 0; i < IW_MAX_RUN_SLOTS && n < max; i++)
+	{
+		if (iw_shared->runs[i].state != IW_RSLOT_IDLE)
+			continue;
+		slots[n] = i;
+		pids[n] = iw_shared->runs[i].pid;
+		roles[n] = iw_shared->runs[i].role_oid;
+		n++;
+	}
+	LWLockRelease(iw_shared->lock);
+	return n;
 }
 
 /* Pid of the live worker of run_id, or 0 when none holds a slot for it. */

@@ -7,8 +7,10 @@
  *	  A level-triggered loop: each tick it reconciles what the queue says
  *	  with what is really running (runs whose worker is gone are failed,
  *	  run and validate workers that outlive the watchdog are stopped),
- *	  starts queued runs while ironwod.max_workers allows, and prunes old run
- *	  history.  It never does HTTP and never reads tenant data; it connects as
+ *	  starts queued runs while ironwod.max_workers allows (each handed to an
+ *	  idle run worker when one waits, else to a new one), and prunes old run
+ *	  history.  It is the only dispatcher: a run worker never picks a run
+ *	  itself.  It never does HTTP and never reads tenant data; it connects as
  *	  the bootstrap superuser, like pg_cron's launcher, only to serve the
  *	  queue.  Every tick runs under PG_TRY, so one bad row cannot crash-loop it.
  *
@@ -234,17 +236,51 @@ stop_stale_validations(void)
 	}
 }
 
-/* Start queued runs while ironwod.max_workers and worker slots allow. */
+/* The launched[] entry of the live worker pid, or -1. */
+static int
+launched_index_of(int pid)
+{
+	for (int i = 0; i < IW_MAX_RUN_SLOTS; i++)
+	{
+		pid_t		p;
+
+		if (launched[i].handle != NULL &&
+			GetBackgroundWorkerPid(launched[i].handle, &p) == BGWH_STARTED && p == pid)
+			return i;
+	}
+	return -1;
+}
+
+/*
+ * Start queued runs while ironwod.max_workers and worker slots allow: each
+ * goes to an idle worker of ours (one that finished a run cleanly and waits,
+ * run.c) when there is one, else to a new worker.  The queue's order, the
+ * per-run checks and the count of workers are the same either way: an idle
+ * worker counts against ironwod.max_workers like a busy one (it holds a
+ * worker slot), and a handoff never makes more runs run at once than
+ * ironwod.max_workers.  Only idle workers this supervisor started (their
+ * exit is reaped through launched[]) and connected as the role runs use now
+ * are handed runs; others time out and exit.
+ */
 static void
 launch(void)
 {
 	Oid			role_oid;
-	int			free_slots = Min(ironwod_max_workers, IW_MAX_RUN_SLOTS) - launched_count();
+	int			limit = Min(ironwod_max_workers, IW_MAX_RUN_SLOTS);
+	int			idle_slot[IW_MAX_RUN_SLOTS];
+	int			idle_pid[IW_MAX_RUN_SLOTS];
+	Oid			idle_role[IW_MAX_RUN_SLOTS];
+	int			idle_launched[IW_MAX_RUN_SLOTS];
+	int			n_idle_listed;
+	int			n_idle = 0;
+	int			next_idle = 0;
+	int			busy;
+	int			new_workers;
 	SPITupleTable *tt;
 	uint64		n,
 				r;
 
-	if (!ironwod_enabled || free_slots <= 0)
+	if (!ironwod_enabled)
 		return;
 	role_oid = get_role_oid(ironwod_worker_role, true);
 	if (!OidIsValid(role_oid))
@@ -265,13 +301,31 @@ launch(void)
 		return;
 	}
 
+	/* our idle workers of the current role, in slot order */
+	n_idle_listed = iw_run_slot_idle_list(idle_slot, idle_pid, idle_role, IW_MAX_RUN_SLOTS);
+	for (int i = 0; i < n_idle_listed; i++)
+	{
+		int			li = launched_index_of(idle_pid[i]);
+
+		if (li < 0 || idle_role[i] != role_oid)
+			continue;
+		idle_slot[n_idle] = idle_slot[i];
+		idle_pid[n_idle] = idle_pid[i];
+		idle_launched[n_idle] = li;
+		n_idle++;
+	}
+	busy = launched_count() - n_idle;
+	new_workers = limit - launched_count();
+	if (busy >= limit)
+		return;
+
 	if (SPI_execute("SELECT tenant_id::text, gym_id::text, run_id FROM ironwod.sync_runs "
 					"WHERE status = 'queued' ORDER BY requested_at, run_id LIMIT 100",
 					false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the ironwod run queue");
 	tt = SPI_tuptable;
 	n = SPI_processed;
-	for (r = 0; r < n && free_slots > 0; r++)
+	for (r = 0; r < n && busy < limit; r++)
 	{
 		HeapTuple	tup = tt->vals[r];
 		int64		run_id = pg_strtoint64(SPI_getvalue(tup, tt->tupdesc, 3));
@@ -279,6 +333,7 @@ launch(void)
 		BackgroundWorkerHandle *handle;
 		IwRunArgs	args;
 		int			i;
+		bool		handed = false;
 		Oid			argtypes[3] = {INT8OID, UUIDOID, UUIDOID};
 		Datum		argvalues[3];
 
@@ -295,42 +350,64 @@ launch(void)
 		args.gym_id = *DatumGetUUIDP(DirectFunctionCall1(uuid_in,
 														 CStringGetDatum(SPI_getvalue(tup, tt->tupdesc, 2))));
 
-		iw_prepare_dynamic_worker(&worker, "ironwod_run_main", "ironwod run", &args);
-
-		/* the handle must outlive this tick's memory context */
+		/*
+		 * An idle worker first.  The assignment re-checks under the lock that
+		 * the slot is still idle (the worker may be timing out right now); if
+		 * not, the next idle worker, else a new one.
+		 */
+		while (!handed && next_idle < n_idle)
 		{
-			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-			bool		ok = RegisterDynamicBackgroundWorker(&worker, &handle);
+			int			k = next_idle++;
 
-			MemoryContextSwitchTo(old);
-			if (!ok)
+			if (iw_run_slot_assign(idle_slot[k], idle_pid[k], &args))
 			{
-				if (!slots_exhausted_logged)
-					ereport(WARNING,
-							(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-							 errmsg("no background worker slot free for ironwod run " INT64_FORMAT, run_id),
-							 errhint("Runs stay queued; raise max_worker_processes (see the README's worker budget).")));
-				slots_exhausted_logged = true;
-				return;
+				launched[idle_launched[k]].run_id = run_id;
+				handed = true;
 			}
 		}
-		slots_exhausted_logged = false;
-		for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+		if (!handed)
 		{
-			if (launched[i].handle == NULL)
-			{
-				launched[i].run_id = run_id;
-				launched[i].handle = handle;
+			if (new_workers <= 0)
 				break;
+			iw_prepare_dynamic_worker(&worker, "ironwod_run_main", "ironwod run", &args);
+
+			/* the handle must outlive this tick's memory context */
+			{
+				MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+				bool		ok = RegisterDynamicBackgroundWorker(&worker, &handle);
+
+				MemoryContextSwitchTo(old);
+				if (!ok)
+				{
+					if (!slots_exhausted_logged)
+						ereport(WARNING,
+								(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+								 errmsg("no background worker slot free for ironwod run " INT64_FORMAT, run_id),
+								 errhint("Runs stay queued; raise max_worker_processes (see the README's worker budget).")));
+					slots_exhausted_logged = true;
+					return;
+				}
 			}
+			slots_exhausted_logged = false;
+			for (i = 0; i < IW_MAX_RUN_SLOTS; i++)
+			{
+				if (launched[i].handle == NULL)
+				{
+					launched[i].run_id = run_id;
+					launched[i].handle = handle;
+					break;
+				}
+			}
+			new_workers--;
 		}
+		/* a handed-over run counts its launch too: a run that kills workers is failed */
 		argvalues[0] = Int64GetDatum(run_id);
 		argvalues[1] = UUIDPGetDatum(&args.tenant_id);
 		argvalues[2] = UUIDPGetDatum(&args.gym_id);
 		SPI_execute_with_args("UPDATE ironwod.sync_runs SET launch_attempts = launch_attempts + 1 "
 							  "WHERE tenant_id = $2 AND gym_id = $3 AND run_id = $1",
 							  3, argtypes, argvalues, NULL, false, 0);
-		free_slots--;
+		busy++;
 	}
 }
 

@@ -7,8 +7,9 @@
 #
 #   BENCH_SCALES      the simulator scales to backfill one gym each (default
 #                     "small medium large"; the growth exponent needs two or more)
-#   BENCH_CONCURRENT  how many medium gyms run their nightly sync at once with
-#                     ironwod.max_workers = 4 (default 4)
+#   BENCH_CONCURRENT  how many medium gyms request their nightly sync at once with
+#                     ironwod.max_workers = 4 (default 8: more gyms than workers,
+#                     so that workers serve several runs, ironwod.worker_idle_timeout)
 #
 # What each row means:
 #   parse limit   PostgreSQL parsing the same pages (body::jsonb, one statement),
@@ -30,13 +31,16 @@
 #                 reads a call that a production server (default none) never pays
 #   exponent      least-squares slope of log(time) over log(records landed)
 #   memory        the run worker's VmHWM and RssAnon (/proc), sampled through the run
+#   warm / cold   a run served by a worker that served an earlier run (warm caches)
+#                 or by a worker's first run (a new backend's cold caches); the
+#                 lone nightly run is always a worker's first
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 bash "$REPO/test/setup.sh"
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
 read -r -a SCALES <<<"${BENCH_SCALES:-small medium large}"
-NCONC=${BENCH_CONCURRENT:-4}
+NCONC=${BENCH_CONCURRENT:-8}
 T=b0b0b0b0-0000-4000-8000-000000000001
 BEGAN=$(date +%s)
 
@@ -50,8 +54,11 @@ cleanup() {
 }
 trap cleanup EXIT
 install_private
-# Gym i of the simulator: one per scale, then the medium gyms of the concurrent run.
-NGYMS=$((${#SCALES[@]} + NCONC))
+# Gym i of the simulator: one per scale, then the medium gyms of the concurrent run,
+# then one more medium gym, whose nightly run follows the lone nightly run in the
+# worker that served it (a worker's next run, on warm caches).
+NGYMS=$((${#SCALES[@]} + NCONC + 1))
+WARM=$((${#SCALES[@]} + NCONC))
 SIM_SCALES=$(IFS=,; echo "${SCALES[*]},medium")
 start_sim 11 "$NGYMS" "$SIM_SCALES" --rate 100000 --burst 100000
 start_cluster 'ironwod,pg_stat_statements' "ironwod.requests_per_second = 2000" "ironwod.burst = 200" \
@@ -260,10 +267,10 @@ SQL
 
 # 1. The medium gyms of the concurrent run, backfilled one after the other (first:
 # see "Known problem" in the README's performance section).
-for j in $(seq 0 $((NCONC - 1))); do
+for j in $(seq 0 "$NCONC"); do
     wait_run "$(connect_gym $((${#SCALES[@]} + j)))"
 done
-echo "bench: $NCONC medium backfills done at +$(( $(date +%s) - BEGAN )) s" >&2
+echo "bench: $((NCONC + 1)) medium backfills done at +$(( $(date +%s) - BEGAN )) s" >&2
 
 # 2. One gym per scale, one after the other: backfill, then the peers on its pages.
 for i in "${!SCALES[@]}"; do
@@ -273,6 +280,8 @@ for i in "${!SCALES[@]}"; do
     watch_mem "$run" "$WORK/mem.$run" &
     watcher=$!
     wait_run "$run"
+    # a worker that serves the next run outlives this one: sample this run only
+    kill "$watcher" 2>/dev/null || true
     wait "$watcher" 2>/dev/null || true
     run_figures "$run" "$scale" backfill "$WORK/mem.$run" >/dev/null
     peers "$scale" "$(gym_uuid "$i")"
@@ -288,13 +297,38 @@ MEDIUM=-1
 for i in "${!SCALES[@]}"; do [ "${SCALES[$i]}" = medium ] && MEDIUM=$i; done
 if [ "$MEDIUM" -ge 0 ]; then
     g=$(gym_uuid "$MEDIUM")
+    # a worker's first run, on a new backend's cold caches: no worker is left to serve it
+    q <<'SQL'
+DO $w$
+BEGIN
+    FOR i IN 1..12000 LOOP
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
+        PERFORM pg_stat_clear_snapshot();
+        PERFORM ironwod.wait_for_change(50);
+    END LOOP;
+END
+$w$;
+SQL
     q -c "SELECT pg_stat_reset()" >/dev/null
     run=$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)
     watch_mem "$run" "$WORK/mem.$run" &
     watcher=$!
     wait_run "$run"
+    kill "$watcher" 2>/dev/null || true
     wait "$watcher" 2>/dev/null || true
     run_figures "$run" medium nightly "$WORK/mem.$run" >/dev/null
+    # 3b. Another medium gym's nightly run, alone, right after: the worker that served
+    # the lone nightly run serves it too (ironwod.worker_idle_timeout, 5 s), warm.
+    g=$(gym_uuid "$WARM")
+    q -c "SELECT pg_stat_reset()" >/dev/null
+    warm=$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)
+    watch_mem "$warm" "$WORK/mem.$warm" &
+    watcher=$!
+    wait_run "$warm"
+    kill "$watcher" 2>/dev/null || true
+    wait "$watcher" 2>/dev/null || true
+    run_figures "$warm" medium 'nightly warm' "$WORK/mem.$warm" >/dev/null
+    SAME_WORKER=$(q -c "SELECT a.worker_pid = b.worker_pid FROM ironwod.sync_runs a, ironwod.sync_runs b WHERE a.run_id = $run AND b.run_id = $warm")
 fi
 
 # 4. The concurrent medium gyms' nightly runs, all requested at once (none with
@@ -314,11 +348,31 @@ SELECT 'concurrent', 'nightly runs', 'medium', (SELECT sum(pulled) FROM ironwod.
 FROM (SELECT extract(epoch FROM max(finished_at) - :'start'::timestamptz) AS s,
              count(*) FILTER (WHERE status = 'succeeded') AS ok
       FROM ironwod.sync_runs WHERE run_id = ANY (:'runs'::bigint[])) x;
+-- Planning as a share of landing, for the runs that were a worker's first (no earlier
+-- run of the same worker pid) and for those that were not.
+WITH r AS (
+    SELECT r.run_id, NOT EXISTS (SELECT 1 FROM ironwod.sync_runs o
+                                 WHERE o.worker_pid = r.worker_pid AND o.started_at < r.started_at) AS first
+    FROM ironwod.sync_runs r WHERE r.run_id = ANY (:'runs'::bigint[]) AND r.status = 'succeeded'
+), e AS (
+    SELECT r.run_id, r.first,
+           (sum(extract(epoch FROM completed_at - started_at)) - sum(latency_ms) / 1000 - sum(token_wait_s)
+            - sum(backoff_s) - coalesce(sum(plan_ms), 0) / 1000)::numeric AS landing_s,
+           (coalesce(sum(plan_ms), 0) / 1000)::numeric AS plan_s
+    FROM r JOIN ironwod.sync_run_entities s ON s.run_id = r.run_id
+    GROUP BY r.run_id, r.first
+)
+INSERT INTO bench (section, what, scale, records, seconds, value, unit)
+SELECT 'concurrent', CASE WHEN first THEN 'planning cold' ELSE 'planning warm' END, 'medium', count(*),
+       sum(plan_s), 100 * sum(plan_s) / nullif(sum(landing_s), 0), format('%s ms planning of %s ms landing, median run %s %%',
+       round(1000 * sum(plan_s) / count(*), 1), round(1000 * sum(landing_s) / count(*), 1),
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY 100 * plan_s / nullif(landing_s, 0))::numeric, 1))
+FROM e GROUP BY first;
 SQL
 fi
 
 # The table.
-q -v began="$BEGAN" -v cores="$(nproc)" -v nconc="$NCONC" <<'SQL'
+q -v began="$BEGAN" -v cores="$(nproc)" -v nconc="$NCONC" -v same="${SAME_WORKER:-}" <<'SQL'
 \pset format unaligned
 \pset tuples_only on
 -- least-squares slope of log(seconds) over log(records), per stage
@@ -346,7 +400,11 @@ ORDER BY x.records, x.k;
 SELECT '';
 SELECT '| run | records | wall s | HTTP s (requests) | landing s | planning s (% of landing) | transform s (% of wall) | refresh s | worker CPU s | worker VmHWM MB | worker RssAnon MB, landing / transform+refresh |';
 SELECT '|---|---|---|---|---|---|---|---|---|---|---|';
-SELECT format('| %s %s | %s | %s | %s (%s) | %s | %s (%s %%) | %s (%s %%) | %s | %s | %s | %s / %s |', w.scale, w.section,
+SELECT format('| %s %s | %s | %s | %s (%s) | %s | %s (%s %%) | %s (%s %%) | %s | %s | %s | %s / %s |', w.scale,
+              CASE w.section WHEN 'nightly' THEN 'nightly (a worker''s first run)'
+                             WHEN 'nightly warm' THEN CASE WHEN :'same' = 't' THEN 'nightly (the same worker''s next run)'
+                                                           ELSE 'nightly (not the same worker: cold too)' END
+                             ELSE w.section END,
               w.records, round(w.seconds, 1), round(h.seconds, 1), h.value, round(l.seconds, 2), round(p.seconds, 2),
               round(p.value, 1), round(t.seconds, 2), round(t.value, 1), round(r.seconds, 2), round(c.seconds, 1),
               m.value, a.value, a2.value)
@@ -360,7 +418,7 @@ JOIN bench c ON c.section = w.section AND c.scale = w.scale AND c.what = 'cpu'
 JOIN bench m ON m.section = w.section AND m.scale = w.scale AND m.what = 'VmHWM'
 JOIN bench a ON a.section = w.section AND a.scale = w.scale AND a.what = 'RssAnon landing'
 JOIN bench a2 ON a2.section = w.section AND a2.scale = w.scale AND a2.what = 'RssAnon transform+refresh'
-WHERE w.section IN ('backfill', 'nightly') AND w.what = 'wall'
+WHERE w.section IN ('backfill', 'nightly', 'nightly warm') AND w.what = 'wall'
 ORDER BY w.section, w.records;
 SELECT format('| growth exponent k (time ~ records^k) over %s backfills | | | | %s | %s | %s | %s | | | |', max(n),
               round(max(exponent) FILTER (WHERE what = 'landing')::numeric, 2),
@@ -391,9 +449,23 @@ JOIN bench r ON r.section = 'nightly' AND r.what = 'refresh'
 JOIN bench h ON h.section = 'nightly' AND h.what = 'http'
 JOIN bench c ON c.section = 'nightly' AND c.what = 'cpu'
 WHERE w.section = 'nightly' AND w.what = 'wall';
-SELECT format('%s medium gyms'' nightly runs at once, ironwod.max_workers = 4: %s s, so %s gyms kept current per hour on this box',
+SELECT format('lone medium nightly runs, planning / landing: a worker''s first run %s / %s ms (%s %%), %s %s / %s ms (%s %%)',
+              round(1000 * c.seconds, 1), round(1000 * cl.seconds, 1), round(c.value, 1),
+              CASE WHEN :'same' = 't' THEN 'the same worker''s next run' ELSE 'another worker''s first run' END,
+              round(1000 * w.seconds, 1), round(1000 * wl.seconds, 1), round(w.value, 1))
+FROM bench c
+JOIN bench cl ON cl.section = 'nightly' AND cl.what = 'landing'
+JOIN bench w ON w.section = 'nightly warm' AND w.what = 'planning'
+JOIN bench wl ON wl.section = 'nightly warm' AND wl.what = 'landing'
+WHERE c.section = 'nightly' AND c.what = 'planning';
+SELECT format('%s medium gyms'' nightly runs requested at once, ironwod.max_workers = 4: %s s, so %s gyms kept current per hour on this box',
               :nconc, round(seconds, 1), round(value))
-FROM bench WHERE section = 'concurrent';
+FROM bench WHERE section = 'concurrent' AND what = 'nightly runs';
+SELECT format('of those, %s run(s) %s: planning %s %% of landing (per run %s)', records,
+              CASE what WHEN 'planning cold' THEN 'on a worker''s first run (cold caches)'
+                        ELSE 'on a worker that had served a run before (warm)' END,
+              round(value, 1), unit)
+FROM bench WHERE section = 'concurrent' AND what LIKE 'planning %' ORDER BY what;
 SELECT '';
 SELECT format('units of work (pages, one-page units): %s', string_agg(x.s, '; ' ORDER BY x.section, x.n))
 FROM (SELECT section, sum(units) AS n,

@@ -20,20 +20,24 @@ wait_for() {
 }
 export PG_CONFIG=${PG_CONFIG:-$SYSTEM_PGBIN/pg_config}
 
-# wait_run_workers_gone: until no ironwod run worker is left on the server psql
-# reaches.  A run worker's function statistics reach pg_stat_user_functions as it
-# exits, a moment after its run finishes: the benches wait for that, not for a
-# pause.  pg_stat_activity is read once per transaction unless told to read again.
+# wait_run_workers_gone: until no ironwod run worker is busy on the server psql
+# reaches: each has exited or waits for its next run (ironwod.worker_idle_timeout;
+# its query then reads "ironwod: waiting for the next run").  A run worker's
+# function statistics reach pg_stat_user_functions as its run ends, a moment after
+# the run's status changes: the benches wait for that, not for a pause.
+# pg_stat_activity is read once per transaction unless told to read again.
 wait_run_workers_gone() {
     psql -qAtX -v ON_ERROR_STOP=1 <<'SQL'
 DO $w$
 BEGIN
     FOR i IN 1..12000 LOOP
-        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run');
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run'
+                              AND query IS DISTINCT FROM 'ironwod: waiting for the next run');
         PERFORM pg_stat_clear_snapshot();
         PERFORM ironwod.wait_for_change(50);
     END LOOP;
-    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run') THEN
+    IF EXISTS (SELECT 1 FROM pg_stat_activity WHERE backend_type = 'ironwod run'
+               AND query IS DISTINCT FROM 'ironwod: waiting for the next run') THEN
         RAISE EXCEPTION 'ironwod run workers still running 600 s after their runs finished';
     END IF;
 END

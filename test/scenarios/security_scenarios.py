@@ -34,6 +34,15 @@ a key as a host app does, test/seal.py), hence /usr/bin/python3.
    ironwod_connect hides it; the text paths are checked from there on.
 3. pg_hba.conf: a local login as ironwod_worker is rejected (the README's lines,
    which test/cluster.sh writes), while another role without a password gets in.
+4. A run worker serves several runs (ironwod.worker_idle_timeout): with
+   ironwod.max_workers = 1 and a linger, the backfills of two gyms of two tenants,
+   queued one after the other, are claimed by one worker pid (sync_runs.worker_pid).
+   Every row each run wrote carries its own tenant and gym; the second gym's
+   canonical rows equal those of the same simulator gym backfilled by a worker of
+   its own (nothing of the first run leaks into the second); neither key is in
+   the server log.  A kill of the reused worker in a later run is reaped as today
+   (failed, worker_lost), and the gym syncs again.  With
+   ironwod.worker_idle_timeout = 0 every run has a process of its own.
 """
 import os
 import re
@@ -411,11 +420,183 @@ def hba_scenario():
           f"ironwod_worker: {worker}\n{NOBODY}: {other}")
 
 
+# ---- 4. a run worker that serves several runs ----------------------------------------------
+
+D = (uuid.UUID("d4d4d4d4-d4d4-d4d4-d4d4-d4d4d4d4d4d4"), uuid.UUID("d4d4d4d4-0000-0000-0000-000000000001"))
+E = (uuid.UUID("e5e5e5e5-e5e5-e5e5-e5e5-e5e5e5e5e5e5"), uuid.UUID("e5e5e5e5-0000-0000-0000-000000000001"))
+F = (uuid.UUID("f6f6f6f6-f6f6-f6f6-f6f6-f6f6f6f6f6f6"), uuid.UUID("f6f6f6f6-0000-0000-0000-000000000001"))
+CANONICAL = ("locations", "programs", "members", "memberships", "membership_holds", "attendance_events",
+             "invoices", "transactions")
+
+
+def set_gucs(**settings):
+    """ALTER SYSTEM each setting (None: reset), reload, and wait until a new session
+    sees them all, so the postmaster (and, through SIGHUP, every worker) has them."""
+    with su() as c:
+        for name, value in settings.items():
+            name = "ironwod." + name
+            if value is None:
+                c.execute(f"ALTER SYSTEM RESET {name}")
+            else:
+                c.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        c.execute("SELECT pg_reload_conf()")
+
+    def seen():
+        with su() as c:
+            for name, value in settings.items():
+                now = c.execute("SELECT setting, boot_val FROM pg_settings WHERE name = %s",
+                                ("ironwod." + name,)).fetchone()
+                if now[0] != (now[1] if value is None else str(value)):
+                    return False
+        return True
+    wait_until(f"settings {settings}", seen)
+
+
+def run_workers():
+    return rows("SELECT pid FROM pg_stat_activity WHERE backend_type = 'ironwod run'")
+
+
+def scoped_one(gym, sql, params=None):
+    with su() as c:
+        with c.transaction():
+            c.execute("SELECT ironwod_set_scope(%s, %s)", gym)
+            return c.execute(sql, params).fetchone()
+
+
+def connect_gym(gym, api_key):
+    """Connect (sealed) and return the backfill's run id without waiting for it."""
+    scoped_one(gym, "SELECT ironwod_connect(%s, %s, %s)", (*gym, sealed(gym, api_key)))
+    return scoped_one(gym, "SELECT run_id FROM ironwod.sync_runs WHERE tenant_id = %s AND gym_id = %s "
+                           "AND mode = 'backfill' ORDER BY run_id DESC LIMIT 1", gym)[0]
+
+
+def sync_gym(gym):
+    return scoped_one(gym, "SELECT ironwod_sync(%s, %s)", gym)[0]
+
+
+def wait_run(gym, run):
+    return scoped_one(gym, "SELECT ironwod_wait(%s, '10 minutes')", (run,))[0]
+
+
+def run_row(run):
+    return rows("SELECT status, worker_pid, coalesce(error_code, '') FROM ironwod.sync_runs WHERE run_id = %s",
+                (run,))[0]
+
+
+def foreign_rows(gym, run):
+    """Rows that run wrote (as the superuser, past RLS) naming another tenant or gym:
+    raw versions it stored or saw, its units, entity counters and events."""
+    raw = [r[0] for r in rows("SELECT raw_table FROM ironwod.entities ORDER BY ordinal")]
+    parts = [f"SELECT '{t}', tenant_id, gym_id FROM ironwod.{t} WHERE ingest_run_id = %(run)s "
+             f"OR last_seen_run_id = %(run)s" for t in raw]
+    parts += [f"SELECT '{t}', tenant_id, gym_id FROM ironwod.{t} WHERE run_id = %(run)s"
+              for t in ("run_units", "sync_run_entities", "sync_events", "sync_runs")]
+    sql = (f"SELECT x.t, count(*) FILTER (WHERE (x.tenant_id, x.gym_id) <> (%(t)s, %(g)s)), count(*) "
+           f"FROM ({' UNION ALL '.join(parts)}) x(t, tenant_id, gym_id) GROUP BY x.t")
+    found = rows(sql, {"run": run, "t": gym[0], "g": gym[1]})
+    return sum(r[1] for r in found), sum(r[2] for r in found)
+
+
+def canonical_rows(gym):
+    """Every canonical row of the gym, without the columns naming the tenant or a raw/run id."""
+    union = " UNION ALL ".join(
+        f"SELECT '{t}:' || (to_jsonb(x) - 'tenant_id' - 'gym_id' - 'raw_id' - 'deleted_by_run')::text "
+        f"FROM ironwod.{t} x WHERE x.tenant_id = %(t)s AND x.gym_id = %(g)s" for t in CANONICAL)
+    return {r[0] for r in rows(union, {"t": gym[0], "g": gym[1]})}
+
+
+def server_log_from():
+    return rows("SELECT (pg_stat_file('server.log')).size")[0][0]
+
+
+def server_log_since(offset):
+    size = server_log_from()
+    if size <= offset:
+        return ""
+    data = rows("SELECT pg_read_binary_file('server.log', %s, %s)", (offset, size - offset))[0][0]
+    return bytes(data).decode("utf-8", "replace")
+
+
+def reuse_scenario():
+    key_d, key_e = sim_key(1), sim_key(2)
+    log_from = server_log_from()
+
+    # One process per run: no worker lingers, so each of F's runs has its own.
+    set_gucs(max_workers=1, worker_idle_timeout=0)
+    wait_until("no run worker alive", lambda: not run_workers())
+    f_backfill = connect_gym(F, key_e)
+    f_first = wait_run(F, f_backfill)
+    f_inc = sync_gym(F)
+    f_second = wait_run(F, f_inc)
+    pid_fb, pid_fi = run_row(f_backfill)[1], run_row(f_inc)[1]
+    check(f_first == "succeeded" and f_second == "succeeded" and pid_fb and pid_fi and pid_fb != pid_fi,
+          "ironwod.worker_idle_timeout = 0: a backfill and the incremental after it are served by two processes",
+          f"{f_first} {f_second}, pids {pid_fb} {pid_fi}")
+    reference = canonical_rows(F)
+
+    # One worker, lingering: D's backfill, then E's (queued after D's), by one pid.
+    set_gucs(max_workers=1, worker_idle_timeout=600)
+    wait_until("no run worker alive", lambda: not run_workers())
+    d_run = connect_gym(D, key_d)
+    e_run = connect_gym(E, key_e)
+    d_out, e_out = wait_run(D, d_run), wait_run(E, e_run)
+    d_row, e_row = run_row(d_run), run_row(e_run)
+    check(d_out == "succeeded" and e_out == "succeeded" and d_row[1] and d_row[1] == e_row[1],
+          "max_workers = 1 with a linger: two tenants' backfills, queued one after the other, "
+          "are served by one worker pid",
+          f"D {d_out} pid {d_row[1]}, E {e_out} pid {e_row[1]}")
+    for gym, run, name in ((D, d_run, "D"), (E, e_run, "E")):
+        foreign, total = foreign_rows(gym, run)
+        check(total > 0 and foreign == 0,
+              f"every row run {name} wrote carries its own tenant and gym", f"{foreign} of {total} rows name another")
+    mine = canonical_rows(E)
+    check(mine and mine == reference,
+          "the second run of the worker sees none of the first's data: E's canonical rows equal "
+          "a fresh worker's backfill of the same gym",
+          f"{len(reference - mine)} missing, {len(mine - reference)} extra")
+    d_inc = sync_gym(D)
+    d_inc_out = wait_run(D, d_inc)
+    check(d_inc_out == "succeeded" and run_row(d_inc)[1] == d_row[1],
+          "the same worker serves D's incremental run after E's backfill",
+          f"{d_inc_out} pid {run_row(d_inc)[1]} (worker {d_row[1]})")
+
+    # A kill of the reused worker in a later run: reaped as today.
+    worker = d_row[1]
+    sim("POST", "/_sim/holds", {"api_key": key_e, "endpoint": "/customers/locations", "max_s": 300})
+    try:
+        e_inc = sync_gym(E)
+        wait_until("E's incremental to be held", request_held)
+        running = rows("SELECT pid FROM ironwod.worker_status() WHERE run_id = %s", (e_inc,))
+        killed = rows("SELECT pg_terminate_backend(%s)", (worker,))[0][0] if running == [(worker,)] else False
+        e_killed = wait_run(E, e_inc)
+    finally:
+        sim("POST", "/_sim/release")
+    status, _, code = run_row(e_inc)
+    check(killed and e_killed == "failed" and code == "worker_lost",
+          "a kill of the reused worker during a later run: the run is failed (worker_lost), as for a new worker",
+          f"worker {worker}, in the run {running}, killed {killed}: {e_killed} {code}")
+    e_again = sync_gym(E)
+    e_again_out = wait_run(E, e_again)
+    check(e_again_out == "succeeded" and run_row(e_again)[1] != worker,
+          "after the kill the gym syncs again, in a new worker", f"{e_again_out} pid {run_row(e_again)[1]}")
+
+    log = server_log_since(log_from)
+    check(log and key_d not in log and key_e not in log, "neither tenant's key is in the server log",
+          "a key is in the log")
+    set_gucs(max_workers=None, worker_idle_timeout=None)
+    for gym in (D, E, F):
+        with su() as c:
+            with c.transaction():
+                c.execute("SELECT ironwod_set_scope(%s, %s)", gym)
+                c.execute("SELECT ironwod_disconnect(%s, %s)", gym)
+
+
 def main():
     setup_roles()
     hba_scenario()
     notify_scenario()
     stats_scenario()
+    reuse_scenario()
     failed = results.count(False)
     print(f"1..{len(results)}")
     print(f"# {len(results) - failed} passed, {failed} failed")
