@@ -28,6 +28,10 @@
  */
 #include "ironwod.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "access/xact.h"
 #include "common/jsonapi.h"
 #include "mb/pg_wchar.h"
@@ -658,6 +662,18 @@ end_run(MemoryContext run_ctx)
 	iw_key_command_problem = NULL;
 	MemoryContextSwitchTo(TopMemoryContext);
 	MemoryContextDelete(run_ctx);
+#ifdef __GLIBC__
+
+	/*
+	 * The run's pages and batches were freed, but glibc keeps freed heap
+	 * resident (a big page raises its mmap threshold, so later big blocks
+	 * come from the heap, and only the heap's top is ever given back).  A
+	 * worker waiting for its next run would carry the last run's peak into
+	 * it: 32 MB more private memory at a 40 MB page (the memory scenario).
+	 */
+	malloc_trim(0);
+#endif
+
 	/*
 	 * The run's statistics (its function timings among them) are flushed
 	 * now, as an exiting worker's are, not a second or a run later; then
