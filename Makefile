@@ -22,7 +22,7 @@ MODULE_big = ironwod
 OBJS = src/ironwod.o src/shmem.o src/launcher.o src/supervisor.o src/run.o src/http.o \
        src/ratelimit.o src/land.o src/crypto.o src/masterkey.o src/loghook.o \
        src/sqlfuncs.o src/configcheck.o src/wire.o src/fields.o src/page.o src/observe.o \
-       src/rewrap.o src/plaintext.o
+       src/rewrap.o src/plaintext.o src/dbleave.o
 
 EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" ironwod.control)
 DATA_built = sql/ironwod--$(EXTVERSION).sql

@@ -10,6 +10,8 @@
  *	               slots, condition variables
  *	  launcher.c   the static "ironwod launcher": waits for the database, then
  *	               starts (and restarts) the supervisor in it
+ *	  dbleave.c    whether a session waits for the database to be unused
+ *	               (DROP DATABASE and the like), so our idle processes leave
  *	  supervisor.c the "ironwod supervisor" background worker
  *	  run.c        the dynamic "ironwod run" and "ironwod validate" workers
  *	  http.c       libcurl wrapper: one easy handle per run, backoff
@@ -197,6 +199,8 @@ typedef struct IwSharedState
 {
 	LWLock	   *lock;
 	int			supervisor_pid;
+	bool		supervisor_left;	/* it exited for DROP DATABASE or the like
+									 * (dbleave.c): no crash to back off from */
 	ConditionVariable run_cv;	/* broadcast whenever a run changes state */
 	ConditionVariable validation_cv;	/* broadcast when a verdict is written */
 	IwRunSlot	runs[IW_MAX_RUN_SLOTS];
@@ -215,6 +219,17 @@ extern int	iw_run_slot_idle_list(int *slots, int *pids, Oid *roles, int max);
 extern bool iw_run_slot_alive(int64 run_id);
 extern int	iw_run_slot_pid(int64 run_id);
 extern void iw_broadcast_run_change(void);
+
+/* ---- leaving the database for DROP DATABASE and the like (dbleave.c) ---- */
+
+/*
+ * How often a sleeping supervisor or idle run worker looks whether a session
+ * waits for its database to be unused: a tenth of the 5 s PostgreSQL waits.
+ */
+#define IW_DATABASE_PROBE_MS 500
+
+extern bool iw_database_awaited(Oid dboid);
+extern void iw_log_leaving_database(const char *who);
 
 /* ---- background workers ---- */
 

@@ -10,9 +10,11 @@
  *	  the log.  So the static worker connects to no database at all (it reads
  *	  only the shared catalog pg_database), waits until the database exists,
  *	  saying once what to do about it, and then starts the supervisor in it as
- *	  a dynamic worker.  When the supervisor exits (killed, crashed, or its
- *	  database dropped) the launcher starts it again, backing off while it
- *	  keeps exiting early.  The launcher never touches a table of ours.
+ *	  a dynamic worker.  When the supervisor exits (killed, crashed, its
+ *	  database dropped, or leaving it for DROP DATABASE and the like,
+ *	  dbleave.c) the launcher starts it again, backing off while it keeps
+ *	  exiting early, and not while a session waits for the database to be
+ *	  unused.  The launcher never touches a table of ours.
  *
  *-------------------------------------------------------------------------
  */
@@ -63,15 +65,16 @@ iw_register_launcher(void)
 }
 
 /*
- * Whether ironwod.database_name exists, read from the shared catalog.  A heap
- * scan, as the autovacuum launcher does: without a database, the catalog
- * index behind get_database_oid() cannot be opened until some backend has
- * written the shared relcache init file, which a fresh cluster lacks.
+ * The OID of ironwod.database_name, InvalidOid when it does not exist, read
+ * from the shared catalog.  A heap scan, as the autovacuum launcher does:
+ * without a database, the catalog index behind get_database_oid() cannot be
+ * opened until some backend has written the shared relcache init file, which
+ * a fresh cluster lacks.
  */
-static bool
-database_exists(void)
+static Oid
+database_oid(void)
 {
-	bool		found = false;
+	Oid			found = InvalidOid;
 	Relation	rel;
 	TableScanDesc scan;
 	HeapTuple	tup;
@@ -80,11 +83,12 @@ database_exists(void)
 	(void) GetTransactionSnapshot();
 	rel = table_open(DatabaseRelationId, AccessShareLock);
 	scan = table_beginscan_catalog(rel, 0, NULL);
-	while (!found && HeapTupleIsValid(tup = heap_getnext(scan, ForwardScanDirection)))
+	while (!OidIsValid(found) && HeapTupleIsValid(tup = heap_getnext(scan, ForwardScanDirection)))
 	{
 		Form_pg_database db = (Form_pg_database) GETSTRUCT(tup);
 
-		found = strcmp(NameStr(db->datname), ironwod_database_name) == 0;
+		if (strcmp(NameStr(db->datname), ironwod_database_name) == 0)
+			found = db->oid;
 	}
 	table_endscan(scan);
 	table_close(rel, AccessShareLock);
@@ -135,6 +139,7 @@ ironwod_launcher_main(Datum main_arg)
 	int			backoff_ms = IW_LAUNCH_BACKOFF_MIN_MS;
 	bool		missing_reported = false;
 	bool		no_slot_reported = false;
+	bool		awaited_reported = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -147,6 +152,7 @@ ironwod_launcher_main(Datum main_arg)
 	for (;;)
 	{
 		TimestampTz now;
+		Oid			dboid;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -164,9 +170,15 @@ ironwod_launcher_main(Datum main_arg)
 			{
 				pfree(supervisor);
 				supervisor = NULL;
-				/* one that kept running was fine: start the next one soon */
-				if (TimestampDifferenceExceeds(supervisor_started, now, IW_SUPERVISOR_HEALTHY_MS))
+				/*
+				 * One that kept running was fine, and so was one that left
+				 * for DROP DATABASE or the like: start the next one soon (not
+				 * while the command waits; see below).
+				 */
+				if (TimestampDifferenceExceeds(supervisor_started, now, IW_SUPERVISOR_HEALTHY_MS) ||
+					iw_shared->supervisor_left)
 					backoff_ms = IW_LAUNCH_BACKOFF_MIN_MS;
+				iw_shared->supervisor_left = false;
 				next_attempt = TimestampTzPlusMilliseconds(now, backoff_ms);
 				backoff_ms = Min(backoff_ms * 2, IW_LAUNCH_BACKOFF_MAX_MS);
 				continue;
@@ -182,7 +194,8 @@ ironwod_launcher_main(Datum main_arg)
 			continue;
 		}
 
-		if (!database_exists())
+		dboid = database_oid();
+		if (!OidIsValid(dboid))
 		{
 			if (!missing_reported)
 				ereport(WARNING,
@@ -192,8 +205,25 @@ ironwod_launcher_main(Datum main_arg)
 						 errhint("Create it (CREATE DATABASE %s) and CREATE EXTENSION ironwod there, or set ironwod.database_name to the database that has the extension and restart the server.",
 								 quote_identifier(ironwod_database_name))));
 			missing_reported = true;
+			awaited_reported = false;
 			next_attempt = TimestampTzPlusMilliseconds(now, Min(backoff_ms, IW_DATABASE_POLL_MAX_MS));
 			backoff_ms = Min(backoff_ms * 2, IW_LAUNCH_BACKOFF_MAX_MS);
+			continue;
+		}
+		else if (iw_database_awaited(dboid))
+		{
+			/*
+			 * DROP DATABASE or the like waits for the database to be unused:
+			 * a supervisor would wait for the lock, then fail if the database
+			 * is gone.  Look again soon; once the command is over the
+			 * database is either free or gone (then the branch above).
+			 */
+			if (!awaited_reported)
+				ereport(LOG,
+						(errmsg("ironwod launcher holds the supervisor back: another session waits for database \"%s\" to be unused",
+								ironwod_database_name)));
+			awaited_reported = true;
+			next_attempt = TimestampTzPlusMilliseconds(now, IW_DATABASE_PROBE_MS);
 			continue;
 		}
 		else if ((supervisor = start_supervisor()) == NULL)
@@ -214,7 +244,7 @@ ironwod_launcher_main(Datum main_arg)
 								ironwod_database_name)));
 				backoff_ms = IW_LAUNCH_BACKOFF_MIN_MS;
 			}
-			missing_reported = no_slot_reported = false;
+			missing_reported = no_slot_reported = awaited_reported = false;
 			supervisor_started = now;
 			continue;
 		}

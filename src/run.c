@@ -17,7 +17,9 @@
  *	  first run pays a new backend's cold catalog, plpgsql and plan caches.
  *	  It never looks for runs itself: bound by RLS to one scope at a time, it
  *	  could not see other tenants' queued runs anyway.  A failed, cancelled or
- *	  errored run ends the worker, as does SIGTERM.
+ *	  errored run ends the worker, as does SIGTERM, and so does a session
+ *	  waiting for the database to be unused (DROP DATABASE and the like,
+ *	  dbleave.c) while the worker waits.
  *
  *	  "ironwod validate" answers ironwod_connect(): it opens a sealed key
  *	  handed over in a shared memory slot and asks Wodify once whether the key

@@ -209,6 +209,14 @@ iw_run_slot_set(int64 run_id, Oid role_oid)
  * never assigned to a worker on its way out.  SIGTERM during the wait ends
  * the worker (iw_run_slot_release frees the slot, even when a run was just
  * assigned: it is still queued, and the supervisor starts it again).
+ *
+ * An idle worker is a session connected to the database, so DROP DATABASE
+ * (and ALTER DATABASE RENAME, CREATE DATABASE ... TEMPLATE) would wait for
+ * it and then fail.  So the wait looks every IW_DATABASE_PROBE_MS whether a
+ * session waits for the database to be unused (dbleave.c), and then returns
+ * false at once, its slot freed, even when a run was just assigned: that run
+ * is still queued (the supervisor, which leaves too, starts it again
+ * wherever the database still exists).
  */
 bool
 iw_run_slot_wait_for_run(IwRunArgs *args)
@@ -239,6 +247,15 @@ iw_run_slot_wait_for_run(IwRunArgs *args)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
+		if (iw_database_awaited(MyDatabaseId))
+		{
+			LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
+			memset(slot, 0, sizeof(IwRunSlot));
+			my_run_slot = -1;
+			LWLockRelease(iw_shared->lock);
+			iw_log_leaving_database("idle ironwod run worker");
+			return false;
+		}
 		LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
 		if (slot->state == IW_RSLOT_ASSIGNED)
 		{
@@ -260,7 +277,7 @@ iw_run_slot_wait_for_run(IwRunArgs *args)
 		}
 		LWLockRelease(iw_shared->lock);
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 remaining, PG_WAIT_EXTENSION);
+						 Min(remaining, IW_DATABASE_PROBE_MS), PG_WAIT_EXTENSION);
 	}
 }
 

@@ -599,6 +599,44 @@ check_tick(void)
 	iw_txn_commit();
 }
 
+/*
+ * Sleep until the latch is set or ironwod.naptime has passed.  The supervisor
+ * is a session connected to the database all the time, so DROP DATABASE (and
+ * ALTER DATABASE RENAME or SET TABLESPACE, CREATE DATABASE ... TEMPLATE)
+ * would wait for it for 5 s and then fail.  So the sleep looks every
+ * IW_DATABASE_PROBE_MS, and once more before a tick, whether a session waits
+ * for the database to be unused (dbleave.c), and then exits: the launcher
+ * starts a supervisor again once the database is free, if it still exists.
+ * Exiting between ticks loses nothing: the queue and the runs are in tables,
+ * and a new supervisor reconciles them (reap).
+ */
+static void
+supervisor_sleep(void)
+{
+	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													ironwod_naptime_ms);
+
+	for (;;)
+	{
+		long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until);
+		int			rc = 0;
+
+		if (ms > 0)
+			rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						   Min(ms, IW_DATABASE_PROBE_MS), PG_WAIT_EXTENSION);
+		if (rc & WL_LATCH_SET)
+			ResetLatch(MyLatch);
+		if (iw_database_awaited(MyDatabaseId))
+		{
+			iw_log_leaving_database("ironwod supervisor");
+			iw_shared->supervisor_left = true;
+			proc_exit(0);
+		}
+		if (ms <= 0 || (rc & WL_LATCH_SET))
+			return;
+	}
+}
+
 void
 ironwod_supervisor_main(Datum main_arg)
 {
@@ -643,8 +681,6 @@ ironwod_supervisor_main(Datum main_arg)
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(tick_ctx);
 
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 ironwod_naptime_ms, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
+		supervisor_sleep();
 	}
 }

@@ -67,6 +67,11 @@ lane1() {
     PGBIN=$PGBIN bash test/shell/key_rotation.sh || rc=$?
     record $rc "key rotation during running syncs: a gym's key validated first and swapped as its run ends; master key re-sealed by ironwod_rewrap(), retired only when unused"
 
+    # Its own simulator and cluster: DROP DATABASE and the like on ironwod's database.
+    rc=0
+    PGBIN=$PGBIN bash test/shell/drop_database.sh || rc=$?
+    record $rc "DROP DATABASE, RENAME and CREATE DATABASE ... TEMPLATE of ironwod's database: the supervisor and idle run workers leave, a busy one stays; the launcher holds the supervisor back meanwhile"
+
     # make installcheck against the installation in PGBIN, on its own server.
     rc=0
     PGBIN=$PGBIN bash test/shell/installcheck.sh || rc=$?
