@@ -265,6 +265,22 @@ FROM (SELECT records FROM bench WHERE section = 'backfill' AND what = 'landing' 
 SQL
 }
 
+# nightly_run GYM SECTION: GYM's nightly incremental run, alone, with the function
+# statistics reset before it and the worker's memory sampled through it; its figures
+# go to the bench table as SECTION (a medium gym's).  Sets RUN to its run id rather
+# than printing it: the memory watcher must be this shell's child to be stopped.
+nightly_run() {
+    local g=$1 section=$2 watcher
+    q -c "SELECT pg_stat_reset()" >/dev/null
+    RUN=$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)
+    watch_mem "$RUN" "$WORK/mem.$RUN" &
+    watcher=$!
+    wait_run "$RUN"
+    kill "$watcher" 2>/dev/null || true
+    wait "$watcher" 2>/dev/null || true
+    run_figures "$RUN" medium "$section" "$WORK/mem.$RUN" >/dev/null
+}
+
 # 1. The medium gyms of the concurrent run, backfilled one after the other (first:
 # see "Known problem" in the README's performance section).
 for j in $(seq 0 "$NCONC"); do
@@ -309,26 +325,12 @@ BEGIN
 END
 $w$;
 SQL
-    q -c "SELECT pg_stat_reset()" >/dev/null
-    run=$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)
-    watch_mem "$run" "$WORK/mem.$run" &
-    watcher=$!
-    wait_run "$run"
-    kill "$watcher" 2>/dev/null || true
-    wait "$watcher" 2>/dev/null || true
-    run_figures "$run" medium nightly "$WORK/mem.$run" >/dev/null
+    nightly_run "$g" nightly
+    lone=$RUN
     # 3b. Another medium gym's nightly run, alone, right after: the worker that served
     # the lone nightly run serves it too (ironwod.worker_idle_timeout, 5 s), warm.
-    g=$(gym_uuid "$WARM")
-    q -c "SELECT pg_stat_reset()" >/dev/null
-    warm=$(q -c "BEGIN" -c "SELECT ironwod_set_scope('$T', '$g')" -c "SELECT ironwod_sync('$T', '$g', 'incremental')" -c "COMMIT" | sed -n 2p)
-    watch_mem "$warm" "$WORK/mem.$warm" &
-    watcher=$!
-    wait_run "$warm"
-    kill "$watcher" 2>/dev/null || true
-    wait "$watcher" 2>/dev/null || true
-    run_figures "$warm" medium 'nightly warm' "$WORK/mem.$warm" >/dev/null
-    SAME_WORKER=$(q -c "SELECT a.worker_pid = b.worker_pid FROM ironwod.sync_runs a, ironwod.sync_runs b WHERE a.run_id = $run AND b.run_id = $warm")
+    nightly_run "$(gym_uuid "$WARM")" 'nightly warm'
+    SAME_WORKER=$(q -c "SELECT a.worker_pid = b.worker_pid FROM ironwod.sync_runs a, ironwod.sync_runs b WHERE a.run_id = $lone AND b.run_id = $RUN")
 fi
 
 # 4. The concurrent medium gyms' nightly runs, all requested at once (none with
