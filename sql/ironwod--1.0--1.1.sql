@@ -17,6 +17,10 @@
 -- uuid the scope GUC was parsed into when it was set (every RLS policy's WITH
 -- CHECK calls both for each row a statement writes).
 --
+-- ironwod.require_scope() returns the scope or raises 42501 when none is set, the
+-- check 1.0 copied into assert_scope, transform_records, compute_metrics and
+-- refresh_metrics, which now call it.
+--
 -- Program breakdowns (issue 9, metrics.md §2.5): memberships gain program_ids,
 -- the programs each one gives access to (wodify-api.md §11), mapped from the raw
 -- payload by ironwod.j_ids.  The update fills it for the memberships 1.0 already
@@ -1367,8 +1371,8 @@ AS $$
 DECLARE
     -- the scope as values, so that each statement names one shard on Citus
     -- (metric_config)
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
+    v_t uuid;
+    v_g uuid;
     s ironwod.metric_settings;
     v_hash text;
     v_tz text;
@@ -1380,11 +1384,7 @@ DECLARE
     v_full boolean;
     k record;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
     s := ironwod.metric_config();
     v_hash := ironwod.config_hash(s);
     v_tz := ironwod.gym_time_zone(v_t, v_g);
@@ -2939,6 +2939,51 @@ LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_tenant_uuid
 CREATE OR REPLACE FUNCTION ironwod.scope_gym() RETURNS uuid
 LANGUAGE c STABLE PARALLEL SAFE AS 'MODULE_PATHNAME', 'ironwod_scope_gym_uuid';
 
+-- ---- the one refusal of a missing scope --------------------------------------
+-- 1.0 copied the check "no ironwod scope is set in this transaction" into
+-- assert_scope, transform_records, compute_metrics and refresh_metrics; they
+-- call this instead (once per call: never RLS or a per-row path, which keep the
+-- C readers above).  Same SQLSTATE (42501), message and hint.
+
+CREATE FUNCTION ironwod.require_scope(OUT tenant_id uuid, OUT gym_id uuid)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    tenant_id := ironwod.scope_tenant();
+    gym_id := ironwod.scope_gym();
+    IF tenant_id IS NULL OR gym_id IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.require_scope() IS 'The (tenant, gym) of the current transaction''s scope; raises 42501 when none is set';
+REVOKE ALL ON FUNCTION ironwod.require_scope() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION ironwod.require_scope() TO ironwod_app, ironwod_admin, ironwod_worker;
+
+CREATE OR REPLACE FUNCTION ironwod.assert_scope(p_tenant_id uuid, p_gym_id uuid)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_t uuid;
+    v_g uuid;
+BEGIN
+    PERFORM ironwod.preloaded();
+    IF p_tenant_id IS NULL OR p_gym_id IS NULL THEN
+        RAISE EXCEPTION 'tenant and gym must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
+    IF (p_tenant_id, p_gym_id) IS DISTINCT FROM (v_t, v_g) THEN
+        RAISE EXCEPTION 'tenant % gym % is outside the current ironwod scope', p_tenant_id, p_gym_id
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A session can only act on the (tenant, gym) set by ironwod_set_scope().';
+    END IF;
+END
+$$;
+
 -- claim_run and fail_run lock the connection before the run, the order every
 -- other path takes (a pause, a page in flight), so the two cannot deadlock.
 CREATE OR REPLACE FUNCTION ironwod.claim_run(p_run_id bigint, p_pid integer)
@@ -3278,8 +3323,8 @@ SET enable_seqscan = off
 SET enable_sort = off
 AS $$
 DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
+    v_t uuid;
+    v_g uuid;
     v_batch constant integer := 10000;
     v_tz text;
     v_out jsonb := '{}';
@@ -3303,11 +3348,7 @@ DECLARE
     v_bpeople bigint[];
     e record;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
     -- the SET clauses on the Citus nodes too, which plan every statement below
     PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
     -- One transform (or replay) of a gym at a time: a batch of records without
@@ -3482,8 +3523,8 @@ LANGUAGE plpgsql
 SET jit = off
 AS $$
 DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
+    v_t uuid;
+    v_g uuid;
     s ironwod.metric_settings;
     v_tz text;
     v_today date;
@@ -3501,11 +3542,7 @@ DECLARE
     v_facts integer;
     v_rows integer;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
     -- the SET clause on the Citus nodes too, which plan the statements below
     PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
     s := ironwod.metric_config();

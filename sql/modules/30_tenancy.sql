@@ -72,24 +72,43 @@ $$;
 COMMENT ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) IS 'Citus: SET LOCAL the settings of the given function''s SET clauses (true) or back to their defaults (false), so that the nodes that plan its statements use them too; nothing without Citus';
 GRANT EXECUTE ON FUNCTION ironwod.forward_set_clauses(regprocedure, boolean) TO ironwod_worker;
 
+-- The scope of the current transaction, or 42501 when none is set: the one copy
+-- of that refusal, for the functions that act on the scope (assert_scope, the
+-- transforms, the metrics refresh), once per call.  Not for row-level security
+-- or any per-row path: the policies call the C readers above, and a plpgsql call
+-- per row would cost more than the row.
+CREATE FUNCTION ironwod.require_scope(OUT tenant_id uuid, OUT gym_id uuid)
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    tenant_id := ironwod.scope_tenant();
+    gym_id := ironwod.scope_gym();
+    IF tenant_id IS NULL OR gym_id IS NULL THEN
+        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION ironwod.require_scope() IS 'The (tenant, gym) of the current transaction''s scope; raises 42501 when none is set';
+
 -- Every function that takes (tenant, gym) calls this first: SECURITY DEFINER API
 -- functions bypass RLS, so the scope check is theirs to make.
 CREATE FUNCTION ironwod.assert_scope(p_tenant_id uuid, p_gym_id uuid)
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
+DECLARE
+    v_t uuid;
+    v_g uuid;
 BEGIN
     PERFORM ironwod.preloaded();
     IF p_tenant_id IS NULL OR p_gym_id IS NULL THEN
         RAISE EXCEPTION 'tenant and gym must not be null'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF ironwod.scope_tenant() IS NULL OR ironwod.scope_gym() IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
-    IF (p_tenant_id, p_gym_id) IS DISTINCT FROM (ironwod.scope_tenant(), ironwod.scope_gym()) THEN
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
+    IF (p_tenant_id, p_gym_id) IS DISTINCT FROM (v_t, v_g) THEN
         RAISE EXCEPTION 'tenant % gym % is outside the current ironwod scope', p_tenant_id, p_gym_id
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'A session can only act on the (tenant, gym) set by ironwod_set_scope().';

@@ -570,8 +570,8 @@ SET enable_seqscan = off
 SET enable_sort = off
 AS $$
 DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
+    v_t uuid;
+    v_g uuid;
     v_batch constant integer := 10000;
     v_tz text;
     v_out jsonb := '{}';
@@ -595,11 +595,7 @@ DECLARE
     v_bpeople bigint[];
     e record;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
     -- the SET clauses on the Citus nodes too, which plan every statement below
     PERFORM ironwod.forward_set_clauses('ironwod.transform_records(bigint)', true);
     -- One transform (or replay) of a gym at a time: a batch of records without

@@ -1131,8 +1131,8 @@ LANGUAGE plpgsql
 SET jit = off
 AS $$
 DECLARE
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
+    v_t uuid;
+    v_g uuid;
     s ironwod.metric_settings;
     v_tz text;
     v_today date;
@@ -1150,11 +1150,7 @@ DECLARE
     v_facts integer;
     v_rows integer;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
     -- the SET clause on the Citus nodes too, which plan the statements below
     PERFORM ironwod.forward_set_clauses('ironwod.compute_metrics(date, bigint[])', true);
     s := ironwod.metric_config();
@@ -1263,8 +1259,8 @@ AS $$
 DECLARE
     -- the scope as values, so that each statement names one shard on Citus
     -- (metric_config)
-    v_t uuid := ironwod.scope_tenant();
-    v_g uuid := ironwod.scope_gym();
+    v_t uuid;
+    v_g uuid;
     s ironwod.metric_settings;
     v_hash text;
     v_tz text;
@@ -1276,11 +1272,7 @@ DECLARE
     v_full boolean;
     k record;
 BEGIN
-    IF v_t IS NULL OR v_g IS NULL THEN
-        RAISE EXCEPTION 'no ironwod scope is set in this transaction'
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'Call ironwod_set_scope(tenant, gym) in the same transaction first.';
-    END IF;
+    SELECT * INTO v_t, v_g FROM ironwod.require_scope();
     s := ironwod.metric_config();
     v_hash := ironwod.config_hash(s);
     v_tz := ironwod.gym_time_zone(v_t, v_g);

@@ -30,7 +30,7 @@ GRANT EXECUTE ON FUNCTION @extschema@.ironwod_set_scope(uuid, uuid), @extschema@
     @extschema@.ironwod_pause(uuid, uuid), @extschema@.ironwod_resume(uuid, uuid),
     @extschema@.ironwod_rotate_key(uuid, uuid, bytea)
     TO ironwod_app, ironwod_admin;
-GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.preloaded(),
+GRANT EXECUTE ON FUNCTION ironwod.scope_tenant(), ironwod.scope_gym(), ironwod.require_scope(), ironwod.preloaded(),
     ironwod.latest_raw_versions(text), ironwod.latest_raw_versions(text, uuid, uuid, bigint[], boolean),
     ironwod.latency_buckets()
     TO ironwod_app, ironwod_admin, ironwod_worker;
