@@ -241,6 +241,12 @@ extern PGDLLEXPORT void ironwod_rewrap_main(Datum main_arg);
 extern PGDLLEXPORT void ironwod_launcher_main(Datum main_arg);
 extern void iw_register_launcher(void);
 struct BackgroundWorker;
+/*
+ * A run worker's name, the fixed part of its process title: it serves several
+ * runs in turn, so the name names none; run.c appends the run it serves, or
+ * "idle" (and reports the same as its application_name).
+ */
+#define IW_RUN_WORKER_TITLE "ironwod run worker:"
 extern void iw_prepare_dynamic_worker(struct BackgroundWorker *worker, const char *function,
 									  const char *type, const IwRunArgs *args);
 

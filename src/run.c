@@ -47,6 +47,7 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#include "utils/ps_status.h"
 #include "utils/timestamp.h"
 
 /*
@@ -87,6 +88,37 @@ init_worker(const IwRunArgs *args, const char *appname)
 
 /* What pg_stat_activity shows for a run worker waiting for its next run. */
 #define IW_IDLE_ACTIVITY "ironwod: waiting for the next run"
+
+/*
+ * A run worker serves several runs in turn, so what ps and pg_stat_activity
+ * show of it follows the run it serves, and "idle" between runs.  The
+ * application_name names the run only: PostgreSQL shows it to every role that
+ * can connect (unlike the query), and no tenant learns another's tenant or gym
+ * from ironwod (README, Security).  The process title, which only the
+ * server's host shows, names them too.  Neither shows anything secret.
+ */
+static void
+show_serving(const IwRunArgs *args)
+{
+	char		appname[NAMEDATALEN];
+	char	   *tenant = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&args->tenant_id)));
+	char	   *gym = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&args->gym_id)));
+	char	   *title = psprintf("run " INT64_FORMAT " tenant %s gym %s", args->run_id, tenant, gym);
+
+	snprintf(appname, sizeof(appname), IW_RUN_WORKER_TITLE " run " INT64_FORMAT, args->run_id);
+	pgstat_report_appname(appname);
+	set_ps_display(title);
+	pfree(title);
+	pfree(gym);
+	pfree(tenant);
+}
+
+static void
+show_idle(void)
+{
+	pgstat_report_appname(IW_RUN_WORKER_TITLE " idle");
+	set_ps_display("idle");
+}
 
 /* Past this instant the run gives up (ironwod.run_timeout). */
 static TimestampTz run_deadline = 0;
@@ -604,7 +636,7 @@ record_failure(int64 run_id, MemoryContext ctx)
  * the previous run, and the resets are repeated here so that a worker's
  * first run and its later ones start alike.  The scope binds RLS to the
  * run's (tenant, gym); the rate limit binding to its connection's bucket;
- * the contexts are new.
+ * the process title and application_name to the run; the contexts are new.
  */
 static MemoryContext
 begin_run(const IwRunArgs *args)
@@ -621,6 +653,7 @@ begin_run(const IwRunArgs *args)
 	iw_set_scope(&args->tenant_id, &args->gym_id);
 	/* Every worker of this connection shares one bucket from here on. */
 	iw_ratelimit_bind(&args->tenant_id, &args->gym_id);
+	show_serving(args);
 	return AllocSetContextCreate(TopMemoryContext, "ironwod run", ALLOCSET_DEFAULT_SIZES);
 }
 
@@ -642,7 +675,9 @@ begin_run(const IwRunArgs *args)
  *	- this file's statics (run_phase, fail_code, run_deadline) and the key
  *	  command's problem, set again for the next run (begin_run);
  *	- the run's memory context, with the claim (its sealed key), the task
- *	  queue and the batch.
+ *	  queue and the batch;
+ *	- the run named in the process title and application_name: "idle" until
+ *	  the next run (show_serving, show_idle).
  * The run slot is handed over by the supervisor with the next run (shmem.c).
  * The log hook keeps no per-run secret (it scrubs by function name), so it
  * has nothing to reset.
@@ -684,6 +719,7 @@ end_run(MemoryContext run_ctx)
 	 */
 	pgstat_report_stat(true);
 	pgstat_report_activity(STATE_IDLE, IW_IDLE_ACTIVITY);
+	show_idle();
 }
 
 void

@@ -57,7 +57,8 @@ StaticAssertDecl(sizeof(IwRunArgs) <= BGW_EXTRALEN, "IwRunArgs must fit in bgw_e
  * validate"): never restarted by the postmaster (a run is retried through the
  * queue, the supervisor restarted by the launcher, not by respawning),
  * reporting its exit to the registering process, with its arguments in
- * bgw_extra (never a pointer: pitfall 17).
+ * bgw_extra (never a pointer: pitfall 17).  A run worker's name is not its
+ * first run's: it serves several (run.c shows which in its process title).
  */
 void
 iw_prepare_dynamic_worker(BackgroundWorker *worker, const char *function,
@@ -70,7 +71,7 @@ iw_prepare_dynamic_worker(BackgroundWorker *worker, const char *function,
 	strlcpy(worker->bgw_library_name, "ironwod", BGW_MAXLEN);
 	strlcpy(worker->bgw_function_name, function, BGW_MAXLEN);
 	if (args->run_id != 0)
-		snprintf(worker->bgw_name, BGW_MAXLEN, "%s " INT64_FORMAT, type, args->run_id);
+		strlcpy(worker->bgw_name, IW_RUN_WORKER_TITLE, BGW_MAXLEN);
 	else
 		strlcpy(worker->bgw_name, type, BGW_MAXLEN);
 	strlcpy(worker->bgw_type, type, BGW_MAXLEN);

@@ -394,6 +394,27 @@ def test_faults_and_stats(sim):
     check("hold fault: held until released, then answered", held and out.get("st") == 200
           and sim.sim("GET", "/_sim/faults")["held"] == 0, str(out))
     sim.sim("DELETE", "/_sim/faults")
+    # two holds, released one at a time by id
+    first = sim.sim("POST", "/_sim/holds", {"api_key": key, "endpoint": "/programs"})["id"]
+    second = sim.sim("POST", "/_sim/holds", {"api_key": key, "endpoint": "/programs"})["id"]
+    outs = [{}, {}]
+    threads = [threading.Thread(target=lambda o=o: o.update(st=sim.raw("GET", "/programs", key)[0])) for o in outs]
+    threads[0].start()
+    deadline = time.time() + 60
+    while sim.sim("GET", "/_sim/faults")["held"] != 1 and time.time() < deadline:
+        time.sleep(0.01)
+    threads[1].start()
+    while sim.sim("GET", "/_sim/faults")["held"] != 2 and time.time() < deadline:
+        time.sleep(0.01)
+    both = sim.sim("GET", "/_sim/faults")["held"] == 2
+    sim.sim("POST", "/_sim/release", {"id": first})
+    threads[0].join(60)
+    one_left = sim.sim("GET", "/_sim/faults")["held"] == 1 and threads[1].is_alive() and outs[0].get("st") == 200
+    sim.sim("POST", "/_sim/release", {"id": second})
+    threads[1].join(60)
+    check("hold faults released by id: only that hold's request goes", both and one_left
+          and outs[1].get("st") == 200 and sim.sim("GET", "/_sim/faults")["held"] == 0, str(outs))
+    sim.sim("DELETE", "/_sim/faults")
     # a second key for a gym, counted by key, and revoked
     extra = "wdfy_selftest_second_key_000001"
     sim.sim("POST", "/_sim/keys", {"gym": 1, "api_key": extra})

@@ -59,7 +59,9 @@ Holding a request, and rotating keys
 POST /_sim/holds (the fields of a fault: api_key, endpoint, after, count) adds a fault of
 kind "hold": it keeps the request it catches waiting, then answers it normally, once POST
 /_sim/release lets every held request go (so does DELETE /_sim/faults; "max_s", 600 by
-default, bounds the wait).  GET /_sim/faults says how many are "held" right now.
+default, bounds the wait).  POST /_sim/release {"id": N} lets go only the requests of hold
+N (the id POST /_sim/holds answered), so a test can hold two runs and release them one at a
+time.  GET /_sim/faults says how many are "held" right now.
 
     POST /_sim/keys    {"gym": I, "api_key": K}      K is one more valid key of gym I
                        {"api_key": K, "revoke": true} K is refused from now on (403)
@@ -1633,11 +1635,12 @@ class Sim:
             with self.lock:
                 self.held -= 1
 
-    def release(self):
-        """Let every held request go, and every hold fault that fires later too."""
+    def release(self, fault_id=None):
+        """Let every held request go, and every hold fault that fires later too; with an
+        id, only that hold fault's."""
         with self.lock:
             for f in self.faults:
-                if f["kind"] == "hold":
+                if f["kind"] == "hold" and fault_id in (None, f["id"]):
                     self.hold_events.setdefault(f["id"], threading.Event()).set()
 
     def take_fault(self, key, tpl, path):
@@ -2081,7 +2084,7 @@ class Handler(BaseHTTPRequestHandler):
                 sim.faults.append(f)
             return self.send_json(200, {"id": f["id"]})
         if path == "/_sim/release" and method == "POST":
-            sim.release()
+            sim.release(data.get("id"))
             return self.send_json(200, {"ok": True})
         if path == "/_sim/keys" and method == "POST":
             key = data.get("api_key")

@@ -42,7 +42,11 @@ a key as a host app does, test/seal.py), hence /usr/bin/python3.
    its own (nothing of the first run leaks into the second); neither key is in
    the server log.  A kill of the reused worker in a later run is reaped as today
    (failed, worker_lost), and the gym syncs again.  With
-   ironwod.worker_idle_timeout = 0 every run has a process of its own.
+   ironwod.worker_idle_timeout = 0 every run has a process of its own.  Each of the
+   worker's runs is held at a request (/_sim/holds, released by id) until its
+   worker shows that run: application_name, read by the CONNECT-only role, is
+   "ironwod run worker: run N" (no tenant or gym: every role reads it), and the
+   process title adds the run's tenant and gym; after the run it shows idle.
 """
 import os
 import re
@@ -517,6 +521,66 @@ def server_log_since(offset):
     return bytes(data).decode("utf-8", "replace")
 
 
+def hold_run(api_key):
+    """Hold the next request of a run for this key at /programs, a list every run pulls
+    and the key's validation does not; returns the hold's id, to release it alone."""
+    return sim("POST", "/_sim/holds", {"api_key": api_key, "endpoint": "/programs", "max_s": 300})["id"]
+
+
+def release(hold):
+    sim("POST", "/_sim/release", {"id": hold})
+
+
+def process_title(pid):
+    """The worker's process title (ps): the server runs on this host."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode("utf-8", "replace").rstrip()
+    except OSError:
+        return None
+
+
+def worker_shows(pid, app, title):
+    """Wait until run worker pid shows app as its application_name, read by the role with
+    nothing but CONNECT (PostgreSQL shows every role the column), and title in ps.  The
+    bound is for a broken worker, not a pace."""
+    seen = {}
+    with psycopg.connect(user=NOBODY, autocommit=True) as nobody:
+        def shows():
+            got = nobody.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                                 (pid,)).fetchone()
+            seen.update(app=got and got[0], title=process_title(pid))
+            # "postgres: " (and cluster_name, if set) before the worker's own title
+            return seen["app"] == app and (seen["title"] or "").endswith(": " + title)
+        try:
+            wait_until(f"worker {pid} to show {app!r}", shows, 60)
+            return True, seen
+        except RuntimeError:
+            return False, seen
+
+
+def serving(run, gym, hold, name):
+    """Check that the worker serving run, held at hold, shows that run: application_name
+    the run only (no tenant or gym: any role reads it), the process title the run, its
+    tenant and gym.  Then release the hold."""
+    ok, seen = False, {}
+    try:
+        wait_until(f"run {name} to be held", lambda: run_row(run)[1] and request_held())
+        ok, seen = worker_shows(run_row(run)[1], f"ironwod run worker: run {run}",
+                                f"ironwod run worker: run {run} tenant {gym[0]} gym {gym[1]}")
+    except RuntimeError as e:
+        seen = {"error": str(e)}
+    finally:
+        release(hold)
+    check(ok, f"while run {name} is held, its worker shows it: application_name the run only, "
+              f"the process title the run, tenant and gym", seen)
+
+
+def idle(pid, after):
+    ok, seen = worker_shows(pid, "ironwod run worker: idle", "ironwod run worker: idle")
+    check(ok, f"after {after}, its worker shows idle (application_name and process title)", seen)
+
+
 def reuse_scenario():
     key_d, key_e = sim_key(1), sim_key(2)
     log_from = server_log_from()
@@ -535,16 +599,26 @@ def reuse_scenario():
     reference = canonical_rows(F)
 
     # One worker, lingering: D's backfill, then E's (queued after D's), by one pid.
+    # Each run is held at a request until its worker was seen serving it; E's hold is
+    # set before D's is released, and released alone.
     set_gucs(max_workers=1, worker_idle_timeout=600)
     wait_until("no run worker alive", lambda: not run_workers())
+    hold_d = hold_run(key_d)
     d_run = connect_gym(D, key_d)
     e_run = connect_gym(E, key_e)
+    hold_e = hold_run(key_e)
+    try:
+        serving(d_run, D, hold_d, "D (backfill, the worker's first run)")
+        serving(e_run, E, hold_e, "E (backfill, the same worker's next run)")
+    finally:
+        sim("POST", "/_sim/release")
     d_out, e_out = wait_run(D, d_run), wait_run(E, e_run)
     d_row, e_row = run_row(d_run), run_row(e_run)
     check(d_out == "succeeded" and e_out == "succeeded" and d_row[1] and d_row[1] == e_row[1],
           "max_workers = 1 with a linger: two tenants' backfills, queued one after the other, "
           "are served by one worker pid",
           f"D {d_out} pid {d_row[1]}, E {e_out} pid {e_row[1]}")
+    idle(d_row[1], "E's backfill")
     for gym, run, name in ((D, d_run, "D"), (E, e_run, "E")):
         foreign, total = foreign_rows(gym, run)
         check(total > 0 and foreign == 0,
@@ -554,11 +628,17 @@ def reuse_scenario():
           "the second run of the worker sees none of the first's data: E's canonical rows equal "
           "a fresh worker's backfill of the same gym",
           f"{len(reference - mine)} missing, {len(mine - reference)} extra")
+    hold_d = hold_run(key_d)
     d_inc = sync_gym(D)
+    try:
+        serving(d_inc, D, hold_d, "D (incremental, the same worker's third run)")
+    finally:
+        sim("POST", "/_sim/release")
     d_inc_out = wait_run(D, d_inc)
     check(d_inc_out == "succeeded" and run_row(d_inc)[1] == d_row[1],
           "the same worker serves D's incremental run after E's backfill",
           f"{d_inc_out} pid {run_row(d_inc)[1]} (worker {d_row[1]})")
+    idle(d_row[1], "D's incremental run")
 
     # A kill of the reused worker in a later run: reaped as today.
     worker = d_row[1]
