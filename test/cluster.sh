@@ -85,6 +85,23 @@ install_private() {
     PGBIN="$root/usr/lib/postgresql/15/bin"
 }
 
+# ensure_installed: use the PostgreSQL of PGBIN when this build of ironwod is
+# installed there already (run-tests.sh passes its own), else a private copy.
+ensure_installed() {
+    if [ -z "${PGBIN:-}" ] || [ ! -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
+        install_private
+    fi
+}
+
+# shell_test_work NAME: for a test/shell script with a cluster of its own, its work
+# directory (WORK=/tmp/ironwod-NAME.XXXXXX), stopped and removed when the script
+# exits, kept for inspection when it fails; and ironwod installed (ensure_installed).
+shell_test_work() {
+    WORK=$(mktemp -d "/tmp/ironwod-$1.XXXXXX")
+    trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
+    ensure_installed
+}
+
 # start_sim SEED GYMS SCALE [extra args]: sets SIM_PORT and SIM_URL.
 start_sim() {
     local seed=$1 gyms=$2 scale=$3

@@ -28,13 +28,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
 
-WORK=$(mktemp -d /tmp/ironwod-config.XXXXXX)
-trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
-if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
-    :
-else
-    install_private
-fi
+shell_test_work config
 LOG=$WORK/data/server.log
 # Wait for a condition; the bound is for a broken server, not a pace.
 

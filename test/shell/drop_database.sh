@@ -30,13 +30,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
 
-WORK=$(mktemp -d /tmp/ironwod-dropdb.XXXXXX)
-trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
-if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
-    :
-else
-    install_private
-fi
+shell_test_work dropdb
 LOG=$WORK/data/server.log
 
 start_sim 17 2 small --rate 1000 --burst 1000

@@ -30,11 +30,7 @@ stop_both() {
     WORK=$TOP stop_all
 }
 trap 'rc=$?; stop_both; if [ $rc = 0 ]; then rm -rf "$TOP"; else echo "kept $TOP for inspection"; fi' EXIT
-if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
-    :
-else
-    install_private
-fi
+ensure_installed
 as_pg() { su postgres -s /bin/sh -c "$*"; }
 
 T=44444444-4444-4444-4444-444444444444

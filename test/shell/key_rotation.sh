@@ -22,13 +22,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
 
-WORK=$(mktemp -d /tmp/ironwod-rotate.XXXXXX)
-trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
-if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
-    :
-else
-    install_private
-fi
+shell_test_work rotate
 # wait_for WHAT CMD...: the bound is for a broken server, not a pace
 q() { psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 # ironwod.seal_key seals a plaintext key, which ironwod.allow_plaintext_keys (where

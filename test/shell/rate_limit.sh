@@ -25,13 +25,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
 
-WORK=$(mktemp -d /tmp/ironwod-ratelimit.XXXXXX)
-trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
-if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
-    :
-else
-    install_private
-fi
+shell_test_work ratelimit
 
 TA=11111111-1111-1111-1111-111111111111
 TB=22222222-2222-2222-2222-222222222222

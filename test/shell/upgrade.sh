@@ -26,13 +26,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=test/cluster.sh
 source "$REPO/test/cluster.sh"
 
-WORK=$(mktemp -d /tmp/ironwod-upgrade.XXXXXX)
-trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
-if [ -n "${PGBIN:-}" ] && [ -f "$("$PGBIN/pg_config" --pkglibdir)/ironwod.so" ]; then
-    :
-else
-    install_private
-fi
+shell_test_work upgrade
 
 FROM=1.0
 TO=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$REPO/ironwod.control")
