@@ -307,6 +307,15 @@ def test_errors(sim):
     check("unknown params ignored", st == 200 and len(b["clients"]) == g["expected"]["clients"])
 
 
+def wait_held(sim, n):
+    """Whether the simulator holds n requests, polled until it does (the 60 s bound is
+    for a broken simulator, not a pace)."""
+    deadline = time.time() + 60
+    while sim.sim("GET", "/_sim/faults")["held"] != n and time.time() < deadline:
+        time.sleep(0.01)
+    return sim.sim("GET", "/_sim/faults")["held"] == n
+
+
 def test_faults_and_stats(sim):
     g = sim.gyms["gyms"][1]
     key = g["api_key"]
@@ -385,10 +394,7 @@ def test_faults_and_stats(sim):
     out = {}
     t = threading.Thread(target=lambda: out.update(st=sim.raw("GET", "/programs", key)[0]))
     t.start()
-    deadline = time.time() + 60
-    while sim.sim("GET", "/_sim/faults")["held"] != 1 and time.time() < deadline:
-        time.sleep(0.01)
-    held = sim.sim("GET", "/_sim/faults")["held"] == 1 and t.is_alive()
+    held = wait_held(sim, 1) and t.is_alive()
     sim.sim("POST", "/_sim/release")
     t.join(60)
     check("hold fault: held until released, then answered", held and out.get("st") == 200
@@ -400,13 +406,9 @@ def test_faults_and_stats(sim):
     outs = [{}, {}]
     threads = [threading.Thread(target=lambda o=o: o.update(st=sim.raw("GET", "/programs", key)[0])) for o in outs]
     threads[0].start()
-    deadline = time.time() + 60
-    while sim.sim("GET", "/_sim/faults")["held"] != 1 and time.time() < deadline:
-        time.sleep(0.01)
+    wait_held(sim, 1)
     threads[1].start()
-    while sim.sim("GET", "/_sim/faults")["held"] != 2 and time.time() < deadline:
-        time.sleep(0.01)
-    both = sim.sim("GET", "/_sim/faults")["held"] == 2
+    both = wait_held(sim, 2)
     sim.sim("POST", "/_sim/release", {"id": first})
     threads[0].join(60)
     one_left = sim.sim("GET", "/_sim/faults")["held"] == 1 and threads[1].is_alive() and outs[0].get("st") == 200
