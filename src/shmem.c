@@ -249,10 +249,7 @@ iw_run_slot_wait_for_run(IwRunArgs *args)
 		}
 		if (iw_database_awaited(MyDatabaseId))
 		{
-			LWLockAcquire(iw_shared->lock, LW_EXCLUSIVE);
-			memset(slot, 0, sizeof(IwRunSlot));
-			my_run_slot = -1;
-			LWLockRelease(iw_shared->lock);
+			iw_run_slot_release(0, (Datum) 0);
 			iw_log_leaving_database("idle ironwod run worker");
 			return false;
 		}
