@@ -102,6 +102,15 @@ shell_test_work() {
     ensure_installed
 }
 
+# sim METHOD PATH [JSON]: a call of the simulator's API (SIM_URL, from start_sim).
+sim() { curl -sf -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "$SIM_URL$2"; }
+# json EXPR: print EXPR, Python over d, the JSON document read from stdin.
+json() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
+# run_state RUN: the run's "status:error_code", through the script's own q (its
+# database); run_finished RUN: whether it exists and is neither queued nor running.
+run_state() { q "SELECT status || ':' || coalesce(error_code, '') FROM ironwod.sync_runs WHERE run_id = $1"; }
+run_finished() { local s; s=$(run_state "$1"); [ -n "$s" ] && [ "${s%%:*}" != running ] && [ "${s%%:*}" != queued ]; }
+
 # start_sim SEED GYMS SCALE [extra args]: sets SIM_PORT and SIM_URL.
 start_sim() {
     local seed=$1 gyms=$2 scale=$3

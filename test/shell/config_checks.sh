@@ -153,7 +153,6 @@ G=73737373-0000-0000-0000-0000000000a1
 # one implicit transaction: the scope holds for the statement after it
 scoped() { psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT ironwod_set_scope('$T', '$G'); $1" | tail -n +2; }
 run_state() { psql -qAtX -c "SELECT status || ':' || coalesce(error_code, '') FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G' AND run_id = $1"; }
-finished() { local s; s=$(run_state "$1"); [ -n "$s" ] && [ "${s%%:*}" != running ] && [ "${s%%:*}" != queued ]; }
 breaker() { psql -qAtX -c "SELECT c.status || ':' || (c.breaker_opened_at IS NOT NULL) || ':' || coalesce((c.next_retry_at > now())::text, 'none') FROM ironwod.integrations_wodify_connection c WHERE tenant_id = '$T' AND gym_id = '$G'"; }
 # ironwod.seal_key seals a plaintext key, which ironwod.allow_plaintext_keys (where
 # this build has it) refuses unless a superuser turns it on: the test's own
@@ -161,7 +160,7 @@ breaker() { psql -qAtX -c "SELECT c.status || ':' || (c.breaker_opened_at IS NOT
 ALLOW="SELECT count(set_config(name, 'on', true)) FROM pg_settings WHERE name = 'ironwod.allow_plaintext_keys';"
 scoped "$ALLOW SELECT ironwod_connect('$T', '$G', ironwod.seal_key('$T', '$G', '$KEY'))" >/dev/null
 backfill=$(psql -qAtX -c "SELECT max(run_id) FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G' AND mode = 'backfill'")
-wait_for "the backfill" finished "$backfill"
+wait_for "the backfill" run_finished "$backfill"
 [ "$(run_state "$backfill")" = "succeeded:" ] || fail "backfill: $(run_state "$backfill")"
 
 CHILDREN=$WORK/keys/children
@@ -173,7 +172,7 @@ key_run() {
     local run
     script "$1" "$2"
     run=$(scoped "SELECT ironwod_sync('$T', '$G', 'incremental')")
-    wait_for "the run with $1" finished "$run"
+    wait_for "the run with $1" run_finished "$run"
     [ "$(run_state "$run")" = "failed:$3" ] || fail "$4: run $run ended $(run_state "$run"), want failed:$3"
     [ "$(breaker)" = "error:true:true" ] || fail "$4: the breaker is not open (status:open:retry later = $(breaker))"
     queued=$(psql -qAtX -c "SELECT count(*) FROM ironwod.sync_runs WHERE tenant_id = '$T' AND gym_id = '$G' AND status IN ('queued', 'running')")
@@ -191,7 +190,7 @@ key_run junk.sh 'echo "hello from the KMS"' key_command_output "a garbage-printi
 grep -q 'hello from the KMS' "$LOG" && fail "the command's output reached the server log"
 set_conf ironwod.master_key_command "$WORK/keys/master_key_command.sh"
 run=$(scoped "SELECT ironwod_sync('$T', '$G', 'incremental')")
-wait_for "the run with the good command" finished "$run"
+wait_for "the run with the good command" run_finished "$run"
 [ "$(run_state "$run")" = "succeeded:" ] || fail "with the command fixed: $(run_state "$run")"
 [ "$(breaker)" = "connected:false:none" ] || fail "the breaker did not close: $(breaker)"
 echo "ok - key command under its timeout: hanging (process group killed), failing and garbage commands fail the run with their own codes and open the breaker; fixed, the gym syncs again"

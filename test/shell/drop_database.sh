@@ -41,8 +41,6 @@ start_cluster ironwod "ironwod.naptime = 2000" "ironwod.database_name = 'metrics
 admin() { PGDATABASE=postgres psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 q() { PGDATABASE=metrics psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 scoped() { q "SELECT ironwod_set_scope('$1', '$2'); $3" | tail -n +2; }
-sim() { curl -sf -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "$SIM_URL$2"; }
-json() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 
 admin 'CREATE DATABASE metrics' >/dev/null
 supervising() { [ "$(admin "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ironwod supervisor' AND datname = 'metrics'")" = 1 ]; }
@@ -55,13 +53,11 @@ B=(92929292-0000-0000-0000-000000000001 92929292-0000-0000-0000-0000000000a1)
 KEY_A=$(sim GET /_sim/gyms | json 'd["gyms"][0]["api_key"]')
 KEY_B=$(sim GET /_sim/gyms | json 'd["gyms"][1]["api_key"]')
 
-run_state() { q "SELECT status || ':' || coalesce(error_code, '') FROM ironwod.sync_runs WHERE run_id = $1"; }
-finished() { local s; s=$(run_state "$1"); [ "${s%%:*}" != running ] && [ "${s%%:*}" != queued ]; }
 # sync TENANT GYM: an incremental run, waited for, which must succeed
 sync() {
     local run
     run=$(scoped "$1" "$2" "SELECT ironwod_sync('$1', '$2', 'incremental')")
-    wait_for "run $run" finished "$run"
+    wait_for "run $run" run_finished "$run"
     [ "$(run_state "$run")" = "succeeded:" ] || fail "$3: run $run ended $(run_state "$run")"
 }
 idle_workers() { admin "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ironwod run' AND datname = 'metrics' AND query = 'ironwod: waiting for the next run'"; }
@@ -75,7 +71,7 @@ for g in A B; do
     [ "$(scoped "${gym[@]}" "SELECT ironwod_connect('${gym[0]}', '${gym[1]}', '$sealed'::bytea)")" = connected ] ||
         fail "gym $g did not connect"
     run=$(q "SELECT max(run_id) FROM ironwod.sync_runs WHERE tenant_id = '${gym[0]}' AND mode = 'backfill'")
-    wait_for "the backfill of $g" finished "$run"
+    wait_for "the backfill of $g" run_finished "$run"
     [ "$(run_state "$run")" = "succeeded:" ] || fail "backfill of $g: $(run_state "$run")"
 done
 
@@ -144,7 +140,7 @@ out=$(admin 'DROP DATABASE metrics' 2>&1) && fail "DROP DATABASE succeeded while
 [ "$(left "idle ironwod run worker")" -gt "$workers_left" ] || fail "the idle worker did not say it left"
 [ "$(left "ironwod supervisor")" -gt "$supervisors_left" ] || fail "the supervisor did not say it left"
 sim POST /_sim/release >/dev/null
-wait_for "the held run $HELD_RUN" finished "$HELD_RUN"
+wait_for "the held run $HELD_RUN" run_finished "$HELD_RUN"
 [ "$(run_state "$HELD_RUN")" = "succeeded:" ] || fail "the held run: $(run_state "$HELD_RUN")"
 wait_for "the supervisor back in metrics after the failed DROP" supervising
 sync "${A[@]}" "after the failed DROP DATABASE"

@@ -31,8 +31,6 @@ q() { psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 ALLOW="SELECT count(set_config(name, 'on', true)) FROM pg_settings WHERE name = 'ironwod.allow_plaintext_keys';"
 # one implicit transaction: the scope (and ALLOW) hold for the statement after them
 scoped() { psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT ironwod_set_scope('$1', '$2'); $ALLOW $3" | tail -n +3; }
-sim() { curl -sf -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "$SIM_URL$2"; }
-json() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 
 start_sim 13 2 small --rate 1000 --burst 1000
 start_cluster ironwod "ironwod.naptime = 2000" "ironwod.requests_per_second = 500" "ironwod.burst = 100" \
@@ -51,13 +49,11 @@ A=(74747474-0000-0000-0000-000000000001 74747474-0000-0000-0000-0000000000a1)
 B=(75757575-0000-0000-0000-000000000001 75757575-0000-0000-0000-0000000000a1)
 
 seal() { echo "ironwod.seal_key('$1', '$2', '$3')"; }
-run_state() { q "SELECT status || ':' || coalesce(error_code, '') FROM ironwod.sync_runs WHERE run_id = $1"; }
-finished() { local s; s=$(run_state "$1"); [ "${s%%:*}" != running ] && [ "${s%%:*}" != queued ]; }
 # sync TENANT GYM MODE: queue a run, wait for it, and insist it succeeded
 sync() {
     local run
     run=$(scoped "$1" "$2" "SELECT ironwod_sync('$1', '$2', '$3')")
-    wait_for "run $run" finished "$run"
+    wait_for "run $run" run_finished "$run"
     [ "$(run_state "$run")" = "succeeded:" ] || fail "$4: run $run ended $(run_state "$run")"
 }
 conn() { q "SELECT $3 FROM ironwod.integrations_wodify_connection WHERE tenant_id = '$1' AND gym_id = '$2'"; }
@@ -76,7 +72,7 @@ scoped "${B[@]}" "SELECT ironwod_connect('${B[0]}', '${B[1]}', $(seal "${B[@]}" 
 for g in A B; do
     declare -n gym=$g
     run=$(q "SELECT max(run_id) FROM ironwod.sync_runs WHERE tenant_id = '${gym[0]}' AND mode = 'backfill'")
-    wait_for "the backfill of $g" finished "$run"
+    wait_for "the backfill of $g" run_finished "$run"
     [ "$(run_state "$run")" = "succeeded:" ] || fail "backfill of $g: $(run_state "$run")"
 done
 
@@ -94,7 +90,7 @@ got=$(scoped "${A[@]}" "SELECT ironwod_rotate_key('${A[0]}', '${A[1]}', $(seal "
 new_uses=$(uses "$NEW0")
 [ "$new_uses" = 1 ] || fail "the new key was used $new_uses times before its run ended, want 1 (its validation)"
 sim POST /_sim/release >/dev/null
-wait_for "the held run $HELD_RUN" finished "$HELD_RUN"
+wait_for "the held run $HELD_RUN" run_finished "$HELD_RUN"
 [ "$(run_state "$HELD_RUN")" = "succeeded:" ] || fail "the held run: $(run_state "$HELD_RUN")"
 [ "$(uses "$NEW0")" = 1 ] || fail "the running run switched to the new key"
 new_fp=$(conn "${A[@]}" api_key_fingerprint)
@@ -141,7 +137,7 @@ mv "$WORK/keys/master.keys.new" "$WORK/keys/master.keys"
 [ "$(id -u)" = 0 ] && chown postgres "$WORK/keys/master.keys"
 sync "${A[@]}" incremental "with dev-1 retired and gone from the key command"
 sim POST /_sim/release >/dev/null
-wait_for "the held run $HELD_RUN" finished "$HELD_RUN"
+wait_for "the held run $HELD_RUN" run_finished "$HELD_RUN"
 [ "$(run_state "$HELD_RUN")" = "succeeded:" ] || fail "the run held through the master key rotation: $(run_state "$HELD_RUN")"
 sim POST /_sim/keys "{\"api_key\": \"$KEY1\", \"revoke\": true}" >/dev/null
 sync "${B[@]}" incremental "B, with its rotated key re-sealed to dev-2"

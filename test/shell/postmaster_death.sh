@@ -32,7 +32,6 @@ LOG=$WORK/data/server.log
 q() { psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
 # one implicit transaction: the scope holds for the statement after it
 scoped() { psql -qAtX -v ON_ERROR_STOP=1 -c "SELECT ironwod_set_scope('$1', '$2'); $3" | tail -n +2; }
-sim() { curl -sf -X "$1" -H 'Content-Type: application/json' ${3:+-d "$3"} "$SIM_URL$2"; }
 
 start_sim 11 1 small --rate 1000 --burst 1000
 # The held request must outlast every bound here, not time out and be retried.
