@@ -40,11 +40,19 @@
 
 #define IW_MAX_LAUNCH_ATTEMPTS 3
 
-/* Workers this supervisor started and has not yet seen exit. */
+/*
+ * Workers this supervisor started and has not yet seen exit, with the run
+ * each was started for or last handed.  A handed run's launch attempt is
+ * counted only when this supervisor sees its worker exit with the run still
+ * queued (reap), not when it is handed: see launch().
+ */
 typedef struct LaunchedRun
 {
 	int64		run_id;
 	BackgroundWorkerHandle *handle;
+	bool		handed;			/* run_id was handed to this idle worker */
+	pg_uuid_t	tenant_id;		/* the handed run's scope, to count it */
+	pg_uuid_t	gym_id;
 } LaunchedRun;
 
 static LaunchedRun launched[IW_MAX_RUN_SLOTS];
@@ -127,6 +135,29 @@ fail_lost_run(const char *tenant, const char *gym, int64 run_id, const char *cod
 }
 
 /*
+ * Count one launch attempt of a run (IW_MAX_LAUNCH_ATTEMPTS), only while it
+ * is still queued when only_queued: a handed run its worker took and ran is
+ * not counted when that worker exits later.
+ */
+static void
+count_launch_attempt(int64 run_id, const pg_uuid_t *tenant_id, const pg_uuid_t *gym_id,
+					 bool only_queued)
+{
+	Oid			argtypes[3] = {INT8OID, UUIDOID, UUIDOID};
+	Datum		argvalues[3];
+
+	argvalues[0] = Int64GetDatum(run_id);
+	argvalues[1] = UUIDPGetDatum(tenant_id);
+	argvalues[2] = UUIDPGetDatum(gym_id);
+	SPI_execute_with_args(only_queued ?
+						  "UPDATE ironwod.sync_runs SET launch_attempts = launch_attempts + 1 "
+						  "WHERE tenant_id = $2 AND gym_id = $3 AND run_id = $1 AND status = 'queued'" :
+						  "UPDATE ironwod.sync_runs SET launch_attempts = launch_attempts + 1 "
+						  "WHERE tenant_id = $2 AND gym_id = $3 AND run_id = $1",
+						  3, argtypes, argvalues, NULL, false, 0);
+}
+
+/*
  * Reap: forget workers that exited, and fail every running run that has no
  * live worker (crash, kill, server restart).  A run that is still queued after
  * its worker exited had a worker that died before claiming it; after a few
@@ -146,9 +177,11 @@ reap(void)
 			continue;
 		if (GetBackgroundWorkerPid(launched[i].handle, &pid) == BGWH_STOPPED)
 		{
+			if (launched[i].handed)
+				count_launch_attempt(launched[i].run_id, &launched[i].tenant_id,
+									 &launched[i].gym_id, true);
 			pfree(launched[i].handle);
-			launched[i].handle = NULL;
-			launched[i].run_id = 0;
+			memset(&launched[i], 0, sizeof(LaunchedRun));
 		}
 	}
 
@@ -335,8 +368,6 @@ launch(void)
 		IwRunArgs	args;
 		int			i;
 		bool		handed = false;
-		Oid			argtypes[3] = {INT8OID, UUIDOID, UUIDOID};
-		Datum		argvalues[3];
 
 		if (is_launched(run_id) || iw_run_slot_alive(run_id))
 			continue;
@@ -362,7 +393,12 @@ launch(void)
 
 			if (iw_run_slot_assign(idle_slot[k], idle_pid[k], &args))
 			{
-				launched[idle_launched[k]].run_id = run_id;
+				LaunchedRun *l = &launched[idle_launched[k]];
+
+				l->run_id = run_id;
+				l->handed = true;
+				l->tenant_id = args.tenant_id;
+				l->gym_id = args.gym_id;
 				handed = true;
 			}
 		}
@@ -394,20 +430,26 @@ launch(void)
 			{
 				if (launched[i].handle == NULL)
 				{
+					memset(&launched[i], 0, sizeof(LaunchedRun));
 					launched[i].run_id = run_id;
 					launched[i].handle = handle;
 					break;
 				}
 			}
 			new_workers--;
+
+			/*
+			 * A new worker's launch counts now: one that cannot connect or
+			 * dies before claiming the run is retried at most
+			 * IW_MAX_LAUNCH_ATTEMPTS times, even across supervisor restarts.
+			 * A handed run counts only if reap sees its worker exit with the
+			 * run still queued (killed, or a run that kills workers): an idle
+			 * worker that leaves with it for DROP DATABASE or the like
+			 * (shmem.c) did not start it, and this supervisor, leaving for
+			 * the same command, never reaps that exit.
+			 */
+			count_launch_attempt(run_id, &args.tenant_id, &args.gym_id, false);
 		}
-		/* a handed-over run counts its launch too: a run that kills workers is failed */
-		argvalues[0] = Int64GetDatum(run_id);
-		argvalues[1] = UUIDPGetDatum(&args.tenant_id);
-		argvalues[2] = UUIDPGetDatum(&args.gym_id);
-		SPI_execute_with_args("UPDATE ironwod.sync_runs SET launch_attempts = launch_attempts + 1 "
-							  "WHERE tenant_id = $2 AND gym_id = $3 AND run_id = $1",
-							  3, argtypes, argvalues, NULL, false, 0);
 		busy++;
 	}
 }

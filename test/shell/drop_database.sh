@@ -20,6 +20,8 @@
 #     and another gym's worker idles: it fails as PostgreSQL fails it for any
 #     busy session, and the session it names is the busy worker alone (the
 #     supervisor and the idle worker left); the held run then succeeds;
+#  3b. a run handed to an idle worker that leaves with it for a copy stays
+#     queued, starts later, and counts one launch attempt, not two;
 #  4. DROP DATABASE with workers idle: it succeeds; the launcher waits for the
 #     database to exist again, with its one WARNING, and no FATAL is logged.
 #
@@ -145,6 +147,43 @@ wait_for "the held run $HELD_RUN" run_finished "$HELD_RUN"
 wait_for "the supervisor back in metrics after the failed DROP" supervising
 sync "${A[@]}" "after the failed DROP DATABASE"
 echo "ok - DROP DATABASE beside a busy run fails as PostgreSQL fails it for any busy session, naming only the busy worker: the supervisor and the idle worker left; the held run then succeeds and the supervisor serves again"
+
+# ---- 3b. a run handed to an idle worker that leaves with it for the command ----
+# The idle workers are stopped (SIGSTOP), so the run the supervisor hands one of
+# them waits in its slot untaken; the copy then starts and they are let go: the
+# worker holding the run looks first, sees the copy waiting and leaves with it.
+# The run stays queued, a new worker starts it once the supervisor is back, and
+# it counts one launch attempt (that worker's), not two: the handed run never
+# started.
+wait_for "a run worker to idle" some_idle
+IDLE_PIDS=$(admin "SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE backend_type = 'ironwod run' AND datname = 'metrics' AND query = 'ironwod: waiting for the next run'")
+# shellcheck disable=SC2086
+kill -STOP $IDLE_PIDS
+HANDED_RUN=$(scoped "${A[@]}" "SELECT ironwod_sync('${A[0]}', '${A[1]}', 'incremental')")
+queued_at=$(admin "SELECT clock_timestamp()")
+# two whole ticks of the supervisor after the run was queued: the second began
+# after the first ended, so it saw the run and handed it over
+checks_after() { admin "SELECT query_start FROM pg_stat_activity WHERE backend_type = 'ironwod supervisor' AND query = 'ironwod supervisor configuration checks' AND query_start > '$1'"; }
+ticked_after() { [ -n "$(checks_after "$1")" ]; }
+wait_for "a supervisor tick after run $HANDED_RUN was queued" ticked_after "$queued_at"
+first=$(checks_after "$queued_at")
+wait_for "a second supervisor tick" ticked_after "$first"
+[ "$(run_state "$HANDED_RUN")" = "queued:" ] || fail "run $HANDED_RUN, handed to a stopped worker, is $(run_state "$HANDED_RUN")"
+workers_left=$(left "idle ironwod run worker")
+admin 'CREATE DATABASE metrics_copy TEMPLATE metrics' >"$WORK/copy.out" 2>&1 &
+COPY_PID=$!
+copy_waits() { [ "$(admin "SELECT count(*) FROM pg_locks WHERE locktype = 'object' AND classid = 'pg_database'::regclass AND objid = (SELECT oid FROM pg_database WHERE datname = 'metrics') AND mode = 'ShareLock' AND granted")" = 1 ]; }
+wait_for "the copy to wait for metrics" copy_waits
+# shellcheck disable=SC2086
+kill -CONT $IDLE_PIDS
+wait "$COPY_PID" || fail "CREATE DATABASE ... TEMPLATE metrics with a run handed over: $(cat "$WORK/copy.out")"
+[ "$(left "idle ironwod run worker")" -gt "$workers_left" ] || fail "no idle worker said it left for the copy"
+admin 'DROP DATABASE metrics_copy' >/dev/null
+wait_for "run $HANDED_RUN" run_finished "$HANDED_RUN"
+[ "$(run_state "$HANDED_RUN")" = "succeeded:" ] || fail "the handed run: $(run_state "$HANDED_RUN")"
+attempts=$(q "SELECT launch_attempts FROM ironwod.sync_runs WHERE run_id = $HANDED_RUN")
+[ "$attempts" = 1 ] || fail "run $HANDED_RUN, handed to a worker that left for the copy, counts $attempts launch attempts, want 1"
+echo "ok - a run handed to an idle worker that leaves with it for CREATE DATABASE ... TEMPLATE stays queued, starts once the supervisor is back, and counts one launch attempt, not two"
 
 # ---- 4. DROP DATABASE with workers idle ----------------------------------------
 wait_for "a run worker to idle" some_idle
