@@ -23,8 +23,10 @@
  *	  whether someone waits for the database to empty.  The supervisor and
  *	  idle run workers ask while they sleep, every IW_DATABASE_PROBE_MS, and
  *	  leave when the answer is yes; the launcher asks before it starts a
- *	  supervisor.  A new backend that connects meanwhile blocks on the lock
- *	  before it advertises itself in the database, so it does not count.
+ *	  supervisor, and the supervisor again before it connects, keeping the
+ *	  lock until it has (iw_database_hold), and once more after.  A new
+ *	  backend that connects meanwhile blocks on the lock before it
+ *	  advertises itself in the database, so it does not count.
  *	  A run worker in the middle of a run stays, as any busy session does.
  *
  *	  No signal could do this: CountOtherDBBackends signals autovacuum only,
@@ -36,8 +38,16 @@
 #include "ironwod.h"
 
 #include "catalog/pg_database.h"
+#include "storage/ipc.h"
 #include "storage/lmgr.h"
 #include "storage/lock.h"
+
+/* the lock iw_database_hold keeps, and whether it keeps it */
+static LOCKTAG hold_tag;
+static bool holding = false;
+static bool hold_callback = false;
+
+static void iw_database_release_at_exit(int code, Datum arg);
 
 /*
  * Whether a session holds or waits for a lock on database dboid that a
@@ -60,6 +70,52 @@ iw_database_awaited(Oid dboid)
 		return true;
 	LockRelease(&tag, RowExclusiveLock, true);
 	return false;
+}
+
+/*
+ * Like iw_database_awaited, but keep the lock when no one waits: the
+ * supervisor holds it from before it connects until it has connected
+ * (iw_database_release).  InitPostgres takes the same lock and would wait for
+ * a DROP DATABASE that came in between, then die FATAL of the dropped or
+ * renamed database; held by us, it is granted at once (a lock we hold), and
+ * such a command waits for us instead, then finds us connected and waits for
+ * us to leave.  Returns false, holding nothing, when someone already waits.
+ */
+bool
+iw_database_hold(Oid dboid)
+{
+	if (!OidIsValid(dboid))
+		return true;
+	if (!hold_callback)
+	{
+		before_shmem_exit(iw_database_release_at_exit, (Datum) 0);
+		hold_callback = true;
+	}
+	SET_LOCKTAG_OBJECT(hold_tag, InvalidOid, DatabaseRelationId, dboid, 0);
+	if (LockAcquire(&hold_tag, RowExclusiveLock, true, true) == LOCKACQUIRE_NOT_AVAIL)
+		return false;
+	holding = true;
+	return true;
+}
+
+void
+iw_database_release(void)
+{
+	if (holding)
+		LockRelease(&hold_tag, RowExclusiveLock, true);
+	holding = false;
+}
+
+/*
+ * A FATAL while connecting: a session lock outlives nothing, so it goes
+ * (unless the failed startup transaction's abort released it already).
+ */
+static void
+iw_database_release_at_exit(int code, Datum arg)
+{
+	if (holding && LockHeldByMe(&hold_tag, RowExclusiveLock))
+		LockRelease(&hold_tag, RowExclusiveLock, true);
+	holding = false;
 }
 
 /*

@@ -229,6 +229,8 @@ extern void iw_broadcast_run_change(void);
 #define IW_DATABASE_PROBE_MS 500
 
 extern bool iw_database_awaited(Oid dboid);
+extern bool iw_database_hold(Oid dboid);
+extern void iw_database_release(void);
 extern void iw_log_leaving_database(const char *who);
 
 /* ---- background workers ---- */

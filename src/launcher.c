@@ -99,7 +99,7 @@ database_oid(void)
 
 /* Register the supervisor, reporting to us; NULL when no slot was free. */
 static BackgroundWorkerHandle *
-start_supervisor(void)
+start_supervisor(Oid dboid)
 {
 	BackgroundWorker worker;
 	BackgroundWorkerHandle *handle;
@@ -107,6 +107,8 @@ start_supervisor(void)
 
 	memset(&args, 0, sizeof(args));
 	args.validation_slot = -1;
+	/* the database we looked at, for the supervisor's look (supervisor.c) */
+	args.database_oid = dboid;
 	iw_prepare_dynamic_worker(&worker, "ironwod_supervisor_main", "ironwod supervisor", &args);
 	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
 		return NULL;
@@ -226,7 +228,7 @@ ironwod_launcher_main(Datum main_arg)
 			next_attempt = TimestampTzPlusMilliseconds(now, IW_DATABASE_PROBE_MS);
 			continue;
 		}
-		else if ((supervisor = start_supervisor()) == NULL)
+		else if ((supervisor = start_supervisor(dboid)) == NULL)
 		{
 			if (!no_slot_reported)
 				ereport(WARNING,

@@ -642,6 +642,17 @@ check_tick(void)
 	iw_txn_commit();
 }
 
+/* Leave for a session waiting for the database; the launcher starts us again. */
+static void supervisor_leave(void) pg_attribute_noreturn();
+
+static void
+supervisor_leave(void)
+{
+	iw_log_leaving_database("ironwod supervisor");
+	iw_shared->supervisor_left = true;
+	proc_exit(0);
+}
+
 /*
  * Sleep until the latch is set or ironwod.naptime has passed.  The supervisor
  * is a session connected to the database all the time, so DROP DATABASE (and
@@ -670,11 +681,7 @@ supervisor_sleep(void)
 		if (rc & WL_LATCH_SET)
 			ResetLatch(MyLatch);
 		if (iw_database_awaited(MyDatabaseId))
-		{
-			iw_log_leaving_database("ironwod supervisor");
-			iw_shared->supervisor_left = true;
-			proc_exit(0);
-		}
+			supervisor_leave();
 		if (ms <= 0 || (rc & WL_LATCH_SET))
 			return;
 	}
@@ -684,12 +691,26 @@ void
 ironwod_supervisor_main(Datum main_arg)
 {
 	MemoryContext tick_ctx;
+	IwRunArgs	args;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
+	/*
+	 * The launcher looked whether a session waits for the database to be
+	 * unused (dbleave.c) before it started us; one may have come since.
+	 * Look again, and hold the database's lock until we are connected, so
+	 * that one coming later waits for us (then finds us connected and we
+	 * leave at the look below) instead of making the connection FATAL.
+	 */
+	memcpy(&args, MyBgworkerEntry->bgw_extra, sizeof(args));
+	if (!iw_database_hold(args.database_oid))
+		supervisor_leave();
 	BackgroundWorkerInitializeConnection(ironwod_database_name, NULL, 0);
+	iw_database_release();
+	if (iw_database_awaited(MyDatabaseId))
+		supervisor_leave();
 	pgstat_report_appname("ironwod supervisor");
 	iw_shared->supervisor_pid = MyProcPid;
 	tick_ctx = AllocSetContextCreate(TopMemoryContext, "ironwod supervisor tick",

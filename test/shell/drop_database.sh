@@ -23,7 +23,10 @@
 #  3b. a run handed to an idle worker that leaves with it for a copy stays
 #     queued, starts later, and counts one launch attempt, not two;
 #  4. DROP DATABASE with workers idle: it succeeds; the launcher waits for the
-#     database to exist again, with its one WARNING, and no FATAL is logged.
+#     database to exist again, with its one WARNING, and no FATAL is logged;
+#  5. a rename that comes after the launcher looked (the postmaster held
+#     stopped until it has): the supervisor looks again before it connects and
+#     leaves with a LOG line, and no FATAL is logged.
 #
 # Usage: bash test/shell/drop_database.sh  (PGBIN may name a PostgreSQL 15 bin
 # directory that already has this build of ironwod installed.)
@@ -194,3 +197,42 @@ wait_for "the launcher to say that metrics is missing" missing_said
     fail "an ironwod supervisor or run worker is still there after DROP DATABASE"
 ! grep -q 'FATAL:' "$LOG" || fail "a FATAL in the server log: $(grep 'FATAL:' "$LOG" | head -3)"
 echo "ok - DROP DATABASE of ironwod's database while run workers idle succeeds; the launcher waits for it to exist again, with its one warning, and nothing FATAL is logged"
+
+# ---- 5. a command that comes after the launcher looked --------------------------
+# The launcher looks whether a session waits for metrics just before it starts
+# the supervisor; a command may come in between.  The postmaster is held stopped
+# (SIGSTOP) while metrics is created again, so that the launcher looks and asks
+# for a supervisor that is not forked yet; a rename then takes metrics' lock in
+# an open transaction, and the postmaster is let go.  The supervisor looks again
+# before it connects and leaves with its LOG line, instead of waiting for the
+# lock and dying FATAL of the renamed database once the rename commits.
+PM_PID=$(head -1 "$WORK/data/postmaster.pid")
+mkfifo "$WORK/late.fifo"
+PGDATABASE=postgres psql -qAtX -v ON_ERROR_STOP=1 <"$WORK/late.fifo" >"$WORK/late.out" 2>&1 &
+LATE_PID=$!
+exec 4>"$WORK/late.fifo"
+said() { grep -q "^$1\$" "$WORK/late.out" || { kill -0 "$LATE_PID" 2>/dev/null || { kill -CONT "$PM_PID"; fail "the late session: $(cat "$WORK/late.out")"; }; false; }; }
+echo "SELECT 'connected';" >&4
+wait_for "the late session" said connected
+starts=$(grep -c 'exists now; starting the ironwod supervisor' "$LOG" || true)
+supervisors_left=$(left "ironwod supervisor")
+kill -STOP "$PM_PID"
+echo "CREATE DATABASE metrics; SELECT 'created';" >&4
+wait_for "metrics created again" said created
+launcher_started() { [ "$(grep -c 'exists now; starting the ironwod supervisor' "$LOG")" -gt "$starts" ]; }
+wait_for "the launcher to ask for a supervisor" launcher_started
+echo "BEGIN; ALTER DATABASE metrics RENAME TO metrics_late; SELECT 'renamed';" >&4
+wait_for "the rename, in its open transaction" said renamed
+kill -CONT "$PM_PID"
+supervisor_left_late() { [ "$(left "ironwod supervisor")" -gt "$supervisors_left" ]; }
+supervisor_left_or_connecting() { supervisor_left_late || connecting; }
+wait_for "the supervisor to meet the open rename" supervisor_left_or_connecting
+supervisor_left_late || fail "the supervisor waits for metrics' lock behind the rename instead of leaving"
+echo "COMMIT; SELECT 'committed';" >&4
+wait_for "the rename to commit" said committed
+exec 4>&-
+wait "$LATE_PID"
+admin 'DROP DATABASE metrics_late' >/dev/null
+! grep -q 'FATAL:' "$LOG" || fail "a FATAL in the server log: $(grep 'FATAL:' "$LOG" | head -3)"
+echo "ok - a rename that comes after the launcher looked and before the supervisor connects: the supervisor looks again, leaves with a LOG line, and nothing FATAL is logged"
+
