@@ -93,12 +93,25 @@ ensure_installed() {
     fi
 }
 
+# hold PID...: stop processes (SIGSTOP) until release PID...; a script that fails
+# meanwhile resumes them on exit (resume_held), so that stop_all can stop its
+# cluster rather than wait on a stopped postmaster.
+HELD_PIDS=""
+hold() { HELD_PIDS="$HELD_PIDS $*"; kill -STOP "$@"; }
+release() {
+    local p
+    kill -CONT "$@"
+    for p in "$@"; do HELD_PIDS=$(echo " $HELD_PIDS " | sed "s/ $p / /g"); done
+}
+# shellcheck disable=SC2086
+resume_held() { [ -z "${HELD_PIDS// }" ] || kill -CONT $HELD_PIDS 2>/dev/null || true; }
+
 # shell_test_work NAME: for a test/shell script with a cluster of its own, its work
 # directory (WORK=/tmp/ironwod-NAME.XXXXXX), stopped and removed when the script
 # exits, kept for inspection when it fails; and ironwod installed (ensure_installed).
 shell_test_work() {
     WORK=$(mktemp -d "/tmp/ironwod-$1.XXXXXX")
-    trap 'rc=$?; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
+    trap 'rc=$?; resume_held; stop_all; if [ $rc = 0 ]; then rm -rf "$WORK"; else echo "kept $WORK for inspection"; fi' EXIT
     ensure_installed
 }
 

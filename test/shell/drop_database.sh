@@ -161,7 +161,7 @@ echo "ok - DROP DATABASE beside a busy run fails as PostgreSQL fails it for any 
 wait_for "a run worker to idle" some_idle
 IDLE_PIDS=$(admin "SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE backend_type = 'ironwod run' AND datname = 'metrics' AND query = 'ironwod: waiting for the next run'")
 # shellcheck disable=SC2086
-kill -STOP $IDLE_PIDS
+hold $IDLE_PIDS
 HANDED_RUN=$(scoped "${A[@]}" "SELECT ironwod_sync('${A[0]}', '${A[1]}', 'incremental')")
 queued_at=$(admin "SELECT clock_timestamp()")
 # two whole ticks of the supervisor after the run was queued: the second began
@@ -178,7 +178,7 @@ COPY_PID=$!
 copy_waits() { [ "$(admin "SELECT count(*) FROM pg_locks WHERE locktype = 'object' AND classid = 'pg_database'::regclass AND objid = (SELECT oid FROM pg_database WHERE datname = 'metrics') AND mode = 'ShareLock' AND granted")" = 1 ]; }
 wait_for "the copy to wait for metrics" copy_waits
 # shellcheck disable=SC2086
-kill -CONT $IDLE_PIDS
+release $IDLE_PIDS
 wait "$COPY_PID" || fail "CREATE DATABASE ... TEMPLATE metrics with a run handed over: $(cat "$WORK/copy.out")"
 [ "$(left "idle ironwod run worker")" -gt "$workers_left" ] || fail "no idle worker said it left for the copy"
 admin 'DROP DATABASE metrics_copy' >/dev/null
@@ -211,19 +211,19 @@ mkfifo "$WORK/late.fifo"
 PGDATABASE=postgres psql -qAtX -v ON_ERROR_STOP=1 <"$WORK/late.fifo" >"$WORK/late.out" 2>&1 &
 LATE_PID=$!
 exec 4>"$WORK/late.fifo"
-said() { grep -q "^$1\$" "$WORK/late.out" || { kill -0 "$LATE_PID" 2>/dev/null || { kill -CONT "$PM_PID"; fail "the late session: $(cat "$WORK/late.out")"; }; false; }; }
+said() { grep -q "^$1\$" "$WORK/late.out" || { kill -0 "$LATE_PID" 2>/dev/null || fail "the late session: $(cat "$WORK/late.out")"; false; }; }
 echo "SELECT 'connected';" >&4
 wait_for "the late session" said connected
 starts=$(grep -c 'exists now; starting the ironwod supervisor' "$LOG" || true)
 supervisors_left=$(left "ironwod supervisor")
-kill -STOP "$PM_PID"
+hold "$PM_PID"
 echo "CREATE DATABASE metrics; SELECT 'created';" >&4
 wait_for "metrics created again" said created
 launcher_started() { [ "$(grep -c 'exists now; starting the ironwod supervisor' "$LOG")" -gt "$starts" ]; }
 wait_for "the launcher to ask for a supervisor" launcher_started
 echo "BEGIN; ALTER DATABASE metrics RENAME TO metrics_late; SELECT 'renamed';" >&4
 wait_for "the rename, in its open transaction" said renamed
-kill -CONT "$PM_PID"
+release "$PM_PID"
 supervisor_left_late() { [ "$(left "ironwod supervisor")" -gt "$supervisors_left" ]; }
 supervisor_left_or_connecting() { supervisor_left_late || connecting; }
 wait_for "the supervisor to meet the open rename" supervisor_left_or_connecting
