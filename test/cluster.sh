@@ -123,6 +123,14 @@ json() { python3 -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 # database); run_finished RUN: whether it exists and is neither queued nor running.
 run_state() { q "SELECT status || ':' || coalesce(error_code, '') FROM ironwod.sync_runs WHERE run_id = $1"; }
 run_finished() { local s; s=$(run_state "$1"); [ -n "$s" ] && [ "${s%%:*}" != running ] && [ "${s%%:*}" != queued ]; }
+# sync_ok TENANT GYM MODE WHAT: queue a run through the script's own scoped (its
+# database and scope), wait for it, and insist it succeeded (WHAT names it in the failure).
+sync_ok() {
+    local run
+    run=$(scoped "$1" "$2" "SELECT ironwod_sync('$1', '$2', '$3')")
+    wait_for "run $run" run_finished "$run"
+    [ "$(run_state "$run")" = "succeeded:" ] || fail "$4: run $run ended $(run_state "$run")"
+}
 
 # start_sim SEED GYMS SCALE [extra args]: sets SIM_PORT and SIM_URL.
 start_sim() {

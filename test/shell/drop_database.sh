@@ -58,13 +58,6 @@ B=(92929292-0000-0000-0000-000000000001 92929292-0000-0000-0000-0000000000a1)
 KEY_A=$(sim GET /_sim/gyms | json 'd["gyms"][0]["api_key"]')
 KEY_B=$(sim GET /_sim/gyms | json 'd["gyms"][1]["api_key"]')
 
-# sync TENANT GYM: an incremental run, waited for, which must succeed
-sync() {
-    local run
-    run=$(scoped "$1" "$2" "SELECT ironwod_sync('$1', '$2', 'incremental')")
-    wait_for "run $run" run_finished "$run"
-    [ "$(run_state "$run")" = "succeeded:" ] || fail "$3: run $run ended $(run_state "$run")"
-}
 idle_workers() { admin "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'ironwod run' AND datname = 'metrics' AND query = 'ironwod: waiting for the next run'"; }
 some_idle() { [ "$(idle_workers)" -ge 1 ]; }
 ours_in_metrics() { admin "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'ironwod %' AND datname = 'metrics'"; }
@@ -81,7 +74,7 @@ for g in A B; do
 done
 
 # ---- 1. CREATE DATABASE ... TEMPLATE metrics, a worker idle -------------------
-sync "${A[@]}" "before the copy"
+sync_ok "${A[@]}" incremental "before the copy"
 wait_for "a run worker to idle" some_idle
 [ "$(ours_in_metrics)" -ge 2 ] || fail "want the supervisor and an idle worker in metrics, got $(ours_in_metrics)"
 workers_left=$(left "idle ironwod run worker")
@@ -92,7 +85,7 @@ out=$(admin 'CREATE DATABASE metrics_copy TEMPLATE metrics' 2>&1) ||
 [ "$(left "ironwod supervisor")" -gt "$supervisors_left" ] || fail "the supervisor did not say it left for the copy"
 admin 'DROP DATABASE metrics_copy' >/dev/null
 wait_for "the supervisor back in metrics after the copy" supervising
-sync "${A[@]}" "after the copy"
+sync_ok "${A[@]}" incremental "after the copy"
 echo "ok - CREATE DATABASE ... TEMPLATE of ironwod's database while a run worker idles: the supervisor and the idle worker leave, the copy succeeds, the supervisor comes back and a sync succeeds"
 
 # ---- 2. ALTER DATABASE metrics RENAME, a worker idle ----------------------------
@@ -122,7 +115,7 @@ missing_said() { [ "$(grep -c 'named by ironwod.database_name does not exist' "$
 wait_for "the launcher to say that metrics is missing" missing_said
 admin 'ALTER DATABASE metrics_renamed RENAME TO metrics' >/dev/null
 wait_for "the supervisor back in metrics after the renames" supervising
-sync "${A[@]}" "after the renames"
+sync_ok "${A[@]}" incremental "after the renames"
 echo "ok - ALTER DATABASE RENAME of ironwod's database while a run worker idles succeeds; the launcher holds the supervisor back until it commits, then says the database is missing; renamed back, the supervisor serves it again"
 
 # ---- 3. DROP DATABASE while a run is busy and another worker idles ---------------
@@ -133,7 +126,7 @@ sim POST /_sim/holds "{\"after\": 2, \"count\": 1, \"api_key\": \"$KEY_B\"}" >/d
 HELD_RUN=$(scoped "${B[@]}" "SELECT ironwod_sync('${B[0]}', '${B[1]}', 'incremental')")
 wait_for "a request of run $HELD_RUN to be held" held
 [ "$(run_state "$HELD_RUN")" = "running:" ] || fail "run $HELD_RUN is not running under the hold"
-sync "${A[@]}" "beside the held run"
+sync_ok "${A[@]}" incremental "beside the held run"
 wait_for "a run worker to idle" some_idle
 [ "$(ours_in_metrics)" = 3 ] || fail "want the supervisor, a busy and an idle worker in metrics, got $(ours_in_metrics)"
 workers_left=$(left "idle ironwod run worker")
@@ -148,7 +141,7 @@ sim POST /_sim/release >/dev/null
 wait_for "the held run $HELD_RUN" run_finished "$HELD_RUN"
 [ "$(run_state "$HELD_RUN")" = "succeeded:" ] || fail "the held run: $(run_state "$HELD_RUN")"
 wait_for "the supervisor back in metrics after the failed DROP" supervising
-sync "${A[@]}" "after the failed DROP DATABASE"
+sync_ok "${A[@]}" incremental "after the failed DROP DATABASE"
 echo "ok - DROP DATABASE beside a busy run fails as PostgreSQL fails it for any busy session, naming only the busy worker: the supervisor and the idle worker left; the held run then succeeds and the supervisor serves again"
 
 # ---- 3b. a run handed to an idle worker that leaves with it for the command ----

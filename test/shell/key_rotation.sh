@@ -49,13 +49,6 @@ A=(74747474-0000-0000-0000-000000000001 74747474-0000-0000-0000-0000000000a1)
 B=(75757575-0000-0000-0000-000000000001 75757575-0000-0000-0000-0000000000a1)
 
 seal() { echo "ironwod.seal_key('$1', '$2', '$3')"; }
-# sync TENANT GYM MODE: queue a run, wait for it, and insist it succeeded
-sync() {
-    local run
-    run=$(scoped "$1" "$2" "SELECT ironwod_sync('$1', '$2', '$3')")
-    wait_for "run $run" run_finished "$run"
-    [ "$(run_state "$run")" = "succeeded:" ] || fail "$4: run $run ended $(run_state "$run")"
-}
 conn() { q "SELECT $3 FROM ironwod.integrations_wodify_connection WHERE tenant_id = '$1' AND gym_id = '$2'"; }
 uses() { sim GET /_sim/stats | json "d['by_key'].get('$1', 0)"; }
 held() { [ "$(sim GET /_sim/faults | json 'd["held"]')" = 1 ]; }
@@ -100,13 +93,13 @@ new_fp=$(conn "${A[@]}" api_key_fingerprint)
     fail "no wodify.key.rotated event"
 old_uses=$(uses "$KEY0")
 sim POST /_sim/keys "{\"api_key\": \"$KEY0\", \"revoke\": true}" >/dev/null
-sync "${A[@]}" incremental "with the old key revoked"
+sync_ok "${A[@]}" incremental "with the old key revoked"
 [ "$(uses "$KEY0")" = "$old_uses" ] || fail "the old key was used after the rotation committed"
 [ "$(uses "$NEW0")" -gt 1 ] || fail "the new key was not used"
 got=$(scoped "${A[@]}" "SELECT ironwod_rotate_key('${A[0]}', '${A[1]}', $(seal "${A[@]}" "$IDLE0"))")
 [ "$got" = rotated ] || fail "rotation with no run running: $got, want rotated"
 sim POST /_sim/keys "{\"api_key\": \"$NEW0\", \"revoke\": true}" >/dev/null
-sync "${A[@]}" incremental "after an immediate rotation, with the previous key revoked"
+sync_ok "${A[@]}" incremental "after an immediate rotation, with the previous key revoked"
 echo "ok - a gym's key: a refused key changes nothing; a good one waits for the running run, which finishes with the old key, replaces it as that run ends, and the old key is never used again; with no run, at once"
 
 # ---- 2. the master key, during a running sync -----------------------------------
@@ -115,9 +108,9 @@ hold_next_run "$KEY1" "${B[@]}"
     fail "B's rotation is not pending"
 DEV2=$(bash "$REPO/test/devkey.sh" "$WORK/keys" dev-2)
 [ "$(id -u)" = 0 ] && chown -R postgres "$WORK/keys"
-sync "${A[@]}" incremental "with the key command printing both master keys"
+sync_ok "${A[@]}" incremental "with the key command printing both master keys"
 q "SELECT ironwod.register_master_key('dev-2', decode('${DEV2##* }', 'hex'))" >/dev/null
-sync "${A[@]}" incremental "with dev-2 registered, A's key still sealed to dev-1"
+sync_ok "${A[@]}" incremental "with dev-2 registered, A's key still sealed to dev-1"
 err=$(q "SELECT ironwod.retire_master_key('dev-1')" 2>&1) && fail "dev-1 was retired while keys use it"
 [[ $err == *'master key "dev-1" still seals 3 API key(s)'* ]] || fail "retiring dev-1 in use: $err"
 got=$(q "SELECT resealed || ':' || remaining FROM ironwod_rewrap()")
@@ -127,7 +120,7 @@ got=$(q "SELECT resealed || ':' || remaining FROM ironwod_rewrap()")
              LATERAL (VALUES (c.api_key_ciphertext, c.master_key_id),
                              (c.next_api_key_ciphertext, c.next_master_key_id)) v(k, m)
         WHERE k IS NOT NULL")" = "dev-2/dev-2" ] || fail "not every key is sealed to dev-2"
-sync "${A[@]}" incremental "after the rewrap"
+sync_ok "${A[@]}" incremental "after the rewrap"
 q "SELECT ironwod.retire_master_key('dev-1')" >/dev/null
 [ "$(q "SELECT string_agg(key_id, ',') FROM ironwod.master_keys")" = dev-2 ] || fail "dev-1 is still registered"
 err=$(q "SELECT ironwod.retire_master_key('dev-2')" 2>&1) && fail "the active master key was retired"
@@ -135,10 +128,10 @@ err=$(q "SELECT ironwod.retire_master_key('dev-2')" 2>&1) && fail "the active ma
 grep '^dev-2 ' "$WORK/keys/master.keys" >"$WORK/keys/master.keys.new"
 mv "$WORK/keys/master.keys.new" "$WORK/keys/master.keys"
 [ "$(id -u)" = 0 ] && chown postgres "$WORK/keys/master.keys"
-sync "${A[@]}" incremental "with dev-1 retired and gone from the key command"
+sync_ok "${A[@]}" incremental "with dev-1 retired and gone from the key command"
 sim POST /_sim/release >/dev/null
 wait_for "the held run $HELD_RUN" run_finished "$HELD_RUN"
 [ "$(run_state "$HELD_RUN")" = "succeeded:" ] || fail "the run held through the master key rotation: $(run_state "$HELD_RUN")"
 sim POST /_sim/keys "{\"api_key\": \"$KEY1\", \"revoke\": true}" >/dev/null
-sync "${B[@]}" incremental "B, with its rotated key re-sealed to dev-2"
+sync_ok "${B[@]}" incremental "B, with its rotated key re-sealed to dev-2"
 echo "ok - master key rotation: dev-1 refused while in use, every key (a waiting one too) re-sealed by ironwod_rewrap(), dev-1 retired and dropped; the held run and every gym synced at every step"
